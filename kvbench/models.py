@@ -1,0 +1,159 @@
+"""Model shapes: the few numbers of a decoder-only transformer that price its KV cache and prefill.
+
+A `ModelSpec` holds the architecture; derived properties give KV bytes per token, linear FLOPs per
+token and causal-attention FLOPs for a prompt, all per GPU under tensor parallelism `tp`.
+Presets are looked up by name (`get_model`); a local Hugging Face `config.json` loads with
+`from_hf_config` (nothing is downloaded).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "fp8": 1}
+DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16",
+                 "float": "float32", "float8": "fp8", "float8_e4m3fn": "fp8"}
+
+
+def canonical_dtype(dtype: str) -> str:
+    """Map 'bf16', 'fp16', 'float32', ... to one of DTYPE_BYTES's names, or raise ValueError."""
+    name = DTYPE_ALIASES.get(str(dtype).lower(), str(dtype).lower())
+    if name not in DTYPE_BYTES:
+        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPE_BYTES)}")
+    return name
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """A decoder-only transformer with grouped-query attention and a gated (SwiGLU) MLP."""
+
+    name: str
+    num_layers: int
+    hidden_size: int
+    num_heads: int
+    num_kv_heads: int
+    head_dim: int
+    intermediate_size: int
+    vocab_size: int
+    dtype: str = "bfloat16"
+    tp: int = 1
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
+        for field in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim",
+                      "intermediate_size", "vocab_size", "tp"):
+            value = getattr(self, field)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"model {self.name!r}: {field} must be a positive integer, "
+                                 f"got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(f"model {self.name!r}: num_heads ({self.num_heads}) must be a "
+                             f"multiple of num_kv_heads ({self.num_kv_heads})")
+
+    @property
+    def dtype_bytes(self) -> int:
+        return DTYPE_BYTES[self.dtype]
+
+    @property
+    def kv_bytes_per_token(self) -> float:
+        """K and V, every layer, this GPU's share of the KV heads: 2·L·Hkv·d·bytes / tp."""
+        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes / self.tp
+
+    @property
+    def layer_params(self) -> int:
+        """Weights of one layer: Q, K, V and O projections plus the gated MLP (norms ignored)."""
+        q_out, kv_out = self.num_heads * self.head_dim, self.num_kv_heads * self.head_dim
+        attention = self.hidden_size * (q_out + 2 * kv_out) + q_out * self.hidden_size
+        return attention + 3 * self.hidden_size * self.intermediate_size
+
+    @property
+    def non_embedding_params(self) -> int:
+        return self.num_layers * self.layer_params
+
+    @property
+    def weight_bytes(self) -> float:
+        """Per-GPU bytes of all weights, embeddings and LM head counted once each."""
+        embeddings = 2 * self.vocab_size * self.hidden_size
+        return (self.non_embedding_params + embeddings) * self.dtype_bytes / self.tp
+
+    @property
+    def linear_flops_per_token(self) -> float:
+        """2 FLOPs per non-embedding weight touched by one token, per GPU."""
+        return 2 * self.non_embedding_params / self.tp
+
+    @property
+    def lm_head_flops(self) -> float:
+        """Logits for one token (prefill computes them for the last token only)."""
+        return 2 * self.hidden_size * self.vocab_size / self.tp
+
+    @property
+    def attention_flops_per_token_sq(self) -> float:
+        """Causal attention FLOPs per n²: 2·H·d per layer (half of the non-causal 4·n²·H·d)."""
+        return 2 * self.num_heads * self.head_dim * self.num_layers / self.tp
+
+    def attention_flops(self, num_tokens):
+        """Causal attention FLOPs of a prompt of n tokens, all layers: 2·n²·H·d·L / tp."""
+        return self.attention_flops_per_token_sq * num_tokens * num_tokens
+
+    def prefill_flops(self, num_tokens):
+        """Prefill of n tokens: linear layers for every token, causal attention, one LM head."""
+        return (self.linear_flops_per_token * num_tokens + self.attention_flops(num_tokens)
+                + self.lm_head_flops)
+
+    def with_tp(self, tp: int) -> ModelSpec:
+        return dataclasses.replace(self, tp=tp)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+MODELS: dict[str, ModelSpec] = {
+    spec.name: spec
+    for spec in (
+        ModelSpec("llama-3-8b", 32, 4096, 32, 8, 128, 14336, 128256),
+        ModelSpec("llama-3-70b", 80, 8192, 64, 8, 128, 28672, 128256),
+        ModelSpec("llama-2-7b", 32, 4096, 32, 32, 128, 11008, 32000),
+        ModelSpec("mistral-7b", 32, 4096, 32, 8, 128, 14336, 32000),
+        ModelSpec("qwen2.5-7b", 28, 3584, 28, 4, 128, 18944, 152064),
+        ModelSpec("qwen2.5-0.5b", 24, 896, 14, 2, 64, 4864, 151936),
+        ModelSpec("tiny", 2, 64, 4, 2, 16, 128, 256, dtype="float32"),
+    )
+}
+
+
+def get_model(name: str, dtype: str | None = None, tp: int = 1) -> ModelSpec:
+    """A preset by name, optionally in another dtype or split over `tp` GPUs."""
+    if name not in MODELS:
+        raise ValueError(f"unknown model {name!r}; presets: {', '.join(MODELS)} "
+                         "(or pass a Hugging Face config.json)")
+    spec = MODELS[name]
+    return dataclasses.replace(spec, dtype=dtype or spec.dtype, tp=tp)
+
+
+def from_hf_config(path: str | Path, dtype: str | None = None, tp: int = 1) -> ModelSpec:
+    """Read a local Hugging Face `config.json` (Llama/Mistral/Qwen style keys)."""
+    path = Path(path)
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, json.JSONDecodeError) as exc:
+        raise ValueError(f"cannot read model config {path}: {exc}") from None
+    missing = [k for k in ("num_hidden_layers", "hidden_size", "num_attention_heads",
+                           "intermediate_size", "vocab_size") if k not in cfg]
+    if missing:
+        raise ValueError(f"model config {path}: missing key(s) {', '.join(missing)}")
+    heads = cfg["num_attention_heads"]
+    return ModelSpec(
+        name=cfg.get("_name_or_path") or cfg.get("model_type") or path.parent.name or "custom",
+        num_layers=cfg["num_hidden_layers"],
+        hidden_size=cfg["hidden_size"],
+        num_heads=heads,
+        num_kv_heads=cfg.get("num_key_value_heads") or heads,
+        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
+        intermediate_size=cfg["intermediate_size"],
+        vocab_size=cfg["vocab_size"],
+        dtype=dtype or cfg.get("torch_dtype") or "bfloat16",
+        tp=tp,
+    )

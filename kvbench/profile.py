@@ -1,0 +1,231 @@
+"""The profile: fitted swap/recompute (and decode) coefficients with their provenance, as JSON.
+
+Schema `kvbench.profile`, version 1. `load` validates and reports one line per problem; it
+rejects other schemas and newer versions. `save` writes atomically (temp file, fsync, rename), so
+an interrupted write never leaves a partial file or destroys the previous one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+import os
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from kvbench import __version__
+from kvbench.costmodel import CostModel, DecodeModel
+from kvbench.hardware import HardwareSpec
+from kvbench.models import ModelSpec
+
+SCHEMA = "kvbench.profile"
+SCHEMA_VERSION = 1
+NonNeg = Field(ge=0, allow_inf_nan=False)
+
+
+class ProfileError(ValueError):
+    """A profile that cannot be read or used; the message says which file and field."""
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class FitQuality(Strict):
+    r2: float | None = None
+    heldout_mape: float | None = Field(default=None, ge=0)  # a fraction: 0.05 is 5%
+    min_tokens: int = Field(ge=0)
+    max_tokens: int = Field(ge=0)
+    method: str = "analytic"
+
+
+class Measurements(Strict):
+    """Raw samples: one median latency per point, with the spread and whether it was held out."""
+
+    num_tokens: list[int] = []
+    latency_ms: list[float] = []
+    spread_ms: list[float] = []
+    heldout: list[bool] = []
+
+
+class SwapSection(Strict):
+    fixed_ms: float = NonNeg
+    ms_per_token: float = NonNeg
+    ms_per_block: float = NonNeg
+    block_size: int = Field(ge=1)
+    impl: str | None = None
+    fit: FitQuality
+    measurements: Measurements = Measurements()
+
+
+class RecomputeSection(Strict):
+    fixed_ms: float = NonNeg
+    ms_per_token: float = NonNeg
+    ms_per_token_sq: float = NonNeg
+    fit: FitQuality
+    measurements: Measurements = Measurements()
+
+
+class DecodeSection(Strict):
+    d0_ms: float = NonNeg
+    d1_ms_per_seq: float = NonNeg
+    d2_ms_per_seq_token: float = NonNeg
+    r2: float | None = None
+    heldout_mape: float | None = None
+
+
+class ModelInfo(Strict):
+    name: str
+    num_layers: int = Field(ge=1)
+    hidden_size: int = Field(ge=1)
+    num_heads: int = Field(ge=1)
+    num_kv_heads: int = Field(ge=1)
+    head_dim: int = Field(ge=1)
+    intermediate_size: int = Field(ge=1)
+    vocab_size: int = Field(ge=1)
+    dtype: str
+    tp: int = Field(default=1, ge=1)
+
+    def spec(self) -> ModelSpec:
+        return ModelSpec(**self.model_dump())
+
+
+class Profile(Strict):
+    schema_: Literal["kvbench.profile"] = Field(default=SCHEMA, alias="schema")
+    schema_version: Literal[1] = SCHEMA_VERSION
+    created_at: str
+    kvbench_version: str
+    source: Literal["analytic", "measured"]
+    dtype: str
+    environment: dict[str, Any]
+    model: ModelInfo
+    config: dict[str, Any] = {}
+    swap: SwapSection
+    recompute: RecomputeSection
+    decode: DecodeSection | None = None
+    crossover_tokens: int | None = Field(default=None, ge=1)
+    extra: dict[str, Any] = {}
+
+    model_config = ConfigDict(extra="forbid", populate_by_name=True, protected_namespaces=())
+
+    @field_validator("created_at")
+    @classmethod
+    def _iso_time(cls, value: str) -> str:
+        datetime.fromisoformat(value)
+        return value
+
+    def cost_model(self) -> CostModel:
+        return CostModel(
+            swap_fixed_ms=self.swap.fixed_ms, swap_ms_per_token=self.swap.ms_per_token,
+            swap_ms_per_block=self.swap.ms_per_block, block_size=self.swap.block_size,
+            recompute_fixed_ms=self.recompute.fixed_ms,
+            recompute_ms_per_token=self.recompute.ms_per_token,
+            recompute_ms_per_token_sq=self.recompute.ms_per_token_sq,
+        )
+
+    def decode_model(self) -> DecodeModel | None:
+        if self.decode is None:
+            return None
+        return DecodeModel(self.decode.d0_ms, self.decode.d1_ms_per_seq,
+                           self.decode.d2_ms_per_seq_token)
+
+    def to_selector_config(self) -> dict:
+        """The selector's coefficient dict."""
+        return self.cost_model().to_config()
+
+    def to_json(self) -> str:
+        return json.dumps(self.model_dump(mode="json", by_alias=True), indent=2, allow_nan=False)
+
+
+def now_iso() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def analytic_profile(model: ModelSpec, hw: HardwareSpec, block_size: int = 16,
+                     max_tokens: int = 131072) -> Profile:
+    """A profile computed from datasheet figures, not measured (source 'analytic')."""
+    costs = CostModel.analytic(model, hw, block_size)
+    decode = DecodeModel.analytic(model, hw)
+    fit = FitQuality(min_tokens=1, max_tokens=max_tokens)
+    return Profile(
+        created_at=now_iso(), kvbench_version=__version__, source="analytic", dtype=model.dtype,
+        environment={"device": "analytic", "device_name": hw.name},
+        model=ModelInfo(**model.to_dict()), config={"hardware": dataclasses.asdict(hw)},
+        swap=SwapSection(fixed_ms=costs.swap_fixed_ms, ms_per_token=costs.swap_ms_per_token,
+                         ms_per_block=costs.swap_ms_per_block, block_size=block_size, fit=fit),
+        recompute=RecomputeSection(fixed_ms=costs.recompute_fixed_ms,
+                                   ms_per_token=costs.recompute_ms_per_token,
+                                   ms_per_token_sq=costs.recompute_ms_per_token_sq, fit=fit),
+        decode=DecodeSection(d0_ms=decode.d0_ms, d1_ms_per_seq=decode.d1_ms_per_seq,
+                             d2_ms_per_seq_token=decode.d2_ms_per_seq_token),
+        crossover_tokens=costs.crossover_tokens(),
+    )
+
+
+def _problems(exc: ValidationError) -> str:
+    lines = []
+    for err in exc.errors():
+        where = ".".join(str(p) for p in err["loc"]) or "(top level)"
+        lines.append(f"{where}: {err['msg']}")
+    return "; ".join(lines)
+
+
+def parse(data: Any, origin: str = "profile") -> Profile:
+    """Validate a decoded JSON object as a profile."""
+    if not isinstance(data, dict):
+        raise ProfileError(f"{origin}: expected a JSON object, got {type(data).__name__}")
+    schema = data.get("schema")
+    if schema != SCHEMA:
+        raise ProfileError(f"{origin}: not a kvbench profile (schema is {schema!r}, "
+                           f"expected {SCHEMA!r})")
+    version = data.get("schema_version")
+    if isinstance(version, bool) or not isinstance(version, int):
+        raise ProfileError(f"{origin}: schema_version must be an integer, got {version!r}")
+    if version > SCHEMA_VERSION:
+        raise ProfileError(f"{origin}: schema_version {version} is newer than this kvbench "
+                           f"understands ({SCHEMA_VERSION}); upgrade kvbench")
+    if version < 1:
+        raise ProfileError(f"{origin}: unknown schema_version {version}")
+    try:
+        return Profile.model_validate(data)
+    except ValidationError as exc:
+        raise ProfileError(f"{origin}: {_problems(exc)}") from None
+
+
+def load(path: str | os.PathLike) -> Profile:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as exc:
+        raise ProfileError(f"cannot read profile {path}: {exc.strerror or exc}") from None
+    try:
+        data = json.loads(text, parse_constant=lambda c: math.nan)
+    except json.JSONDecodeError as exc:
+        raise ProfileError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    return parse(data, origin=str(path))
+
+
+def write_atomic(path: str | os.PathLike, text: str | bytes) -> Path:
+    """Write to a temp file in the same folder, fsync, then rename over `path`."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(text.encode() if isinstance(text, str) else text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def save(profile: Profile, path: str | os.PathLike) -> Path:
+    return write_atomic(path, profile.to_json() + "\n")

@@ -1,0 +1,170 @@
+"""Per-request choice between swapping a request's KV cache out and back, or recomputing it.
+
+`select_preemption_strategy(token_counts, config)` prices both strategies for every request and
+picks the cheaper; exactly equal costs choose swap. `config` is one of:
+
+* a coefficient dict with exactly the keys `swap_fixed_ms`, `swap_ms_per_token`,
+  `recompute_fixed_ms`, `recompute_ms_per_token`, `recompute_ms_per_token_sq`, and optionally
+  `swap_ms_per_block` (default 0) and `block_size` (default 16);
+* an analytic description: `model` (a preset name, see `kvbench models`), optionally `hardware`
+  (a preset name, default "h100-sxm"), `dtype`, `tp`, `block_size`, and any hardware field to
+  override: `h2d_gbps`, `d2h_gbps`, `transfer_latency_ms`, `peak_tflops`, `achieved_fraction`,
+  `hbm_gbps`, `block_copy_overhead_ms`, `launch_overhead_ms`;
+* a profile: a `kvbench.profile.Profile` or the path of a profile JSON.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import numbers
+from os import PathLike
+from typing import Any
+
+import numpy as np
+
+from kvbench.costmodel import COEFFICIENT_KEYS, OPTIONAL_DEFAULTS, CostModel
+from kvbench.hardware import HARDWARE_FIELDS, get_hardware
+from kvbench.models import get_model
+
+ANALYTIC_KEYS = ("model", "hardware", "dtype", "tp", "block_size") + HARDWARE_FIELDS
+INT_TYPES = (int, np.integer)
+STRATEGY_NAMES = np.array(["recompute", "swap"], dtype=object)  # indexed by use_swap
+
+
+def _unknown_key_message(key: Any, known: tuple[str, ...]) -> str:
+    hint = difflib.get_close_matches(str(key), known, n=1)
+    suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+    return f"config: unknown key {key!r}{suggestion}; known keys: {', '.join(known)}"
+
+
+def _check_coefficient(key: str, value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"config: {key} must be a number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"config: {key} must be finite, got {value}")
+    if value < 0:
+        raise ValueError(f"config: {key} must be non-negative, got {value}")
+    return value
+
+
+def _check_block_size(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, INT_TYPES):
+        raise TypeError(f"config: block_size must be a positive integer, got {value!r}")
+    if value < 1:
+        raise ValueError(f"config: block_size must be a positive integer, got {value}")
+    return int(value)
+
+
+def validate_config(config: dict) -> dict:
+    """Check a coefficient dict and return it complete (defaults filled in), as plain floats."""
+    unknown = [k for k in config if k not in COEFFICIENT_KEYS]
+    if unknown:
+        raise ValueError(_unknown_key_message(unknown[0], COEFFICIENT_KEYS))
+    missing = [k for k in COEFFICIENT_KEYS if k not in config and k not in OPTIONAL_DEFAULTS]
+    if missing:
+        raise ValueError(f"config: missing key {missing[0]!r} (required: "
+                         f"{', '.join(k for k in COEFFICIENT_KEYS if k not in OPTIONAL_DEFAULTS)})")
+    full = {**OPTIONAL_DEFAULTS, **config}
+    return {k: _check_block_size(full[k]) if k == "block_size" else _check_coefficient(k, full[k])
+            for k in COEFFICIENT_KEYS}
+
+
+def _analytic_cost_model(config: dict) -> CostModel:
+    unknown = [k for k in config if k not in ANALYTIC_KEYS]
+    if unknown:
+        raise ValueError(_unknown_key_message(unknown[0], ANALYTIC_KEYS))
+    model = get_model(config["model"], dtype=config.get("dtype"), tp=int(config.get("tp", 1)))
+    overrides = {k: _check_coefficient(k, config[k]) for k in HARDWARE_FIELDS if k in config}
+    hw = get_hardware(config.get("hardware", "h100-sxm"), **overrides)
+    return CostModel.analytic(model, hw, block_size=_check_block_size(config.get("block_size", 16)))
+
+
+def cost_model_from(config: Any) -> CostModel:
+    """Build the cost model from any accepted config form (see the module docstring)."""
+    from kvbench.profile import Profile, load
+
+    if isinstance(config, (str, PathLike)):
+        config = load(config)
+    if isinstance(config, Profile):
+        return config.cost_model()
+    if not isinstance(config, dict):
+        raise TypeError("config must be a coefficient dict, an analytic dict with 'model', a "
+                        f"Profile or a profile path; got {type(config).__name__}")
+    if "model" in config:
+        return _analytic_cost_model(config)
+    return CostModel.from_config(validate_config(config))
+
+
+def _first_bad_index(mask: np.ndarray) -> int:
+    return int(np.flatnonzero(mask)[0])
+
+
+def validate_token_counts(token_counts: Any) -> np.ndarray:
+    """Return token counts as an int64 array, or raise naming the first bad request index."""
+    if isinstance(token_counts, np.ndarray):
+        arr = token_counts
+    elif isinstance(token_counts, (list, tuple)):
+        kinds = set(map(type, token_counts))  # C-speed pass; the slow scan runs only on error
+        if not all(issubclass(t, INT_TYPES) and not issubclass(t, (bool, np.bool_))
+                   for t in kinds):
+            for i, value in enumerate(token_counts):
+                if isinstance(value, (bool, np.bool_)):
+                    raise TypeError(f"request {i}: token count must be an integer, got bool "
+                                    f"{value!r}")
+                if isinstance(value, numbers.Real) and not isinstance(value, INT_TYPES):
+                    value = float(value)
+                    if not math.isfinite(value) or value != int(value):
+                        raise ValueError(f"request {i}: token count must be a non-negative "
+                                         f"integer, got {value!r}")
+                elif not isinstance(value, INT_TYPES):
+                    raise TypeError(f"request {i}: token count must be an integer, got "
+                                    f"{type(value).__name__} {value!r}")
+        try:
+            arr = np.asarray(token_counts) if token_counts else np.zeros(0, dtype=np.int64)
+        except OverflowError:
+            raise ValueError("token counts: a value does not fit in 64 bits") from None
+    else:
+        raise TypeError("token_counts must be a list, tuple or numpy array of integers, got "
+                        f"{type(token_counts).__name__}")
+    if arr.ndim != 1:
+        raise ValueError(f"token_counts must be one-dimensional, got shape {arr.shape}")
+    if arr.dtype.kind == "b":
+        raise TypeError("request 0: token count must be an integer, got bool")
+    if arr.dtype.kind == "f":
+        bad = ~np.isfinite(arr) | (arr != np.floor(arr))
+        if bad.any():
+            i = _first_bad_index(bad)
+            raise ValueError(f"request {i}: token count must be a non-negative integer, got "
+                             f"{arr[i]!r}")
+    elif arr.dtype.kind not in "iu":
+        i = next((i for i, v in enumerate(arr.tolist()) if not isinstance(v, int)
+                  or isinstance(v, bool)), 0)
+        raise TypeError(f"request {i}: token count must be an integer, got {arr[i]!r}")
+    if arr.dtype.kind in "if" and (arr < 0).any():
+        i = _first_bad_index(arr < 0)
+        raise ValueError(f"request {i}: token count must be non-negative, got {arr[i]}")
+    return arr.astype(np.int64, copy=False)
+
+
+def select_preemption_strategy(token_counts: Any, config: Any) -> dict:
+    """Choose swap or recompute for each request; see the module docstring for `config`.
+
+    Returns plain Python values: `strategies` ("swap"/"recompute" per request, order kept),
+    `swap_costs_ms` and `recompute_costs_ms` (rounded to 4 decimals) and `total_cost_ms` (the sum
+    of the chosen, unrounded costs, rounded to 4 decimals). Costs are compared unrounded and
+    exactly equal costs choose swap; a request with 0 tokens costs 0 both ways and is swapped.
+    """
+    n = validate_token_counts(token_counts)
+    costs = cost_model_from(config)
+    swap = costs.swap_ms(n)
+    recompute = costs.recompute_ms(n)
+    use_swap = swap <= recompute
+    chosen = np.where(use_swap, swap, recompute)
+    return {
+        "strategies": STRATEGY_NAMES[use_swap.view(np.int8)].tolist(),
+        "swap_costs_ms": np.round(swap, 4).tolist(),
+        "recompute_costs_ms": np.round(recompute, 4).tolist(),
+        "total_cost_ms": round(float(chosen.sum()), 4),
+    }
