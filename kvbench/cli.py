@@ -10,20 +10,22 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from kvbench import __version__
-from kvbench.hardware import HARDWARE, get_hardware
-from kvbench.models import MODELS, get_model
-from kvbench.profile import Profile, analytic_profile, load
+from kvbench.hardware import HARDWARE, device_slug, get_hardware, resolve_device, slugify
+from kvbench.models import MODELS, from_hf_config, get_model
+from kvbench.profile import Profile, analytic_profile, load, save, write_atomic
 from kvbench.selector import select_preemption_strategy
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
                   help="Swap or recompute? Measure, fit and choose how to preempt KV caches.")
 profile_app = typer.Typer(no_args_is_help=True, help="Inspect profiles.")
 app.add_typer(profile_app, name="profile")
-out = Console(soft_wrap=True, width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True, soft_wrap=True)
+out = Console(soft_wrap=True, markup=False, highlight=False,
+              width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
 
 
 def user_errors(fn):
@@ -64,12 +66,14 @@ def parse_tokens(tokens: list[str]) -> list[int]:
 
 
 def resolve_profile(profile: Optional[Path], model: Optional[str], hardware: str,
-                    block_size: int, dtype: Optional[str], tp: int, **hw_overrides) -> Profile:
-    """A profile from a file, or an analytic one for a model preset on a hardware preset."""
-    if profile is not None and model is not None:
-        raise ValueError("give either --profile or --model, not both")
+                    block_size: int, dtype: Optional[str], tp: int, force: bool = False,
+                    **hw_overrides) -> Profile:
+    """A profile from a file (checked against --model when both are given), or an analytic
+    one for a model preset on a hardware preset."""
     if profile is not None:
-        return load(profile)
+        prof = load(profile)
+        prof.check_matches(model=model, force=force)
+        return prof
     if model is None:
         raise ValueError("give --profile PATH or --model NAME (see `kvbench models`)")
     return analytic_profile(get_model(model, dtype=dtype, tp=tp),
@@ -91,15 +95,20 @@ def select(
     block_size: int = typer.Option(16, help="KV block size in tokens."),
     dtype: Optional[str] = typer.Option(None, help="KV/weight dtype (default: the model's)."),
     tp: int = typer.Option(1, help="Tensor-parallel degree."),
+    force: bool = typer.Option(False, help="Use a profile made for another model."),
     as_json: bool = typer.Option(False, "--json", help="Print the selector's dict as JSON."),
 ) -> None:
     """Choose swap or recompute for each request and print both costs."""
-    prof = resolve_profile(profile, model, hardware, block_size, dtype, tp,
+    prof = resolve_profile(profile, model, hardware, block_size, dtype, tp, force,
                            h2d_gbps=h2d_gbps, d2h_gbps=d2h_gbps,
                            transfer_latency_ms=transfer_latency_ms, peak_tflops=peak_tflops,
                            achieved_fraction=achieved_fraction)
     counts = parse_tokens(tokens)
     result = select_preemption_strategy(counts, prof)
+    valid_max = max(prof.swap.fit.max_tokens, prof.recompute.fit.max_tokens)
+    if counts and max(counts) > valid_max:
+        err.print(f"warning: {max(counts)} tokens is beyond the profile's measured range "
+                  f"(up to {valid_max}); costs there are extrapolated", highlight=False)
     if as_json:
         out.print_json(json.dumps(result)) if sys.stdout.isatty() else print(json.dumps(result))
         return
@@ -163,6 +172,132 @@ def profile_show(path: Path = typer.Argument(..., help="Profile JSON.")) -> None
     out.print(_fit_line("recompute fit", r.fit))
     crossover = prof.crossover_tokens
     out.print(f"crossover_tokens: {crossover if crossover else 'none (recompute always cheaper)'}")
+
+
+DEFAULT_MODEL = {"cuda": "llama-3-8b", "cpu": "qwen2.5-0.5b"}
+
+
+class PhaseProgress:
+    """One progress line per phase on stderr, showing the latest measured figure."""
+
+    def __init__(self, progress: Progress):
+        self.progress, self.tasks = progress, {}
+
+    def __call__(self, phase: str, text: str) -> None:
+        if phase not in self.tasks:
+            self.tasks[phase] = self.progress.add_task(phase, total=None)
+        self.progress.update(self.tasks[phase], advance=1, description=f"{phase:9} {text}")
+
+
+def progress_bar() -> Progress:
+    return Progress(SpinnerColumn(), TextColumn("{task.description}"),
+                    TextColumn("[{task.completed} points]"), TimeElapsedColumn(), console=err,
+                    transient=False)
+
+
+def print_calibration(prof: Profile, paths: list[Path]) -> None:
+    s, r, x = prof.swap, prof.recompute, prof.extra
+    out.print(f"profile: {paths[0]}  (samples {paths[1].name}, plot {paths[2].name})")
+    out.print(f"device: {prof.environment['device_name']}; model {prof.model.name} "
+              f"({prof.dtype}, {prof.model.spec().kv_bytes_per_token:,.0f} KV bytes/token)")
+    for name, fit in (("swap", s.fit), ("recompute", r.fit)):
+        out.print(_fit_line(f"{name} fit", fit))
+    out.print(f"swap_ms(n) = {s.fixed_ms:.6g} + {s.ms_per_token:.6g}·n + {s.ms_per_block:.6g}·"
+              f"ceil(n/{s.block_size})   [fastest impl: {s.impl}]")
+    out.print(f"recompute_ms(n) = {r.fixed_ms:.6g} + {r.ms_per_token:.6g}·n + "
+              f"{r.ms_per_token_sq:.6g}·n²   [attention alone: "
+              f"{x['attention']['ms_per_token_sq']:.6g}·n²]")
+    if prof.decode:
+        d = prof.decode
+        out.print(f"decode_step_ms(B, T) = {d.d0_ms:.6g} + {d.d1_ms_per_seq:.6g}·B + "
+                  f"{d.d2_ms_per_seq_token:.6g}·B·T   [R² {d.r2:.4f}]")
+    ceiling = x["ceiling_gbps"]
+    out.print(f"copy ceiling (one contiguous {x['ceiling_bytes'] / 2**20:,.0f} MiB copy): "
+              f"out {ceiling['out']:.1f} GB/s, in {ceiling['in']:.1f} GB/s")
+    for impl, data in x["swap_impls"].items():
+        best = max(data["round_trip_bandwidth_gbps"])
+        share = best / (2 / (1 / ceiling["out"] + 1 / ceiling["in"]))
+        out.print(f"  {impl:9} peak achieved {best:.1f} GB/s round trip "
+                  f"({100 * share:.0f}% of ceiling)")
+    crossover = prof.crossover_tokens
+    out.print(f"crossover_tokens: {crossover if crossover else 'none (recompute always cheaper)'}")
+    for reason in x["stopped"].values():
+        out.print(f"note: sweep ended early: {reason}")
+
+
+@app.command("calibrate")
+@user_errors
+def calibrate_cmd(
+    device: str = typer.Option("auto", help="auto (GPU if present, else CPU), cuda or cpu."),
+    model: Optional[str] = typer.Option(None, help="Model preset (default: llama-3-8b on "
+                                                  "CUDA, qwen2.5-0.5b on CPU)."),
+    config_json: Optional[Path] = typer.Option(None, help="Hugging Face config.json instead."),
+    block_size: int = typer.Option(16, min=1, help="KV block size in tokens."),
+    dtype: Optional[str] = typer.Option(None, help="dtype (default: the model's)."),
+    quick: bool = typer.Option(False, help="Fewer, smaller sizes (CPU: under a minute)."),
+    out_path: Optional[Path] = typer.Option(None, "--out", help="Profile path (default "
+                                            "results/profiles/<device>-<model>.json)."),
+    as_json: bool = typer.Option(False, "--json", help="Print the profile JSON."),
+) -> None:
+    """Measure swap and prefill on this machine, fit the cost models, write the profile."""
+    from kvbench.calibration.pipeline import calibrate
+    from kvbench.calibration.plot import plot_profile
+
+    dev = resolve_device(device)
+    if config_json is not None and model is not None:
+        raise ValueError("give either --model or --config-json, not both")
+    spec = (from_hf_config(config_json, dtype=dtype) if config_json is not None
+            else get_model(model or DEFAULT_MODEL[dev], dtype=dtype))
+    path = out_path or Path("results/profiles") / f"{device_slug(dev)}-{slugify(spec.name)}.json"
+    try:
+        with progress_bar() as progress:
+            run = calibrate(spec, dev, block_size=block_size, quick=quick,
+                            on_point=PhaseProgress(progress))
+    except KeyboardInterrupt:
+        err.print(f"interrupted: nothing written; {path} is as it was")
+        raise typer.Exit(130) from None
+    samples_path = write_atomic(path.with_suffix(".samples.json"),
+                                json.dumps(run.samples, indent=1))
+    save(run.profile, path)
+    plot_path = plot_profile(run.profile, path.with_suffix(".png"))
+    for warning in run.warnings:
+        err.print(f"warning: {warning}", highlight=False)
+    if as_json:
+        print(run.profile.to_json())
+    else:
+        print_calibration(run.profile, [path, samples_path, plot_path])
+
+
+@app.command("validate")
+@user_errors
+def validate_cmd(
+    profile: Path = typer.Option(..., help="Measured profile to check."),
+    device: str = typer.Option("auto", help="auto, cuda or cpu: must be the profile's."),
+    count: int = typer.Option(6, min=2, help="How many fresh token counts to measure."),
+    force: bool = typer.Option(False, help="Validate on another device anyway."),
+    as_json: bool = typer.Option(False, "--json", help="Print the report as JSON."),
+) -> None:
+    """Measure fresh swap and recompute points; report decision agreement and errors."""
+    from kvbench.calibration.validate import validate
+
+    prof = load(profile)
+    with progress_bar() as progress:
+        report = validate(prof, resolve_device(device), count=count, force=force,
+                          on_point=PhaseProgress(progress))
+    if as_json:
+        print(json.dumps(report.to_dict()))
+        return
+    table = Table(title=f"validate {profile} on {resolve_device(device)}")
+    for col in ("tokens", "swap pred ms", "swap meas ms", "recompute pred ms",
+                "recompute meas ms", "selector", "measured"):
+        table.add_column(col, justify="right")
+    for row in zip(report.num_tokens, report.swap_predicted_ms, report.swap_measured_ms,
+                   report.recompute_predicted_ms, report.recompute_measured_ms,
+                   report.predicted_choice, report.measured_choice):
+        table.add_row(str(row[0]), *(f"{v:.3f}" for v in row[1:5]), row[5], row[6])
+    out.print(table)
+    out.print(f"decision agreement: {100 * report.agreement:.0f}%; prediction error: swap "
+              f"{100 * report.swap_mape:.1f}%, recompute {100 * report.recompute_mape:.1f}%")
 
 
 def main() -> None:

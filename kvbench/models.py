@@ -154,6 +154,7 @@ def from_hf_config(path: str | Path, dtype: str | None = None, tp: int = 1) -> M
         head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
         intermediate_size=cfg["intermediate_size"],
         vocab_size=cfg["vocab_size"],
-        dtype=dtype or cfg.get("torch_dtype") or "bfloat16",
+        # transformers >= 4.56 writes "dtype"; older versions wrote "torch_dtype".
+        dtype=dtype or cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16",
         tp=tp,
     )

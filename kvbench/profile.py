@@ -138,6 +138,20 @@ class Profile(Strict):
         """The selector's coefficient dict."""
         return self.cost_model().to_config()
 
+    def check_matches(self, model: str | None = None, device: str | None = None,
+                      force: bool = False) -> None:
+        """Refuse a profile measured for another model or device, unless forced."""
+        if force:
+            return
+        if model is not None and model != self.model.name:
+            raise ProfileError(f"profile is for model {self.model.name!r}, not {model!r}; "
+                               "calibrate for that model or pass --force")
+        measured_on = self.environment.get("device")
+        if device is not None and self.source == "measured" and device != measured_on:
+            raise ProfileError(f"profile was measured on {measured_on} "
+                               f"({self.environment.get('device_name')}), not {device}; "
+                               "calibrate on this device or pass --force")
+
     def to_json(self) -> str:
         return json.dumps(self.model_dump(mode="json", by_alias=True), indent=2, allow_nan=False)
 
@@ -149,6 +163,9 @@ def now_iso() -> str:
 def analytic_profile(model: ModelSpec, hw: HardwareSpec, block_size: int = 16,
                      max_tokens: int = 131072) -> Profile:
     """A profile computed from datasheet figures, not measured (source 'analytic')."""
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive integer (tokens per KV block), "
+                         f"got {block_size!r}")
     costs = CostModel.analytic(model, hw, block_size)
     decode = DecodeModel.analytic(model, hw)
     fit = FitQuality(min_tokens=1, max_tokens=max_tokens)

@@ -29,6 +29,7 @@ from kvbench.models import get_model
 
 ANALYTIC_KEYS = ("model", "hardware", "dtype", "tp", "block_size") + HARDWARE_FIELDS
 INT_TYPES = (int, np.integer)
+INT64_MAX = int(np.iinfo(np.int64).max)
 STRATEGY_NAMES = np.array(["recompute", "swap"], dtype=object)  # indexed by use_swap
 
 
@@ -49,12 +50,16 @@ def _check_coefficient(key: str, value: Any) -> float:
     return value
 
 
-def _check_block_size(value: Any) -> int:
+def _check_positive_int(key: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, INT_TYPES):
-        raise TypeError(f"config: block_size must be a positive integer, got {value!r}")
+        raise TypeError(f"config: {key} must be a positive integer, got {value!r}")
     if value < 1:
-        raise ValueError(f"config: block_size must be a positive integer, got {value}")
+        raise ValueError(f"config: {key} must be a positive integer, got {value}")
     return int(value)
+
+
+def _check_block_size(value: Any) -> int:
+    return _check_positive_int("block_size", value)
 
 
 def validate_config(config: dict) -> dict:
@@ -75,7 +80,8 @@ def _analytic_cost_model(config: dict) -> CostModel:
     unknown = [k for k in config if k not in ANALYTIC_KEYS]
     if unknown:
         raise ValueError(_unknown_key_message(unknown[0], ANALYTIC_KEYS))
-    model = get_model(config["model"], dtype=config.get("dtype"), tp=int(config.get("tp", 1)))
+    model = get_model(config["model"], dtype=config.get("dtype"),
+                      tp=_check_positive_int("tp", config.get("tp", 1)))
     overrides = {k: _check_coefficient(k, config[k]) for k in HARDWARE_FIELDS if k in config}
     hw = get_hardware(config.get("hardware", "h100-sxm"), **overrides)
     return CostModel.analytic(model, hw, block_size=_check_block_size(config.get("block_size", 16)))
@@ -103,6 +109,9 @@ def _first_bad_index(mask: np.ndarray) -> int:
 
 def validate_token_counts(token_counts: Any) -> np.ndarray:
     """Return token counts as an int64 array, or raise naming the first bad request index."""
+    if isinstance(token_counts, np.ndarray) and token_counts.dtype.kind == "O" \
+            and token_counts.ndim == 1:
+        token_counts = token_counts.tolist()  # Python objects: check them one by one below
     if isinstance(token_counts, np.ndarray):
         arr = token_counts
     elif isinstance(token_counts, (list, tuple)):
@@ -123,8 +132,8 @@ def validate_token_counts(token_counts: Any) -> np.ndarray:
                                     f"{type(value).__name__} {value!r}")
         try:
             arr = np.asarray(token_counts) if token_counts else np.zeros(0, dtype=np.int64)
-        except OverflowError:
-            raise ValueError("token counts: a value does not fit in 64 bits") from None
+        except OverflowError:  # ints beyond 64 bits: find and name the first one below
+            arr = np.array(token_counts, dtype=object)
     else:
         raise TypeError("token_counts must be a list, tuple or numpy array of integers, got "
                         f"{type(token_counts).__name__}")
@@ -139,12 +148,29 @@ def validate_token_counts(token_counts: Any) -> np.ndarray:
             raise ValueError(f"request {i}: token count must be a non-negative integer, got "
                              f"{arr[i]!r}")
     elif arr.dtype.kind not in "iu":
-        i = next((i for i, v in enumerate(arr.tolist()) if not isinstance(v, int)
-                  or isinstance(v, bool)), 0)
-        raise TypeError(f"request {i}: token count must be an integer, got {arr[i]!r}")
+        values = arr.tolist()
+        i = next((i for i, v in enumerate(values) if not isinstance(v, int)
+                  or isinstance(v, bool)), None)
+        if i is not None:
+            raise TypeError(f"request {i}: token count must be an integer, got {values[i]!r}")
+        # Python ints that numpy kept as objects: one of them fits no 64-bit dtype.
+        i = next((i for i, v in enumerate(values) if not 0 <= v <= INT64_MAX), None)
+        if i is not None and values[i] < 0:
+            raise ValueError(f"request {i}: token count must be non-negative, got {values[i]}")
+        if i is not None:
+            raise ValueError(f"request {i}: token count {values[i]} is too large (at most "
+                             f"{INT64_MAX})")
+        arr = np.array(values, dtype=np.int64)
     if arr.dtype.kind in "if" and (arr < 0).any():
         i = _first_bad_index(arr < 0)
         raise ValueError(f"request {i}: token count must be non-negative, got {arr[i]}")
+    # uint64 above 2**63 - 1 and floats from 2**63 on would wrap around in the int64 cast.
+    if arr.dtype.kind in "uf":
+        too_large = arr > np.uint64(INT64_MAX) if arr.dtype.kind == "u" else arr >= 2.0 ** 63
+        if too_large.any():
+            i = _first_bad_index(too_large)
+            raise ValueError(f"request {i}: token count {arr[i]} is too large (at most "
+                             f"{INT64_MAX})")
     return arr.astype(np.int64, copy=False)
 
 

@@ -1,0 +1,86 @@
+"""Fits: non-negative least squares weighted by relative error, with held-out lengths.
+
+Each model is linear in its coefficients, y ≈ X·β with β ≥ 0, where the columns of X are the
+basis functions of the token count (swap: 1, n, ceil(n/block_size); recompute: 1, n, n²; decode:
+1, B, B·T). Dividing each row by its measured y turns plain NNLS into a fit of relative error,
+so the 16-token point counts as much as the 32k-token point.
+
+Held-out points (every `holdout_every`-th length, never the two ends) are left out of the fit;
+`heldout_mape` is the mean absolute percentage error (as a fraction) of the fitted model on them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+from scipy.optimize import nnls
+
+
+@dataclass(frozen=True)
+class Fit:
+    coefficients: np.ndarray
+    r2: float
+    heldout_mape: float | None
+    train_mape: float
+    heldout: np.ndarray  # bool mask over the points
+
+    def predict(self, design: np.ndarray) -> np.ndarray:
+        return design @ self.coefficients
+
+
+def swap_design(num_tokens, block_size: int) -> np.ndarray:
+    n = np.asarray(num_tokens, dtype=np.float64)
+    return np.column_stack([np.ones_like(n), n, np.ceil(n / block_size)])
+
+
+def recompute_design(num_tokens) -> np.ndarray:
+    n = np.asarray(num_tokens, dtype=np.float64)
+    return np.column_stack([np.ones_like(n), n, n * n])
+
+
+def decode_design(batch_size, context_tokens) -> np.ndarray:
+    b = np.asarray(batch_size, dtype=np.float64)
+    t = np.asarray(context_tokens, dtype=np.float64)
+    return np.column_stack([np.ones_like(b), b, b * t])
+
+
+def holdout_mask(num_points: int, every: int = 4) -> np.ndarray:
+    """Every `every`-th interior point, starting at the second; none if too few points."""
+    mask = np.zeros(num_points, dtype=bool)
+    if num_points >= 5:
+        mask[1:num_points - 1:every] = True
+    return mask
+
+
+def r_squared(y: np.ndarray, predicted: np.ndarray) -> float:
+    ss_res = float(np.sum((y - predicted) ** 2))
+    ss_tot = float(np.sum((y - y.mean()) ** 2))
+    return 1.0 - ss_res / ss_tot if ss_tot > 0 else float(ss_res == 0)
+
+
+def mape(y: np.ndarray, predicted: np.ndarray) -> float:
+    return float(np.mean(np.abs(predicted - y) / y))
+
+
+def fit_nnls(design: np.ndarray, latency_ms, heldout: np.ndarray | None = None) -> Fit:
+    """Relative-error NNLS on the points not held out; R² on those, MAPE on the held-out ones."""
+    y = np.asarray(latency_ms, dtype=np.float64)
+    if y.ndim != 1 or len(y) != len(design):
+        raise ValueError(f"fit: {len(design)} design rows but {y.size} latencies")
+    if np.any(~np.isfinite(y)) or np.any(y <= 0):
+        raise ValueError("fit: latencies must be finite and positive")
+    heldout = np.zeros(len(y), dtype=bool) if heldout is None else heldout
+    train = ~heldout
+    if train.sum() < design.shape[1]:
+        raise ValueError(f"fit: need at least {design.shape[1]} points, got {int(train.sum())}")
+    weights = 1.0 / y[train]
+    beta, _ = nnls(design[train] * weights[:, None], y[train] * weights)
+    predicted = design @ beta
+    return Fit(
+        coefficients=beta,
+        r2=r_squared(y[train], predicted[train]),
+        heldout_mape=mape(y[heldout], predicted[heldout]) if heldout.any() else None,
+        train_mape=mape(y[train], predicted[train]),
+        heldout=heldout,
+    )

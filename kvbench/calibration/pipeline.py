@@ -1,0 +1,162 @@
+"""`kvbench calibrate`: sweep, fit, and build the measured profile.
+
+Phases: swap copies (every impl, plus the contiguous-copy ceiling), prefill (one layer of the
+model's shape × num_layers + LM head, attention alone beside it), decode steps. Each fit holds
+out a share of the sizes and reports R² and held-out error; the profile uses the fastest copy
+impl and records the others.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from kvbench import __version__
+from kvbench.calibration import fitting
+from kvbench.calibration.sweeps import OnPoint, decode_sweep, prefill_sweep, swap_sweep
+from kvbench.costmodel import CostModel
+from kvbench.hardware import fingerprint
+from kvbench.models import ModelSpec
+from kvbench.ops.kv_copy import copy_impls
+from kvbench.profile import (
+    DecodeSection,
+    FitQuality,
+    Measurements,
+    ModelInfo,
+    Profile,
+    RecomputeSection,
+    SwapSection,
+    now_iso,
+)
+
+MAX_HELDOUT_MAPE = 0.10
+
+
+def geometric_sizes(lo: int, hi: int, count: int) -> list[int]:
+    return sorted({int(round(x)) for x in np.geomspace(lo, hi, count)})
+
+
+# (lo, hi, count) of the token sweeps and the decode grid, per device and mode.
+PLANS = {
+    ("cpu", True): dict(swap=(16, 16384, 10), per_block_max_tokens=2048,
+                        prefill=(32, 2048, 9),
+                        decode=([1, 4, 16, 32], [256, 1024])),
+    ("cpu", False): dict(swap=(16, 65536, 14), prefill=(32, 8192, 13),
+                         decode=([1, 2, 4, 8, 16, 32, 64], [256, 1024, 4096])),
+    ("cuda", True): dict(swap=(16, 16384, 10), per_block_max_tokens=4096,
+                         prefill=(128, 16384, 9),
+                         decode=([1, 8, 32, 128], [512, 4096])),
+    ("cuda", False): dict(swap=(16, 65536, 14), prefill=(128, 32768, 13),
+                          decode=([1, 4, 16, 64, 128, 256], [512, 2048, 8192])),
+}
+
+
+@dataclass
+class CalibrationRun:
+    profile: Profile
+    samples: dict
+    warnings: list[str] = field(default_factory=list)
+
+
+def _fit_quality(fit: fitting.Fit, sizes: list[int]) -> FitQuality:
+    return FitQuality(r2=fit.r2, heldout_mape=fit.heldout_mape, min_tokens=min(sizes),
+                      max_tokens=max(sizes), method="nnls, relative error")
+
+
+def _measurements(sizes, latency_ms, spread_ms, heldout) -> Measurements:
+    return Measurements(num_tokens=list(sizes), latency_ms=np.asarray(latency_ms).tolist(),
+                        spread_ms=np.asarray(spread_ms).tolist(), heldout=heldout.tolist())
+
+
+def calibrate(spec: ModelSpec, device: str, block_size: int = 16, quick: bool = False,
+              on_point: OnPoint = lambda phase, text: None, seed: int = 0) -> CalibrationRun:
+    """Measure swap, prefill and decode on `device` for `spec`, fit, and return the profile."""
+    plan = PLANS[(device, quick)]
+    torch.manual_seed(seed)
+    impls = tuple(i for i in copy_impls(device) if device == "cuda" or i != "triton")
+    swap = swap_sweep(spec, device, block_size, geometric_sizes(*plan["swap"]), impls,
+                      on_point, seed, per_block_max_tokens=plan.get("per_block_max_tokens"))
+    common = min(len(swap.out[impl].sizes) for impl in impls)  # compare on shared sizes
+    totals_ms = {impl: float(swap.round_trip_ms(impl)[:common].sum()) for impl in impls}
+    best = min(totals_ms, key=totals_ms.get)
+    swap_sizes = swap.out[best].sizes
+    swap_ms = swap.round_trip_ms(best)
+    swap_spread = swap.out[best].spread_ms + swap.into[best].spread_ms
+    swap_held = fitting.holdout_mask(len(swap_sizes))
+    swap_fit = fitting.fit_nnls(fitting.swap_design(swap_sizes, block_size), swap_ms, swap_held)
+
+    prefill = prefill_sweep(spec, device, geometric_sizes(*plan["prefill"]), on_point, seed)
+    pre_held = fitting.holdout_mask(len(prefill.sizes))
+    pre_fit = fitting.fit_nnls(fitting.recompute_design(prefill.sizes), prefill.total_ms,
+                               pre_held)
+    attn_fit = fitting.fit_nnls(fitting.recompute_design(prefill.attention.sizes),
+                                prefill.attention.median_ms)
+
+    batches, contexts = plan["decode"]
+    decode = decode_sweep(spec, device, batches, contexts, on_point, seed)
+    dec_held = fitting.holdout_mask(len(decode.step_ms), every=3)
+    dec_fit = fitting.fit_nnls(fitting.decode_design(decode.batch_size, decode.context_tokens),
+                               decode.step_ms, dec_held)
+
+    s0, s1, s2 = swap_fit.coefficients
+    r0, r1, r2 = pre_fit.coefficients
+    costs = CostModel(s0, s1, r0, r1, r2, swap_ms_per_block=s2, block_size=block_size)
+    kv_bytes = np.asarray(swap_sizes) * spec.kv_bytes_per_token
+    warnings = [f"{name} held-out error {100 * fit.heldout_mape:.1f}% exceeds "
+                f"{100 * MAX_HELDOUT_MAPE:.0f}%"
+                for name, fit in (("swap", swap_fit), ("recompute", pre_fit), ("decode", dec_fit))
+                if fit.heldout_mape is not None and fit.heldout_mape > MAX_HELDOUT_MAPE]
+    stopped = {"swap": swap.out[best].stopped, "prefill": prefill.layer.stopped,
+               "decode": decode.stopped}
+    profile = Profile(
+        created_at=now_iso(), kvbench_version=__version__, source="measured", dtype=spec.dtype,
+        environment=fingerprint(device), model=ModelInfo(**spec.to_dict()),
+        config={"device": device, "block_size": block_size, "quick": quick, "seed": seed,
+                "swap_sizes": swap_sizes, "prefill_sizes": prefill.sizes,
+                "decode_batch_sizes": batches, "decode_contexts": contexts,
+                "prefill_scope": "one decoder layer x num_layers + final norm and LM head "
+                                 "for the last token"},
+        swap=SwapSection(fixed_ms=s0, ms_per_token=s1, ms_per_block=s2, block_size=block_size,
+                         impl=best, fit=_fit_quality(swap_fit, swap_sizes),
+                         measurements=_measurements(swap_sizes, swap_ms, swap_spread,
+                                                    swap_held)),
+        recompute=RecomputeSection(fixed_ms=r0, ms_per_token=r1, ms_per_token_sq=r2,
+                                   fit=_fit_quality(pre_fit, prefill.sizes),
+                                   measurements=_measurements(prefill.sizes, prefill.total_ms,
+                                                              prefill.total_spread_ms,
+                                                              pre_held)),
+        decode=DecodeSection(d0_ms=dec_fit.coefficients[0],
+                             d1_ms_per_seq=dec_fit.coefficients[1],
+                             d2_ms_per_seq_token=dec_fit.coefficients[2], r2=dec_fit.r2,
+                             heldout_mape=dec_fit.heldout_mape),
+        crossover_tokens=costs.crossover_tokens(),
+        extra={
+            "swap_impls": {impl: {
+                "num_tokens": swap.out[impl].sizes,
+                "out_ms": swap.out[impl].median_ms.tolist(),
+                "in_ms": swap.into[impl].median_ms.tolist(),
+                "round_trip_bandwidth_gbps": (2 * kv_bytes[:len(swap.out[impl].sizes)]
+                                              / swap.round_trip_ms(impl) / 1e6).tolist(),
+            } for impl in impls},
+            "ceiling_gbps": swap.ceiling_gbps,
+            "ceiling_bytes": swap.ceiling_bytes,
+            "attention": {"impl": "auto", "num_tokens": prefill.attention.sizes,
+                          "latency_ms": prefill.attention.median_ms.tolist(),
+                          "ms_per_token_sq": float(attn_fit.coefficients[2]),
+                          "r2": attn_fit.r2},
+            "lm_head_ms": prefill.lm_head_ms,
+            "decode_points": {"batch_size": decode.batch_size,
+                              "context_tokens": decode.context_tokens,
+                              "step_ms": decode.step_ms, "heldout": dec_held.tolist()},
+            "stopped": {k: v for k, v in stopped.items() if v},
+            "warnings": warnings,
+        },
+    )
+    samples = {"swap_out": {i: s.to_dict() for i, s in swap.out.items()},
+               "swap_in": {i: s.to_dict() for i, s in swap.into.items()},
+               "prefill_layer": prefill.layer.to_dict(),
+               "attention": prefill.attention.to_dict(),
+               "decode": decode.__dict__}
+    return CalibrationRun(profile, samples, warnings)

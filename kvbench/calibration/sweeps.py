@@ -1,0 +1,249 @@
+"""Microbenchmark sweeps: KV swap copies, prefill of one decoder layer, decode steps.
+
+Every sweep walks its sizes in increasing order and stops at the first size that runs out of
+memory, recording why; the sizes measured before that stand. `on_point(phase, text)` is called
+after each point with a live figure for the progress display.
+"""
+
+from __future__ import annotations
+
+import itertools
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from kvbench.calibration.decoder import (
+    DecoderLayer,
+    LMHead,
+    random_hidden,
+    rotary_tables,
+    torch_dtype,
+)
+from kvbench.calibration.timing import Timing, measure
+from kvbench.models import ModelSpec
+from kvbench.ops import prefill_attention, swap_in, swap_out
+from kvbench.ops.kv_copy import allocate_kv_cache
+
+OnPoint = Callable[[str, str], None]
+ROTATE = 8
+
+
+@dataclass
+class Sweep:
+    """Medians and raw samples of one measured quantity over a list of sizes."""
+
+    sizes: list[int] = field(default_factory=list)
+    timings: list[Timing] = field(default_factory=list)
+    stopped: str | None = None
+
+    def add(self, size: int, timing: Timing) -> None:
+        self.sizes.append(size)
+        self.timings.append(timing)
+
+    @property
+    def median_ms(self) -> np.ndarray:
+        return np.array([t.median_ms for t in self.timings])
+
+    @property
+    def spread_ms(self) -> np.ndarray:
+        return np.array([t.spread_ms for t in self.timings])
+
+    def to_dict(self) -> dict:
+        return {"sizes": self.sizes, "median_ms": self.median_ms.tolist(),
+                "spread_ms": self.spread_ms.tolist(),
+                "samples_ms": [t.samples_ms for t in self.timings], "stopped": self.stopped}
+
+
+def is_out_of_memory(exc: BaseException) -> bool:
+    return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or (
+        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+
+
+def free_memory(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.empty_cache()
+
+
+def kv_shape(spec: ModelSpec, num_blocks: int, block_size: int) -> tuple[int, ...]:
+    return (spec.num_layers, 2, num_blocks, block_size, max(spec.num_kv_heads // spec.tp, 1),
+            spec.head_dim)
+
+
+@dataclass
+class SwapResult:
+    out: dict[str, Sweep]
+    into: dict[str, Sweep]
+    ceiling_gbps: dict[str, float]
+    ceiling_bytes: int
+
+    def round_trip_ms(self, impl: str) -> np.ndarray:
+        return self.out[impl].median_ms + self.into[impl].median_ms
+
+
+def copy_ceiling_gbps(num_bytes: int, device: str) -> dict[str, float]:
+    """One contiguous copy of `num_bytes` each way: pinned cudaMemcpy on CUDA, memcpy on CPU."""
+    src = torch.randint(0, 255, (num_bytes,), dtype=torch.uint8, device=device)
+    host = torch.empty(num_bytes, dtype=torch.uint8, pin_memory=device == "cuda")
+    out = measure(lambda: host.copy_(src, non_blocking=True), device, reps=10)
+    back = measure(lambda: src.copy_(host, non_blocking=True), device, reps=10)
+    return {"out": num_bytes / out.median_ms / 1e6, "in": num_bytes / back.median_ms / 1e6}
+
+
+def swap_sweep(spec: ModelSpec, device: str, block_size: int, lengths: list[int],
+               impls: tuple[str, ...], on_point: OnPoint, seed: int = 0,
+               per_block_max_tokens: int | None = None) -> SwapResult:
+    """swap_out and swap_in of a request of n tokens, for each impl, at the model's KV shape.
+
+    The request's blocks are drawn at random from a pool twice its size, as in a fragmented
+    cache; `per_block` stops at `per_block_max_tokens` when given. The host buffer is
+    allocated (pinned on CUDA) once, outside the timed region, as a
+    serving engine preallocates its swap space.
+    """
+    gen = torch.Generator().manual_seed(seed)
+    dtype = torch_dtype(spec)
+    result = SwapResult({i: Sweep() for i in impls}, {i: Sweep() for i in impls}, {}, 0)
+    lengths = sorted(lengths)
+    while lengths:  # the largest request sizes the cache; drop sizes that do not fit
+        max_blocks = -(-lengths[-1] // block_size)
+        shape = kv_shape(spec, 2 * max_blocks, block_size)
+        try:
+            cache = allocate_kv_cache(shape[0], shape[2], block_size, shape[4], shape[5],
+                                      dtype, device)
+            host = torch.empty(cache.numel() // 2, dtype=dtype, pin_memory=device == "cuda")
+            host.fill_(1)  # fault the pages in now, not inside the first timed copy
+            break
+        except Exception as exc:  # noqa: BLE001 - only out-of-memory shrinks the sweep
+            if not is_out_of_memory(exc):
+                raise
+            cache = host = None
+            free_memory(device)
+            for sweep in (*result.out.values(), *result.into.values()):
+                sweep.stopped = f"out of memory allocating {lengths[-1]} tokens"
+            lengths = lengths[:-1]
+    if not lengths:
+        raise MemoryError("not enough memory for a KV cache of the smallest swap size")
+    for n in lengths:
+        num_blocks = -(-n // block_size)
+        numel = cache[:, :, :num_blocks].numel()
+        # Rotate among several requests (block sets and host buffers) so that a small request
+        # is not timed out of the CPU caches: swapped KV is cold in a real engine.
+        offsets = np.linspace(0, host.numel() - numel, ROTATE).astype(int)
+        reqs = [(torch.randperm(2 * max_blocks, generator=gen)[:num_blocks].to(device),
+                 host[o:o + numel].view(kv_shape(spec, num_blocks, block_size)))
+                for o in offsets]
+        nbytes = numel * host.element_size()
+        for impl in impls:
+            if impl == "per_block" and n > (per_block_max_tokens or n):
+                continue  # the slow baseline: its trend is clear long before the largest size
+            turn = itertools.cycle(reqs)
+
+            def out_once():
+                ids, dst = next(turn)
+                swap_out(cache, ids, dst=dst, impl=impl)
+
+            def in_once():
+                ids, src = next(turn)
+                swap_in(src, cache, ids, impl=impl)
+
+            out_t = measure(out_once, device, budget_ms=300)
+            in_t = measure(in_once, device, budget_ms=300)
+            result.out[impl].add(n, out_t)
+            result.into[impl].add(n, in_t)
+            gbps = 2 * nbytes / (out_t.median_ms + in_t.median_ms) / 1e6
+            on_point("swap", f"{impl} n={n}: {gbps:.1f} GB/s round trip")
+    result.ceiling_bytes = host.numel() * host.element_size()
+    result.ceiling_gbps = copy_ceiling_gbps(result.ceiling_bytes, device)
+    return result
+
+
+@dataclass
+class PrefillResult:
+    layer: Sweep
+    attention: Sweep
+    lm_head_ms: float
+    num_layers: int
+
+    @property
+    def sizes(self) -> list[int]:
+        return self.layer.sizes
+
+    @property
+    def total_ms(self) -> np.ndarray:
+        """Whole-model prefill: every layer, then final norm and LM head for the last token."""
+        return self.num_layers * self.layer.median_ms + self.lm_head_ms
+
+    @property
+    def total_spread_ms(self) -> np.ndarray:
+        return self.num_layers * self.layer.spread_ms
+
+
+def prefill_sweep(spec: ModelSpec, device: str, lengths: list[int], on_point: OnPoint,
+                  seed: int = 0) -> PrefillResult:
+    """Prefill of n tokens through one layer of the model's shape (× num_layers), the causal
+    attention alone, and the LM head for the last token."""
+    gen = torch.Generator().manual_seed(seed)
+    layer, head = DecoderLayer(spec, device, gen), LMHead(spec, device, gen)
+    layer_sweep, attn_sweep = Sweep(), Sweep()
+    last = random_hidden(1, spec, device, gen)
+    head_ms = measure(lambda: head(last), device, reps=10).median_ms
+    for n in lengths:
+        try:
+            x = random_hidden(n, spec, device, gen)
+            cos, sin = rotary_tables(n, spec.head_dim, device, x.dtype)
+            q, k, v = layer._qkv(x)
+            q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+            with torch.inference_mode():
+                layer_t = measure(lambda: layer.prefill(x, cos, sin), device, budget_ms=1500)
+                attn_t = measure(lambda: prefill_attention(q, k, v, causal=True), device,
+                                 budget_ms=500)
+        except Exception as exc:  # noqa: BLE001 - only out-of-memory ends a sweep quietly
+            if not is_out_of_memory(exc):
+                raise
+            layer_sweep.stopped = f"out of memory at {n} tokens"
+            free_memory(device)
+            break
+        layer_sweep.add(n, layer_t)
+        attn_sweep.add(n, attn_t)
+        on_point("prefill", f"n={n}: {spec.num_layers * layer_t.median_ms + head_ms:.1f} ms")
+    return PrefillResult(layer_sweep, attn_sweep, head_ms, spec.num_layers)
+
+
+@dataclass
+class DecodeResult:
+    batch_size: list[int]
+    context_tokens: list[int]
+    step_ms: list[float]
+    spread_ms: list[float]
+    stopped: str | None = None
+
+
+def decode_sweep(spec: ModelSpec, device: str, batch_sizes: list[int], contexts: list[int],
+                 on_point: OnPoint, seed: int = 0) -> DecodeResult:
+    """One decode step (one token for each of B sequences at context T): L layers + LM head."""
+    gen = torch.Generator().manual_seed(seed)
+    layer, head = DecoderLayer(spec, device, gen), LMHead(spec, device, gen)
+    hkv, dtype = max(spec.num_kv_heads // spec.tp, 1), torch_dtype(spec)
+    result = DecodeResult([], [], [], [])
+    for t in contexts:
+        for b in batch_sizes:
+            try:
+                x = random_hidden(b, spec, device, gen)
+                kc, vc = (torch.randn(b, hkv, t, spec.head_dim, generator=gen).to(device, dtype)
+                          for _ in range(2))
+                with torch.inference_mode():
+                    layer_t = measure(lambda: layer.decode(x, kc, vc), device, budget_ms=300)
+                    head_t = measure(lambda: head(x), device, budget_ms=100)
+            except Exception as exc:  # noqa: BLE001
+                if not is_out_of_memory(exc):
+                    raise
+                result.stopped = f"out of memory at B={b}, T={t}"
+                free_memory(device)
+                return result
+            result.batch_size.append(b)
+            result.context_tokens.append(t)
+            result.step_ms.append(spec.num_layers * layer_t.median_ms + head_t.median_ms)
+            result.spread_ms.append(spec.num_layers * layer_t.spread_ms + head_t.spread_ms)
+            on_point("decode", f"B={b} T={t}: {result.step_ms[-1]:.2f} ms")
+    return result

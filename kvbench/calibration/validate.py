@@ -1,0 +1,120 @@
+"""`kvbench validate`: check a profile against fresh measurements on the same device.
+
+At token counts the calibration did not use (geometric midpoints of its sweep), measure a real
+swap round trip (the profile's copy impl) and a real recompute: a full prefill through all
+`num_layers` layers, each with its own weights, then the LM head. Calibration timed one layer and
+multiplied; this runs the whole stack, so it checks that shortcut too. Reports the selector's
+decision agreement with the measured cheaper strategy and the prediction errors.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from kvbench.calibration.decoder import DecoderLayer, LMHead, random_hidden, rotary_tables
+from kvbench.calibration.sweeps import OnPoint, swap_sweep
+from kvbench.calibration.timing import measure
+from kvbench.profile import Profile, ProfileError
+from kvbench.selector import select_preemption_strategy
+
+
+@dataclass
+class ValidationReport:
+    num_tokens: list[int]
+    swap_predicted_ms: list[float]
+    swap_measured_ms: list[float]
+    recompute_predicted_ms: list[float]
+    recompute_measured_ms: list[float]
+    predicted_choice: list[str]
+    measured_choice: list[str]
+
+    @property
+    def agreement(self) -> float:
+        return float(np.mean(np.array(self.predicted_choice) == np.array(self.measured_choice)))
+
+    @staticmethod
+    def _mape(pred, meas) -> float:
+        pred, meas = np.asarray(pred), np.asarray(meas)
+        return float(np.mean(np.abs(pred - meas) / meas))
+
+    @property
+    def swap_mape(self) -> float:
+        return self._mape(self.swap_predicted_ms, self.swap_measured_ms)
+
+    @property
+    def recompute_mape(self) -> float:
+        return self._mape(self.recompute_predicted_ms, self.recompute_measured_ms)
+
+    def to_dict(self) -> dict:
+        return {**self.__dict__, "agreement": self.agreement, "swap_mape": self.swap_mape,
+                "recompute_mape": self.recompute_mape}
+
+
+def fresh_sizes(sizes: list[int], count: int) -> list[int]:
+    """Geometric midpoints of consecutive calibrated sizes, thinned to about `count`."""
+    s = np.asarray(sorted(sizes), dtype=np.float64)
+    mids = sorted({int(round(x)) for x in np.sqrt(s[:-1] * s[1:])} - set(sizes))
+    step = max(1, len(mids) // count)
+    return mids[::step][:count]
+
+
+def check_device(profile: Profile, device: str, force: bool = False) -> None:
+    measured_on = profile.environment.get("device")
+    if profile.source != "measured":
+        raise ProfileError("validate needs a measured profile (this one is analytic)")
+    if measured_on != device and not force:
+        raise ProfileError(f"profile was measured on {measured_on}, not {device}; validate on "
+                           "the same device or pass --force")
+
+
+def full_prefill_ms(profile: Profile, device: str, sizes: list[int], on_point: OnPoint,
+                    seed: int = 1) -> list[float]:
+    """Median time of a whole-model prefill (distinct weights per layer) at each size."""
+    spec = profile.model.spec()
+    gen = torch.Generator().manual_seed(seed)
+    layers = [DecoderLayer(spec, device, gen) for _ in range(spec.num_layers)]
+    head = LMHead(spec, device, gen)
+
+    def run(x, cos, sin):
+        for layer in layers:
+            x = layer.prefill(x, cos, sin)
+        return head(x[-1:])
+
+    times = []
+    for n in sizes:
+        x = random_hidden(n, spec, device, gen)
+        cos, sin = rotary_tables(n, spec.head_dim, device, x.dtype)
+        with torch.inference_mode():
+            times.append(measure(lambda: run(x, cos, sin), device, warmup=1, reps=3,
+                                 budget_ms=3000).median_ms)
+        on_point("recompute", f"n={n}: {times[-1]:.1f} ms")
+    return times
+
+
+def validate(profile: Profile, device: str, count: int = 6, force: bool = False,
+             on_point: OnPoint = lambda phase, text: None) -> ValidationReport:
+    check_device(profile, device, force)
+    spec = profile.model.spec()
+    common = sorted(set(profile.recompute.measurements.num_tokens)
+                    | {n for n in profile.swap.measurements.num_tokens
+                       if n <= profile.recompute.fit.max_tokens})
+    sizes = fresh_sizes(common, count)
+    impl = profile.swap.impl or "torch"
+    swap = swap_sweep(spec, device, profile.swap.block_size, sizes, (impl,), on_point, seed=1)
+    swap_ms = swap.round_trip_ms(impl).tolist()
+    sizes = swap.out[impl].sizes
+    recompute_ms = full_prefill_ms(profile, device, sizes, on_point)
+    chosen = select_preemption_strategy(sizes, profile)
+    costs = profile.cost_model()
+    return ValidationReport(
+        num_tokens=sizes,
+        swap_predicted_ms=costs.swap_ms(sizes).tolist(), swap_measured_ms=swap_ms,
+        recompute_predicted_ms=costs.recompute_ms(sizes).tolist(),
+        recompute_measured_ms=recompute_ms,
+        predicted_choice=chosen["strategies"],
+        measured_choice=["swap" if s <= r else "recompute" for s, r in zip(swap_ms,
+                                                                          recompute_ms)],
+    )
