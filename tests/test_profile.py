@@ -1,0 +1,296 @@
+"""Profiles: versioned schema, validation messages, atomic save, round trip."""
+
+import copy
+import json
+import math
+import os
+
+import pytest
+
+from kvbench import profile as profile_mod
+from kvbench.costmodel import CostModel
+from kvbench.hardware import get_hardware
+from kvbench.models import get_model
+from kvbench.profile import (
+    SCHEMA,
+    SCHEMA_VERSION,
+    Profile,
+    ProfileError,
+    analytic_profile,
+    load,
+    parse,
+    save,
+)
+
+# A measured profile as `kvbench calibrate` would write it (numbers made up, shape real), with
+# every field present, so that saving it must reproduce it key for key.
+MEASURED = {
+    "schema": "kvbench.profile",
+    "schema_version": 1,
+    "created_at": "2025-01-02T03:04:05+00:00",
+    "kvbench_version": "0.1.0",
+    "source": "measured",
+    "dtype": "bfloat16",
+    "environment": {"device": "cuda", "device_name": "NVIDIA H100 80GB HBM3", "commit": "abc123",
+                    "torch": "2.5.0", "triton": "3.1.0"},
+    "model": {"name": "llama-3-8b", "num_layers": 32, "hidden_size": 4096, "num_heads": 32,
+              "num_kv_heads": 8, "head_dim": 128, "intermediate_size": 14336,
+              "vocab_size": 128256, "dtype": "bfloat16", "tp": 1},
+    "config": {"num_tokens": [16, 64, 256]},
+    "swap": {"fixed_ms": 0.031, "ms_per_token": 0.0049, "ms_per_block": 0.0007, "block_size": 16,
+             "impl": "triton",
+             "fit": {"r2": 0.9991, "heldout_mape": 0.031, "min_tokens": 16, "max_tokens": 32768,
+                     "method": "nnls"},
+             "measurements": {"num_tokens": [16, 64, 256], "latency_ms": [0.12, 0.36, 1.3],
+                              "spread_ms": [0.01, 0.01, 0.02], "heldout": [False, True, False]}},
+    "recompute": {"fixed_ms": 0.21, "ms_per_token": 0.031, "ms_per_token_sq": 6.1e-7,
+                  "fit": {"r2": 0.9987, "heldout_mape": 0.042, "min_tokens": 16,
+                          "max_tokens": 32768, "method": "nnls"},
+                  "measurements": {"num_tokens": [16, 256], "latency_ms": [0.7, 8.2],
+                                   "spread_ms": [0.02, 0.1], "heldout": [False, False]}},
+    "decode": {"d0_ms": 5.1, "d1_ms_per_seq": 0.02, "d2_ms_per_seq_token": 4e-5, "r2": 0.99,
+               "heldout_mape": None},
+    "crossover_tokens": 1,
+    "extra": {},
+}
+MEASURED_SELECTOR_CONFIG = {"swap_fixed_ms": 0.031, "swap_ms_per_token": 0.0049,
+                            "swap_ms_per_block": 0.0007, "block_size": 16,
+                            "recompute_fixed_ms": 0.21, "recompute_ms_per_token": 0.031,
+                            "recompute_ms_per_token_sq": 6.1e-7}
+
+
+def measured(**changes) -> dict:
+    data = copy.deepcopy(MEASURED)
+    data.update(changes)
+    return data
+
+
+def write_json(path, data) -> None:
+    path.write_text(json.dumps(data))
+
+
+def test_schema_constants():
+    assert SCHEMA == "kvbench.profile"
+    assert SCHEMA_VERSION == 1
+
+
+def test_parse_measured_profile():
+    prof = parse(measured())
+    assert prof.source == "measured"
+    assert prof.swap.impl == "triton" and prof.swap.fit.method == "nnls"
+    assert prof.swap.measurements.heldout == [False, True, False]
+    assert prof.model.spec() == get_model("llama-3-8b")
+    assert prof.decode_model().step_ms(2, 100) == pytest.approx(5.1 + 0.04 + 2 * 100 * 4e-5)
+
+
+def test_to_selector_config_is_the_coefficient_dict():
+    assert parse(measured()).to_selector_config() == MEASURED_SELECTOR_CONFIG
+
+
+def test_round_trip_through_a_file(tmp_path):
+    prof = parse(measured())
+    path = save(prof, tmp_path / "h100.json")
+    assert path == tmp_path / "h100.json"
+    raw = json.loads(path.read_text())
+    assert raw["schema"] == "kvbench.profile" and raw["schema_version"] == 1
+    assert "schema_" not in raw
+    assert raw == MEASURED  # nothing added, renamed or dropped
+    again = load(path)
+    assert again == prof
+    assert again.to_selector_config() == MEASURED_SELECTOR_CONFIG
+
+
+def test_analytic_profile_round_trip(tmp_path):
+    model, hw = get_model("qwen2.5-7b", tp=2), get_hardware("a100-80gb")
+    prof = analytic_profile(model, hw, block_size=32)
+    assert prof.source == "analytic" and prof.schema_version == 1
+    assert prof.swap.block_size == 32
+    assert prof.model.spec() == model
+    costs = CostModel.analytic(model, hw, block_size=32)
+    assert prof.cost_model() == costs
+    assert prof.crossover_tokens == costs.crossover_tokens()
+    loaded = load(save(prof, tmp_path / "sub" / "dir" / "p.json"))  # folders are created
+    assert loaded == prof
+    assert loaded.to_selector_config() == costs.to_config()
+
+
+def test_analytic_profile_rejects_bad_block_size():
+    with pytest.raises(ValueError, match="block_size"):
+        analytic_profile(get_model("tiny"), get_hardware("h100-sxm"), block_size=0)
+
+
+def test_profile_error_is_a_value_error():
+    assert issubclass(ProfileError, ValueError)
+
+
+# --- schema and version ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("schema", ["other.profile", "kvbench.profiles", None, 1])
+def test_other_schema_is_rejected(tmp_path, schema):
+    path = tmp_path / "p.json"
+    write_json(path, measured(schema=schema))
+    with pytest.raises(ProfileError, match=r"not a kvbench profile.*kvbench\.profile"):
+        load(path)
+
+
+def test_missing_schema_is_rejected():
+    data = measured()
+    del data["schema"]
+    with pytest.raises(ProfileError, match="not a kvbench profile"):
+        parse(data)
+
+
+@pytest.mark.parametrize("version", [2, 17])
+def test_newer_version_is_rejected(tmp_path, version):
+    path = tmp_path / "p.json"
+    write_json(path, measured(schema_version=version))
+    with pytest.raises(ProfileError, match=rf"schema_version {version} is newer.*upgrade"):
+        load(path)
+
+
+@pytest.mark.parametrize("version", ["1", 1.0, True, None, 0, -1])
+def test_malformed_version_is_rejected(version):
+    with pytest.raises(ProfileError, match="schema_version"):
+        parse(measured(schema_version=version))
+
+
+# --- one line per problem ----------------------------------------------------------------------
+
+def test_every_problem_is_reported_on_one_line(tmp_path):
+    data = measured(bogus=1)
+    data["swap"]["fixed_ms"] = -1.0
+    data["recompute"]["ms_per_token"] = "fast"
+    del data["model"]["head_dim"]
+    path = tmp_path / "p.json"
+    write_json(path, data)
+    with pytest.raises(ProfileError) as info:
+        load(path)
+    message = str(info.value)
+    assert "\n" not in message
+    assert message.startswith(str(path))
+    for where in ("swap.fixed_ms", "recompute.ms_per_token", "model.head_dim", "bogus"):
+        assert where in message
+    assert len(message.split("; ")) == 4
+
+
+@pytest.mark.parametrize(("section", "field", "value"), [
+    ("swap", "fixed_ms", -0.5),
+    ("swap", "ms_per_token", float("inf")),
+    ("swap", "block_size", 0),
+    ("recompute", "ms_per_token_sq", -1e-9),
+    ("recompute", "fixed_ms", float("nan")),
+    ("decode", "d0_ms", -1.0),
+])
+def test_bad_coefficient_is_named(section, field, value):
+    data = measured()
+    data[section][field] = value
+    with pytest.raises(ProfileError, match=rf"{section}\.{field}"):
+        parse(data)
+
+
+def test_nan_in_the_file_is_rejected(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text(json.dumps(measured()).replace('"fixed_ms": 0.031', '"fixed_ms": NaN'))
+    with pytest.raises(ProfileError, match=r"swap\.fixed_ms"):
+        load(path)
+
+
+@pytest.mark.parametrize("field", ["created_at", "swap", "model", "source", "environment"])
+def test_missing_field_is_named(field):
+    data = measured()
+    del data[field]
+    with pytest.raises(ProfileError, match=rf"{field}: Field required"):
+        parse(data)
+
+
+def test_bad_values_are_named():
+    with pytest.raises(ProfileError, match="created_at"):
+        parse(measured(created_at="yesterday"))
+    with pytest.raises(ProfileError, match="source"):
+        parse(measured(source="guessed"))
+    with pytest.raises(ProfileError, match="crossover_tokens"):
+        parse(measured(crossover_tokens=0))
+
+
+def test_not_json_and_not_an_object(tmp_path):
+    path = tmp_path / "p.json"
+    path.write_text('{"schema": "kvbench.profile",')
+    with pytest.raises(ProfileError, match=r"not valid JSON.*line 1"):
+        load(path)
+    write_json(path, [1, 2])
+    with pytest.raises(ProfileError, match="expected a JSON object, got list"):
+        load(path)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(ProfileError, match=r"cannot read profile .*absent\.json"):
+        load(tmp_path / "absent.json")
+
+
+def test_model_rejects_extra_field():
+    with pytest.raises(ValueError, match="extra"):
+        Profile.model_validate(measured(extra_field=1))
+
+
+# --- atomic save -------------------------------------------------------------------------------
+
+def _old_and_new(tmp_path):
+    path = tmp_path / "p.json"
+    save(parse(measured()), path)
+    old = path.read_bytes()
+    new = parse(measured(kvbench_version="9.9.9"))
+    return path, old, new
+
+
+@pytest.mark.parametrize("fail_in", ["fsync", "replace"])
+def test_failed_save_keeps_the_old_file_and_no_temp_file(tmp_path, monkeypatch, fail_in):
+    path, old, new = _old_and_new(tmp_path)
+
+    def broken(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(profile_mod.os, fail_in, broken)
+    with pytest.raises(OSError, match="No space left"):
+        save(new, path)
+    monkeypatch.undo()
+    assert path.read_bytes() == old
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.json"]
+
+
+def test_interrupted_write_keeps_the_old_file(tmp_path, monkeypatch):
+    path, old, new = _old_and_new(tmp_path)
+    real_fdopen = os.fdopen
+
+    class HalfWriter:
+        """Writes half the bytes, then fails, like a full disk."""
+
+        def __init__(self, fh):
+            self.fh = fh
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.fh.close()
+            return False
+
+        def write(self, data):
+            self.fh.write(data[: len(data) // 2])
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(profile_mod.os, "fdopen", lambda *a, **k: HalfWriter(real_fdopen(*a, **k)))
+    with pytest.raises(KeyboardInterrupt):
+        save(new, path)
+    monkeypatch.undo()
+    assert path.read_bytes() == old
+    assert load(path).kvbench_version == "0.1.0"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.json"]
+
+
+def test_successful_save_replaces_and_leaves_no_temp_file(tmp_path):
+    path, _, new = _old_and_new(tmp_path)
+    save(new, path)
+    assert load(path).kvbench_version == "9.9.9"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.json"]
+    text = path.read_text()
+    assert text.endswith("}\n") and not math.isnan(json.loads(text)["swap"]["fixed_ms"])
