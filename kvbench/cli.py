@@ -301,4 +301,20 @@ def validate_cmd(
 
 
 def main() -> None:
-    app()
+    """Console entry: click's usage errors become one line too (exit 2), not a usage box."""
+    try:
+        code = app(standalone_mode=False)
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        sys.exit(130)
+    except Exception as exc:
+        if not (hasattr(exc, "format_message") and hasattr(exc, "exit_code")):
+            raise  # not a click usage error: a bug, keep its traceback
+        if type(exc).__name__ == "NoArgsIsHelpError":
+            app(["--help"], standalone_mode=False)
+            sys.exit(exc.exit_code)
+        ctx = getattr(exc, "ctx", None)
+        hint = f" (see `{ctx.command_path} --help`)" if ctx else ""
+        err.print(f"error: {exc.format_message()}{hint}")
+        sys.exit(exc.exit_code)
+    sys.exit(code if isinstance(code, int) else 0)

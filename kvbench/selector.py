@@ -192,5 +192,5 @@ def select_preemption_strategy(token_counts: Any, config: Any) -> dict:
         "strategies": STRATEGY_NAMES[use_swap.view(np.int8)].tolist(),
         "swap_costs_ms": np.round(swap, 4).tolist(),
         "recompute_costs_ms": np.round(recompute, 4).tolist(),
-        "total_cost_ms": round(float(chosen.sum()), 4),
+        "total_cost_ms": float(np.round(chosen.sum(), 4)),
     }
