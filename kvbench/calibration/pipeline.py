@@ -40,8 +40,7 @@ def geometric_sizes(lo: int, hi: int, count: int) -> list[int]:
 
 # (lo, hi, count) of the token sweeps and the decode grid, per device and mode.
 PLANS = {
-    ("cpu", True): dict(swap=(16, 16384, 10), per_block_max_tokens=2048,
-                        prefill=(32, 2048, 9),
+    ("cpu", True): dict(swap=(16, 16384, 10), prefill=(32, 2048, 9),
                         decode=([1, 4, 16, 32], [256, 1024])),
     ("cpu", False): dict(swap=(16, 65536, 14), prefill=(32, 8192, 13),
                          decode=([1, 2, 4, 8, 16, 32, 64], [256, 1024, 4096])),
@@ -71,16 +70,22 @@ def _measurements(sizes, latency_ms, spread_ms, heldout) -> Measurements:
 
 
 def calibrate(spec: ModelSpec, device: str, block_size: int = 16, quick: bool = False,
-              on_point: OnPoint = lambda phase, text: None, seed: int = 0) -> CalibrationRun:
-    """Measure swap, prefill and decode on `device` for `spec`, fit, and return the profile."""
-    plan = PLANS[(device, quick)]
+              on_point: OnPoint = lambda phase, text: None, seed: int = 0,
+              plan: dict | None = None) -> CalibrationRun:
+    """Measure swap, prefill and decode on `device` for `spec`, fit, and return the profile.
+
+    `plan` overrides the sizes of `PLANS[(device, quick)]` (same keys)."""
+    plan = {**PLANS[(device, quick)], **(plan or {})}
     torch.manual_seed(seed)
     impls = tuple(i for i in copy_impls(device) if device == "cuda" or i != "triton")
     swap = swap_sweep(spec, device, block_size, geometric_sizes(*plan["swap"]), impls,
                       on_point, seed, per_block_max_tokens=plan.get("per_block_max_tokens"))
-    common = min(len(swap.out[impl].sizes) for impl in impls)  # compare on shared sizes
-    totals_ms = {impl: float(swap.round_trip_ms(impl)[:common].sum()) for impl in impls}
-    best = min(totals_ms, key=totals_ms.get)
+    # The profile takes the impl fastest over the sizes every impl ran (per_block may stop early),
+    # among those that covered the whole sweep.
+    counts = {impl: len(swap.out[impl].sizes) for impl in impls}
+    common = min(counts.values())
+    full = [impl for impl in impls if counts[impl] == max(counts.values())]
+    best = min(full, key=lambda impl: float(swap.round_trip_ms(impl)[:common].sum()))
     swap_sizes = swap.out[best].sizes
     swap_ms = swap.round_trip_ms(best)
     swap_spread = swap.out[best].spread_ms + swap.into[best].spread_ms
@@ -103,7 +108,6 @@ def calibrate(spec: ModelSpec, device: str, block_size: int = 16, quick: bool = 
     s0, s1, s2 = swap_fit.coefficients
     r0, r1, r2 = pre_fit.coefficients
     costs = CostModel(s0, s1, r0, r1, r2, swap_ms_per_block=s2, block_size=block_size)
-    kv_bytes = np.asarray(swap_sizes) * spec.kv_bytes_per_token
     warnings = [f"{name} held-out error {100 * fit.heldout_mape:.1f}% exceeds "
                 f"{100 * MAX_HELDOUT_MAPE:.0f}%"
                 for name, fit in (("swap", swap_fit), ("recompute", pre_fit), ("decode", dec_fit))
@@ -137,7 +141,8 @@ def calibrate(spec: ModelSpec, device: str, block_size: int = 16, quick: bool = 
                 "num_tokens": swap.out[impl].sizes,
                 "out_ms": swap.out[impl].median_ms.tolist(),
                 "in_ms": swap.into[impl].median_ms.tolist(),
-                "round_trip_bandwidth_gbps": (2 * kv_bytes[:len(swap.out[impl].sizes)]
+                "round_trip_bandwidth_gbps": (2 * spec.kv_bytes_per_token
+                                              * np.asarray(swap.out[impl].sizes)
                                               / swap.round_trip_ms(impl) / 1e6).tolist(),
             } for impl in impls},
             "ceiling_gbps": swap.ceiling_gbps,

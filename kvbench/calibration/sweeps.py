@@ -130,7 +130,7 @@ def swap_sweep(spec: ModelSpec, device: str, block_size: int, lengths: list[int]
         # Rotate among several requests (block sets and host buffers) so that a small request
         # is not timed out of the CPU caches: swapped KV is cold in a real engine.
         offsets = np.linspace(0, host.numel() - numel, ROTATE).astype(int)
-        reqs = [(torch.randperm(2 * max_blocks, generator=gen)[:num_blocks].to(device),
+        reqs = [(torch.randperm(2 * max_blocks, generator=gen)[:num_blocks],  # host ids: no sync
                  host[o:o + numel].view(kv_shape(spec, num_blocks, block_size)))
                 for o in offsets]
         nbytes = numel * host.element_size()
