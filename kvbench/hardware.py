@@ -154,9 +154,11 @@ def fingerprint(device: str) -> dict:
     }
     if device == "cuda":
         try:
-            out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
-                                 capture_output=True, text=True, timeout=10)
-            info["driver"] = out.stdout.strip().splitlines()[0] if out.returncode == 0 else None
+            out = subprocess.run(["nvidia-smi", "--query-gpu=driver_version",
+                                  "--format=csv,noheader"], capture_output=True, text=True,
+                                 timeout=10)
+            if out.returncode == 0:
+                info["driver"] = out.stdout.strip().splitlines()[0]
         except (OSError, subprocess.SubprocessError, IndexError):
             pass
     return info

@@ -1,0 +1,122 @@
+"""Swap-out and swap-in of a request's KV blocks, each impl side by side (one group per
+direction and size): llama-3-8b geometry (32 layers, 8 KV heads, head_dim 128, bf16), block 16.
+
+    bytes (each way)    = num_layers · 2 · num_blocks · block_size · num_kv_heads · head_dim · 2
+    bandwidth_gbps      = bytes / median_s / 1e9
+    fraction_of_ceiling = bandwidth_gbps / ceiling_gbps, where the ceiling is one contiguous
+                          copy of the same bytes (CUDA: one pinned cudaMemcpy each way; CPU: one
+                          memcpy), also shown as the "ceiling" row.
+
+CUDA (not yet run on a GPU): 1k-32k tokens from a 64k-token cache, host side pinned;
+"triton" is zero-copy, "triton_staged" gathers on the device and makes one bulk copy.
+CPU: 16 and 256 tokens; triton runs in the interpreter (a correctness tool, far slower than
+compiled code) at 16 tokens only.
+"""
+
+import time
+
+import pytest
+import torch
+
+from kvbench.models import get_model
+from kvbench.ops import allocate_kv_cache, packed_bytes, packed_shape, swap_in, swap_out
+from kvbench.ops.kv_copy import triton_unavailable_reason
+from kvbench.reference import swap_in_ref, swap_out_ref
+
+MODEL = get_model("llama-3-8b")
+BLOCK_SIZE = 16
+CUDA = torch.cuda.is_available()
+DEVICE = torch.device("cuda" if CUDA else "cpu")
+TOKENS = (1024, 4096, 16384, 32768) if CUDA else (16, 256)
+INTERPRETER_MAX_TOKENS = 16
+IMPLS = ("ceiling", "triton") + (("triton_staged",) if CUDA else ()) + ("torch", "per_block")
+OPTIONS = {"triton": {"impl": "triton", "zero_copy": True if CUDA else None},
+           "triton_staged": {"impl": "triton", "zero_copy": False},
+           "torch": {"impl": "torch"}, "per_block": {"impl": "per_block"}}
+_CEILING_GBPS: dict[tuple, float] = {}
+
+
+@pytest.fixture(scope="module")
+def kv_cache():
+    num_blocks = 2 * max(TOKENS) // BLOCK_SIZE
+    return allocate_kv_cache(MODEL.num_layers, num_blocks, BLOCK_SIZE, MODEL.num_kv_heads,
+                             MODEL.head_dim, torch.bfloat16, device=DEVICE, seed=0)
+
+
+def synchronize() -> None:
+    if CUDA:
+        torch.cuda.synchronize()
+
+
+def contiguous_copy(direction: str, device_buffer: torch.Tensor, host: torch.Tensor):
+    """The ceiling: one bulk copy of the same bytes (device -> host for swap_out)."""
+    if direction == "swap_out":
+        return lambda: host.copy_(device_buffer, non_blocking=True)
+    return lambda: device_buffer.copy_(host, non_blocking=True)
+
+
+def ceiling_gbps(direction: str, device_buffer: torch.Tensor, host: torch.Tensor) -> float:
+    """GB/s of `contiguous_copy`: median of 5 synchronized calls after a warm-up, measured once
+    per direction and size."""
+    key = (direction, host.numel())
+    if key not in _CEILING_GBPS:
+        copy = contiguous_copy(direction, device_buffer, host)
+        copy()
+        synchronize()
+        times_s = []
+        for _ in range(5):
+            start = time.perf_counter()
+            copy()
+            synchronize()
+            times_s.append(time.perf_counter() - start)
+        _CEILING_GBPS[key] = host.numel() * host.element_size() / sorted(times_s)[2] / 1e9
+    return _CEILING_GBPS[key]
+
+
+@pytest.mark.parametrize("num_tokens", TOKENS)
+@pytest.mark.parametrize("impl", IMPLS)
+@pytest.mark.parametrize("direction", ["swap_out", "swap_in"])
+def test_kv_copy(benchmark, timed, kv_cache, direction, impl, num_tokens):
+    if impl.startswith("triton") and triton_unavailable_reason(DEVICE):
+        pytest.skip(triton_unavailable_reason(DEVICE))
+    if impl == "triton" and not CUDA and num_tokens > INTERPRETER_MAX_TOKENS:
+        pytest.skip(f"the Triton interpreter is timed at {INTERPRETER_MAX_TOKENS} tokens only")
+    benchmark.group = f"{direction} {num_tokens} tokens"
+    num_blocks = num_tokens // BLOCK_SIZE
+    ids = torch.randperm(kv_cache.shape[2], generator=torch.Generator().manual_seed(num_tokens))
+    ids = ids[:num_blocks].tolist()  # scattered through the cache, as after fragmentation
+    shape = packed_shape(kv_cache, num_blocks)
+    generator = torch.Generator(device=DEVICE).manual_seed(num_tokens)  # random on the device
+    device_buffer = torch.randn(shape, generator=generator, device=DEVICE, dtype=kv_cache.dtype)
+    host = torch.empty(shape, dtype=kv_cache.dtype, pin_memory=CUDA)
+    host.copy_(torch.randn(shape, generator=generator, device=DEVICE, dtype=kv_cache.dtype))
+
+    if impl == "ceiling":
+        fn = contiguous_copy(direction, device_buffer, host)
+        fn()
+        synchronize()
+        assert torch.equal(host.to(DEVICE), device_buffer)
+    elif direction == "swap_out":
+        fn = lambda: swap_out(kv_cache, ids, host, **OPTIONS[impl])  # noqa: E731
+        fn()
+        synchronize()
+        assert torch.equal(host.to(DEVICE), swap_out_ref(kv_cache, ids))
+    else:
+        fn = lambda: swap_in(host, kv_cache, ids, **OPTIONS[impl])  # noqa: E731
+        expected = swap_in_ref(host, kv_cache, ids)
+        fn()
+        synchronize()
+        assert torch.equal(kv_cache, expected)
+        del expected
+
+    rounds = 3 if impl == "per_block" or (impl == "triton" and not CUDA) else 10
+    seconds = timed(fn, rounds)
+    nbytes = packed_bytes(kv_cache, num_blocks)
+    info = {"impl": impl, "direction": direction, "device": str(DEVICE), "num_tokens": num_tokens,
+            "num_blocks": num_blocks, "block_size": BLOCK_SIZE, "dtype": "bfloat16",
+            "bytes": nbytes}
+    if seconds is not None:
+        ceiling = ceiling_gbps(direction, device_buffer, host)
+        info.update(median_ms=seconds * 1e3, bandwidth_gbps=nbytes / seconds / 1e9,
+                    ceiling_gbps=ceiling, fraction_of_ceiling=nbytes / seconds / 1e9 / ceiling)
+    benchmark.extra_info.update(info)

@@ -1,0 +1,20 @@
+"""Typed host wrappers: shape checks, grids, launches and the choice of implementation.
+
+    swap_out(kv_cache, block_ids, dst=None, impl="auto") -> Tensor
+    swap_in(src, kv_cache, block_ids, impl="auto") -> None
+    prefill_attention(q, k, v, causal=True, sm_scale=None, impl="auto", cu_seqlens=None)
+"""
+
+from kvbench.ops.kv_copy import (
+    COPY_IMPLS,
+    allocate_kv_cache,
+    copy_impls,
+    packed_bytes,
+    packed_shape,
+    swap_in,
+    swap_out,
+)
+from kvbench.ops.prefill_attention import ATTENTION_IMPLS, prefill_attention
+
+__all__ = ["ATTENTION_IMPLS", "COPY_IMPLS", "allocate_kv_cache", "copy_impls", "packed_bytes",
+           "packed_shape", "prefill_attention", "swap_in", "swap_out"]

@@ -1,0 +1,33 @@
+"""Shared test setup: two markers that skip cleanly where a test cannot run.
+
+`gpu` (registered in pyproject.toml): skipped without a CUDA GPU, and under TRITON_INTERPRET=1
+(these tests run the compiled kernels at real sizes: `pytest -m gpu` without the interpreter).
+`interpreter`: runs Triton kernels on CPU tensors; skipped unless Triton is installed and
+TRITON_INTERPRET=1 (`make test` sets it).
+"""
+
+import os
+
+import pytest
+import torch
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "interpreter: runs Triton kernels on CPU tensors "
+                                       "(needs TRITON_INTERPRET=1)")
+
+
+def pytest_collection_modifyitems(config, items):
+    from kvbench.ops.kv_copy import triton_unavailable_reason
+
+    if not torch.cuda.is_available():
+        gpu_reason = "needs a CUDA GPU"
+    elif os.environ.get("TRITON_INTERPRET") == "1":
+        gpu_reason = "runs compiled Triton kernels: unset TRITON_INTERPRET and run pytest -m gpu"
+    else:
+        gpu_reason = None
+    skips = {"gpu": gpu_reason, "interpreter": triton_unavailable_reason("cpu")}
+    for item in items:
+        for marker, reason in skips.items():
+            if reason and marker in item.keywords:
+                item.add_marker(pytest.mark.skip(reason=reason))
