@@ -40,7 +40,8 @@ def geometric_sizes(lo: int, hi: int, count: int) -> list[int]:
 
 # (lo, hi, count) of the token sweeps and the decode grid, per device and mode.
 PLANS = {
-    ("cpu", True): dict(swap=(16, 16384, 10), prefill=(32, 2048, 9),
+    ("cpu", True): dict(swap=(16, 16384, 10), per_block_max_tokens=4096,
+                        prefill=(32, 2048, 9),
                         decode=([1, 4, 16, 32], [256, 1024])),
     ("cpu", False): dict(swap=(16, 65536, 14), prefill=(32, 8192, 13),
                          decode=([1, 2, 4, 8, 16, 32, 64], [256, 1024, 4096])),
