@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup calibrate test bench bench-save bench-compare report clean
+.PHONY: setup calibrate test test-gpu bench bench-check bench-save bench-compare report clean
 
 setup: $(STAMP)
 
@@ -22,6 +22,32 @@ calibrate: $(STAMP)
 
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q
+
+# GPU tests run the compiled kernels: no interpreter (they skip cleanly without a GPU).
+test-gpu: $(STAMP)
+	$(BIN)/python -m pytest -q -m gpu
+
+# Benchmarks: never in `make test`. Baselines live in results/benchmarks/<machine-slug>/ (the
+# slug names the CPU model or the GPU; pytest-benchmark's own machine id does not name the GPU).
+BENCH_DIR = results/benchmarks/$(shell $(BIN)/kvbench machine --slug)
+BENCH = $(BIN)/python -m pytest benchmarks -q --benchmark-storage=file://$(BENCH_DIR) \
+	--benchmark-columns=median,iqr,rounds --benchmark-sort=name
+
+bench: $(STAMP)
+	$(BENCH)
+
+bench-save: $(STAMP)
+	$(BENCH) --benchmark-save=$(shell git rev-parse --short HEAD)
+
+bench-compare: $(STAMP)
+	$(BENCH) --benchmark-compare --benchmark-compare-fail=median:10%
+
+# CI: every benchmark once, as a test (checks each op against its reference, no timing).
+bench-check: $(STAMP)
+	TRITON_INTERPRET=1 $(BIN)/python -m pytest benchmarks -q --benchmark-disable
+
+report: $(STAMP)
+	$(BIN)/kvbench report
 
 clean:
 	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks

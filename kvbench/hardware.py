@@ -112,12 +112,20 @@ def slugify(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
+def fingerprint_slug(env: dict) -> str:
+    """Short file-name-safe machine name from a fingerprint: 'nvidia-h100-80gb-hbm3' for a GPU,
+    'cpu-<model>-<cores>c' for a CPU, the device name for an analytic profile."""
+    if env.get("device") != "cpu":
+        return slugify(str(env.get("device_name")))
+    model = re.sub(r"\((r|tm)\)|cpu|processor|@.*$", "", str(env.get("cpu_model")),
+                   flags=re.IGNORECASE)
+    return f"cpu-{slugify(model)}-{env.get('cpu_count')}c"
+
+
 def device_slug(device: str) -> str:
-    """Short file-name-safe name: 'nvidia-h100-80gb-hbm3' or 'cpu-<model>-<cores>c'."""
-    if device == "cuda":
-        return slugify(device_name(device))
-    model = re.sub(r"\((r|tm)\)|cpu|processor|@.*$", "", cpu_model(), flags=re.IGNORECASE)
-    return f"cpu-{slugify(model)}-{os.cpu_count()}c"
+    """`fingerprint_slug` of this machine's `device`."""
+    return fingerprint_slug({"device": device, "device_name": device_name(device),
+                             "cpu_model": cpu_model(), "cpu_count": os.cpu_count()})
 
 
 def git_commit() -> str | None:

@@ -1,0 +1,147 @@
+"""`kvbench report`: regenerate results/README.md from the committed baselines and profiles.
+
+Inputs: `results/benchmarks/<machine-slug>/**/NNNN_*.json` (pytest-benchmark saves; the latest
+per slug is reported) and `results/profiles/*.json` (from `kvbench calibrate`). One section per
+device: headline tables and the profile plots. Nothing here measures; it only reads files.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+from kvbench.hardware import fingerprint_slug
+from kvbench.profile import Profile, ProfileError, load, write_atomic
+
+
+def latest_baselines(bench_dir: Path) -> dict[str, dict]:
+    """slug -> the newest pytest-benchmark JSON saved under results/benchmarks/<slug>/."""
+    found = {}
+    for slug_dir in sorted(p for p in bench_dir.glob("*") if p.is_dir()):
+        runs = sorted(slug_dir.rglob("*.json"), key=lambda p: p.name)
+        if runs:
+            data = json.loads(runs[-1].read_text())
+            data["_path"] = runs[-1]
+            found[slug_dir.name] = data
+    return found
+
+
+def load_profiles(profile_dir: Path) -> dict[str, list[tuple[Path, Profile]]]:
+    """slug -> measured profiles (samples files and unreadable files are skipped)."""
+    by_slug = defaultdict(list)
+    for path in sorted(profile_dir.glob("*.json")):
+        if path.name.endswith(".samples.json"):
+            continue
+        try:
+            prof = load(path)
+        except ProfileError:
+            continue
+        by_slug[fingerprint_slug(prof.environment)].append((path, prof))
+    return by_slug
+
+
+def _table(header: list[str], rows: list[list]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return lines + [""]
+
+
+def _fmt(value, spec: str = ".3g") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def profile_section(profiles: list[tuple[Path, Profile]], out_dir: Path) -> list[str]:
+    rows, plots = [], []
+    for path, p in profiles:
+        s, r = p.swap, p.recompute
+        rows.append([
+            f"[{p.model.name}]({path.relative_to(out_dir).as_posix()})", p.dtype,
+            p.environment.get("commit") or "n/a", p.created_at[:10], s.impl or "n/a",
+            _fmt(s.fixed_ms), _fmt(s.ms_per_token), _fmt(s.ms_per_block),
+            _fmt(r.fixed_ms), _fmt(r.ms_per_token), _fmt(r.ms_per_token_sq),
+            f"{_fmt(s.fit.r2, '.4f')} / {_fmt(r.fit.r2, '.4f')}",
+            f"{_fmt(100 * (s.fit.heldout_mape or 0), '.1f')}% / "
+            f"{_fmt(100 * (r.fit.heldout_mape or 0), '.1f')}%",
+            p.crossover_tokens or "none"])
+        png = path.with_suffix(".png")
+        if png.exists():
+            plots.append(f"![{p.model.name}]({png.relative_to(out_dir).as_posix()})")
+    header = ["model", "dtype", "commit", "date", "swap impl", "swap fixed ms",
+              "swap ms/token", "swap ms/block", "recompute fixed ms", "recompute ms/token",
+              "recompute ms/token²", "R² swap / recompute", "held-out swap / recompute",
+              "crossover tokens"]
+    return ["### Calibrated profiles", ""] + _table(header, rows) + plots + [""]
+
+
+def benchmark_section(data: dict, out_dir: Path) -> list[str]:
+    benches = data["benchmarks"]
+    commit = data.get("commit_info", {}).get("id", "")[:7] or "n/a"
+    cpu = data.get("machine_info", {}).get("cpu", {}).get("brand_raw", "n/a")
+    lines = [f"### Benchmarks ([{data['_path'].name}]"
+             f"({data['_path'].relative_to(out_dir).as_posix()}))", "",
+             f"Run {data.get('datetime', 'n/a')[:19]} at commit {commit}; CPU {cpu}.", ""]
+
+    def median_ms(bench: dict) -> str:
+        return f"{1e3 * bench['stats']['median']:.4g}"
+
+    copies = [b for b in benches if b["name"].startswith("test_kv_copy")]
+    if copies:
+        lines += ["KV swap copy (bytes each way over median time; ceiling: one contiguous copy of "
+                  "the same bytes):", ""]
+        lines += _table(["direction", "num_tokens", "block_size", "impl", "median_ms",
+                         "bandwidth_gbps", "of ceiling"], [
+            [b["extra_info"]["direction"], b["extra_info"]["num_tokens"],
+             b["extra_info"]["block_size"], b["extra_info"]["impl"], median_ms(b),
+             f"{b['extra_info'].get('bandwidth_gbps', 0):.2f}",
+             f"{100 * b['extra_info'].get('fraction_of_ceiling', 0):.0f}%"] for b in copies])
+    attn = [b for b in benches if b["name"].startswith("test_prefill_attention")]
+    if attn:
+        lines += ["Causal prefill attention (FLOPs = 2·n²·Hq·d):", ""]
+        lines += _table(["num_tokens", "impl", "median_ms", "tflop_per_s"], [
+            [b["extra_info"]["num_tokens"], b["extra_info"]["impl"],
+             median_ms(b), f"{b['extra_info'].get('tflop_per_s', 0):.3g}"] for b in attn])
+    sel = [b for b in benches if b["group"] and b["group"].startswith("selector")]
+    if sel:
+        lines += ["Selector:", ""]
+        lines += _table(["group", "name", "median_ms"], [
+            [b["group"], b["name"], median_ms(b)] for b in sel])
+    sim = [b for b in benches if b["name"].startswith("test_replay")]
+    if sim:
+        lines += ["Simulator (whole Azure conversation trace):", ""]
+        lines += _table(["policy", "wall_s", "simulated requests per wall s", "preemptions"], [
+            [b["param"], f"{b['extra_info'].get('wall_s', 0):.2f}",
+             f"{b['extra_info'].get('requests_per_wall_s', 0):,.0f}",
+             b["extra_info"].get("preemptions", "n/a")] for b in sim])
+    fits = [b for b in benches if b["group"] == "calibration fits"]
+    if fits:
+        lines += ["Calibration fits:", ""]
+        lines += _table(["name", "median_us"], [
+            [b["name"], f"{1e6 * b['stats']['median']:.3g}"] for b in fits])
+    return lines
+
+
+def build_report(results_dir: Path) -> str:
+    baselines = latest_baselines(results_dir / "benchmarks")
+    profiles = load_profiles(results_dir / "profiles")
+    lines = ["# kvbench results", "",
+             "Generated by `kvbench report` from the committed baselines "
+             "(`results/benchmarks/<machine>/`) and profiles (`results/profiles/`); do not edit "
+             "by hand. Every number below was measured on the machine its section names.", ""]
+    for slug in sorted(set(baselines) | set(profiles)):
+        lines += [f"## {slug}", ""]
+        if slug in profiles:
+            env = profiles[slug][0][1].environment
+            lines += [f"{env.get('device_name')}; torch {env.get('torch')}, triton "
+                      f"{env.get('triton')}, CUDA {env.get('cuda') or 'n/a'}.", ""]
+            lines += profile_section(profiles[slug], results_dir)
+        if slug in baselines:
+            lines += benchmark_section(baselines[slug], results_dir)
+    if not baselines and not profiles:
+        lines += ["Nothing measured yet: run `make calibrate` and `make bench-save`.", ""]
+    return "\n".join(lines)
+
+
+def write_report(results_dir: str | Path = "results") -> Path:
+    results_dir = Path(results_dir)
+    return write_atomic(results_dir / "README.md", build_report(results_dir))
