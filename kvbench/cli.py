@@ -14,7 +14,14 @@ from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from kvbench import __version__
-from kvbench.hardware import HARDWARE, device_slug, get_hardware, resolve_device, slugify
+from kvbench.hardware import (
+    HARDWARE,
+    device_slug,
+    fingerprint,
+    get_hardware,
+    resolve_device,
+    slugify,
+)
 from kvbench.models import MODELS, from_hf_config, get_model
 from kvbench.profile import Profile, analytic_profile, load, save, write_atomic
 from kvbench.selector import select_preemption_strategy
@@ -298,6 +305,223 @@ def validate_cmd(
     out.print(table)
     out.print(f"decision agreement: {100 * report.agreement:.0f}%; prediction error: swap "
               f"{100 * report.swap_mape:.1f}%, recompute {100 * report.recompute_mape:.1f}%")
+
+
+# ---------------------------------------------------------------------------------------------
+# Scheduler simulator (kvbench.sim): thin commands over kvbench.sim and kvbench.sim.study
+
+SIM_TRACE = typer.Option(None, "--trace", help="Trace CSV: Azure 2023 (TIMESTAMP, ContextTokens, "
+                         "GeneratedTokens) or arrival_s, prompt_tokens, output_tokens[, "
+                         "max_tokens].")
+SIM_SYNTHETIC = typer.Option(None, "--synthetic", help="Synthetic mix instead, e.g. 'requests="
+                             "500,rate=8,arrivals=gamma,cv=2,long-prompt=0.3,long-output=0.2'.")
+SIM_PROFILE = typer.Option(None, "--profile", help="Profile JSON (calibrated costs).")
+SIM_MODEL = typer.Option(None, "--model", help="Model preset for analytic costs (default "
+                         "llama-2-7b).")
+SIM_HARDWARE = typer.Option("h100-sxm", "--hardware", help="Hardware preset for analytic costs.")
+SIM_NUM_REQUESTS = typer.Option(None, "--num-requests", min=1,
+                                help="Only the first N requests.")
+SIM_MAX_TOKENS = typer.Option(None, "--max-tokens", min=1, help="Generation limit of every "
+                              "request (default: the trace's longest output).")
+SIM_GPU_BLOCKS = typer.Option(None, "--gpu-blocks", min=1, help="KV blocks on the GPU (default: "
+                              "from --gpu-memory-gib x 0.9 minus the weights).")
+SIM_GPU_MEMORY = typer.Option(None, "--gpu-memory-gib", min=0.0, help="GPU memory, GiB "
+                              "(default: the hardware preset's, 80 for an H100).")
+SIM_CPU_SWAP = typer.Option(4.0, "--cpu-swap-gib", min=0.0, help="CPU swap space, GiB.")
+SIM_SEED = typer.Option(0, "--seed", help="Seed of synthetic workloads and noisy predictions.")
+SIM_JSON = typer.Option(False, "--json", help="Print the summary as JSON.")
+
+
+def _sim_inputs(trace, synthetic, profile, model, hardware, rate_scale, num_requests,
+                max_tokens, seed):
+    """The workload and the profile (calibrated, or analytic for the model) of a sim command."""
+    from kvbench.sim.engine import SimConfig
+    from kvbench.sim.workloads import load_workload
+
+    if profile is not None and model is not None:
+        raise ValueError("give either --profile or --model, not both: a profile names its model")
+    workload = load_workload(trace, synthetic, rate_scale, num_requests, max_tokens, seed)
+    prof = resolve_profile(profile, None if profile else model or SimConfig.model, hardware,
+                           16, None, 1)
+    return workload, prof
+
+
+def _sim_progress(label: str, unit: str) -> Progress:
+    return Progress(SpinnerColumn(), TextColumn(label),
+                    TextColumn("{task.completed}/{task.total} " + unit), TimeElapsedColumn(),
+                    console=err, transient=True, disable=not err.is_terminal)
+
+
+@app.command("simulate")
+@user_errors
+def simulate_cmd(
+    trace: Optional[Path] = SIM_TRACE,
+    synthetic: Optional[str] = SIM_SYNTHETIC,
+    profile: Optional[Path] = SIM_PROFILE,
+    model: Optional[str] = SIM_MODEL,
+    hardware: str = SIM_HARDWARE,
+    admission: str = typer.Option("fcfs", help="fcfs, reserve-max or future-kv."),
+    victim: str = typer.Option("lifo", help="lifo, lcf or cost-aware."),
+    preemption: str = typer.Option("recompute", help="recompute, swap or selector."),
+    predictor: str = typer.Option("oracle", help="oracle, noisy, history or max."),
+    rate_scale: float = typer.Option(1.0, help="Replay the trace this many times faster."),
+    num_requests: Optional[int] = SIM_NUM_REQUESTS,
+    max_tokens: Optional[int] = SIM_MAX_TOKENS,
+    gpu_blocks: Optional[int] = SIM_GPU_BLOCKS,
+    gpu_memory_gib: Optional[float] = SIM_GPU_MEMORY,
+    cpu_swap_gib: float = SIM_CPU_SWAP,
+    headroom: float = typer.Option(0.0, help="future-kv: fraction of the cache kept free."),
+    max_long_requests: Optional[int] = typer.Option(
+        None, min=0, help="future-kv: at most this many requests predicted to generate 512+ "
+        "tokens at once."),
+    noise_sigma: float = typer.Option(0.5, help="noisy: sigma of the log-normal error."),
+    history_quantile: float = typer.Option(0.5, help="history: quantile of recent outputs."),
+    seed: int = SIM_SEED,
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Write summary.json, summary.csv,"
+                                           " requests.csv, timeline.csv and run.png here."),
+    as_json: bool = SIM_JSON,
+) -> None:
+    """Simulate one serving replica under one scheduling policy."""
+    from kvbench.sim.engine import SimConfig, simulate
+    from kvbench.sim.metrics import summarize, write_results
+    from kvbench.sim.plots import plot_run
+
+    workload, prof = _sim_inputs(trace, synthetic, profile, model, hardware, rate_scale,
+                                 num_requests, max_tokens, seed)
+    config = SimConfig(admission=admission, victim=victim, preemption=preemption,
+                       predictor=predictor, model=prof.model.name, hardware=hardware,
+                       gpu_blocks=gpu_blocks, gpu_memory_gib=gpu_memory_gib,
+                       cpu_swap_gib=cpu_swap_gib, headroom_fraction=headroom,
+                       max_long_requests=max_long_requests, noise_sigma=noise_sigma,
+                       history_quantile=history_quantile, seed=seed)
+    with _sim_progress(config.policy_name, "requests") as progress:
+        task = progress.add_task("simulate", total=workload.num_requests)
+        result = simulate(workload, config, prof,
+                          progress=lambda done: progress.update(task, completed=done))
+    summary = summarize(result)
+    if out_dir is not None:
+        write_results(result, out_dir, summary)
+        plot_run(result, out_dir / "run.png")
+    if as_json:
+        print(json.dumps(summary))
+        return
+    s = summary
+    out.print(f"policy: {s['policy']}")
+    out.print(f"workload: {s['workload']} ({s['requests']} requests)")
+    out.print(f"model: {s['model']} ({s['profile_source']} costs); {s['gpu_blocks']} GPU blocks, "
+              f"{s['cpu_swap_blocks']} CPU swap blocks of {s['kv_block_bytes'] / 2**20:.2f} MiB")
+    out.print(f"completed: {s['completed']} ({s['rejected']} rejected, {s['unfinished']} "
+              "unfinished)")
+    out.print(f"preemptions: {s['preemptions']} ({s['swap_preemptions']} swapped, "
+              f"{s['recompute_preemptions']} recomputed) of {s['preempted_requests']} requests")
+    out.print(f"recompute_fraction: {100 * s['recompute_fraction']:.3f}% of FLOPs "
+              f"({s['recompute_tokens']} tokens recomputed)")
+    out.print(f"throughput_tokens_per_s: {s['throughput_tokens_per_s']:.1f} over "
+              f"{s['makespan_s']:.1f} s")
+    out.print(f"gpu_utilization: {100 * s['gpu_utilization']:.1f}% busy, "
+              f"{100 * s['useful_utilization']:.1f}% useful (ceiling 100%)")
+    for name, unit in (("ttft", "s"), ("tpot", "ms"), ("tpot_div_n", "ms"), ("e2e", "s")):
+        values = [s[f"{name}_{k}_{unit}"] for k in ("p50", "p90", "p99")]
+        out.print(f"{name}_{unit}: " + ("n/a" if values[0] is None else
+                                        " ".join(f"p{p} {v:.4g}" for p, v in
+                                                 zip((50, 90, 99), values))))
+    out.print(f"max_kv_blocks_used: {s['max_kv_blocks_used']} of {s['gpu_blocks']}")
+    if s["livelock"]:
+        out.print(f"livelock: {s['livelock']['reason']}")
+    if s["rejected"]:
+        first = next(iter(s["rejections"].items()))
+        out.print(f"rejected: request {first[0]}: {first[1]}")
+    if out_dir is not None:
+        out.print(f"wrote: {out_dir}/")
+
+
+@app.command("compare-policies")
+@user_errors
+def compare_policies_cmd(
+    trace: Optional[Path] = SIM_TRACE,
+    synthetic: Optional[str] = SIM_SYNTHETIC,
+    policies: Optional[str] = typer.Option(None, help="Comma-separated admission/victim/"
+                                           "preemption/predictor (default: the study's ten)."),
+    profile: Optional[Path] = SIM_PROFILE,
+    model: Optional[str] = SIM_MODEL,
+    hardware: str = SIM_HARDWARE,
+    rate_scale: Optional[float] = typer.Option(
+        None, help="Replay the trace this many times faster (default 1; 2 for the default "
+        "Azure trace)."),
+    num_requests: Optional[int] = SIM_NUM_REQUESTS,
+    max_tokens: Optional[int] = SIM_MAX_TOKENS,
+    gpu_blocks: Optional[int] = SIM_GPU_BLOCKS,
+    gpu_memory_gib: Optional[float] = SIM_GPU_MEMORY,
+    cpu_swap_gib: float = SIM_CPU_SWAP,
+    seed: int = SIM_SEED,
+    jobs: int = typer.Option(1, min=1, help="Policies simulated in parallel processes."),
+    out_dir: Path = typer.Option(Path("sim-compare"), "--out", help="Where compare.json, "
+                                 "compare.csv and compare.png go."),
+    as_json: bool = SIM_JSON,
+) -> None:
+    """Run a matrix of policies on one workload (default: the shared Azure 2023 trace)."""
+    from kvbench.sim.engine import SimConfig
+    from kvbench.sim.metrics import summarize
+    from kvbench.sim.study import (
+        STUDY_POLICIES,
+        STUDY_RATE_SCALE,
+        compare_policies,
+        comparison_rows,
+        write_comparison,
+    )
+    from kvbench.sim.workloads import AZURE_CONV_TRACE
+
+    if trace is None and synthetic is None:
+        trace, rate_scale = AZURE_CONV_TRACE, rate_scale or STUDY_RATE_SCALE
+    workload, prof = _sim_inputs(trace, synthetic, profile, model, hardware, rate_scale or 1.0,
+                                 num_requests, max_tokens, seed)
+    names = [p.strip() for p in policies.split(",") if p.strip()] if policies else STUDY_POLICIES
+    base = SimConfig(model=prof.model.name, hardware=hardware, gpu_blocks=gpu_blocks,
+                     gpu_memory_gib=gpu_memory_gib, cpu_swap_gib=cpu_swap_gib, seed=seed)
+    with _sim_progress("compare-policies", "policies") as progress:
+        task = progress.add_task("compare", total=len(names))
+        results = compare_policies(workload, names, base, prof, jobs,
+                                   on_result=lambda _: progress.advance(task))
+    summaries = [summarize(r) for r in results]
+    write_comparison(results, summaries, out_dir)
+    rows = comparison_rows(summaries)
+    if as_json:
+        print(json.dumps(rows))
+        return
+    table = Table(title=f"{results[0].workload['name']} · {results[0].model} · "
+                        f"{summaries[0]['gpu_blocks']} GPU blocks")
+    headers = {"policy": "policy", "preemptions": "preempt", "preempted_requests": "reqs",
+               "preemptions_removed_pct": "removed%", "recompute_fraction_pct": "recomp%",
+               "throughput_tokens_per_s": "tok/s", "throughput_change_pct": "Δtok/s%",
+               "useful_utilization": "useful", "ttft_p50_s": "TTFT50 s",
+               "ttft_p99_s": "TTFT99 s", "tpot_p50_ms": "TPOT50 ms", "e2e_p99_s": "E2E99 s"}
+    for col in rows[0]:
+        table.add_column(headers[col], justify="left" if col == "policy" else "right",
+                         no_wrap=True)
+    for row in rows:
+        table.add_row(*("n/a" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+                        for v in row.values()))
+    out.print(table)
+    out.print(f"wrote: {out_dir}/compare.json, compare.csv, compare.png")
+
+@app.command("report")
+@user_errors
+def report_cmd(results: Path = typer.Option(Path("results"), help="Results folder.")) -> None:
+    """Regenerate results/README.md from the committed baselines and profiles."""
+    from kvbench.report import write_report
+
+    out.print(f"wrote {write_report(results)}")
+
+
+@app.command("machine")
+@user_errors
+def machine_cmd(
+    device: str = typer.Option("auto", help="auto, cuda or cpu."),
+    slug: bool = typer.Option(False, "--slug", help="Print only the file-name-safe name."),
+) -> None:
+    """Print this machine's fingerprint (device, driver, versions, commit) as JSON."""
+    dev = resolve_device(device)
+    print(device_slug(dev) if slug else json.dumps(fingerprint(dev), indent=2))
 
 
 def main() -> None:

@@ -1,0 +1,173 @@
+"""Per-request and aggregate metrics of a simulation, written as JSON and CSV.
+
+Latencies per completed request (n output tokens):
+
+* ttft_s   first token time - arrival;
+* tpot_ms  (e2e - ttft) / (n - 1), vLLM's benchmark convention (requests with n > 1 only);
+* tpot_div_n_ms (e2e - ttft) / n, the other convention (every request);
+* e2e_s    finish - arrival.
+
+Aggregates: p50/p90/p99 and mean of each; `throughput_tokens_per_s` (output tokens of completed
+requests per second of makespan, the time from the first arrival to the end of the run);
+`gpu_utilization` (busy time / makespan) and `useful_utilization` (busy time without
+recomputation and swap transfers / makespan); `recompute_fraction` (FLOPs spent recomputing
+dropped KV / all FLOPs). Per request: `preemption_frequency` (preemptions per output token),
+`recompute_tokens`, `wasted_flops` (FLOPs of its recomputation) and `swapped_bytes` (KV bytes
+moved between GPU and CPU, both directions).
+"""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+
+from kvbench.profile import write_atomic
+from kvbench.sim.engine import SimResult
+from kvbench.sim.requests import FINISHED, STATE_NAMES
+
+PERCENTILES = (50, 90, 99)
+LATENCIES = ("ttft_s", "tpot_ms", "tpot_div_n_ms", "e2e_s")
+NESTED_KEYS = ("livelock", "rejections")
+SUMMARY_FILE, SUMMARY_CSV, REQUESTS_CSV, TIMELINE_CSV = (
+    "summary.json", "summary.csv", "requests.csv", "timeline.csv")
+
+
+def request_metrics(result: SimResult) -> dict[str, np.ndarray]:
+    """One array per column, indexed by request id (NaN where a value does not exist)."""
+    req = result.requests
+    n = req.output_tokens
+    ttft_s = req.first_token_s - req.arrival_s
+    e2e_s = req.finish_s - req.arrival_s
+    decode_s = e2e_s - ttft_s
+    with np.errstate(invalid="ignore", divide="ignore"):
+        tpot_ms = np.where(n > 1, decode_s * 1e3 / (n - 1), np.nan)
+    return {
+        "request_id": np.arange(req.size),
+        "status": np.array(STATE_NAMES, dtype=object)[req.state],
+        "arrival_s": req.arrival_s,
+        "prompt_tokens": req.prompt_tokens,
+        "output_tokens": n,
+        "max_tokens": req.max_tokens,
+        "predicted_output_tokens": req.predicted_output_tokens,
+        "generated_tokens": req.generated_tokens,
+        "first_token_s": req.first_token_s,
+        "finish_s": req.finish_s,
+        "ttft_s": ttft_s,
+        "tpot_ms": tpot_ms,
+        "tpot_div_n_ms": decode_s * 1e3 / n,
+        "e2e_s": e2e_s,
+        "num_preemptions": req.num_preemptions,
+        "preemption_frequency": req.num_preemptions / n,
+        "num_swaps": req.num_swaps,
+        "recompute_tokens": req.recompute_tokens,
+        "wasted_flops": req.wasted_flops,
+        "swapped_bytes": req.swapped_bytes,
+        "reject_reason": np.array([req.reject_reason.get(i, "") for i in range(req.size)],
+                                  dtype=object),
+    }
+
+
+def _stats(name: str, values: np.ndarray) -> dict[str, float | None]:
+    values = values[np.isfinite(values)]
+    stem, unit = name.rsplit("_", 1)
+    if not values.size:
+        return {f"{stem}_{key}_{unit}": None for key in ("mean", *[f"p{p}" for p in PERCENTILES])}
+    out = {f"{stem}_mean_{unit}": float(values.mean())}
+    for p, value in zip(PERCENTILES, np.percentile(values, PERCENTILES)):
+        out[f"{stem}_p{p}_{unit}"] = float(value)
+    return out
+
+
+def summarize(result: SimResult) -> dict:
+    """The aggregate summary: a flat dict of plain values (JSON-ready)."""
+    req = result.requests
+    per_request = request_metrics(result)
+    done = req.state == FINISHED
+    makespan_s = result.end_s
+    output_tokens = int(req.output_tokens[done].sum())
+    preemptions = int(req.num_preemptions.sum())
+    swaps = int(req.num_swaps.sum())
+    busy_s = result.busy_ms / 1e3
+    useful_s = (result.busy_ms - result.recompute_ms - result.swap_ms) / 1e3
+    summary = {
+        "policy": result.config.policy_name,
+        "admission": result.config.admission,
+        "victim": result.config.victim,
+        "preemption": result.config.preemption,
+        "predictor": result.config.predictor,
+        "workload": result.workload["name"],
+        "model": result.model,
+        "profile_source": result.profile_source,
+        "requests": int(req.size),
+        "completed": int(done.sum()),
+        "rejected": len(req.reject_reason),
+        "unfinished": int(req.size - done.sum() - len(req.reject_reason)),
+        "preemptions": preemptions,
+        "preempted_requests": int(np.count_nonzero(req.num_preemptions)),
+        "swap_preemptions": swaps,
+        "recompute_preemptions": preemptions - swaps,
+        "recompute_tokens": int(req.recompute_tokens.sum()),
+        "recompute_fraction": result.recompute_flops / result.flops if result.flops else 0.0,
+        "wasted_flops": result.recompute_flops,
+        "total_flops": result.flops,
+        "swapped_bytes": float(req.swapped_bytes.sum()),
+        "throughput_tokens_per_s": output_tokens / makespan_s if makespan_s else 0.0,
+        "throughput_requests_per_s": int(done.sum()) / makespan_s if makespan_s else 0.0,
+        "makespan_s": makespan_s,
+        "busy_s": busy_s,
+        "recompute_s": result.recompute_ms / 1e3,
+        "swap_s": result.swap_ms / 1e3,
+        "gpu_utilization": busy_s / makespan_s if makespan_s else 0.0,
+        "useful_utilization": useful_s / makespan_s if makespan_s else 0.0,
+        "max_kv_blocks_used": result.max_kv_blocks_used,
+        "gpu_blocks": result.num_gpu_blocks,
+        "cpu_swap_blocks": result.num_cpu_blocks,
+        "kv_block_bytes": result.block_bytes,
+        "steps": result.steps,
+    }
+    for name in LATENCIES:
+        summary.update(_stats(name, per_request[name][done]))
+    summary["livelock"] = result.livelock
+    summary["rejections"] = dict(list(req.reject_reason.items())[:10])
+    return summary
+
+
+def _cell(value) -> str:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else repr(value)
+    return str(value)
+
+
+def csv_text(columns: dict[str, np.ndarray | list]) -> str:
+    buf = io.StringIO()
+    writer = csv.writer(buf, lineterminator="\n")
+    writer.writerow(columns)
+    writer.writerows(zip(*[[_cell(v) for v in np.asarray(col).tolist()]
+                           for col in columns.values()]))
+    return buf.getvalue()
+
+
+def scalar_columns(summaries: list[dict]) -> dict[str, list]:
+    """Summaries as CSV columns: scalars only (livelock and rejections stay in the JSON)."""
+    keys = [k for k in summaries[0] if k not in NESTED_KEYS]
+    return {k: [s[k] if s[k] is not None else float("nan") for s in summaries] for k in keys}
+
+
+def write_results(result: SimResult, out_dir: str | Path, summary: dict | None = None) -> Path:
+    """summary.json, summary.csv, requests.csv and timeline.csv in `out_dir`."""
+    out_dir = Path(out_dir)
+    summary = summary if summary is not None else summarize(result)
+    document = {"summary": summary, "config": result.config.to_dict(),
+                "workload": result.workload}
+    write_atomic(out_dir / SUMMARY_FILE, json.dumps(document, indent=2) + "\n")
+    write_atomic(out_dir / SUMMARY_CSV, csv_text(scalar_columns([summary])))
+    write_atomic(out_dir / REQUESTS_CSV, csv_text(request_metrics(result)))
+    write_atomic(out_dir / TIMELINE_CSV, csv_text({
+        "time_s": result.timeline_s, "kv_blocks_used": result.timeline_kv_blocks,
+        "running_requests": result.timeline_running}))
+    return out_dir

@@ -1,0 +1,57 @@
+"""Requests as a struct of arrays: one numpy array per attribute, indexed by request id.
+
+Token bookkeeping follows vLLM V1: a request's `known` tokens are its prompt plus the tokens it
+has generated; `computed_tokens` of them have their KV in the cache (on the GPU, or on the CPU
+while swapped). A step schedules `known - computed` tokens or a chunk of them; when all known
+tokens are computed the step samples one new token. A recompute preemption drops the KV
+(`computed_tokens = 0`), and the resumed request prefills prompt and generated tokens again.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kvbench.sim.workloads import Workload
+
+PENDING, WAITING, RUNNING, SWAPPED, FINISHED, REJECTED = range(6)
+STATE_NAMES = ("pending", "waiting", "running", "swapped", "finished", "rejected")
+
+
+def cdiv(a, b):
+    """Ceiling division for ints or int arrays."""
+    return -(-a // b)
+
+
+class RequestTable:
+    """All per-request state of one simulation (see the module docstring)."""
+
+    def __init__(self, workload: Workload) -> None:
+        n = workload.num_requests
+        self.size = n
+        self.arrival_s = workload.arrival_s
+        self.prompt_tokens = workload.prompt_tokens
+        self.output_tokens = workload.output_tokens
+        self.max_tokens = workload.max_tokens
+        self.state = np.full(n, PENDING, dtype=np.int8)
+        self.generated_tokens = np.zeros(n, dtype=np.int64)
+        self.computed_tokens = np.zeros(n, dtype=np.int64)
+        self.gpu_blocks = np.zeros(n, dtype=np.int64)
+        self.cpu_blocks = np.zeros(n, dtype=np.int64)
+        self.predicted_output_tokens = np.zeros(n, dtype=np.int64)
+        # Tokens whose KV a recompute preemption threw away: computing them again is waste.
+        self.recompute_target_tokens = np.zeros(n, dtype=np.int64)
+        self.first_token_s = np.full(n, np.nan)
+        self.finish_s = np.full(n, np.nan)
+        self.num_preemptions = np.zeros(n, dtype=np.int64)
+        self.num_swaps = np.zeros(n, dtype=np.int64)
+        self.recompute_tokens = np.zeros(n, dtype=np.int64)
+        self.wasted_flops = np.zeros(n)
+        self.swapped_bytes = np.zeros(n)
+        self.reject_reason: dict[int, str] = {}
+
+    def known_tokens(self, ids):
+        return self.prompt_tokens[ids] + self.generated_tokens[ids]
+
+    def predicted_remaining_tokens(self, ids):
+        """Tokens still to generate by the prediction, at least 1 for an unfinished request."""
+        return np.maximum(self.predicted_output_tokens[ids] - self.generated_tokens[ids], 1)

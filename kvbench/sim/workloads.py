@@ -1,0 +1,316 @@
+"""Workloads for the simulator: seeded synthetic mixes and trace replay from CSV.
+
+A `Workload` is four arrays indexed by request id, sorted by arrival: `arrival_s` (seconds from
+the first arrival), `prompt_tokens`, `output_tokens` (what the request will generate) and
+`max_tokens` (its generation limit, never below `output_tokens`; the `max` predictor and the
+`reserve-max` admission use it).
+
+Two CSV schemas are read, recognised by their header:
+
+* Azure LLM inference trace 2023: `TIMESTAMP, ContextTokens, GeneratedTokens` (wall-clock
+  timestamps such as `2023-11-16 18:15:46.6805900`);
+* plain: `arrival_s, prompt_tokens, output_tokens` and optionally `max_tokens`.
+
+`rate_scale` divides the time axis (2.0 replays the trace twice as fast: twice the load).
+"""
+
+from __future__ import annotations
+
+import csv
+import dataclasses
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
+PLAIN_COLUMNS = ("arrival_s", "prompt_tokens", "output_tokens")
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+AZURE_CONV_TRACE = PROJECT_ROOT.parent / "shared" / "data" / "traces" / "azure_llm_2023_conv.csv"
+
+
+class WorkloadError(ValueError):
+    """A workload that cannot be built; the message names the file, row and column."""
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    arrival_s: np.ndarray
+    prompt_tokens: np.ndarray
+    output_tokens: np.ndarray
+    max_tokens: np.ndarray
+
+    def __post_init__(self) -> None:
+        n = self.arrival_s.size
+        for field in ("prompt_tokens", "output_tokens", "max_tokens"):
+            if getattr(self, field).size != n:
+                raise WorkloadError(f"workload {self.name}: {field} has "
+                                    f"{getattr(self, field).size} entries, arrival_s has {n}")
+        if n == 0:
+            raise WorkloadError(f"workload {self.name}: no requests")
+        if np.any(np.diff(self.arrival_s) < 0):
+            raise WorkloadError(f"workload {self.name}: arrivals must be sorted")
+        if np.any(self.prompt_tokens < 1) or np.any(self.output_tokens < 1):
+            raise WorkloadError(f"workload {self.name}: every request needs at least one prompt "
+                                "and one output token")
+        if np.any(self.max_tokens < self.output_tokens):
+            raise WorkloadError(f"workload {self.name}: max_tokens below output_tokens")
+
+    @property
+    def num_requests(self) -> int:
+        return int(self.arrival_s.size)
+
+    @property
+    def duration_s(self) -> float:
+        """From the first arrival to the last."""
+        return float(self.arrival_s[-1] - self.arrival_s[0])
+
+    def describe(self) -> dict:
+        return {"name": self.name, "num_requests": self.num_requests,
+                "duration_s": self.duration_s,
+                "arrival_rate_per_s": (self.num_requests / self.duration_s if self.duration_s
+                                       else None),
+                "mean_prompt_tokens": float(self.prompt_tokens.mean()),
+                "mean_output_tokens": float(self.output_tokens.mean())}
+
+
+def _workload(name: str, arrival_s, prompt, output, max_tokens=None) -> Workload:
+    """At least one request, sorted by arrival (stable), the first arriving at 0; max_tokens
+    defaults to the longest output."""
+    arrival_s = np.asarray(arrival_s, dtype=np.float64)
+    order = np.argsort(arrival_s, kind="stable")
+    arrival_s = arrival_s[order]
+    output = np.asarray(output, dtype=np.int64)[order]
+    max_tokens = (np.full(output.size, output.max()) if max_tokens is None
+                  else np.asarray(max_tokens, dtype=np.int64)[order])
+    return Workload(name, arrival_s - arrival_s[0], np.asarray(prompt, dtype=np.int64)[order],
+                    output, max_tokens)
+
+
+# ---------------------------------------------------------------------------------------------
+# Synthetic mixes
+
+@dataclass(frozen=True)
+class SyntheticSpec:
+    """Short and long prompts and outputs in given proportions, arriving at `rate_per_s`.
+
+    Lengths are drawn uniformly in [mean/2, 3·mean/2]; prompt and output classes are drawn
+    independently. Arrivals are Poisson, or gamma with coefficient of variation `cv` (burstier
+    for cv > 1).
+    """
+
+    num_requests: int = 1000
+    rate_per_s: float = 10.0
+    arrivals: str = "poisson"
+    cv: float = 1.0
+    long_prompt_fraction: float = 0.2
+    short_prompt_tokens: int = 256
+    long_prompt_tokens: int = 2048
+    long_output_fraction: float = 0.2
+    short_output_tokens: int = 128
+    long_output_tokens: int = 1024
+    max_tokens: int = 2048
+
+    def __post_init__(self) -> None:
+        if self.arrivals not in ("poisson", "gamma"):
+            raise WorkloadError(f"synthetic: arrivals must be poisson or gamma, got "
+                                f"{self.arrivals!r}")
+        for field in ("num_requests", "short_prompt_tokens", "long_prompt_tokens",
+                      "short_output_tokens", "long_output_tokens", "max_tokens"):
+            if getattr(self, field) < 1:
+                raise WorkloadError(f"synthetic: {SPEC_KEYS_BY_FIELD[field]} must be at least 1")
+        for field in ("rate_per_s", "cv"):
+            if not getattr(self, field) > 0:
+                raise WorkloadError(f"synthetic: {SPEC_KEYS_BY_FIELD[field]} must be positive")
+        for field in ("long_prompt_fraction", "long_output_fraction"):
+            if not 0 <= getattr(self, field) <= 1:
+                raise WorkloadError(f"synthetic: {SPEC_KEYS_BY_FIELD[field]} must be in [0, 1]")
+        longest = (3 * max(self.short_output_tokens, self.long_output_tokens) + 1) // 2
+        if self.max_tokens < longest:
+            raise WorkloadError(f"synthetic: max-tokens ({self.max_tokens}) must be at least the "
+                                f"longest possible output ({longest})")
+
+
+SPEC_KEYS = {
+    "requests": ("num_requests", int), "rate": ("rate_per_s", float),
+    "arrivals": ("arrivals", str), "cv": ("cv", float),
+    "long-prompt": ("long_prompt_fraction", float),
+    "short-prompt-tokens": ("short_prompt_tokens", int),
+    "long-prompt-tokens": ("long_prompt_tokens", int),
+    "long-output": ("long_output_fraction", float),
+    "short-output-tokens": ("short_output_tokens", int),
+    "long-output-tokens": ("long_output_tokens", int),
+    "max-tokens": ("max_tokens", int),
+}
+SPEC_KEYS_BY_FIELD = {field: key for key, (field, _) in SPEC_KEYS.items()}
+
+
+def parse_synthetic_spec(text: str) -> SyntheticSpec:
+    """'requests=500,rate=8,arrivals=gamma,cv=2,long-prompt=0.3' -> SyntheticSpec."""
+    values = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep or key not in SPEC_KEYS:
+            raise WorkloadError(f"synthetic spec: {item!r} is not KEY=VALUE with KEY one of "
+                                f"{', '.join(SPEC_KEYS)}")
+        field, kind = SPEC_KEYS[key]
+        try:
+            values[field] = kind(value.strip())
+        except ValueError:
+            raise WorkloadError(f"synthetic spec: {key}={value!r} is not a valid "
+                                f"{kind.__name__}") from None
+    return SyntheticSpec(**values)
+
+
+def _lengths(rng: np.random.Generator, n: int, long_fraction: float, short_mean: int,
+             long_mean: int) -> np.ndarray:
+    mean = np.where(rng.random(n) < long_fraction, long_mean, short_mean)
+    return np.maximum(1, np.rint(mean * rng.uniform(0.5, 1.5, n))).astype(np.int64)
+
+
+def synthetic(spec: SyntheticSpec, seed: int = 0) -> Workload:
+    rng = np.random.default_rng(seed)
+    n = spec.num_requests
+    if spec.arrivals == "poisson":
+        gaps = rng.exponential(1.0 / spec.rate_per_s, n)
+    else:  # gamma with mean 1/rate and coefficient of variation cv: shape 1/cv², scale cv²/rate
+        gaps = rng.gamma(1.0 / spec.cv**2, spec.cv**2 / spec.rate_per_s, n)
+    arrival_s = np.cumsum(gaps)
+    prompt = _lengths(rng, n, spec.long_prompt_fraction, spec.short_prompt_tokens,
+                      spec.long_prompt_tokens)
+    output = _lengths(rng, n, spec.long_output_fraction, spec.short_output_tokens,
+                      spec.long_output_tokens)
+    name = f"synthetic({spec.arrivals}, {n} requests at {spec.rate_per_s:g}/s, seed {seed})"
+    return _workload(name, arrival_s, prompt, output, np.full(n, spec.max_tokens))
+
+
+# ---------------------------------------------------------------------------------------------
+# Trace replay
+
+def _parse_seconds(text: str) -> float:
+    value = float(text)
+    if value != value or value in (float("inf"), float("-inf")):
+        raise ValueError(text)
+    return value
+
+
+def _parse_timestamp(text: str) -> float:
+    stamp = np.datetime64(text.strip(), "ns")
+    if np.isnat(stamp):
+        raise ValueError(text)
+    return stamp.astype(np.int64) / 1e9
+
+
+COLUMN_KINDS = {  # column -> (fast numpy dtype, per-value parser, what a good value looks like)
+    "TIMESTAMP": ("datetime64[ns]", _parse_timestamp,
+                  "a timestamp like 2023-11-16 18:15:46.6805900"),
+    "arrival_s": (np.float64, _parse_seconds, "a finite number of seconds"),
+}
+INT_KIND = (np.int64, int, "an integer >= 1")
+
+
+def _column(path: Path, rows: list[dict], lines: list[int], column: str) -> np.ndarray:
+    """One column as numpy: a vectorized parse, or a row-by-row pass naming the first bad row."""
+    dtype, parse, looks_like = COLUMN_KINDS.get(column, INT_KIND)
+    values = [row[column] for row in rows]
+    try:
+        arr = np.array(values, dtype=dtype)
+        if column == "TIMESTAMP":
+            arr = (arr - arr.min()).astype(np.int64) / 1e9 if not np.isnat(arr).any() else None
+        if arr is not None and (np.isfinite(arr).all() if arr.dtype.kind == "f" else
+                                (arr >= 1).all()):
+            return arr
+    except (ValueError, TypeError, OverflowError):
+        pass
+    parsed = []
+    for text, line in zip(values, lines):
+        try:
+            value = parse(text)
+            if dtype is np.int64 and value < 1:
+                raise ValueError(text)
+        except (ValueError, TypeError, OverflowError):
+            raise WorkloadError(f"{path}: line {line}, column {column}: {text!r} is not "
+                                f"{looks_like}") from None
+        parsed.append(value)
+    return np.array(parsed, dtype=np.float64 if dtype is not np.int64 else np.int64)
+
+
+def read_trace(path: str | Path, rate_scale: float = 1.0, num_requests: int | None = None,
+               max_tokens: int | None = None) -> Workload:
+    """Read a trace CSV (Azure 2023 or plain schema, see the module docstring).
+
+    `max_tokens` sets every request's generation limit (never below its output); without it the
+    plain schema's `max_tokens` column is used if present, else the trace's longest output.
+    """
+    path = Path(path)
+    if not rate_scale > 0:
+        raise WorkloadError(f"rate scale must be positive, got {rate_scale}")
+    try:
+        with path.open(newline="") as fh:
+            reader = csv.DictReader(fh)
+            header = [name.strip() for name in reader.fieldnames or []]
+            reader.fieldnames = header
+            rows, lines = [], []
+            for row in reader:
+                rows.append(row)
+                lines.append(reader.line_num)
+    except OSError as exc:
+        raise WorkloadError(f"cannot read trace {path}: {exc.strerror or exc}") from None
+    except (csv.Error, UnicodeDecodeError) as exc:
+        raise WorkloadError(f"{path}: not a CSV file ({exc})") from None
+    if all(c in header for c in AZURE_COLUMNS):
+        columns = AZURE_COLUMNS
+    elif all(c in header for c in PLAIN_COLUMNS):
+        columns = PLAIN_COLUMNS
+    else:
+        raise WorkloadError(f"{path}: header {', '.join(header) or '(empty)'} matches neither "
+                            f"schema: expected {', '.join(AZURE_COLUMNS)} (Azure 2023) or "
+                            f"{', '.join(PLAIN_COLUMNS)}[, max_tokens]")
+    for row, line in zip(rows, lines):
+        num_fields = sum(row[c] is not None for c in header) + len(row.get(None, []))
+        if num_fields != len(header):
+            raise WorkloadError(f"{path}: line {line}: expected {len(header)} fields "
+                                f"({', '.join(header)}), got {num_fields}")
+    if num_requests is not None:
+        if num_requests < 1:
+            raise WorkloadError(f"number of requests must be at least 1, got {num_requests}")
+        rows, lines = rows[:num_requests], lines[:num_requests]
+    if not rows:
+        raise WorkloadError(f"{path}: no requests in the trace")
+    time_col, prompt_col, output_col = columns
+    arrival_s = _column(path, rows, lines, time_col) / rate_scale
+    prompt = _column(path, rows, lines, prompt_col)
+    output = _column(path, rows, lines, output_col)
+    limit = None
+    if max_tokens is not None:
+        limit = np.maximum(output, max_tokens)
+    elif columns == PLAIN_COLUMNS and "max_tokens" in header:
+        limit = _column(path, rows, lines, "max_tokens")
+        bad = np.flatnonzero(limit < output)
+        if bad.size:
+            raise WorkloadError(f"{path}: line {lines[bad[0]]}, column max_tokens: "
+                                f"{limit[bad[0]]} is below output_tokens ({output[bad[0]]})")
+    scale = f", rate x{rate_scale:g}" if rate_scale != 1 else ""
+    return _workload(f"{path.name}{scale}", arrival_s, prompt, output, limit)
+
+
+def load_workload(trace: str | Path | None = None, synthetic_spec: str | None = None,
+                  rate_scale: float = 1.0, num_requests: int | None = None,
+                  max_tokens: int | None = None, seed: int = 0) -> Workload:
+    """A trace (`read_trace`) or a synthetic mix (`parse_synthetic_spec`), exactly one."""
+    if (trace is None) == (synthetic_spec is None):
+        raise WorkloadError("give either a trace CSV or a synthetic spec (exactly one)")
+    if not rate_scale > 0:
+        raise WorkloadError(f"rate scale must be positive, got {rate_scale}")
+    if trace is not None:
+        return read_trace(trace, rate_scale, num_requests, max_tokens)
+    spec = parse_synthetic_spec(synthetic_spec)
+    if rate_scale != 1.0:
+        spec = dataclasses.replace(spec, rate_per_s=spec.rate_per_s * rate_scale)
+    if num_requests is not None:
+        spec = dataclasses.replace(spec, num_requests=num_requests)
+    if max_tokens is not None:
+        spec = dataclasses.replace(spec, max_tokens=max_tokens)
+    return synthetic(spec, seed)

@@ -1,0 +1,257 @@
+"""Simulator engine: invariants on random workloads (hypothesis), determinism, the decode
+fast path, rejection, livelock and the step pricing, on small seeded workloads."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from kvbench.costmodel import CostModel, DecodeModel
+from kvbench.hardware import get_hardware
+from kvbench.models import get_model
+from kvbench.profile import analytic_profile
+from kvbench.sim import SimConfig, Simulator, Workload, simulate, summarize
+from kvbench.sim.policies import ADMISSION, PREEMPTIONS, VICTIMS
+from kvbench.sim.predictors import PREDICTORS
+from kvbench.sim.requests import FINISHED, REJECTED, RUNNING, SWAPPED, WAITING, cdiv
+
+PROFILE = analytic_profile(get_model("llama-2-7b"), get_hardware("h100-sxm"))
+
+
+def workload(arrival_s, prompt, output, max_tokens=None) -> Workload:
+    output = np.asarray(output, dtype=np.int64)
+    return Workload("test", np.asarray(arrival_s, dtype=np.float64),
+                    np.asarray(prompt, dtype=np.int64), output,
+                    output if max_tokens is None else np.asarray(max_tokens, dtype=np.int64))
+
+
+@st.composite
+def scenarios(draw):
+    n = draw(st.integers(1, 24))
+    gaps = draw(st.lists(st.floats(0, 0.05), min_size=n, max_size=n))
+    prompt = draw(st.lists(st.integers(1, 200), min_size=n, max_size=n))
+    output = draw(st.lists(st.integers(1, 150), min_size=n, max_size=n))
+    slack = draw(st.lists(st.integers(0, 200), min_size=n, max_size=n))
+    work = workload(np.cumsum(gaps) - gaps[0], prompt, output, np.add(output, slack))
+    config = SimConfig(
+        admission=draw(st.sampled_from(sorted(ADMISSION))),
+        victim=draw(st.sampled_from(sorted(VICTIMS))),
+        preemption=draw(st.sampled_from(sorted(PREEMPTIONS))),
+        predictor=draw(st.sampled_from(sorted(PREDICTORS))),
+        gpu_blocks=draw(st.integers(8, 48)),
+        cpu_swap_blocks=draw(st.integers(0, 30)),
+        max_num_seqs=draw(st.integers(1, 12)),
+        max_num_batched_tokens=draw(st.integers(8, 512)),
+        chunked_prefill=draw(st.booleans()),
+        headroom_fraction=draw(st.sampled_from([0.0, 0.1])),
+        max_long_requests=draw(st.sampled_from([None, 0, 2])),
+        long_output_tokens=64,
+        seed=draw(st.integers(0, 3)),
+    )
+    return work, config
+
+
+def check_books(sim: Simulator) -> None:
+    """Block accounting after a step: nothing lost, nothing over capacity."""
+    req = sim.requests
+    run = sim.running
+    assert 0 <= sim.free_gpu_blocks <= sim.num_gpu_blocks
+    assert 0 <= sim.free_cpu_blocks <= sim.num_cpu_blocks
+    assert int(req.gpu_blocks.sum()) + sim.free_gpu_blocks == sim.num_gpu_blocks
+    assert int(req.cpu_blocks.sum()) + sim.free_cpu_blocks == sim.num_cpu_blocks
+    assert (req.state[run] == RUNNING).all()
+    assert len(set(run.tolist())) == run.size <= sim.config.max_num_seqs
+    np.testing.assert_array_equal(req.gpu_blocks[run], cdiv(req.computed_tokens[run],
+                                                            sim.block_size))
+    idle = req.state != RUNNING
+    assert (req.gpu_blocks[idle] == 0).all()
+    assert (req.cpu_blocks[req.state != SWAPPED] == 0).all()
+    assert (req.computed_tokens[req.state == WAITING] == 0).all()
+    assert (req.generated_tokens <= req.output_tokens).all()
+    assert sim.max_kv_blocks_used <= sim.num_gpu_blocks
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scenarios())
+def test_invariants_on_random_workloads(scenario):
+    work, config = scenario
+    sim = Simulator(work, config, PROFILE)
+    while sim.step():
+        check_books(sim)
+    result = sim.result()
+    req = result.requests
+    assert result.livelock is None
+    rejected = req.state == REJECTED
+    assert set(np.flatnonzero(rejected).tolist()) == set(req.reject_reason)
+    assert (req.state[~rejected] == FINISHED).all()
+    np.testing.assert_array_equal(req.generated_tokens[~rejected], req.output_tokens[~rejected])
+    assert sim.free_gpu_blocks == sim.num_gpu_blocks
+    assert sim.free_cpu_blocks == sim.num_cpu_blocks
+    assert (result.timeline_kv_blocks <= result.num_gpu_blocks).all()
+    done = ~rejected
+    assert (req.first_token_s[done] >= req.arrival_s[done]).all()
+    assert (req.finish_s[done] >= req.first_token_s[done]).all()
+    summary = summarize(result)
+    assert summary["completed"] + summary["rejected"] == work.num_requests
+    assert 0.0 <= summary["recompute_fraction"] < 1.0
+    assert summary["preemptions"] == summary["swap_preemptions"] + summary["recompute_preemptions"]
+    if config.preemption == "recompute":
+        assert summary["swap_preemptions"] == 0 and summary["swapped_bytes"] == 0
+    if summary["recompute_preemptions"] == 0:
+        assert summary["recompute_tokens"] == 0 and summary["recompute_fraction"] == 0
+    if config.admission == "reserve-max":
+        assert summary["preemptions"] == 0
+
+
+def random_workload(seed: int, n: int = 200) -> Workload:
+    rng = np.random.default_rng(seed)
+    return workload(np.cumsum(rng.exponential(0.05, n)), rng.integers(16, 1500, n),
+                    rng.integers(1, 400, n), np.full(n, 400))
+
+
+def test_same_seed_same_result():
+    work = random_workload(1)
+    config = SimConfig(admission="future-kv", victim="cost-aware", preemption="selector",
+                       predictor="noisy", gpu_blocks=300, cpu_swap_blocks=40, seed=7)
+    first, second = simulate(work, config, PROFILE), simulate(work, config, PROFILE)
+    assert summarize(first) == summarize(second)
+    np.testing.assert_array_equal(first.requests.finish_s, second.requests.finish_s)
+    np.testing.assert_array_equal(first.timeline_kv_blocks, second.timeline_kv_blocks)
+    third = simulate(work, dataclasses.replace(config, seed=8), PROFILE)
+    assert not np.array_equal(third.requests.predicted_output_tokens,
+                              first.requests.predicted_output_tokens)
+
+
+@pytest.mark.parametrize("policy", ["fcfs/lifo/recompute/oracle", "future-kv/lcf/swap/history",
+                                    "fcfs/cost-aware/selector/noisy"])
+def test_decode_fast_path_matches_step_by_step(policy, monkeypatch):
+    """Skipping plain decode steps in one go changes nothing but the timeline's resolution."""
+    admission, victim, preemption, predictor = policy.split("/")
+    config = SimConfig(admission=admission, victim=victim, preemption=preemption,
+                       predictor=predictor, gpu_blocks=250, cpu_swap_blocks=30)
+    work = random_workload(2, 150)
+    fast = summarize(simulate(work, config, PROFILE))
+    monkeypatch.setattr(Simulator, "_skip_decode_steps", lambda self: False)
+    slow = summarize(simulate(work, config, PROFILE))
+    assert fast["steps"] == slow["steps"] and fast["preemptions"] == slow["preemptions"]
+    for key, value in slow.items():
+        if isinstance(value, float):
+            assert fast[key] == pytest.approx(value, rel=1e-9), key
+        else:
+            assert fast[key] == value, key
+
+
+def test_fcfs_preempts_under_pressure_and_future_kv_does_not():
+    work = random_workload(3)
+    base = SimConfig(gpu_blocks=200)
+    fcfs = summarize(simulate(work, base, PROFILE))
+    future = summarize(simulate(work, dataclasses.replace(base, admission="future-kv"), PROFILE))
+    assert fcfs["preemptions"] > 20 and fcfs["recompute_fraction"] > 0.01
+    assert future["preemptions"] <= 0.2 * fcfs["preemptions"]
+    assert future["completed"] == fcfs["completed"] == work.num_requests
+
+
+def test_request_that_can_never_fit_is_rejected_with_a_reason():
+    work = workload([0.0, 0.0, 0.1], [100, 5000, 50], [10, 10, 10])
+    result = simulate(work, SimConfig(gpu_blocks=64), PROFILE)  # 1024 tokens
+    summary = summarize(result)
+    assert summary["completed"] == 2 and summary["rejected"] == 1
+    assert "5010 tokens need 314 KV blocks; the cache has 64" in summary["rejections"][1]
+
+
+def test_no_chunked_prefill_rejects_what_the_token_budget_cannot_hold():
+    work = workload([0.0, 0.0], [100, 600], [10, 10])
+    config = SimConfig(gpu_blocks=100, max_num_batched_tokens=512, chunked_prefill=False)
+    summary = summarize(simulate(work, config, PROFILE))
+    assert summary["completed"] == 1
+    assert "max_num_batched_tokens (512)" in summary["rejections"][1]
+
+
+def test_livelock_is_reported_not_looped():
+    work = workload([0.0], [2000], [5])
+    config = SimConfig(gpu_blocks=200, max_num_batched_tokens=8, livelock_steps=50)
+    result = simulate(work, config, PROFILE)
+    assert result.livelock is not None and result.livelock["request_id"] == 0
+    assert result.steps == 50
+    assert "no token generated in 50 steps" in result.livelock["reason"]
+    assert summarize(result)["unfinished"] == 1
+
+
+def test_one_request_step_prices_and_counts():
+    """A lone request: one prefill step, then decode steps priced by the decode model."""
+    work = workload([0.0], [100], [3])
+    result = simulate(work, SimConfig(gpu_blocks=100), PROFILE)
+    costs, decode = PROFILE.cost_model(), PROFILE.decode_model()
+    prefill_ms = float(costs.recompute_ms(100))
+    decode_ms = float(decode.step_ms(1, 101)) + float(decode.step_ms(1, 102))
+    req = result.requests
+    assert result.steps == 3
+    assert req.first_token_s[0] == pytest.approx(prefill_ms / 1e3)
+    assert req.finish_s[0] == pytest.approx((prefill_ms + decode_ms) / 1e3)
+    model = get_model("llama-2-7b")
+    expected_flops = (model.linear_flops_per_token * 102 + model.attention_flops(102)
+                      + 3 * model.lm_head_flops)
+    assert result.flops == pytest.approx(expected_flops)
+    summary = summarize(result)
+    assert summary["tpot_p50_ms"] == pytest.approx(decode_ms / 2)  # (e2e - ttft) / (n - 1)
+    assert summary["tpot_div_n_p50_ms"] == pytest.approx(decode_ms / 3)  # (e2e - ttft) / n
+
+
+def test_recompute_is_counted_as_waste_and_swap_is_priced():
+    """Two requests that cannot both grow: the later one is preempted (LIFO)."""
+    work = workload([0.0, 0.0], [64, 64], [40, 40])
+    config = SimConfig(gpu_blocks=9)  # 144 tokens: both prompts fit, not both outputs
+    recompute = simulate(work, config, PROFILE)
+    req = recompute.requests
+    assert req.num_preemptions.tolist() == [0, 1]
+    assert req.recompute_tokens[1] == 64  # its prompt, computed once before the preemption
+    model = get_model("llama-2-7b")
+    n = int(req.recompute_tokens[1])
+    assert req.wasted_flops[1] == pytest.approx(model.linear_flops_per_token * n
+                                                + model.attention_flops(n))
+    assert summarize(recompute)["recompute_fraction"] > 0
+    swap = simulate(work, dataclasses.replace(config, preemption="swap", cpu_swap_blocks=9),
+                    PROFILE)
+    summary = summarize(swap)
+    assert summary["swap_preemptions"] == 1 and summary["recompute_fraction"] == 0
+    blocks = cdiv(n, 16)
+    assert summary["swapped_bytes"] == pytest.approx(2 * blocks * swap.block_bytes)
+    assert summary["swap_s"] == pytest.approx(float(PROFILE.cost_model().swap_ms(n)) / 1e3)
+    no_room = summarize(simulate(work, dataclasses.replace(config, preemption="swap",
+                                                           cpu_swap_blocks=1), PROFILE))
+    assert no_room["swap_preemptions"] == 0 and no_room["recompute_preemptions"] == 1
+
+
+def test_gpu_blocks_derived_from_memory():
+    sim = Simulator(workload([0.0], [10], [10]), SimConfig(), PROFILE)
+    model = get_model("llama-2-7b")
+    expected = int((80 * 2**30 * 0.9 - model.weight_bytes) // (16 * model.kv_bytes_per_token))
+    assert sim.num_gpu_blocks == expected
+    assert sim.num_cpu_blocks == 4 * 2**30 // (16 * model.kv_bytes_per_token)
+    l4 = Simulator(workload([0.0], [10], [10]), SimConfig(hardware="l4"), PROFILE)
+    assert 0 < l4.num_gpu_blocks < sim.num_gpu_blocks // 5  # 22.5 GiB
+    with pytest.raises(ValueError, match="leave no KV cache"):
+        Simulator(workload([0.0], [10], [10]), SimConfig(gpu_memory_gib=10), PROFILE)
+
+
+def test_profile_without_decode_uses_the_analytic_decode_model():
+    profile = PROFILE.model_copy(update={"decode": None})
+    sim = Simulator(workload([0.0], [10], [10]), SimConfig(), profile)
+    assert sim.decode == DecodeModel.analytic(get_model("llama-2-7b"), get_hardware("h100-sxm"))
+    assert isinstance(sim.costs, CostModel)
+
+
+@pytest.mark.parametrize("field, value, message", [
+    ("admission", "fifo", "unknown admission policy 'fifo'"),
+    ("predictor", "orcale", "did you mean 'oracle'"),
+    ("gpu_blocks", 0, "gpu_blocks must be at least 1"),
+    ("headroom_fraction", 1.0, "headroom_fraction"),
+    ("history_quantile", 0.0, "history_quantile"),
+])
+def test_config_errors_name_the_field(field, value, message):
+    with pytest.raises(ValueError, match=message):
+        SimConfig(**{field: value})
