@@ -149,6 +149,8 @@ def models() -> None:
 
 def _fit_line(name: str, fit) -> str:
     r2 = "n/a" if fit.r2 is None else f"{fit.r2:.4f}"
+    if fit.r2_unweighted is not None:
+        r2 += f" (unweighted {fit.r2_unweighted:.4f})"
     mape = "n/a" if fit.heldout_mape is None else f"{100 * fit.heldout_mape:.1f}%"
     return (f"{name}: R² {r2}, held-out error {mape}, valid {fit.min_tokens}-{fit.max_tokens} "
             f"tokens ({fit.method})")

@@ -37,7 +37,8 @@ class Strict(BaseModel):
 
 
 class FitQuality(Strict):
-    r2: float | None = None
+    r2: float | None = None  # of the fit's own (relative-error) objective
+    r2_unweighted: float | None = None
     heldout_mape: float | None = Field(default=None, ge=0)  # a fraction: 0.05 is 5%
     min_tokens: int = Field(ge=0)
     max_tokens: int = Field(ge=0)

@@ -3,7 +3,8 @@
 Each model is linear in its coefficients, y ≈ X·β with β ≥ 0, where the columns of X are the
 basis functions of the token count (swap: 1, n, ceil(n/block_size); recompute: 1, n, n²; decode:
 1, B, B·T). Dividing each row by its measured y turns plain NNLS into a fit of relative error,
-so the 16-token point counts as much as the 32k-token point.
+so the 16-token point counts as much as the 32k-token point. R² is reported for that weighted
+problem (residuals over y), and unweighted beside it.
 
 Held-out points (every `holdout_every`-th length, never the two ends) are left out of the fit;
 `heldout_mape` is the mean absolute percentage error (as a fraction) of the fitted model on them.
@@ -20,7 +21,8 @@ from scipy.optimize import nnls
 @dataclass(frozen=True)
 class Fit:
     coefficients: np.ndarray
-    r2: float
+    r2: float  # of the weighted (relative-error) problem the fit solves
+    r2_unweighted: float  # plain R² on the latencies: dominated by the largest points
     heldout_mape: float | None
     train_mape: float
     heldout: np.ndarray  # bool mask over the points
@@ -53,9 +55,12 @@ def holdout_mask(num_points: int, every: int = 4) -> np.ndarray:
     return mask
 
 
-def r_squared(y: np.ndarray, predicted: np.ndarray) -> float:
-    ss_res = float(np.sum((y - predicted) ** 2))
-    ss_tot = float(np.sum((y - y.mean()) ** 2))
+def r_squared(y: np.ndarray, predicted: np.ndarray, weights: np.ndarray | None = None) -> float:
+    """1 - SS_res/SS_tot, with each residual scaled by `weights` (weighted least squares)."""
+    w = np.ones_like(y) if weights is None else weights
+    mean = np.sum(w**2 * y) / np.sum(w**2)
+    ss_res = float(np.sum((w * (y - predicted)) ** 2))
+    ss_tot = float(np.sum((w * (y - mean)) ** 2))
     return 1.0 - ss_res / ss_tot if ss_tot > 0 else float(ss_res == 0)
 
 
@@ -79,7 +84,8 @@ def fit_nnls(design: np.ndarray, latency_ms, heldout: np.ndarray | None = None) 
     predicted = design @ beta
     return Fit(
         coefficients=beta,
-        r2=r_squared(y[train], predicted[train]),
+        r2=r_squared(y[train], predicted[train], weights),
+        r2_unweighted=r_squared(y[train], predicted[train]),
         heldout_mape=mape(y[heldout], predicted[heldout]) if heldout.any() else None,
         train_mape=mape(y[train], predicted[train]),
         heldout=heldout,

@@ -43,7 +43,8 @@ PLANS = {
     ("cpu", True): dict(swap=(16, 16384, 10), per_block_max_tokens=4096,
                         prefill=(32, 2048, 9),
                         decode=([1, 4, 16, 32], [256, 1024])),
-    ("cpu", False): dict(swap=(16, 65536, 14), prefill=(32, 8192, 13),
+    ("cpu", False): dict(swap=(16, 65536, 14), per_block_max_tokens=16384,
+                         prefill=(32, 8192, 13),
                          decode=([1, 2, 4, 8, 16, 32, 64], [256, 1024, 4096])),
     ("cuda", True): dict(swap=(16, 16384, 10), per_block_max_tokens=4096,
                          prefill=(128, 16384, 9),
@@ -61,7 +62,8 @@ class CalibrationRun:
 
 
 def _fit_quality(fit: fitting.Fit, sizes: list[int]) -> FitQuality:
-    return FitQuality(r2=fit.r2, heldout_mape=fit.heldout_mape, min_tokens=min(sizes),
+    return FitQuality(r2=fit.r2, r2_unweighted=fit.r2_unweighted,
+                      heldout_mape=fit.heldout_mape, min_tokens=min(sizes),
                       max_tokens=max(sizes), method="nnls, relative error")
 
 
