@@ -8,6 +8,7 @@ after each point with a live figure for the progress display.
 from __future__ import annotations
 
 import itertools
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -28,6 +29,7 @@ from kvbench.ops.kv_copy import allocate_kv_cache
 
 OnPoint = Callable[[str, str], None]
 ROTATE = 8
+COLD_BYTES = 512 * 2**20  # weights rotated through per timed layer: several last-level caches
 
 
 @dataclass
@@ -93,12 +95,12 @@ def copy_ceiling_gbps(num_bytes: int, device: str) -> dict[str, float]:
 
 def swap_sweep(spec: ModelSpec, device: str, block_size: int, lengths: list[int],
                impls: tuple[str, ...], on_point: OnPoint, seed: int = 0,
-               per_block_max_tokens: int | None = None) -> SwapResult:
+               per_block_max_tokens: int | None = None, pool_tokens: int = 0) -> SwapResult:
     """swap_out and swap_in of a request of n tokens, for each impl, at the model's KV shape.
 
-    The request's blocks are drawn at random from a pool twice its size, as in a fragmented
-    cache; `per_block` stops at `per_block_max_tokens` when given. The host buffer is
-    allocated (pinned on CUDA) once, outside the timed region, as a
+    The request's blocks are drawn at random from a pool twice its size (or twice
+    `pool_tokens`), as in a fragmented cache; `per_block` stops at `per_block_max_tokens` when
+    given. The host buffer is allocated (pinned on CUDA) once, outside the timed region, as a
     serving engine preallocates its swap space.
     """
     gen = torch.Generator().manual_seed(seed)
@@ -106,7 +108,7 @@ def swap_sweep(spec: ModelSpec, device: str, block_size: int, lengths: list[int]
     result = SwapResult({i: Sweep() for i in impls}, {i: Sweep() for i in impls}, {}, 0)
     lengths = sorted(lengths)
     while lengths:  # the largest request sizes the cache; drop sizes that do not fit
-        max_blocks = -(-lengths[-1] // block_size)
+        max_blocks = -(-max(lengths[-1], pool_tokens) // block_size)
         shape = kv_shape(spec, 2 * max_blocks, block_size)
         try:
             cache = allocate_kv_cache(shape[0], shape[2], block_size, shape[4], shape[5],
@@ -158,6 +160,17 @@ def swap_sweep(spec: ModelSpec, device: str, block_size: int, lengths: list[int]
     return result
 
 
+def cold_layers(spec: ModelSpec, device: str, gen: torch.Generator) -> list[DecoderLayer]:
+    """Enough distinct layers that, timed in turn, each finds its weights out of cache.
+
+    A real forward pass streams every layer's weights once; timing one layer again and again
+    would find its weights in the last-level cache (tens of MB on a CPU) and run too fast.
+    """
+    layer_bytes = spec.layer_params / spec.tp * spec.dtype_bytes
+    count = min(spec.num_layers, max(2, math.ceil(COLD_BYTES / layer_bytes)))
+    return [DecoderLayer(spec, device, gen) for _ in range(count)]
+
+
 @dataclass
 class PrefillResult:
     layer: Sweep
@@ -184,7 +197,7 @@ def prefill_sweep(spec: ModelSpec, device: str, lengths: list[int], on_point: On
     """Prefill of n tokens through one layer of the model's shape (× num_layers), the causal
     attention alone, and the LM head for the last token."""
     gen = torch.Generator().manual_seed(seed)
-    layer, head = DecoderLayer(spec, device, gen), LMHead(spec, device, gen)
+    layers, head = cold_layers(spec, device, gen), LMHead(spec, device, gen)
     layer_sweep, attn_sweep = Sweep(), Sweep()
     last = random_hidden(1, spec, device, gen)
     head_ms = measure(lambda: head(last), device, reps=10).median_ms
@@ -192,10 +205,12 @@ def prefill_sweep(spec: ModelSpec, device: str, lengths: list[int], on_point: On
         try:
             x = random_hidden(n, spec, device, gen)
             cos, sin = rotary_tables(n, spec.head_dim, device, x.dtype)
-            q, k, v = layer._qkv(x)
+            q, k, v = layers[0]._qkv(x)
             q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
             with torch.inference_mode():
-                layer_t = measure(lambda: layer.prefill(x, cos, sin), device, budget_ms=1500)
+                turn = itertools.cycle(layers)
+                layer_t = measure(lambda: next(turn).prefill(x, cos, sin), device,
+                                  budget_ms=1500)
                 attn_t = measure(lambda: prefill_attention(q, k, v, causal=True), device,
                                  budget_ms=500)
         except Exception as exc:  # noqa: BLE001 - only out-of-memory ends a sweep quietly
@@ -223,7 +238,7 @@ def decode_sweep(spec: ModelSpec, device: str, batch_sizes: list[int], contexts:
                  on_point: OnPoint, seed: int = 0) -> DecodeResult:
     """One decode step (one token for each of B sequences at context T): L layers + LM head."""
     gen = torch.Generator().manual_seed(seed)
-    layer, head = DecoderLayer(spec, device, gen), LMHead(spec, device, gen)
+    layers, head = cold_layers(spec, device, gen), LMHead(spec, device, gen)
     hkv, dtype = max(spec.num_kv_heads // spec.tp, 1), torch_dtype(spec)
     result = DecodeResult([], [], [], [])
     for t in contexts:
@@ -233,7 +248,9 @@ def decode_sweep(spec: ModelSpec, device: str, batch_sizes: list[int], contexts:
                 kc, vc = (torch.randn(b, hkv, t, spec.head_dim, generator=gen).to(device, dtype)
                           for _ in range(2))
                 with torch.inference_mode():
-                    layer_t = measure(lambda: layer.decode(x, kc, vc), device, budget_ms=300)
+                    turn = itertools.cycle(layers)
+                    layer_t = measure(lambda: next(turn).decode(x, kc, vc), device,
+                                      budget_ms=300)
                     head_t = measure(lambda: head(x), device, budget_ms=100)
             except Exception as exc:  # noqa: BLE001
                 if not is_out_of_memory(exc):

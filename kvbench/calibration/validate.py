@@ -103,7 +103,8 @@ def validate(profile: Profile, device: str, count: int = 6, force: bool = False,
                        if n <= profile.recompute.fit.max_tokens})
     sizes = fresh_sizes(common, count)
     impl = profile.swap.impl or "torch"
-    swap = swap_sweep(spec, device, profile.swap.block_size, sizes, (impl,), on_point, seed=1)
+    swap = swap_sweep(spec, device, profile.swap.block_size, sizes, (impl,), on_point, seed=1,
+                      pool_tokens=profile.swap.fit.max_tokens)  # the calibration's cache size
     swap_ms = swap.round_trip_ms(impl).tolist()
     sizes = swap.out[impl].sizes
     recompute_ms = full_prefill_ms(profile, device, sizes, on_point)
