@@ -25,11 +25,13 @@ def plot_profile(profile: Profile, path: str | Path) -> Path:
                         label=f"{name} measured")
         ax_cost.scatter(n[held], np.asarray(m.latency_ms)[held], color=color, marker="x",
                         label=f"{name} held out")
-    lo = min(profile.swap.fit.min_tokens, profile.recompute.fit.min_tokens)
-    hi = max(profile.swap.fit.max_tokens, profile.recompute.fit.max_tokens)
-    grid = np.unique(np.geomspace(max(lo, 1), hi, 200).round())
-    ax_cost.plot(grid, costs.swap_ms(grid), color="tab:blue", label="swap fit (round trip)")
-    ax_cost.plot(grid, costs.recompute_ms(grid), color="tab:red", label="recompute fit")
+    for name, section, curve, color in (("swap fit (round trip)", profile.swap, costs.swap_ms,
+                                         "tab:blue"),
+                                        ("recompute fit", profile.recompute, costs.recompute_ms,
+                                         "tab:red")):
+        grid = np.unique(np.geomspace(max(section.fit.min_tokens, 1), section.fit.max_tokens,
+                                      200).round())
+        ax_cost.plot(grid, curve(grid), color=color, label=name)
     if profile.crossover_tokens:
         ax_cost.axvline(profile.crossover_tokens, color="gray", linestyle="--",
                         label=f"crossover {profile.crossover_tokens} tokens")
