@@ -122,8 +122,9 @@ def summarize(result: SimResult) -> dict:
         "busy_s": busy_s,
         "recompute_s": result.recompute_ms / 1e3,
         "swap_s": result.swap_ms / 1e3,
-        "gpu_utilization": busy_s / makespan_s if makespan_s else 0.0,
-        "useful_utilization": useful_s / makespan_s if makespan_s else 0.0,
+        # min(): busy time and makespan are sums of the same step times in different orders
+        "gpu_utilization": min(1.0, busy_s / makespan_s) if makespan_s else 0.0,
+        "useful_utilization": min(1.0, useful_s / makespan_s) if makespan_s else 0.0,
         "max_kv_blocks_used": result.max_kv_blocks_used,
         "gpu_blocks": result.num_gpu_blocks,
         "cpu_swap_blocks": result.num_cpu_blocks,
