@@ -62,12 +62,9 @@ def fresh_sizes(sizes: list[int], count: int) -> list[int]:
 
 
 def check_device(profile: Profile, device: str, force: bool = False) -> None:
-    measured_on = profile.environment.get("device")
     if profile.source != "measured":
         raise ProfileError("validate needs a measured profile (this one is analytic)")
-    if measured_on != device and not force:
-        raise ProfileError(f"profile was measured on {measured_on}, not {device}; validate on "
-                           "the same device or pass --force")
+    profile.check_matches(device=device, force=force)
 
 
 def full_prefill_ms(profile: Profile, device: str, sizes: list[int], on_point: OnPoint,
