@@ -3,7 +3,7 @@
 Phases: swap copies (every impl, plus the contiguous-copy ceiling), prefill (one layer of the
 model's shape × num_layers + LM head, attention alone beside it), decode steps. Each fit holds
 out a share of the sizes and reports R² and held-out error; the profile uses the fastest copy
-impl and records the others.
+impl and records the others. The CUDA plans have not yet run on a GPU (none lent so far).
 """
 
 from __future__ import annotations
@@ -49,7 +49,8 @@ PLANS = {
     ("cuda", True): dict(swap=(16, 16384, 10), per_block_max_tokens=4096,
                          prefill=(128, 16384, 9),
                          decode=([1, 8, 32, 128], [512, 4096])),
-    ("cuda", False): dict(swap=(16, 65536, 14), prefill=(128, 32768, 13),
+    ("cuda", False): dict(swap=(16, 65536, 14), per_block_max_tokens=8192,
+                          prefill=(128, 32768, 13),
                           decode=([1, 4, 16, 64, 128, 256], [512, 2048, 8192])),
 }
 
