@@ -67,11 +67,26 @@ def profile_section(profiles: list[tuple[Path, Profile]], out_dir: Path) -> list
         png = path.with_suffix(".png")
         if png.exists():
             plots.append(f"![{p.model.name}]({png.relative_to(out_dir).as_posix()})")
+    copy_rows = []
+    for _, p in profiles:
+        ceiling = p.extra.get("ceiling_gbps", {})
+        both_ways = 2 / (1 / ceiling["out"] + 1 / ceiling["in"]) if ceiling else None
+        for impl, data in p.extra.get("swap_impls", {}).items():
+            gbps = data["round_trip_bandwidth_gbps"]
+            best = max(gbps)
+            copy_rows.append([p.model.name, impl, p.swap.block_size,
+                              f"{data['num_tokens'][0]}-{data['num_tokens'][-1]}",
+                              f"{best:.2f}", f"{gbps[-1]:.2f}",
+                              f"{100 * best / both_ways:.0f}%" if both_ways else "n/a"])
     header = ["model", "dtype", "commit", "date", "swap impl", "swap fixed ms",
               "swap ms/token", "swap ms/block", "recompute fixed ms", "recompute ms/token",
               "recompute ms/token²", "R² swap / recompute", "held-out swap / recompute",
               "crossover tokens"]
-    return ["### Calibrated profiles", ""] + _table(header, rows) + plots + [""]
+    copies = ["Swap copies during calibration (round trip: both directions' bytes over the sum "
+              "of their times; ceiling: one contiguous copy of the swap space each way):", ""]
+    copies += _table(["model", "impl", "block_size", "tokens", "peak bandwidth_gbps",
+                      "at largest bandwidth_gbps", "peak of ceiling"], copy_rows)
+    return (["### Calibrated profiles", ""] + _table(header, rows) + copies + plots + [""])
 
 
 def benchmark_section(data: dict, out_dir: Path) -> list[str]:

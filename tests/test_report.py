@@ -1,0 +1,52 @@
+"""`kvbench report` builds results/README.md from baselines and profiles found on disk."""
+
+import json
+import shutil
+from pathlib import Path
+
+from typer.testing import CliRunner
+
+from kvbench.cli import app
+from kvbench.hardware import fingerprint_slug, get_hardware
+from kvbench.models import get_model
+from kvbench.profile import analytic_profile, save
+
+BENCH = {
+    "datetime": "2026-11-21T12:00:00", "commit_info": {"id": "abcdef123456"},
+    "machine_info": {"cpu": {"brand_raw": "Test CPU"}},
+    "benchmarks": [
+        {"name": "test_kv_copy[swap_out-torch-256]", "group": "swap_out 256 tokens",
+         "param": "swap_out-torch-256", "stats": {"median": 0.002},
+         "extra_info": {"direction": "swap_out", "num_tokens": 256, "block_size": 16,
+                        "impl": "torch", "bandwidth_gbps": 12.5, "fraction_of_ceiling": 0.625}},
+        {"name": "test_vectorized[1M]", "group": "selector-1M", "param": "1M",
+         "stats": {"median": 0.097}, "extra_info": {}},
+    ],
+}
+
+
+def test_report_has_a_section_per_machine(tmp_path):
+    bench_dir = tmp_path / "benchmarks" / "cpu-test-2c" / "Linux-CPython-3.11-64bit"
+    bench_dir.mkdir(parents=True)
+    (bench_dir / "0001_old.json").write_text(json.dumps({**BENCH, "benchmarks": []}))
+    (bench_dir / "0002_new.json").write_text(json.dumps(BENCH))
+    prof = analytic_profile(get_model("llama-3-8b"), get_hardware("h100-sxm"))
+    save(prof, tmp_path / "profiles" / "h100-llama.json")
+    (tmp_path / "profiles" / "h100-llama.samples.json").write_text("{}")  # skipped, not a profile
+
+    res = CliRunner().invoke(app, ["report", "--results", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    text = (tmp_path / "README.md").read_text()
+    assert "## cpu-test-2c" in text and f"## {fingerprint_slug(prof.environment)}" in text
+    assert "0002_new.json" in text and "abcdef1" in text  # the newest run, with its commit
+    assert "| swap_out | 256 | 16 | torch | 2 | 12.50 | 62% |" in text
+    assert "| selector-1M | test_vectorized[1M] | 97 |" in text
+    assert "[llama-3-8b](profiles/h100-llama.json)" in text
+
+
+def test_report_on_the_committed_results(tmp_path):
+    results = Path(__file__).resolve().parents[1] / "results"
+    shutil.copytree(results, tmp_path / "results")
+    res = CliRunner().invoke(app, ["report", "--results", str(tmp_path / "results")])
+    assert res.exit_code == 0, res.output
+    assert (tmp_path / "results" / "README.md").read_text() == (results / "README.md").read_text()
