@@ -78,6 +78,10 @@ def resolve_profile(profile: Optional[Path], model: Optional[str], hardware: str
     """A profile from a file (checked against --model when both are given), or an analytic
     one for a model preset on a hardware preset."""
     if profile is not None:
+        given = [k for k, v in hw_overrides.items() if v is not None]
+        if given:
+            raise ValueError(f"--{given[0].replace('_', '-')} sets analytic costs (--model "
+                             "without --profile); a profile carries its own measured costs")
         prof = load(profile)
         prof.check_matches(model=model, force=force)
         return prof

@@ -224,3 +224,9 @@ def test_profile_show_user_mistakes(tmp_path, hand_profile):
     negative = tmp_path / "negative.json"
     negative.write_text(hand_profile.read_text().replace('"fixed_ms": 1.0', '"fixed_ms": -1.0'))
     assert_user_error(invoke("profile", "show", str(negative)), "swap.fixed_ms")
+
+
+def test_select_rejects_hardware_flags_with_a_profile(tmp_path):
+    path = save(analytic_profile(get_model("tiny"), get_hardware("h100-sxm")), tmp_path / "p.json")
+    res = runner.invoke(app, ["select", "5", "--profile", str(path), "--peak-tflops", "3"])
+    assert res.exit_code == 2 and "--peak-tflops sets analytic costs" in res.stderr
