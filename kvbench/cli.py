@@ -334,7 +334,8 @@ SIM_GPU_BLOCKS = typer.Option(None, "--gpu-blocks", min=1, help="KV blocks on th
 SIM_GPU_MEMORY = typer.Option(None, "--gpu-memory-gib", min=0.0, help="GPU memory, GiB "
                               "(default: the hardware preset's, 80 for an H100).")
 SIM_CPU_SWAP = typer.Option(4.0, "--cpu-swap-gib", min=0.0, help="CPU swap space, GiB.")
-SIM_SEED = typer.Option(0, "--seed", help="Seed of synthetic workloads and noisy predictions.")
+SIM_SEED = typer.Option(0, "--seed", min=0, help="Seed of synthetic workloads and noisy "
+                        "predictions.")
 SIM_JSON = typer.Option(False, "--json", help="Print the summary as JSON.")
 
 
@@ -396,8 +397,9 @@ def simulate_cmd(
                                  num_requests, max_tokens, seed)
     config = SimConfig(admission=admission, victim=victim, preemption=preemption,
                        predictor=predictor, model=prof.model.name, hardware=hardware,
-                       gpu_blocks=gpu_blocks, gpu_memory_gib=gpu_memory_gib,
-                       cpu_swap_gib=cpu_swap_gib, headroom_fraction=headroom,
+                       block_size=prof.swap.block_size, gpu_blocks=gpu_blocks,
+                       gpu_memory_gib=gpu_memory_gib, cpu_swap_gib=cpu_swap_gib,
+                       headroom_fraction=headroom,
                        max_long_requests=max_long_requests, noise_sigma=noise_sigma,
                        history_quantile=history_quantile, seed=seed)
     with _sim_progress(config.policy_name, "requests") as progress:
@@ -478,12 +480,15 @@ def compare_policies_cmd(
     from kvbench.sim.workloads import AZURE_CONV_TRACE
 
     if trace is None and synthetic is None:
-        trace, rate_scale = AZURE_CONV_TRACE, rate_scale or STUDY_RATE_SCALE
-    workload, prof = _sim_inputs(trace, synthetic, profile, model, hardware, rate_scale or 1.0,
-                                 num_requests, max_tokens, seed)
+        trace = AZURE_CONV_TRACE
+        rate_scale = STUDY_RATE_SCALE if rate_scale is None else rate_scale
+    workload, prof = _sim_inputs(trace, synthetic, profile, model, hardware,
+                                 1.0 if rate_scale is None else rate_scale, num_requests,
+                                 max_tokens, seed)
     names = [p.strip() for p in policies.split(",") if p.strip()] if policies else STUDY_POLICIES
-    base = SimConfig(model=prof.model.name, hardware=hardware, gpu_blocks=gpu_blocks,
-                     gpu_memory_gib=gpu_memory_gib, cpu_swap_gib=cpu_swap_gib, seed=seed)
+    base = SimConfig(model=prof.model.name, hardware=hardware, block_size=prof.swap.block_size,
+                     gpu_blocks=gpu_blocks, gpu_memory_gib=gpu_memory_gib,
+                     cpu_swap_gib=cpu_swap_gib, seed=seed)
     with _sim_progress("compare-policies", "policies") as progress:
         task = progress.add_task("compare", total=len(names))
         results = compare_policies(workload, names, base, prof, jobs,

@@ -76,6 +76,21 @@ def test_simulate_with_a_profile_file(tmp_path):
     assert both.exit_code == 2 and "not both" in both.output
 
 
+def test_sim_commands_use_the_profile_block_size(tmp_path):
+    """The swap model prices the profile's blocks: the simulated cache uses the same size."""
+    model = get_model("llama-2-7b")
+    path = save(analytic_profile(model, get_hardware("h100-sxm"), block_size=32),
+                tmp_path / "profile.json")
+    args = ("--synthetic", SPEC, "--profile", str(path), "--gpu-blocks", "150", "--json")
+    result = invoke("simulate", *args)
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["kv_block_bytes"] == 32 * model.kv_bytes_per_token
+    result = invoke("compare-policies", *args, "--policies", "fcfs/lifo/swap/oracle", "--out",
+                    str(tmp_path))
+    assert result.exit_code == 0, result.output
+    assert json.loads((tmp_path / "compare.json").read_text())["config"]["block_size"] == 32
+
+
 @pytest.mark.parametrize("args, message", [
     (("--synthetic", SPEC, "--admission", "fifo"), "unknown admission policy 'fifo'"),
     (("--synthetic", "requests=ten"), "requests='ten' is not a valid int"),
@@ -84,6 +99,7 @@ def test_simulate_with_a_profile_file(tmp_path):
     ((), "exactly one"),
     (("--synthetic", SPEC, "--model", "gpt-9"), "unknown model 'gpt-9'"),
     (("--synthetic", SPEC, "--rate-scale", "0"), "rate scale must be positive"),
+    (("--synthetic", SPEC, "--seed", "-1"), "--seed"),
 ])
 def test_simulate_user_errors_are_one_line(args, message):
     result = invoke("simulate", *args)
@@ -116,10 +132,15 @@ def test_compare_policies_table_json_and_files(tmp_path):
     assert "future-kv/lifo/recompute/oracle" in table.stdout and "compare.png" in table.stdout
 
 
-def test_compare_policies_rejects_a_malformed_policy(tmp_path):
-    result = invoke("compare-policies", "--synthetic", SPEC, "--policies", "fcfs/lifo",
-                    "--out", str(tmp_path))
-    assert result.exit_code == 2 and "admission/victim/preemption/predictor" in result.output
+@pytest.mark.parametrize("args, message", [
+    (("--policies", "fcfs/lifo"), "admission/victim/preemption/predictor"),
+    (("--policies", ","), "no policy to compare"),
+    (("--rate-scale", "0"), "rate scale must be positive"),
+])
+def test_compare_policies_user_errors_are_one_line(tmp_path, args, message):
+    result = invoke("compare-policies", "--synthetic", SPEC, *args, "--out", str(tmp_path))
+    assert result.exit_code == 2 and message in result.output
+    assert "Traceback" not in result.output and not list(tmp_path.iterdir())
 
 
 def test_study_helpers():

@@ -201,6 +201,18 @@ def test_one_request_step_prices_and_counts():
     assert summary["tpot_div_n_p50_ms"] == pytest.approx(decode_ms / 3)  # (e2e - ttft) / n
 
 
+def test_metrics_do_not_depend_on_when_the_first_request_arrives():
+    """Makespan runs from the first arrival, whatever the workload's time origin."""
+    work = random_workload(4, 40)
+    late = dataclasses.replace(work, arrival_s=work.arrival_s + 100.0)
+    config = SimConfig(gpu_blocks=150)
+    first = summarize(simulate(work, config, PROFILE))
+    second = summarize(simulate(late, config, PROFILE))
+    for key in ("makespan_s", "throughput_tokens_per_s", "gpu_utilization",
+                "useful_utilization", "ttft_p50_s", "e2e_p99_s"):
+        assert second[key] == pytest.approx(first[key], rel=1e-6), key
+
+
 def test_recompute_is_counted_as_waste_and_swap_is_priced():
     """Two requests that cannot both grow: the later one is preempted (LIFO)."""
     work = workload([0.0, 0.0], [64, 64], [40, 40])

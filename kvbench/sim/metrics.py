@@ -88,7 +88,7 @@ def summarize(result: SimResult) -> dict:
     req = result.requests
     per_request = request_metrics(result)
     done = req.state == FINISHED
-    makespan_s = result.end_s
+    makespan_s = result.end_s - float(req.arrival_s[0])
     output_tokens = int(req.output_tokens[done].sum())
     preemptions = int(req.num_preemptions.sum())
     swaps = int(req.num_swaps.sum())

@@ -60,6 +60,9 @@ def compare_policies(workload: Workload, policies: list[str] | tuple[str, ...] =
                      ) -> list[SimResult]:
     """Simulate `workload` under each policy (in `jobs` processes); results in policy order."""
     configs = [parse_policy(p, base) for p in policies]
+    if not configs:
+        raise ValueError("no policy to compare: give at least one admission/victim/preemption/"
+                         "predictor, e.g. fcfs/lifo/recompute/oracle")
     if jobs <= 1:
         results = []
         for config in configs:
