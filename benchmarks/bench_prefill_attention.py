@@ -6,7 +6,8 @@
                  the matching kvbench.hardware preset (datasheet figure), when one matches.
 
 CUDA (not yet run on a GPU): 1k-32k tokens, "triton" (autotuned on the untimed check call)
-against "torch" (SDPA).
+against "torch" (the op's SDPA impl, with its per-call layout copies and GQA head repeat) and
+"sdpa_flash" (SDPA's flash backend alone on inputs laid out beforehand: the goal's baseline).
 CPU: 32 and 256 tokens, "torch"; "triton" runs in the interpreter at 32 tokens only.
 Before timing, out[:m] is checked against the float64 reference of the first m = min(n, 2048)
 tokens (causal rows depend only on earlier tokens; the reference needs Hq·m²·8 bytes).
@@ -14,6 +15,7 @@ tokens (causal rows depend only on earlier tokens; the reference needs Hq·m²·
 
 import pytest
 import torch
+import torch.nn.functional as F
 
 from kvbench.hardware import HARDWARE
 from kvbench.models import get_model
@@ -30,6 +32,22 @@ CHECK_MAX_TOKENS = 2048
 PEAK_PRESETS = {"H100": "h100-sxm", "H200": "h200", "A100": "a100-80gb", "L4": "l4"}
 
 
+def sdpa_flash(q, k, v):
+    """A call of SDPA's flash backend alone, returning [n, Hq, d]: q, k, v are laid out as
+    [1, heads, n, d] and the KV heads repeated here, outside the timed call."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    group = q.shape[1] // k.shape[1]
+    qs, ks, vs = (t.transpose(0, 1).contiguous()[None] for t in (q, k, v))
+    ks, vs = ks.repeat_interleave(group, dim=1), vs.repeat_interleave(group, dim=1)
+
+    def call():
+        with sdpa_kernel(SDPBackend.FLASH_ATTENTION):
+            return F.scaled_dot_product_attention(qs, ks, vs, is_causal=True)[0].transpose(0, 1)
+
+    return call
+
+
 def peak_tflop_per_s() -> float | None:
     """Datasheet dense bf16 peak of the GPU, from kvbench.hardware (None on CPU or unknown)."""
     if not CUDA:
@@ -42,7 +60,7 @@ def peak_tflop_per_s() -> float | None:
 
 
 @pytest.mark.parametrize("num_tokens", TOKENS)
-@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("impl", ["triton", "torch"] + (["sdpa_flash"] if CUDA else []))
 def test_prefill_attention(benchmark, timed, impl, num_tokens):
     if impl == "triton" and triton_unavailable_reason(DEVICE):
         pytest.skip(triton_unavailable_reason(DEVICE))
@@ -54,10 +72,13 @@ def test_prefill_attention(benchmark, timed, impl, num_tokens):
     q, k, v = (torch.randn(num_tokens, h, head_dim, generator=generator, device=DEVICE)
                .to(torch.bfloat16) for h in (heads, kv_heads, kv_heads))
     out = torch.full_like(q, float("nan"))
-    fn = lambda: prefill_attention(q, k, v, causal=True, impl=impl, out=out)  # noqa: E731
-    fn()
+    if impl == "sdpa_flash":
+        fn = sdpa_flash(q, k, v)
+    else:
+        fn = lambda: prefill_attention(q, k, v, causal=True, impl=impl, out=out)  # noqa: E731
+    result = fn()
     m = min(num_tokens, CHECK_MAX_TOKENS)
-    error = relative_error(out[:m], prefill_attention_ref(q[:m], k[:m], v[:m], causal=True))
+    error = relative_error(result[:m], prefill_attention_ref(q[:m], k[:m], v[:m], causal=True))
     assert error <= ATTENTION_RTOL[torch.bfloat16], f"relative error {error:.2e}"
 
     seconds = timed(fn, 3 if not CUDA else 10)

@@ -112,6 +112,24 @@ def test_bad_input_raises_a_clear_error(call, error, message, monkeypatch):
         call()
 
 
+def test_autotune_pruning_keeps_configs_that_compile():
+    """float32 ("ieee" dots on FMA units) gets 32-row tiles, head_dim 256 no 128-row tiles;
+    never an empty list (the interpreter has one config)."""
+    triton = pytest.importorskip("triton")
+    from kvbench.kernels.prefill_attention import _prune_configs
+
+    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}) for m, n in ((128, 128), (64, 64),
+                                                                         (32, 16))]
+
+    def rows(head_dim, precision, given=configs):
+        kept = _prune_configs(given, {}, HEAD_DIM=head_dim, DOT_PRECISION=precision)
+        return sorted(c.kwargs["BLOCK_M"] for c in kept)
+
+    assert rows(128, "ieee") == rows(256, "ieee") == [32]
+    assert rows(128, "tf32") == [64, 128] and rows(256, "tf32") == [64]
+    assert rows(256, "tf32", configs[:1]) == [128]
+
+
 @pytest.mark.gpu
 @pytest.mark.parametrize("impl", ["triton", "torch"])
 @pytest.mark.parametrize("dtype", DTYPES)

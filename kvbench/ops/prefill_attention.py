@@ -108,6 +108,11 @@ def _triton_attention(q, k, v, cu_seqlens, max_seqlen, causal, sm_scale, out) ->
         if t.stride(2) != 1:
             raise ValueError(f"impl='triton' needs {name} contiguous along head_dim "
                              "(stride 1); call .contiguous()")
+    # In the kernel only each sequence's first token offset is int64; row · stride_n inside a
+    # sequence is int32 (tiles overrun a sequence by less than BLOCK_M + BLOCK_N <= 256 rows).
+    if (max_seqlen + 256) * max(t.stride(0) for t in (q, k, v, out)) >= 2**31:
+        raise ValueError(f"impl='triton': a sequence of {max_seqlen} tokens overflows int32 "
+                         "offsets at these strides; split it or use impl='torch'")
     import triton
 
     from kvbench.kernels.prefill_attention import prefill_attention_kernel
