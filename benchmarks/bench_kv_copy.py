@@ -1,5 +1,6 @@
 """Swap-out and swap-in of a request's KV blocks, each impl side by side (one group per
-direction and size): llama-3-8b geometry (32 layers, 8 KV heads, head_dim 128, bf16), block 16.
+direction, size and block size): llama-3-8b geometry (32 layers, 8 KV heads, head_dim 128,
+bf16), block sizes 8/16/32 on CUDA, 8/16 on CPU (small blocks are what hurt per_block).
 
     bytes (each way)    = num_layers · 2 · num_blocks · block_size · num_kv_heads · head_dim · 2
     bandwidth_gbps      = bytes / median_s / 1e9
@@ -13,6 +14,7 @@ CPU: 16 and 256 tokens; triton runs in the interpreter (a correctness tool, far 
 compiled code) at 16 tokens only.
 """
 
+import functools
 import time
 
 import pytest
@@ -24,7 +26,7 @@ from kvbench.ops.kv_copy import triton_unavailable_reason
 from kvbench.reference import swap_in_ref, swap_out_ref
 
 MODEL = get_model("llama-3-8b")
-BLOCK_SIZE = 16
+BLOCK_SIZES = (8, 16, 32) if torch.cuda.is_available() else (8, 16)  # 16 tokens: no 32
 CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 TOKENS = (1024, 4096, 16384, 32768) if CUDA else (16, 256)
@@ -36,10 +38,11 @@ OPTIONS = {"triton": {"impl": "triton", "zero_copy": True if CUDA else None},
 _CEILING_GBPS: dict[tuple, float] = {}
 
 
-@pytest.fixture(scope="module")
-def kv_cache():
-    num_blocks = 2 * max(TOKENS) // BLOCK_SIZE
-    return allocate_kv_cache(MODEL.num_layers, num_blocks, BLOCK_SIZE, MODEL.num_kv_heads,
+@functools.cache
+def kv_cache(block_size: int) -> torch.Tensor:
+    """A cache holding twice the largest request, one per block size (CUDA: 8 GB each)."""
+    num_blocks = 2 * max(TOKENS) // block_size
+    return allocate_kv_cache(MODEL.num_layers, num_blocks, block_size, MODEL.num_kv_heads,
                              MODEL.head_dim, torch.bfloat16, device=DEVICE, seed=0)
 
 
@@ -76,20 +79,22 @@ def ceiling_gbps(direction: str, device_buffer: torch.Tensor, host: torch.Tensor
 @pytest.mark.parametrize("num_tokens", TOKENS)
 @pytest.mark.parametrize("impl", IMPLS)
 @pytest.mark.parametrize("direction", ["swap_out", "swap_in"])
-def test_kv_copy(benchmark, timed, kv_cache, direction, impl, num_tokens):
+@pytest.mark.parametrize("block_size", BLOCK_SIZES)
+def test_kv_copy(benchmark, timed, block_size, direction, impl, num_tokens):
     if impl.startswith("triton") and triton_unavailable_reason(DEVICE):
         pytest.skip(triton_unavailable_reason(DEVICE))
     if impl == "triton" and not CUDA and num_tokens > INTERPRETER_MAX_TOKENS:
         pytest.skip(f"the Triton interpreter is timed at {INTERPRETER_MAX_TOKENS} tokens only")
-    benchmark.group = f"{direction} {num_tokens} tokens"
-    num_blocks = num_tokens // BLOCK_SIZE
-    ids = torch.randperm(kv_cache.shape[2], generator=torch.Generator().manual_seed(num_tokens))
+    benchmark.group = f"{direction} {num_tokens} tokens, block size {block_size}"
+    cache = kv_cache(block_size)
+    num_blocks = num_tokens // block_size
+    ids = torch.randperm(cache.shape[2], generator=torch.Generator().manual_seed(num_tokens))
     ids = ids[:num_blocks].tolist()  # scattered through the cache, as after fragmentation
-    shape = packed_shape(kv_cache, num_blocks)
+    shape = packed_shape(cache, num_blocks)
     generator = torch.Generator(device=DEVICE).manual_seed(num_tokens)  # random on the device
-    device_buffer = torch.randn(shape, generator=generator, device=DEVICE, dtype=kv_cache.dtype)
-    host = torch.empty(shape, dtype=kv_cache.dtype, pin_memory=CUDA)
-    host.copy_(torch.randn(shape, generator=generator, device=DEVICE, dtype=kv_cache.dtype))
+    device_buffer = torch.randn(shape, generator=generator, device=DEVICE, dtype=cache.dtype)
+    host = torch.empty(shape, dtype=cache.dtype, pin_memory=CUDA)
+    host.copy_(torch.randn(shape, generator=generator, device=DEVICE, dtype=cache.dtype))
 
     if impl == "ceiling":
         fn = contiguous_copy(direction, device_buffer, host)
@@ -97,23 +102,23 @@ def test_kv_copy(benchmark, timed, kv_cache, direction, impl, num_tokens):
         synchronize()
         assert torch.equal(host.to(DEVICE), device_buffer)
     elif direction == "swap_out":
-        fn = lambda: swap_out(kv_cache, ids, host, **OPTIONS[impl])  # noqa: E731
+        fn = lambda: swap_out(cache, ids, host, **OPTIONS[impl])  # noqa: E731
         fn()
         synchronize()
-        assert torch.equal(host.to(DEVICE), swap_out_ref(kv_cache, ids))
+        assert torch.equal(host.to(DEVICE), swap_out_ref(cache, ids))
     else:
-        fn = lambda: swap_in(host, kv_cache, ids, **OPTIONS[impl])  # noqa: E731
-        expected = swap_in_ref(host, kv_cache, ids)
+        fn = lambda: swap_in(host, cache, ids, **OPTIONS[impl])  # noqa: E731
+        expected = swap_in_ref(host, cache, ids)
         fn()
         synchronize()
-        assert torch.equal(kv_cache, expected)
+        assert torch.equal(cache, expected)
         del expected
 
     rounds = 3 if impl == "per_block" or (impl == "triton" and not CUDA) else 10
     seconds = timed(fn, rounds)
-    nbytes = packed_bytes(kv_cache, num_blocks)
+    nbytes = packed_bytes(cache, num_blocks)
     info = {"impl": impl, "direction": direction, "device": str(DEVICE), "num_tokens": num_tokens,
-            "num_blocks": num_blocks, "block_size": BLOCK_SIZE, "dtype": "bfloat16",
+            "num_blocks": num_blocks, "block_size": block_size, "dtype": "bfloat16",
             "bytes": nbytes}
     if seconds is not None:
         ceiling = ceiling_gbps(direction, device_buffer, host)
