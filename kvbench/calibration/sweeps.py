@@ -31,7 +31,7 @@ from kvbench.ops import prefill_attention, swap_in, swap_out
 from kvbench.ops.kv_copy import allocate_kv_cache
 
 OnPoint = Callable[[str, str], None]
-ROTATE = 8
+MIN_ROTATE, MAX_ROTATE = 8, 256
 COLD_BYTES = 512 * 2**20  # weights rotated through per timed layer: several last-level caches
 
 
@@ -133,13 +133,14 @@ def swap_sweep(spec: ModelSpec, device: str, block_size: int, lengths: list[int]
     for n in lengths:
         num_blocks = -(-n // block_size)
         numel = cache[:, :, :num_blocks].numel()
-        # Rotate among several requests (block sets and host buffers) so that a small request
-        # is not timed out of the CPU caches: swapped KV is cold in a real engine.
-        offsets = np.linspace(0, host.numel() - numel, ROTATE).astype(int)
+        # Rotate among enough requests (block sets and host buffers) that together they outsize
+        # the caches, so a small request is not timed out of them: swapped KV is cold.
+        nbytes = numel * host.element_size()
+        rotate = int(np.clip(COLD_BYTES / nbytes, MIN_ROTATE, MAX_ROTATE))
+        offsets = np.linspace(0, host.numel() - numel, rotate).astype(int)
         reqs = [(torch.randperm(2 * max_blocks, generator=gen)[:num_blocks],  # host ids: no sync
                  host[o:o + numel].view(kv_shape(spec, num_blocks, block_size)))
                 for o in offsets]
-        nbytes = numel * host.element_size()
         for impl in impls:
             if impl == "per_block" and n > (per_block_max_tokens or n):
                 continue  # the slow baseline: its trend is clear long before the largest size
