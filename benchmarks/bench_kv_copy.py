@@ -15,11 +15,11 @@ compiled code) at 16 tokens only.
 """
 
 import functools
-import time
 
 import pytest
 import torch
 
+from kvbench.calibration.timing import measure, synchronize
 from kvbench.models import get_model
 from kvbench.ops import allocate_kv_cache, packed_bytes, packed_shape, swap_in, swap_out
 from kvbench.ops.kv_copy import triton_unavailable_reason
@@ -46,11 +46,6 @@ def kv_cache(block_size: int) -> torch.Tensor:
                              MODEL.head_dim, torch.bfloat16, device=DEVICE, seed=0)
 
 
-def synchronize() -> None:
-    if CUDA:
-        torch.cuda.synchronize()
-
-
 def contiguous_copy(direction: str, device_buffer: torch.Tensor, host: torch.Tensor):
     """The ceiling: one bulk copy of the same bytes (device -> host for swap_out)."""
     if direction == "swap_out":
@@ -59,20 +54,12 @@ def contiguous_copy(direction: str, device_buffer: torch.Tensor, host: torch.Ten
 
 
 def ceiling_gbps(direction: str, device_buffer: torch.Tensor, host: torch.Tensor) -> float:
-    """GB/s of `contiguous_copy`: median of 5 synchronized calls after a warm-up, measured once
-    per direction and size."""
+    """GB/s of `contiguous_copy` by the calibration's own timer (CUDA events on GPU), measured
+    once per direction and size."""
     key = (direction, host.numel())
     if key not in _CEILING_GBPS:
-        copy = contiguous_copy(direction, device_buffer, host)
-        copy()
-        synchronize()
-        times_s = []
-        for _ in range(5):
-            start = time.perf_counter()
-            copy()
-            synchronize()
-            times_s.append(time.perf_counter() - start)
-        _CEILING_GBPS[key] = host.numel() * host.element_size() / sorted(times_s)[2] / 1e9
+        timing = measure(contiguous_copy(direction, device_buffer, host), DEVICE.type, reps=5)
+        _CEILING_GBPS[key] = host.numel() * host.element_size() / timing.median_ms / 1e6
     return _CEILING_GBPS[key]
 
 
@@ -99,18 +86,18 @@ def test_kv_copy(benchmark, timed, block_size, direction, impl, num_tokens):
     if impl == "ceiling":
         fn = contiguous_copy(direction, device_buffer, host)
         fn()
-        synchronize()
+        synchronize(DEVICE.type)
         assert torch.equal(host.to(DEVICE), device_buffer)
     elif direction == "swap_out":
         fn = lambda: swap_out(cache, ids, host, **OPTIONS[impl])  # noqa: E731
         fn()
-        synchronize()
+        synchronize(DEVICE.type)
         assert torch.equal(host.to(DEVICE), swap_out_ref(cache, ids))
     else:
         fn = lambda: swap_in(host, cache, ids, **OPTIONS[impl])  # noqa: E731
         expected = swap_in_ref(host, cache, ids)
         fn()
-        synchronize()
+        synchronize(DEVICE.type)
         assert torch.equal(cache, expected)
         del expected
 

@@ -7,10 +7,9 @@ Every benchmark checks its op against `kvbench.reference` before timing it.
 import pytest
 import torch
 
+from kvbench.calibration.timing import synchronize
 
-def synchronize() -> None:
-    if torch.cuda.is_available():
-        torch.cuda.synchronize()
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
 
 @pytest.fixture
@@ -22,7 +21,7 @@ def timed(benchmark):
     def run(fn, rounds: int):
         def call():
             fn()
-            synchronize()
+            synchronize(DEVICE)
 
         benchmark.pedantic(call, rounds=rounds, warmup_rounds=1, iterations=1)
         return benchmark.stats.stats.median if benchmark.stats else None

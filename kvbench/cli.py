@@ -151,6 +151,17 @@ def models() -> None:
     out.print(table)
 
 
+def _formulas(prof: Profile) -> tuple[str, str, str | None]:
+    """The fitted swap, recompute and (if present) decode models, one line each."""
+    s, r, d = prof.swap, prof.recompute, prof.decode
+    decode = (f"decode_step_ms(B, T) = {d.d0_ms:.6g} + {d.d1_ms_per_seq:.6g}·B + "
+              f"{d.d2_ms_per_seq_token:.6g}·B·T" if d else None)
+    return (f"swap_ms(n) = {s.fixed_ms:.6g} + {s.ms_per_token:.6g}·n + {s.ms_per_block:.6g}·"
+            f"ceil(n/{s.block_size})",
+            f"recompute_ms(n) = {r.fixed_ms:.6g} + {r.ms_per_token:.6g}·n + "
+            f"{r.ms_per_token_sq:.6g}·n²", decode)
+
+
 def _fit_line(name: str, fit) -> str:
     r2 = "n/a" if fit.r2 is None else f"{fit.r2:.4f}"
     if fit.r2_unweighted is not None:
@@ -173,14 +184,11 @@ def profile_show(path: Path = typer.Argument(..., help="Profile JSON.")) -> None
     out.print(f"model: {prof.model.name}, {prof.dtype}, tp={prof.model.tp}, "
               f"{prof.model.spec().kv_bytes_per_token:,.0f} KV bytes/token")
     s, r = prof.swap, prof.recompute
-    out.print(f"swap_ms(n) = {s.fixed_ms:.6g} + {s.ms_per_token:.6g}·n + {s.ms_per_block:.6g}·"
-              f"ceil(n/{s.block_size})" + (f"  [impl {s.impl}]" if s.impl else ""))
-    out.print(f"recompute_ms(n) = {r.fixed_ms:.6g} + {r.ms_per_token:.6g}·n + "
-              f"{r.ms_per_token_sq:.6g}·n²")
-    if prof.decode:
-        d = prof.decode
-        out.print(f"decode_step_ms(B, T) = {d.d0_ms:.6g} + {d.d1_ms_per_seq:.6g}·B + "
-                  f"{d.d2_ms_per_seq_token:.6g}·B·T")
+    swap, recompute, decode = _formulas(prof)
+    out.print(swap + (f"  [impl {s.impl}]" if s.impl else ""))
+    out.print(recompute)
+    if decode:
+        out.print(decode)
     out.print(_fit_line("swap fit", s.fit))
     out.print(_fit_line("recompute fit", r.fit))
     crossover = prof.crossover_tokens
@@ -215,15 +223,11 @@ def print_calibration(prof: Profile, paths: list[Path]) -> None:
               f"({prof.dtype}, {prof.model.spec().kv_bytes_per_token:,.0f} KV bytes/token)")
     for name, fit in (("swap", s.fit), ("recompute", r.fit)):
         out.print(_fit_line(f"{name} fit", fit))
-    out.print(f"swap_ms(n) = {s.fixed_ms:.6g} + {s.ms_per_token:.6g}·n + {s.ms_per_block:.6g}·"
-              f"ceil(n/{s.block_size})   [fastest impl: {s.impl}]")
-    out.print(f"recompute_ms(n) = {r.fixed_ms:.6g} + {r.ms_per_token:.6g}·n + "
-              f"{r.ms_per_token_sq:.6g}·n²   [attention alone: "
-              f"{x['attention']['ms_per_token_sq']:.6g}·n²]")
-    if prof.decode:
-        d = prof.decode
-        out.print(f"decode_step_ms(B, T) = {d.d0_ms:.6g} + {d.d1_ms_per_seq:.6g}·B + "
-                  f"{d.d2_ms_per_seq_token:.6g}·B·T   [R² {d.r2:.4f}]")
+    swap, recompute, decode = _formulas(prof)
+    out.print(f"{swap}   [fastest impl: {s.impl}]")
+    out.print(f"{recompute}   [attention alone: {x['attention']['ms_per_token_sq']:.6g}·n²]")
+    if decode:
+        out.print(f"{decode}   [R² {prof.decode.r2:.4f}]")
     ceiling = x["ceiling_gbps"]
     out.print(f"copy ceiling (one contiguous {x['ceiling_bytes'] / 2**20:,.0f} MiB copy): "
               f"out {ceiling['out']:.1f} GB/s, in {ceiling['in']:.1f} GB/s")

@@ -33,6 +33,14 @@ class Timing:
         return self.spread_ms / self.median_ms if self.median_ms > 0 else 0.0
 
 
+def synchronize(device: str) -> None:
+    """Wait for the work queued on `device` (nothing to wait for on the CPU)."""
+    if device == "cuda":
+        import torch
+
+        torch.cuda.synchronize()
+
+
 def _cpu_samples(fn: Callable[[], object], reps: int) -> list[float]:
     samples = []
     for _ in range(reps):
