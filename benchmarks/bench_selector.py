@@ -7,11 +7,10 @@ the vectorized result is checked against the loop's before anything is timed.
     .venv/bin/python -m pytest benchmarks/bench_selector.py --benchmark-disable -q   # check only
 """
 
-import math
-
 import numpy as np
 import pytest
 
+from kvbench.reference import select_preemption_strategy_ref as select_loop
 from kvbench.selector import select_preemption_strategy
 
 # Realistic magnitudes (swap per token as for llama-3-8b over PCIe 5) with a recompute cheap
@@ -21,33 +20,6 @@ CONFIG = {"swap_fixed_ms": 0.02, "swap_ms_per_token": 0.0048, "swap_ms_per_block
           "block_size": 16, "recompute_fixed_ms": 0.05, "recompute_ms_per_token": 0.0008,
           "recompute_ms_per_token_sq": 5.3e-7}
 SIZES = {"1k": 1_000, "1M": 1_000_000}
-
-
-def select_loop(token_counts: list[int], config: dict) -> dict:
-    """The straightforward baseline: one request at a time, both costs, the cheaper one."""
-    fixed_s, per_token_s = config["swap_fixed_ms"], config["swap_ms_per_token"]
-    per_block_s, block_size = config["swap_ms_per_block"], config["block_size"]
-    fixed_r, per_token_r = config["recompute_fixed_ms"], config["recompute_ms_per_token"]
-    per_token_sq_r = config["recompute_ms_per_token_sq"]
-    strategies, swap_costs, recompute_costs, total = [], [], [], 0.0
-    for n in token_counts:
-        if n < 0:
-            raise ValueError(f"negative token count {n}")
-        if n == 0:
-            swap = recompute = 0.0
-        else:
-            swap = fixed_s + per_token_s * n + per_block_s * math.ceil(n / block_size)
-            recompute = fixed_r + per_token_r * n + per_token_sq_r * n * n
-        if swap <= recompute:
-            strategies.append("swap")
-            total += swap
-        else:
-            strategies.append("recompute")
-            total += recompute
-        swap_costs.append(round(swap, 4))
-        recompute_costs.append(round(recompute, 4))
-    return {"strategies": strategies, "swap_costs_ms": swap_costs,
-            "recompute_costs_ms": recompute_costs, "total_cost_ms": round(total, 4)}
 
 
 def token_counts(size: str) -> list[int]:

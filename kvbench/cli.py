@@ -22,8 +22,9 @@ from kvbench.hardware import (
     resolve_device,
     slugify,
 )
+from kvbench.io import write_atomic
 from kvbench.models import MODELS, from_hf_config, get_model
-from kvbench.profile import Profile, analytic_profile, load, save, write_atomic
+from kvbench.profile import Profile, analytic_profile, load, save
 from kvbench.selector import select_preemption_strategy
 
 app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
@@ -346,7 +347,7 @@ SIM_JSON = typer.Option(False, "--json", help="Print the summary as JSON.")
 def _sim_inputs(trace, synthetic, profile, model, hardware, rate_scale, num_requests,
                 max_tokens, seed):
     """The workload and the profile (calibrated, or analytic for the model) of a sim command."""
-    from kvbench.sim.engine import SimConfig
+    from kvbench.sim.config import SimConfig
     from kvbench.sim.workloads import load_workload
 
     if profile is not None and model is not None:
@@ -393,7 +394,8 @@ def simulate_cmd(
     as_json: bool = SIM_JSON,
 ) -> None:
     """Simulate one serving replica under one scheduling policy."""
-    from kvbench.sim.engine import SimConfig, simulate
+    from kvbench.sim.config import SimConfig, SimCosts
+    from kvbench.sim.engine import simulate
     from kvbench.sim.metrics import summarize, write_results
     from kvbench.sim.plots import plot_run
 
@@ -408,7 +410,7 @@ def simulate_cmd(
                        history_quantile=history_quantile, seed=seed)
     with _sim_progress(config.policy_name, "requests") as progress:
         task = progress.add_task("simulate", total=workload.num_requests)
-        result = simulate(workload, config, prof,
+        result = simulate(workload, config, SimCosts.from_profile(prof, hardware),
                           progress=lambda done: progress.update(task, completed=done))
     summary = summarize(result)
     if out_dir is not None:
@@ -472,7 +474,7 @@ def compare_policies_cmd(
     as_json: bool = SIM_JSON,
 ) -> None:
     """Run a matrix of policies on one workload (default: the shared Azure 2023 trace)."""
-    from kvbench.sim.engine import SimConfig
+    from kvbench.sim.config import SimConfig, SimCosts
     from kvbench.sim.metrics import summarize
     from kvbench.sim.study import (
         STUDY_POLICIES,
@@ -495,7 +497,8 @@ def compare_policies_cmd(
                      cpu_swap_gib=cpu_swap_gib, seed=seed)
     with _sim_progress("compare-policies", "policies") as progress:
         task = progress.add_task("compare", total=len(names))
-        results = compare_policies(workload, names, base, prof, jobs,
+        results = compare_policies(workload, names, base, SimCosts.from_profile(prof, hardware),
+                                   jobs,
                                    on_result=lambda _: progress.advance(task))
     summaries = [summarize(r) for r in results]
     write_comparison(results, summaries, out_dir)

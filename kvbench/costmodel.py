@@ -10,29 +10,58 @@ request with 0 tokens holds no KV: both costs are 0. Evaluation is vectorized ov
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass
+import dataclasses
+import difflib
+import math
+import numbers
+from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
 from kvbench.hardware import HardwareSpec
 from kvbench.models import ModelSpec
 
-SWAP_KEYS = ("swap_fixed_ms", "swap_ms_per_token", "swap_ms_per_block", "block_size")
-RECOMPUTE_KEYS = ("recompute_fixed_ms", "recompute_ms_per_token", "recompute_ms_per_token_sq")
-COEFFICIENT_KEYS = SWAP_KEYS + RECOMPUTE_KEYS
-OPTIONAL_DEFAULTS = {"swap_ms_per_block": 0.0, "block_size": 16}
 CROSSOVER_SEARCH_TOKENS = 1 << 21
 
 
-@dataclass(frozen=True)
+def unknown_key_message(key: Any, known: tuple[str, ...]) -> str:
+    hint = difflib.get_close_matches(str(key), known, n=1)
+    suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
+    return f"config: unknown key {key!r}{suggestion}; known keys: {', '.join(known)}"
+
+
+def check_coefficient(key: str, value: Any) -> float:
+    """A finite, non-negative number, or TypeError/ValueError naming `key`."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"config: {key} must be a number, got {type(value).__name__} {value!r}")
+    value = float(value)
+    if not math.isfinite(value):
+        raise ValueError(f"config: {key} must be finite, got {value}")
+    if value < 0:
+        raise ValueError(f"config: {key} must be non-negative, got {value}")
+    return value
+
+
+def check_positive_int(key: str, value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
+        raise TypeError(f"config: {key} must be a positive integer, got {value!r}")
+    if value < 1:
+        raise ValueError(f"config: {key} must be a positive integer, got {value}")
+    return int(value)
+
+
+@dataclass(frozen=True, kw_only=True)
 class CostModel:
+    """The coefficients: what a fit produces, a profile stores, the selector and simulator use."""
+
     swap_fixed_ms: float
     swap_ms_per_token: float
+    swap_ms_per_block: float = 0.0
+    block_size: int = 16
     recompute_fixed_ms: float
     recompute_ms_per_token: float
     recompute_ms_per_token_sq: float
-    swap_ms_per_block: float = 0.0
-    block_size: int = 16
 
     def swap_ms(self, num_tokens) -> np.ndarray:
         n = np.asarray(num_tokens, dtype=np.float64)
@@ -52,25 +81,38 @@ class CostModel:
         None when recompute stays cheaper at max_tokens.
         """
         n = np.arange(1, max_tokens + 1)
-        recompute_cheaper = self.recompute_ms(n) < self.swap_ms(n)
+        recompute_cheaper = ~self.prefer_swap(n)
         if recompute_cheaper[-1]:
             return None
         last = np.flatnonzero(recompute_cheaper)
         return int(last[-1]) + 2 if last.size else 1
 
-    def to_config(self) -> dict:
-        """The selector's coefficient dict (see `kvbench.selector`)."""
-        d = asdict(self)
-        return {"swap_fixed_ms": d["swap_fixed_ms"], "swap_ms_per_token": d["swap_ms_per_token"],
-                "swap_ms_per_block": d["swap_ms_per_block"], "block_size": d["block_size"],
-                "recompute_fixed_ms": d["recompute_fixed_ms"],
-                "recompute_ms_per_token": d["recompute_ms_per_token"],
-                "recompute_ms_per_token_sq": d["recompute_ms_per_token_sq"]}
+    def price(self, num_tokens) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Swap cost, recompute cost and whether to swap: swapping wins exact ties."""
+        swap, recompute = self.swap_ms(num_tokens), self.recompute_ms(num_tokens)
+        return swap, recompute, swap <= recompute
+
+    def prefer_swap(self, num_tokens) -> np.ndarray:
+        """Per request: is swapping no dearer than recomputing? (see `price`)"""
+        return self.price(num_tokens)[2]
+
+    def to_dict(self) -> dict:
+        """The selector's coefficient dict: the field names are the keys."""
+        return dataclasses.asdict(self)
 
     @classmethod
-    def from_config(cls, config: dict) -> CostModel:
-        """From an already validated coefficient dict (`kvbench.selector.validate_config`)."""
-        return cls(**{k: config[k] for k in COEFFICIENT_KEYS})
+    def from_dict(cls, config: dict) -> CostModel:
+        """Validate a coefficient dict (the selector's): every field, `swap_ms_per_block` and
+        `block_size` optional. Raises ValueError/TypeError naming the key."""
+        unknown = [k for k in config if k not in COEFFICIENT_KEYS]
+        if unknown:
+            raise ValueError(unknown_key_message(unknown[0], COEFFICIENT_KEYS))
+        missing = [k for k in REQUIRED_KEYS if k not in config]
+        if missing:
+            raise ValueError(f"config: missing key {missing[0]!r} (required: "
+                             f"{', '.join(REQUIRED_KEYS)})")
+        return cls(**{k: check_positive_int(k, v) if k == "block_size" else
+                      check_coefficient(k, v) for k, v in config.items()})
 
     @classmethod
     def analytic(cls, model: ModelSpec, hw: HardwareSpec, block_size: int = 16) -> CostModel:
@@ -96,6 +138,11 @@ class CostModel:
             recompute_ms_per_token=model.linear_flops_per_token / rate,
             recompute_ms_per_token_sq=model.attention_flops_per_token_sq / rate,
         )
+
+
+COEFFICIENT_KEYS = tuple(f.name for f in dataclasses.fields(CostModel))
+REQUIRED_KEYS = tuple(f.name for f in dataclasses.fields(CostModel)
+                      if f.default is dataclasses.MISSING)
 
 
 @dataclass(frozen=True)

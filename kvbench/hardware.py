@@ -32,6 +32,7 @@ class HardwareSpec:
     hbm_gbps: float = 3350.0  # device memory bandwidth, for decode steps
     block_copy_overhead_ms: float = 0.0  # extra cost per KV block per direction (per-block copies)
     launch_overhead_ms: float = 0.05  # fixed cost of a prefill or decode step
+    memory_gib: float = 80.0  # device memory as the driver reports it (sizes the KV cache)
 
     def __post_init__(self) -> None:
         for field in dataclasses.fields(self):
@@ -42,7 +43,8 @@ class HardwareSpec:
                     value == value and abs(value) != float("inf")) or value < 0:
                 raise ValueError(f"hardware {self.name!r}: {field.name} must be a finite "
                                  f"non-negative number, got {value!r}")
-        for field in ("h2d_gbps", "d2h_gbps", "peak_tflops", "achieved_fraction", "hbm_gbps"):
+        for field in ("h2d_gbps", "d2h_gbps", "peak_tflops", "achieved_fraction", "hbm_gbps",
+                      "memory_gib"):
             if getattr(self, field) == 0:
                 raise ValueError(f"hardware {self.name!r}: {field} must be positive")
         if self.achieved_fraction > 1:
@@ -54,13 +56,16 @@ class HardwareSpec:
 HARDWARE: dict[str, HardwareSpec] = {
     spec.name: spec
     for spec in (
-        HardwareSpec("h100-sxm", 55.0, 55.0, 0.01, 989.0, 0.5, hbm_gbps=3350.0),
-        HardwareSpec("h200", 55.0, 55.0, 0.01, 989.0, 0.5, hbm_gbps=4800.0),
-        HardwareSpec("a100-80gb", 25.0, 25.0, 0.01, 312.0, 0.5, hbm_gbps=2039.0),
-        HardwareSpec("l4", 25.0, 25.0, 0.01, 121.0, 0.5, hbm_gbps=300.0),
+        HardwareSpec("h100-sxm", 55.0, 55.0, 0.01, 989.0, 0.5, hbm_gbps=3350.0, memory_gib=80.0),
+        HardwareSpec("h200", 55.0, 55.0, 0.01, 989.0, 0.5, hbm_gbps=4800.0, memory_gib=140.0),
+        HardwareSpec("a100-80gb", 25.0, 25.0, 0.01, 312.0, 0.5, hbm_gbps=2039.0,
+                     memory_gib=80.0),
+        HardwareSpec("l4", 25.0, 25.0, 0.01, 121.0, 0.5, hbm_gbps=300.0, memory_gib=22.5),
     )
 }
-HARDWARE_FIELDS = tuple(f.name for f in dataclasses.fields(HardwareSpec) if f.name != "name")
+# The fields that price swaps, prefills and decode steps (what an analytic config may override).
+HARDWARE_FIELDS = tuple(f.name for f in dataclasses.fields(HardwareSpec)
+                        if f.name not in ("name", "memory_gib"))
 
 
 def get_hardware(name: str = "h100-sxm", **overrides: float) -> HardwareSpec:

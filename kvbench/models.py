@@ -58,9 +58,15 @@ class ModelSpec:
         return DTYPE_BYTES[self.dtype]
 
     @property
+    def kv_heads_per_gpu(self) -> int:
+        """This GPU's KV heads under tensor parallelism: Hkv / tp, at least 1 (with tp > Hkv each
+        KV head is replicated, as vLLM does)."""
+        return max(self.num_kv_heads // self.tp, 1)
+
+    @property
     def kv_bytes_per_token(self) -> float:
-        """K and V, every layer, this GPU's share of the KV heads: 2·L·Hkv·d·bytes / tp."""
-        return 2 * self.num_layers * self.num_kv_heads * self.head_dim * self.dtype_bytes / self.tp
+        """K and V, every layer, this GPU's KV heads: 2·L·(Hkv/tp)·d·bytes."""
+        return 2 * self.num_layers * self.kv_heads_per_gpu * self.head_dim * self.dtype_bytes
 
     @property
     def layer_params(self) -> int:
@@ -97,14 +103,6 @@ class ModelSpec:
     def attention_flops(self, num_tokens):
         """Causal attention FLOPs of a prompt of n tokens, all layers: 2·n²·H·d·L / tp."""
         return self.attention_flops_per_token_sq * num_tokens * num_tokens
-
-    def prefill_flops(self, num_tokens):
-        """Prefill of n tokens: linear layers for every token, causal attention, one LM head."""
-        return (self.linear_flops_per_token * num_tokens + self.attention_flops(num_tokens)
-                + self.lm_head_flops)
-
-    def with_tp(self, tp: int) -> ModelSpec:
-        return dataclasses.replace(self, tp=tp)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -11,21 +11,22 @@ import dataclasses
 import json
 import math
 import os
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any, ClassVar, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 
 from kvbench import __version__
-from kvbench.costmodel import CostModel, DecodeModel
+from kvbench.costmodel import COEFFICIENT_KEYS, CostModel, DecodeModel
 from kvbench.hardware import HardwareSpec
+from kvbench.io import write_atomic
 from kvbench.models import ModelSpec
 
 SCHEMA = "kvbench.profile"
 SCHEMA_VERSION = 1
 NonNeg = Field(ge=0, allow_inf_nan=False)
+DECODE_KEYS = {f.name for f in dataclasses.fields(DecodeModel)}
 
 
 class ProfileError(ValueError):
@@ -54,22 +55,44 @@ class Measurements(Strict):
     heldout: list[bool] = []
 
 
-class SwapSection(Strict):
+class CostSection(Strict):
+    """One phase's share of the `CostModel`: each key is the CostModel field name without the
+    phase's prefix (`fixed_ms` in `swap` is `swap_fixed_ms`), with the fit that produced it."""
+
+    PHASE: ClassVar[str]
+    fit: FitQuality
+    measurements: Measurements = Measurements()
+
+    @classmethod
+    def _key(cls, field: str) -> str:
+        return field.removeprefix(f"{cls.PHASE}_")
+
+    def coefficients(self) -> dict[str, float]:
+        """This section's CostModel fields, under their CostModel names."""
+        return {f: getattr(self, self._key(f)) for f in COEFFICIENT_KEYS
+                if self._key(f) in type(self).model_fields}
+
+    @classmethod
+    def from_costs(cls, costs: CostModel, **rest: Any) -> CostSection:
+        """This phase's coefficients out of `costs`, plus the other fields in `rest`."""
+        return cls(**{cls._key(f): v for f, v in costs.to_dict().items()
+                      if cls._key(f) in cls.model_fields}, **rest)
+
+
+class SwapSection(CostSection):
+    PHASE: ClassVar[str] = "swap"
     fixed_ms: float = NonNeg
     ms_per_token: float = NonNeg
     ms_per_block: float = NonNeg
     block_size: int = Field(ge=1)
     impl: str | None = None
-    fit: FitQuality
-    measurements: Measurements = Measurements()
 
 
-class RecomputeSection(Strict):
+class RecomputeSection(CostSection):
+    PHASE: ClassVar[str] = "recompute"
     fixed_ms: float = NonNeg
     ms_per_token: float = NonNeg
     ms_per_token_sq: float = NonNeg
-    fit: FitQuality
-    measurements: Measurements = Measurements()
 
 
 class DecodeSection(Strict):
@@ -121,23 +144,12 @@ class Profile(Strict):
         return value
 
     def cost_model(self) -> CostModel:
-        return CostModel(
-            swap_fixed_ms=self.swap.fixed_ms, swap_ms_per_token=self.swap.ms_per_token,
-            swap_ms_per_block=self.swap.ms_per_block, block_size=self.swap.block_size,
-            recompute_fixed_ms=self.recompute.fixed_ms,
-            recompute_ms_per_token=self.recompute.ms_per_token,
-            recompute_ms_per_token_sq=self.recompute.ms_per_token_sq,
-        )
+        return CostModel(**self.swap.coefficients(), **self.recompute.coefficients())
 
     def decode_model(self) -> DecodeModel | None:
         if self.decode is None:
             return None
-        return DecodeModel(self.decode.d0_ms, self.decode.d1_ms_per_seq,
-                           self.decode.d2_ms_per_seq_token)
-
-    def to_selector_config(self) -> dict:
-        """The selector's coefficient dict."""
-        return self.cost_model().to_config()
+        return DecodeModel(**self.decode.model_dump(include=DECODE_KEYS))
 
     def check_matches(self, model: str | None = None, device: str | None = None,
                       force: bool = False) -> None:
@@ -174,13 +186,9 @@ def analytic_profile(model: ModelSpec, hw: HardwareSpec, block_size: int = 16,
         created_at=now_iso(), kvbench_version=__version__, source="analytic", dtype=model.dtype,
         environment={"device": "analytic", "device_name": hw.name},
         model=ModelInfo(**model.to_dict()), config={"hardware": dataclasses.asdict(hw)},
-        swap=SwapSection(fixed_ms=costs.swap_fixed_ms, ms_per_token=costs.swap_ms_per_token,
-                         ms_per_block=costs.swap_ms_per_block, block_size=block_size, fit=fit),
-        recompute=RecomputeSection(fixed_ms=costs.recompute_fixed_ms,
-                                   ms_per_token=costs.recompute_ms_per_token,
-                                   ms_per_token_sq=costs.recompute_ms_per_token_sq, fit=fit),
-        decode=DecodeSection(d0_ms=decode.d0_ms, d1_ms_per_seq=decode.d1_ms_per_seq,
-                             d2_ms_per_seq_token=decode.d2_ms_per_seq_token),
+        swap=SwapSection.from_costs(costs, fit=fit),
+        recompute=RecomputeSection.from_costs(costs, fit=fit),
+        decode=DecodeSection(**dataclasses.asdict(decode)),
         crossover_tokens=costs.crossover_tokens(),
     )
 
@@ -226,30 +234,6 @@ def load(path: str | os.PathLike) -> Profile:
     except json.JSONDecodeError as exc:
         raise ProfileError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
     return parse(data, origin=str(path))
-
-
-def write_atomic(path: str | os.PathLike, text: str | bytes) -> Path:
-    """Write to a temp file in the same folder, fsync, then rename over `path`."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        os.fchmod(fd, path.stat().st_mode & 0o7777 if path.exists() else 0o666 & ~_umask())
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(text.encode() if isinstance(text, str) else text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return path
-
-
-def _umask() -> int:
-    mask = os.umask(0)
-    os.umask(mask)
-    return mask
 
 
 def save(profile: Profile, path: str | os.PathLike) -> Path:

@@ -60,3 +60,28 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
     """‖out − ref‖_F / ‖ref‖_F, computed in float64."""
     ref = ref.double()
     return float(torch.linalg.vector_norm(out.double() - ref) / torch.linalg.vector_norm(ref))
+
+
+def preemption_costs_ref(num_tokens: int, config: dict) -> tuple[float, float]:
+    """Swap and recompute cost (ms) of one request in plain Python, from a coefficient dict."""
+    if num_tokens == 0:
+        return 0.0, 0.0
+    blocks = math.ceil(num_tokens / config.get("block_size", 16))
+    swap = (config["swap_fixed_ms"] + config["swap_ms_per_token"] * num_tokens
+            + config.get("swap_ms_per_block", 0.0) * blocks)
+    recompute = (config["recompute_fixed_ms"] + config["recompute_ms_per_token"] * num_tokens
+                 + config["recompute_ms_per_token_sq"] * num_tokens * num_tokens)
+    return swap, recompute
+
+
+def select_preemption_strategy_ref(token_counts: list[int], config: dict) -> dict:
+    """`kvbench.select_preemption_strategy` one request at a time (the straightforward loop)."""
+    strategies, swap_costs, recompute_costs, total = [], [], [], 0.0
+    for n in token_counts:
+        swap, recompute = preemption_costs_ref(n, config)
+        strategies.append("swap" if swap <= recompute else "recompute")
+        total += min(swap, recompute)
+        swap_costs.append(round(swap, 4))
+        recompute_costs.append(round(recompute, 4))
+    return {"strategies": strategies, "swap_costs_ms": swap_costs,
+            "recompute_costs_ms": recompute_costs, "total_cost_ms": round(total, 4)}

@@ -12,7 +12,8 @@ from collections import defaultdict
 from pathlib import Path
 
 from kvbench.hardware import fingerprint_slug
-from kvbench.profile import Profile, ProfileError, load, write_atomic
+from kvbench.io import write_atomic
+from kvbench.profile import Profile, ProfileError, load
 
 
 def latest_baselines(bench_dir: Path) -> dict[str, dict]:

@@ -15,7 +15,6 @@ picks the cheaper; exactly equal costs choose swap. `config` is one of:
 
 from __future__ import annotations
 
-import difflib
 import math
 import numbers
 from os import PathLike
@@ -23,7 +22,12 @@ from typing import Any
 
 import numpy as np
 
-from kvbench.costmodel import COEFFICIENT_KEYS, OPTIONAL_DEFAULTS, CostModel
+from kvbench.costmodel import (
+    CostModel,
+    check_coefficient,
+    check_positive_int,
+    unknown_key_message,
+)
 from kvbench.hardware import HARDWARE_FIELDS, get_hardware
 from kvbench.models import get_model
 
@@ -33,58 +37,17 @@ INT64_MAX = int(np.iinfo(np.int64).max)
 STRATEGY_NAMES = np.array(["recompute", "swap"], dtype=object)  # indexed by use_swap
 
 
-def _unknown_key_message(key: Any, known: tuple[str, ...]) -> str:
-    hint = difflib.get_close_matches(str(key), known, n=1)
-    suggestion = f" (did you mean {hint[0]!r}?)" if hint else ""
-    return f"config: unknown key {key!r}{suggestion}; known keys: {', '.join(known)}"
-
-
-def _check_coefficient(key: str, value: Any) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"config: {key} must be a number, got {type(value).__name__} {value!r}")
-    value = float(value)
-    if not math.isfinite(value):
-        raise ValueError(f"config: {key} must be finite, got {value}")
-    if value < 0:
-        raise ValueError(f"config: {key} must be non-negative, got {value}")
-    return value
-
-
-def _check_positive_int(key: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, INT_TYPES):
-        raise TypeError(f"config: {key} must be a positive integer, got {value!r}")
-    if value < 1:
-        raise ValueError(f"config: {key} must be a positive integer, got {value}")
-    return int(value)
-
-
-def _check_block_size(value: Any) -> int:
-    return _check_positive_int("block_size", value)
-
-
-def validate_config(config: dict) -> dict:
-    """Check a coefficient dict and return it complete (defaults filled in), as plain floats."""
-    unknown = [k for k in config if k not in COEFFICIENT_KEYS]
-    if unknown:
-        raise ValueError(_unknown_key_message(unknown[0], COEFFICIENT_KEYS))
-    missing = [k for k in COEFFICIENT_KEYS if k not in config and k not in OPTIONAL_DEFAULTS]
-    if missing:
-        raise ValueError(f"config: missing key {missing[0]!r} (required: "
-                         f"{', '.join(k for k in COEFFICIENT_KEYS if k not in OPTIONAL_DEFAULTS)})")
-    full = {**OPTIONAL_DEFAULTS, **config}
-    return {k: _check_block_size(full[k]) if k == "block_size" else _check_coefficient(k, full[k])
-            for k in COEFFICIENT_KEYS}
-
-
 def _analytic_cost_model(config: dict) -> CostModel:
     unknown = [k for k in config if k not in ANALYTIC_KEYS]
     if unknown:
-        raise ValueError(_unknown_key_message(unknown[0], ANALYTIC_KEYS))
+        raise ValueError(unknown_key_message(unknown[0], ANALYTIC_KEYS))
     model = get_model(config["model"], dtype=config.get("dtype"),
-                      tp=_check_positive_int("tp", config.get("tp", 1)))
-    overrides = {k: _check_coefficient(k, config[k]) for k in HARDWARE_FIELDS if k in config}
+                      tp=check_positive_int("tp", config.get("tp", 1)))
+    overrides = {k: check_coefficient(k, config[k]) for k in HARDWARE_FIELDS if k in config}
     hw = get_hardware(config.get("hardware", "h100-sxm"), **overrides)
-    return CostModel.analytic(model, hw, block_size=_check_block_size(config.get("block_size", 16)))
+    return CostModel.analytic(model, hw,
+                              block_size=check_positive_int("block_size",
+                                                            config.get("block_size", 16)))
 
 
 def cost_model_from(config: Any) -> CostModel:
@@ -100,7 +63,7 @@ def cost_model_from(config: Any) -> CostModel:
                         f"Profile or a profile path; got {type(config).__name__}")
     if "model" in config:
         return _analytic_cost_model(config)
-    return CostModel.from_config(validate_config(config))
+    return CostModel.from_dict(config)
 
 
 def _first_bad_index(mask: np.ndarray) -> int:
@@ -184,9 +147,7 @@ def select_preemption_strategy(token_counts: Any, config: Any) -> dict:
     """
     n = validate_token_counts(token_counts)
     costs = cost_model_from(config)
-    swap = costs.swap_ms(n)
-    recompute = costs.recompute_ms(n)
-    use_swap = swap <= recompute
+    swap, recompute, use_swap = costs.price(n)
     chosen = np.where(use_swap, swap, recompute)
     return {
         "strategies": STRATEGY_NAMES[use_swap.view(np.int8)].tolist(),

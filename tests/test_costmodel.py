@@ -53,17 +53,19 @@ def test_vectorized_matches_scalar_formulas():
 
 
 def test_block_size_changes_block_count():
-    costs = CostModel(0.0, 0.0, 0.0, 0.0, 0.0, swap_ms_per_block=1.0, block_size=5)
+    costs = CostModel(swap_fixed_ms=0.0, swap_ms_per_token=0.0, swap_ms_per_block=1.0,
+                      block_size=5, recompute_fixed_ms=0.0, recompute_ms_per_token=0.0,
+                      recompute_ms_per_token_sq=0.0)
     np.testing.assert_array_equal(costs.swap_ms([1, 5, 6, 10, 11]), [1, 1, 2, 2, 3])
 
 
 def test_config_round_trip():
-    config = COSTS.to_config()
+    config = COSTS.to_dict()
     assert set(config) == set(COEFFICIENT_KEYS)
     assert config == {"swap_fixed_ms": 0.5, "swap_ms_per_token": 0.01, "swap_ms_per_block": 0.2,
                       "block_size": 16, "recompute_fixed_ms": 0.3,
                       "recompute_ms_per_token": 0.002, "recompute_ms_per_token_sq": 1e-5}
-    assert CostModel.from_config(config) == COSTS
+    assert CostModel.from_dict(config) == COSTS
 
 
 def test_analytic_coefficients_follow_the_docstring():
@@ -114,12 +116,15 @@ def test_analytic_tensor_parallel_halves_per_gpu_work():
 def test_crossover_tokens():
     # swap = 1 + 0.01·n, recompute = 1e-4·n²: recompute is cheaper while n² - 100n - 10⁴ < 0,
     # i.e. n < 50 + √12500 = 161.8, so swap wins from n = 162 on.
-    costs = CostModel(1.0, 0.01, 0.0, 0.0, 1e-4)
+    costs = CostModel(swap_fixed_ms=1.0, swap_ms_per_token=0.01, recompute_fixed_ms=0.0,
+                      recompute_ms_per_token=0.0, recompute_ms_per_token_sq=1e-4)
     assert costs.crossover_tokens() == 162
     assert float(costs.recompute_ms(161)) < float(costs.swap_ms(161))
     assert float(costs.swap_ms(162)) <= float(costs.recompute_ms(162))
     assert costs.crossover_tokens(max_tokens=100) is None  # still recompute at 100
-    assert CostModel(0.0, 1.0, 5.0, 5.0, 5.0).crossover_tokens() == 1  # swap always cheaper
+    always_swap = CostModel(swap_fixed_ms=0.0, swap_ms_per_token=1.0, recompute_fixed_ms=5.0,
+                            recompute_ms_per_token=5.0, recompute_ms_per_token_sq=5.0)
+    assert always_swap.crossover_tokens() == 1
 
 
 def test_decode_model():

@@ -106,11 +106,16 @@ def test_attention_flops_vectorized():
     np.testing.assert_array_equal(got, [0, 262_144, 75_759_616, 262_144_000_000])
 
 
-def test_prefill_flops_adds_linear_attention_and_one_lm_head():
-    spec = get_model("llama-3-8b")
-    lm_head = 2 * 4096 * 128256
-    assert spec.lm_head_flops == lm_head
-    assert spec.prefill_flops(1000) == 13_958_643_712 * 1000 + 262_144_000_000 + lm_head
+def test_lm_head_flops():
+    assert get_model("llama-3-8b").lm_head_flops == 2 * 4096 * 128256
+
+
+def test_kv_heads_per_gpu_replicate_beyond_tp():
+    # 8 KV heads over 16 GPUs: each GPU still holds one head (vLLM replicates them).
+    spec = get_model("llama-3-8b", tp=16)
+    assert spec.kv_heads_per_gpu == 1
+    assert spec.kv_bytes_per_token == 2 * 32 * 1 * 128 * 2
+    assert get_model("llama-3-8b", tp=4).kv_heads_per_gpu == 2
 
 
 def test_weight_bytes():
@@ -120,8 +125,8 @@ def test_weight_bytes():
     assert get_model("llama-3-8b", tp=2).weight_bytes == expected / 2
 
 
-def test_with_tp_and_to_dict():
-    spec = get_model("mistral-7b").with_tp(2)
+def test_tp_and_to_dict():
+    spec = get_model("mistral-7b", tp=2)
     assert spec.tp == 2 and spec.kv_bytes_per_token == 65536
     d = spec.to_dict()
     assert d["tp"] == 2 and d["num_kv_heads"] == 8 and d["name"] == "mistral-7b"

@@ -83,8 +83,8 @@ def test_parse_measured_profile():
     assert prof.decode_model().step_ms(2, 100) == pytest.approx(5.1 + 0.04 + 2 * 100 * 4e-5)
 
 
-def test_to_selector_config_is_the_coefficient_dict():
-    assert parse(measured()).to_selector_config() == MEASURED_SELECTOR_CONFIG
+def test_cost_model_dict_is_the_coefficient_dict():
+    assert parse(measured()).cost_model().to_dict() == MEASURED_SELECTOR_CONFIG
 
 
 def test_round_trip_through_a_file(tmp_path):
@@ -97,7 +97,7 @@ def test_round_trip_through_a_file(tmp_path):
     assert raw == MEASURED  # nothing added, renamed or dropped
     again = load(path)
     assert again == prof
-    assert again.to_selector_config() == MEASURED_SELECTOR_CONFIG
+    assert again.cost_model().to_dict() == MEASURED_SELECTOR_CONFIG
 
 
 def test_analytic_profile_round_trip(tmp_path):
@@ -111,7 +111,7 @@ def test_analytic_profile_round_trip(tmp_path):
     assert prof.crossover_tokens == costs.crossover_tokens()
     loaded = load(save(prof, tmp_path / "sub" / "dir" / "p.json"))  # folders are created
     assert loaded == prof
-    assert loaded.to_selector_config() == costs.to_config()
+    assert loaded.cost_model().to_dict() == costs.to_dict()
 
 
 def test_analytic_profile_rejects_bad_block_size():

@@ -17,6 +17,7 @@ from kvbench.costmodel import CostModel
 from kvbench.hardware import get_hardware
 from kvbench.models import get_model
 from kvbench.profile import analytic_profile, save
+from kvbench.reference import preemption_costs_ref
 from kvbench.selector import select_preemption_strategy
 
 # swap_ms(n)      = 1 + 0.01·n + 0.25·ceil(n/16)
@@ -43,17 +44,6 @@ HAND = {
 
 def config(**changes):
     return {**CONFIG, **changes}
-
-
-def reference_costs(n: int, c: dict) -> tuple[float, float]:
-    """Both costs of one request in plain Python, straight from the issue's formulas."""
-    if n == 0:
-        return 0.0, 0.0
-    blocks = -(-n // c.get("block_size", 16))
-    swap = c["swap_fixed_ms"] + c["swap_ms_per_token"] * n + c.get("swap_ms_per_block", 0) * blocks
-    recompute = (c["recompute_fixed_ms"] + c["recompute_ms_per_token"] * n
-                 + c["recompute_ms_per_token_sq"] * n * n)
-    return swap, recompute
 
 
 # --- exact semantics ---------------------------------------------------------------------------
@@ -180,7 +170,7 @@ def test_profile_object_and_paths_agree_with_coefficients(tmp_path):
     profile = analytic_profile(get_model("llama-3-8b"), get_hardware("h100-sxm"))
     path = save(profile, tmp_path / "p.json")
     counts = [1, 100, 4096, 0, 32768]
-    expected = select_preemption_strategy(counts, profile.to_selector_config())
+    expected = select_preemption_strategy(counts, profile.cost_model().to_dict())
     assert select_preemption_strategy(counts, profile) == expected
     assert select_preemption_strategy(counts, path) == expected
     assert select_preemption_strategy(counts, str(path)) == expected
@@ -189,7 +179,7 @@ def test_profile_object_and_paths_agree_with_coefficients(tmp_path):
 def test_analytic_config_matches_analytic_cost_model():
     model, hw = get_model("llama-3-8b", tp=2), get_hardware("a100-80gb", peak_tflops=200.0)
     counts = [0, 1, 128, 8192]
-    expected = CostModel.analytic(model, hw, block_size=32).to_config()
+    expected = CostModel.analytic(model, hw, block_size=32).to_dict()
     got = select_preemption_strategy(counts, {"model": "llama-3-8b", "hardware": "a100-80gb",
                                               "tp": 2, "peak_tflops": 200.0, "block_size": 32})
     assert got == select_preemption_strategy(counts, expected)
@@ -226,7 +216,7 @@ def test_choice_is_the_argmin(counts, c):
     result = select_preemption_strategy(counts, c)
     assert len(result["strategies"]) == len(counts)
     for i, n in enumerate(counts):
-        swap, recompute = reference_costs(n, c)
+        swap, recompute = preemption_costs_ref(n, c)
         # Reported costs are the reference costs rounded to 4 decimals.
         assert abs(result["swap_costs_ms"][i] - swap) <= 0.5e-4 + 1e-12 * swap
         assert abs(result["recompute_costs_ms"][i] - recompute) <= 0.5e-4 + 1e-12 * recompute
@@ -238,7 +228,7 @@ def test_choice_is_the_argmin(counts, c):
 @given(counts=token_lists, c=configs)
 def test_total_is_the_sum_of_chosen_costs(counts, c):
     result = select_preemption_strategy(counts, c)
-    chosen = [min(reference_costs(n, c)) for n in counts]
+    chosen = [min(preemption_costs_ref(n, c)) for n in counts]
     expected = sum(chosen)
     assert abs(result["total_cost_ms"] - expected) <= 0.5e-4 + 1e-9 * expected
 
@@ -251,7 +241,7 @@ def test_costs_are_monotone_in_tokens(counts, c):
     for key in ("swap_costs_ms", "recompute_costs_ms"):
         costs = result[key]
         assert all(a <= b for a, b in zip(costs, costs[1:])), key
-    model = CostModel.from_config({"swap_ms_per_block": 0.0, "block_size": 16, **c})
+    model = CostModel.from_dict({"swap_ms_per_block": 0.0, "block_size": 16, **c})
     n = np.array(counts, dtype=np.int64)
     assert (np.diff(model.swap_ms(n)) >= 0).all()
     assert (np.diff(model.recompute_ms(n)) >= 0).all()
@@ -385,7 +375,9 @@ def test_numpy_scalars_are_valid_coefficients():
     assert select_preemption_strategy([10], c)["swap_costs_ms"] == [1.35]
 
 
-@pytest.mark.parametrize("bad", [[1.0, 2.0], None, 3.0, CostModel(1, 1, 1, 1, 1)])
+@pytest.mark.parametrize("bad", [[1.0, 2.0], None, 3.0, CostModel(
+    swap_fixed_ms=1, swap_ms_per_token=1, recompute_fixed_ms=1, recompute_ms_per_token=1,
+    recompute_ms_per_token_sq=1)])
 def test_config_of_wrong_type(bad):
     with pytest.raises(TypeError, match="config"):
         select_preemption_strategy([1], bad)

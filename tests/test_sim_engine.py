@@ -14,12 +14,13 @@ from kvbench.costmodel import CostModel, DecodeModel
 from kvbench.hardware import get_hardware
 from kvbench.models import get_model
 from kvbench.profile import analytic_profile
-from kvbench.sim import SimConfig, Simulator, Workload, simulate, summarize
+from kvbench.sim import SimConfig, SimCosts, Simulator, Workload, simulate, summarize
 from kvbench.sim.policies import ADMISSION, PREEMPTIONS, VICTIMS
 from kvbench.sim.predictors import PREDICTORS
 from kvbench.sim.requests import FINISHED, REJECTED, RUNNING, SWAPPED, WAITING, cdiv
 
 PROFILE = analytic_profile(get_model("llama-2-7b"), get_hardware("h100-sxm"))
+COSTS = SimCosts.from_profile(PROFILE)
 
 
 def workload(arrival_s, prompt, output, max_tokens=None) -> Workload:
@@ -79,7 +80,7 @@ def check_books(sim: Simulator) -> None:
 @given(scenarios())
 def test_invariants_on_random_workloads(scenario):
     work, config = scenario
-    sim = Simulator(work, config, PROFILE)
+    sim = Simulator(work, config, COSTS)
     while sim.step():
         check_books(sim)
     result = sim.result()
@@ -117,11 +118,11 @@ def test_same_seed_same_result():
     work = random_workload(1)
     config = SimConfig(admission="future-kv", victim="cost-aware", preemption="selector",
                        predictor="noisy", gpu_blocks=300, cpu_swap_blocks=40, seed=7)
-    first, second = simulate(work, config, PROFILE), simulate(work, config, PROFILE)
+    first, second = simulate(work, config, COSTS), simulate(work, config, COSTS)
     assert summarize(first) == summarize(second)
     np.testing.assert_array_equal(first.requests.finish_s, second.requests.finish_s)
     np.testing.assert_array_equal(first.timeline_kv_blocks, second.timeline_kv_blocks)
-    third = simulate(work, dataclasses.replace(config, seed=8), PROFILE)
+    third = simulate(work, dataclasses.replace(config, seed=8), COSTS)
     assert not np.array_equal(third.requests.predicted_output_tokens,
                               first.requests.predicted_output_tokens)
 
@@ -134,9 +135,9 @@ def test_decode_fast_path_matches_step_by_step(policy, monkeypatch):
     config = SimConfig(admission=admission, victim=victim, preemption=preemption,
                        predictor=predictor, gpu_blocks=250, cpu_swap_blocks=30)
     work = random_workload(2, 150)
-    fast = summarize(simulate(work, config, PROFILE))
+    fast = summarize(simulate(work, config, COSTS))
     monkeypatch.setattr(Simulator, "_skip_decode_steps", lambda self: False)
-    slow = summarize(simulate(work, config, PROFILE))
+    slow = summarize(simulate(work, config, COSTS))
     assert fast["steps"] == slow["steps"] and fast["preemptions"] == slow["preemptions"]
     for key, value in slow.items():
         if isinstance(value, float):
@@ -148,8 +149,8 @@ def test_decode_fast_path_matches_step_by_step(policy, monkeypatch):
 def test_fcfs_preempts_under_pressure_and_future_kv_does_not():
     work = random_workload(3)
     base = SimConfig(gpu_blocks=200)
-    fcfs = summarize(simulate(work, base, PROFILE))
-    future = summarize(simulate(work, dataclasses.replace(base, admission="future-kv"), PROFILE))
+    fcfs = summarize(simulate(work, base, COSTS))
+    future = summarize(simulate(work, dataclasses.replace(base, admission="future-kv"), COSTS))
     assert fcfs["preemptions"] > 20 and fcfs["recompute_fraction"] > 0.01
     assert future["preemptions"] <= 0.2 * fcfs["preemptions"]
     assert future["completed"] == fcfs["completed"] == work.num_requests
@@ -157,7 +158,7 @@ def test_fcfs_preempts_under_pressure_and_future_kv_does_not():
 
 def test_request_that_can_never_fit_is_rejected_with_a_reason():
     work = workload([0.0, 0.0, 0.1], [100, 5000, 50], [10, 10, 10])
-    result = simulate(work, SimConfig(gpu_blocks=64), PROFILE)  # 1024 tokens
+    result = simulate(work, SimConfig(gpu_blocks=64), COSTS)  # 1024 tokens
     summary = summarize(result)
     assert summary["completed"] == 2 and summary["rejected"] == 1
     assert "5010 tokens need 314 KV blocks; the cache has 64" in summary["rejections"][1]
@@ -166,7 +167,7 @@ def test_request_that_can_never_fit_is_rejected_with_a_reason():
 def test_no_chunked_prefill_rejects_what_the_token_budget_cannot_hold():
     work = workload([0.0, 0.0], [100, 600], [10, 10])
     config = SimConfig(gpu_blocks=100, max_num_batched_tokens=512, chunked_prefill=False)
-    summary = summarize(simulate(work, config, PROFILE))
+    summary = summarize(simulate(work, config, COSTS))
     assert summary["completed"] == 1
     assert "max_num_batched_tokens (512)" in summary["rejections"][1]
 
@@ -174,7 +175,7 @@ def test_no_chunked_prefill_rejects_what_the_token_budget_cannot_hold():
 def test_livelock_is_reported_not_looped():
     work = workload([0.0], [2000], [5])
     config = SimConfig(gpu_blocks=200, max_num_batched_tokens=8, livelock_steps=50)
-    result = simulate(work, config, PROFILE)
+    result = simulate(work, config, COSTS)
     assert result.livelock is not None and result.livelock["request_id"] == 0
     assert result.steps == 50
     assert "no token generated in 50 steps" in result.livelock["reason"]
@@ -184,7 +185,7 @@ def test_livelock_is_reported_not_looped():
 def test_one_request_step_prices_and_counts():
     """A lone request: one prefill step, then decode steps priced by the decode model."""
     work = workload([0.0], [100], [3])
-    result = simulate(work, SimConfig(gpu_blocks=100), PROFILE)
+    result = simulate(work, SimConfig(gpu_blocks=100), COSTS)
     costs, decode = PROFILE.cost_model(), PROFILE.decode_model()
     prefill_ms = float(costs.recompute_ms(100))
     decode_ms = float(decode.step_ms(1, 101)) + float(decode.step_ms(1, 102))
@@ -206,8 +207,8 @@ def test_metrics_do_not_depend_on_when_the_first_request_arrives():
     work = random_workload(4, 40)
     late = dataclasses.replace(work, arrival_s=work.arrival_s + 100.0)
     config = SimConfig(gpu_blocks=150)
-    first = summarize(simulate(work, config, PROFILE))
-    second = summarize(simulate(late, config, PROFILE))
+    first = summarize(simulate(work, config, COSTS))
+    second = summarize(simulate(late, config, COSTS))
     for key in ("makespan_s", "throughput_tokens_per_s", "gpu_utilization",
                 "useful_utilization", "ttft_p50_s", "e2e_p99_s"):
         assert second[key] == pytest.approx(first[key], rel=1e-6), key
@@ -217,7 +218,7 @@ def test_recompute_is_counted_as_waste_and_swap_is_priced():
     """Two requests that cannot both grow: the later one is preempted (LIFO)."""
     work = workload([0.0, 0.0], [64, 64], [40, 40])
     config = SimConfig(gpu_blocks=9)  # 144 tokens: both prompts fit, not both outputs
-    recompute = simulate(work, config, PROFILE)
+    recompute = simulate(work, config, COSTS)
     req = recompute.requests
     assert req.num_preemptions.tolist() == [0, 1]
     assert req.recompute_tokens[1] == 64  # its prompt, computed once before the preemption
@@ -227,32 +228,32 @@ def test_recompute_is_counted_as_waste_and_swap_is_priced():
                                                 + model.attention_flops(n))
     assert summarize(recompute)["recompute_fraction"] > 0
     swap = simulate(work, dataclasses.replace(config, preemption="swap", cpu_swap_blocks=9),
-                    PROFILE)
+                    COSTS)
     summary = summarize(swap)
     assert summary["swap_preemptions"] == 1 and summary["recompute_fraction"] == 0
     blocks = cdiv(n, 16)
     assert summary["swapped_bytes"] == pytest.approx(2 * blocks * swap.block_bytes)
     assert summary["swap_s"] == pytest.approx(float(PROFILE.cost_model().swap_ms(n)) / 1e3)
     no_room = summarize(simulate(work, dataclasses.replace(config, preemption="swap",
-                                                           cpu_swap_blocks=1), PROFILE))
+                                                           cpu_swap_blocks=1), COSTS))
     assert no_room["swap_preemptions"] == 0 and no_room["recompute_preemptions"] == 1
 
 
 def test_gpu_blocks_derived_from_memory():
-    sim = Simulator(workload([0.0], [10], [10]), SimConfig(), PROFILE)
+    sim = Simulator(workload([0.0], [10], [10]), SimConfig(), COSTS)
     model = get_model("llama-2-7b")
     expected = int((80 * 2**30 * 0.9 - model.weight_bytes) // (16 * model.kv_bytes_per_token))
     assert sim.num_gpu_blocks == expected
     assert sim.num_cpu_blocks == 4 * 2**30 // (16 * model.kv_bytes_per_token)
-    l4 = Simulator(workload([0.0], [10], [10]), SimConfig(hardware="l4"), PROFILE)
+    l4 = Simulator(workload([0.0], [10], [10]), SimConfig(hardware="l4"), COSTS)
     assert 0 < l4.num_gpu_blocks < sim.num_gpu_blocks // 5  # 22.5 GiB
     with pytest.raises(ValueError, match="leave no KV cache"):
-        Simulator(workload([0.0], [10], [10]), SimConfig(gpu_memory_gib=10), PROFILE)
+        Simulator(workload([0.0], [10], [10]), SimConfig(gpu_memory_gib=10), COSTS)
 
 
 def test_profile_without_decode_uses_the_analytic_decode_model():
     profile = PROFILE.model_copy(update={"decode": None})
-    sim = Simulator(workload([0.0], [10], [10]), SimConfig(), profile)
+    sim = Simulator(workload([0.0], [10], [10]), SimConfig(), SimCosts.from_profile(profile))
     assert sim.decode == DecodeModel.analytic(get_model("llama-2-7b"), get_hardware("h100-sxm"))
     assert isinstance(sim.costs, CostModel)
 

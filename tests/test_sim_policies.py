@@ -9,35 +9,37 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from kvbench.hardware import get_hardware
-from kvbench.models import get_model
-from kvbench.profile import analytic_profile
 from kvbench.selector import select_preemption_strategy
-from kvbench.sim import SimConfig, Simulator, Workload, simulate, summarize
+from kvbench.sim import SimConfig, SimCosts, Simulator, Workload, simulate, summarize
 from kvbench.sim.policies import ADMISSION, PREEMPTIONS, VICTIMS, future_peak_blocks
 from kvbench.sim.predictors import MIN_HISTORY_SAMPLES, PREDICTORS
-from kvbench.sim.requests import RUNNING, cdiv
+from kvbench.sim.requests import cdiv
+from kvbench.sim.view import Requests, StateView
 
-PROFILE = analytic_profile(get_model("llama-2-7b"), get_hardware("h100-sxm"))
+COSTS = SimCosts.analytic("llama-2-7b", "h100-sxm")
+BLOCK_BYTES = 16 * COSTS.model.kv_bytes_per_token
 
 
-def running_sim(prompt, generated, output=None, max_tokens=None, **config) -> Simulator:
-    """A simulator whose requests are all running, decoding, with the given token counts."""
-    prompt, generated = np.asarray(prompt), np.asarray(generated)
-    n = prompt.size
-    output = np.asarray(output) if output is not None else generated + 100
-    limit = np.asarray(max_tokens) if max_tokens is not None else output
-    work = Workload("hand-built", np.zeros(n), prompt, output, limit)
-    sim = Simulator(work, SimConfig(**{"gpu_blocks": 1000, **config}), PROFILE)
-    req = sim.requests
-    req.generated_tokens[:] = generated
-    req.computed_tokens[:] = prompt + generated - 1
-    req.gpu_blocks[:] = cdiv(req.computed_tokens, sim.block_size)
-    req.predicted_output_tokens[:] = sim.predictor.predict(np.arange(n))
-    req.state[:] = RUNNING
-    sim.running = np.arange(n)
-    sim.free_gpu_blocks -= int(req.gpu_blocks.sum())
-    return sim
+def batch(computed, remaining=None, known=None, max_total=None) -> Requests:
+    """Decoding requests with `computed` tokens in the cache (blocks to match)."""
+    computed = np.asarray(computed)
+    return Requests.of(computed_tokens=computed,
+                       known_tokens=computed + 1 if known is None else known,
+                       blocks=cdiv(computed, 16),
+                       predicted_remaining=np.full(computed.size, 100) if remaining is None
+                       else remaining,
+                       max_total_tokens=computed + 100 if max_total is None else max_total)
+
+
+def view(running: Requests, num_gpu_blocks=1000, free_cpu_blocks=0, costs=COSTS) -> StateView:
+    return StateView(running=running, block_size=16, num_gpu_blocks=num_gpu_blocks,
+                     free_cpu_blocks=free_cpu_blocks,
+                     block_bytes=16 * costs.model.kv_bytes_per_token, costs=costs.costs)
+
+
+def pick(name, state: StateView, swaps=None, **knobs) -> int:
+    swaps = np.zeros(state.running.size, bool) if swaps is None else swaps
+    return VICTIMS[name](state, swaps, **knobs)
 
 
 def test_registries_hold_the_issue_names():
@@ -50,59 +52,58 @@ def test_registries_hold_the_issue_names():
 # --- victims -----------------------------------------------------------------------------------
 
 def test_lifo_evicts_the_most_recently_admitted():
-    sim = running_sim([100, 50, 300], [5, 5, 5])
-    assert VICTIMS["lifo"](sim, np.array([2, 0, 1])) == 1
+    assert pick("lifo", view(batch([105, 55, 305]))) == 2
 
 
 def test_lcf_evicts_the_least_computed_latest_on_ties():
-    sim = running_sim([100, 50, 300, 50], [5, 5, 5, 5])
-    assert VICTIMS["lcf"](sim, np.arange(4)) == 3
-    assert VICTIMS["lcf"](sim, np.array([0, 1, 2])) == 1
+    assert pick("lcf", view(batch([104, 54, 304, 54]))) == 3
+    assert pick("lcf", view(batch([104, 54, 304]))) == 1
 
 
 def test_cost_aware_evicts_cheapest_per_mb_and_spares_nearly_done():
     # Recompute cost per MB grows with context (the n² term): the shortest is cheapest per MB.
-    sim = running_sim([4000, 700, 2000], [5, 5, 5], output=[200, 200, 200])
-    assert VICTIMS["cost-aware"](sim, np.arange(3)) == 1
-    sim = running_sim([4000, 700, 2000], [5, 198, 5], output=[200, 200, 200])  # 1 finishes soon
-    assert VICTIMS["cost-aware"](sim, np.arange(3)) == 2
-    sim = running_sim([700, 800], [198, 198], output=[200, 200])  # all protected: cheapest
-    assert VICTIMS["cost-aware"](sim, np.arange(2)) == 0
+    assert pick("cost-aware", view(batch([4004, 704, 2004], [195, 195, 195]))) == 1
+    # The second finishes within protect_steps: spared.
+    assert pick("cost-aware", view(batch([4004, 897, 2004], [195, 2, 195]))) == 2
+    # All protected: the cheapest all the same.
+    assert pick("cost-aware", view(batch([897, 997], [2, 2]))) == 0
+    assert pick("cost-aware", view(batch([4004, 897, 2004], [195, 2, 195])),
+                protect_steps=1) == 1
 
 
 def test_cost_aware_prices_by_the_preemption_mode():
-    tokens = np.array([16, 4000])
-    sim = running_sim(tokens, [1, 1], preemption="swap", cpu_swap_blocks=10_000)
-    costs = sim.costs
-    freed_mb = sim.requests.gpu_blocks * sim.block_bytes / 1e6
-    expected = int(np.argmin(costs.swap_ms(tokens) / freed_mb))
-    assert VICTIMS["cost-aware"](sim, np.arange(2)) == expected
+    tokens = np.array([16, 20000])  # swap is cheaper per MB for the long one, recompute not
+    state = view(batch(tokens))
+    freed_mb = cdiv(tokens, 16) * BLOCK_BYTES / 1e6
+    by_swap = int(np.argmin(COSTS.costs.swap_ms(tokens) / freed_mb))
+    by_recompute = int(np.argmin(COSTS.costs.recompute_ms(tokens) / freed_mb))
+    assert by_swap != by_recompute
+    assert pick("cost-aware", state, swaps=np.array([True, True])) == by_swap
+    assert pick("cost-aware", state) == by_recompute
 
 
 # --- preemption modes --------------------------------------------------------------------------
 
 def test_recompute_never_swaps():
-    sim = running_sim([100, 2000], [1, 1], cpu_swap_blocks=10_000)
-    assert not PREEMPTIONS["recompute"](sim, np.arange(2)).any()
+    state = view(batch([100, 2000]), free_cpu_blocks=10_000)
+    assert not PREEMPTIONS["recompute"](state, state.running).any()
 
 
 def test_swap_only_while_cpu_space_remains():
-    sim = running_sim([100, 2000], [1, 1], cpu_swap_blocks=10)  # 7 and 125 blocks
-    np.testing.assert_array_equal(PREEMPTIONS["swap"](sim, np.arange(2)), [True, False])
+    state = view(batch([100, 2000]), free_cpu_blocks=10)  # 7 and 125 blocks
+    np.testing.assert_array_equal(PREEMPTIONS["swap"](state, state.running), [True, False])
 
 
 @pytest.mark.parametrize("model", ["llama-2-7b", "llama-3-8b", "qwen2.5-0.5b"])
 def test_selector_matches_the_cli_selector(model):
-    profile = analytic_profile(get_model(model), get_hardware("l4"))
+    costs = SimCosts.analytic(model, "l4")
     tokens = np.array([1, 16, 300, 5000, 20000])
-    work = Workload("t", np.zeros(5), tokens, np.full(5, 10), np.full(5, 10))
-    sim = Simulator(work, SimConfig(preemption="selector", gpu_blocks=5000,
-                                    cpu_swap_blocks=100_000), profile)
-    sim.requests.computed_tokens[:] = tokens
-    expected = np.array(select_preemption_strategy(tokens, profile)["strategies"]) == "swap"
-    np.testing.assert_array_equal(PREEMPTIONS["selector"](sim, np.arange(5)), expected)
-    sim.free_cpu_blocks = 0
-    assert not PREEMPTIONS["selector"](sim, np.arange(5)).any()
+    state = view(batch(tokens), free_cpu_blocks=100_000, costs=costs)
+    expected = np.array(select_preemption_strategy(tokens, {"model": model, "hardware": "l4"})
+                        ["strategies"]) == "swap"
+    np.testing.assert_array_equal(PREEMPTIONS["selector"](state, state.running), expected)
+    state = view(batch(tokens), free_cpu_blocks=0, costs=costs)
+    assert not PREEMPTIONS["selector"](state, state.running).any()
 
 
 # --- admission ---------------------------------------------------------------------------------
@@ -129,39 +130,25 @@ def test_future_peak_bounds_the_stepped_peak(requests, block_size):
 def test_future_kv_admits_only_within_capacity():
     # Two running requests, 101 tokens each, 100 and 300 to go; a candidate of 200 + 200.
     # Bound: max((402 + 3·100)/16 + 3, (301 + 2·200)/16 + 2, (101 + 300)/16 + 1) = 46.9 blocks.
-    work = Workload("t", np.zeros(3), np.array([100, 100, 200]), np.array([101, 301, 200]),
-                    np.array([101, 301, 200]))
-    for capacity, admitted in ((60, True), (45, False)):
-        sim2 = Simulator(work, SimConfig(admission="future-kv", gpu_blocks=capacity), PROFILE)
-        req = sim2.requests
-        req.generated_tokens[:2] = 1
-        req.predicted_output_tokens[:] = req.output_tokens
-        sim2.running = np.arange(2)
-        assert ADMISSION["future-kv"](sim2, 2) is admitted
+    running = batch([100, 100], remaining=[100, 300], known=[101, 101])
+    candidate = batch([0], remaining=[200], known=[200])
+    assert ADMISSION["future-kv"](view(running, num_gpu_blocks=60), candidate) is True
+    assert ADMISSION["future-kv"](view(running, num_gpu_blocks=45), candidate) is False
 
 
 def test_future_kv_limits_predicted_long_requests():
-    work = Workload("t", np.zeros(3), np.full(3, 10), np.array([600, 600, 600]),
-                    np.full(3, 600))
-    config = SimConfig(admission="future-kv", gpu_blocks=10_000, long_output_tokens=512,
-                       max_long_requests=1)
-    sim = Simulator(work, config, PROFILE)
-    sim.requests.predicted_output_tokens[:] = 600
-    sim.running = np.array([0])
-    assert ADMISSION["future-kv"](sim, 1) is False
-    sim.requests.predicted_output_tokens[1] = 100
-    assert ADMISSION["future-kv"](sim, 1) is True
+    running = batch([10], remaining=[590])
+    knobs = {"long_output_tokens": 512, "max_long_requests": 1}
+    assert ADMISSION["future-kv"](view(running), batch([0], [600]), **knobs) is False
+    assert ADMISSION["future-kv"](view(running), batch([0], [100]), **knobs) is True
+    assert ADMISSION["future-kv"](view(running), batch([0], [600])) is True
 
 
 def test_reserve_max_reserves_prompt_plus_max_tokens():
-    work = Workload("t", np.zeros(2), np.array([100, 100]), np.array([10, 10]),
-                    np.array([700, 700]))
-    sim = Simulator(work, SimConfig(admission="reserve-max", gpu_blocks=100), PROFILE)
-    sim.running = np.array([0])  # 800 tokens = 50 blocks reserved
-    assert ADMISSION["reserve-max"](sim, 1) is True
-    sim.num_gpu_blocks = 99
-    assert ADMISSION["reserve-max"](sim, 1) is False
-    assert ADMISSION["fcfs"](sim, 1) is True
+    running, candidate = batch([101], max_total=[800]), batch([0], max_total=[800])  # 50 blocks
+    assert ADMISSION["reserve-max"](view(running, num_gpu_blocks=100), candidate) is True
+    assert ADMISSION["reserve-max"](view(running, num_gpu_blocks=99), candidate) is False
+    assert ADMISSION["fcfs"](view(running, num_gpu_blocks=99), candidate) is True
 
 
 def test_no_admission_in_a_step_that_preempted(monkeypatch):
@@ -185,7 +172,7 @@ def test_no_admission_in_a_step_that_preempted(monkeypatch):
     work = Workload("t", np.cumsum(rng.exponential(0.01, n)), rng.integers(16, 300, n),
                     rng.integers(20, 200, n), np.full(n, 200))
     summary = summarize(simulate(work, SimConfig(gpu_blocks=40, max_num_batched_tokens=64),
-                                 PROFILE))
+                                 COSTS))
     assert summary["completed"] == n and summary["preemptions"] > 0
     assert any(s["preempted"] for s in steps)
     assert not any(s["preempted"] and s["admission_tried"] for s in steps)
@@ -194,58 +181,61 @@ def test_no_admission_in_a_step_that_preempted(monkeypatch):
 
 # --- predictors --------------------------------------------------------------------------------
 
-def make_predictor(name, output, prompt=None, max_tokens=None, **config):
-    n = len(output)
+def predict(predictor, output, prompt=None, max_tokens=None):
     output = np.asarray(output)
-    work = Workload("t", np.zeros(n), np.asarray(prompt if prompt is not None else [100] * n),
-                    output, np.asarray(max_tokens if max_tokens is not None else output * 4))
-    sim = Simulator(work, SimConfig(predictor=name, **config), PROFILE)
-    return sim.predictor, sim.requests
+    prompt = np.full(output.size, 100) if prompt is None else np.asarray(prompt)
+    max_tokens = output * 4 if max_tokens is None else np.asarray(max_tokens)
+    return predictor.predict(np.arange(output.size), prompt, max_tokens, output)
 
 
 def test_oracle_and_max():
-    oracle, _ = make_predictor("oracle", [5, 50, 500])
-    np.testing.assert_array_equal(oracle.predict(np.arange(3)), [5, 50, 500])
-    top, _ = make_predictor("max", [5, 50, 500])
-    np.testing.assert_array_equal(top.predict(np.arange(3)), [20, 200, 2000])
+    np.testing.assert_array_equal(predict(PREDICTORS["oracle"](), [5, 50, 500]), [5, 50, 500])
+    np.testing.assert_array_equal(predict(PREDICTORS["max"](), [5, 50, 500]), [20, 200, 2000])
 
 
 def test_noisy_is_seeded_lognormal_and_bounded():
     output = np.full(4000, 200)
-    noisy, _ = make_predictor("noisy", output, noise_sigma=0.5, seed=3)
-    again, _ = make_predictor("noisy", output, noise_sigma=0.5, seed=3)
-    other, _ = make_predictor("noisy", output, noise_sigma=0.5, seed=4)
-    ids = np.arange(output.size)
-    guess = noisy.predict(ids)
-    np.testing.assert_array_equal(guess, again.predict(ids))
-    assert not np.array_equal(guess, other.predict(ids))
+    noisy = PREDICTORS["noisy"]
+    guess = predict(noisy(seed=3, noise_sigma=0.5), output)
+    np.testing.assert_array_equal(guess, predict(noisy(seed=3, noise_sigma=0.5), output))
+    assert not np.array_equal(guess, predict(noisy(seed=4, noise_sigma=0.5), output))
     assert guess.min() >= 1 and guess.max() <= 800
     assert np.std(np.log(guess / 200)) == pytest.approx(0.5, rel=0.1)
-    exact, _ = make_predictor("noisy", output, noise_sigma=0.0)
-    np.testing.assert_array_equal(exact.predict(ids), output)
+    np.testing.assert_array_equal(predict(noisy(noise_sigma=0.0), output), output)
+
+
+def test_noisy_factor_belongs_to_the_request_id_whatever_the_call_order():
+    noisy = PREDICTORS["noisy"](seed=1)
+    output, prompt = np.full(10, 200), np.full(10, 10)
+    late = noisy.predict(np.array([7, 9]), prompt[:2], output[:2] * 4, output[:2])
+    early = noisy.predict(np.arange(7), prompt[:7], output[:7] * 4, output[:7])
+    np.testing.assert_array_equal(np.concatenate([early, late]),
+                                  predict(PREDICTORS["noisy"](seed=1), output)[[*range(7), 7, 9]])
 
 
 def test_history_uses_the_prompt_bucket_quantile():
-    n = 2 * MIN_HISTORY_SAMPLES + 2
-    prompt = [100] * MIN_HISTORY_SAMPLES + [3000] * MIN_HISTORY_SAMPLES + [120, 2500]
-    output = list(range(1, MIN_HISTORY_SAMPLES + 1)) + [400] * MIN_HISTORY_SAMPLES + [7, 7]
-    history, req = make_predictor("history", output, prompt, max_tokens=[1000] * n,
-                                  history_quantile=0.5)
-    last = np.array([n - 2, n - 1])
-    np.testing.assert_array_equal(history.predict(last), [1000, 1000])  # nothing seen: max
-    history.observe(np.arange(MIN_HISTORY_SAMPLES))  # the short-prompt bucket only
+    prompt = np.array([100] * MIN_HISTORY_SAMPLES + [3000] * MIN_HISTORY_SAMPLES)
+    output = np.array(list(range(1, MIN_HISTORY_SAMPLES + 1)) + [400] * MIN_HISTORY_SAMPLES)
+    history = PREDICTORS["history"](history_quantile=0.5)
+    new_prompts, new_max = np.array([120, 2500]), np.array([1000, 1000])
+
+    def guess():
+        return history.predict(np.array([0, 1]), new_prompts, new_max, np.array([7, 7])).tolist()
+
+    assert guess() == [1000, 1000]  # nothing seen: max
+    history.observe(prompt[:MIN_HISTORY_SAMPLES], output[:MIN_HISTORY_SAMPLES])
     short_median = int(np.rint(np.median(np.arange(1, MIN_HISTORY_SAMPLES + 1))))
     # 120 shares the 64-127 bucket; 2500 falls back to all buckets (the same samples so far).
-    np.testing.assert_array_equal(history.predict(last), [short_median, short_median])
-    history.observe(np.arange(MIN_HISTORY_SAMPLES, 2 * MIN_HISTORY_SAMPLES))
-    assert history.predict(last).tolist() == [short_median, 400]
+    assert guess() == [short_median, short_median]
+    history.observe(prompt[MIN_HISTORY_SAMPLES:], output[MIN_HISTORY_SAMPLES:])
+    assert guess() == [short_median, 400]
 
 
 def test_outliving_a_prediction_doubles_it():
     work = Workload("t", np.zeros(1), np.array([10]), np.array([50]), np.array([60]))
     sim = Simulator(work, SimConfig(predictor="noisy", noise_sigma=0.0, gpu_blocks=100),
-                    PROFILE)
-    sim.predictor.predict = lambda ids: np.array([4])
+                    COSTS)
+    sim.predictor.predict = lambda *columns: np.array([4])
     seen = set()
     while sim.step():
         seen.add(int(sim.requests.predicted_output_tokens[0]))
@@ -262,6 +252,6 @@ def test_each_policy_by_name_completes_a_pressured_workload():
                            ("preemption", PREEMPTIONS), ("predictor", PREDICTORS)):
         for name in registry:
             config = dataclasses.replace(base, **{axis: name})
-            summary = summarize(simulate(work, config, PROFILE))
+            summary = summarize(simulate(work, config, COSTS))
             assert summary["completed"] == n, (axis, name)
             assert summary["policy"] == config.policy_name

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 
+import kvbench
 from kvbench.sim.workloads import (
     AZURE_CONV_TRACE,
     SyntheticSpec,
@@ -126,8 +129,8 @@ def test_load_workload_scales_synthetic_rate():
     assert work.num_requests / work.duration_s == pytest.approx(30, rel=0.08)
 
 
-@pytest.mark.skipif(not AZURE_CONV_TRACE.exists(), reason=f"{AZURE_CONV_TRACE} not present")
-def test_shared_azure_trace():
+def test_shipped_azure_trace():
+    assert AZURE_CONV_TRACE.is_relative_to(Path(kvbench.__file__).parent)  # package data
     work = read_trace(AZURE_CONV_TRACE)
     assert work.num_requests == 19366
     assert work.prompt_tokens.mean() == pytest.approx(1155, abs=1)

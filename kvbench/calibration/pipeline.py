@@ -109,9 +109,10 @@ def calibrate(spec: ModelSpec, device: str, block_size: int = 16, quick: bool = 
     dec_fit = fitting.fit_nnls(fitting.decode_design(decode.batch_size, decode.context_tokens),
                                decode.step_ms, dec_held)
 
-    s0, s1, s2 = swap_fit.coefficients
-    r0, r1, r2 = pre_fit.coefficients
-    costs = CostModel(s0, s1, r0, r1, r2, swap_ms_per_block=s2, block_size=block_size)
+    (s0, s1, s2), (r0, r1, r2) = swap_fit.coefficients, pre_fit.coefficients
+    costs = CostModel(swap_fixed_ms=s0, swap_ms_per_token=s1, swap_ms_per_block=s2,
+                      block_size=block_size, recompute_fixed_ms=r0, recompute_ms_per_token=r1,
+                      recompute_ms_per_token_sq=r2)
     warnings = [f"{name} held-out error {100 * fit.heldout_mape:.1f}% exceeds "
                 f"{100 * MAX_HELDOUT_MAPE:.0f}%"
                 for name, fit in (("swap", swap_fit), ("recompute", pre_fit), ("decode", dec_fit))
@@ -126,15 +127,13 @@ def calibrate(spec: ModelSpec, device: str, block_size: int = 16, quick: bool = 
                 "decode_batch_sizes": batches, "decode_contexts": contexts,
                 "prefill_scope": "one decoder layer x num_layers + final norm and LM head "
                                  "for the last token"},
-        swap=SwapSection(fixed_ms=s0, ms_per_token=s1, ms_per_block=s2, block_size=block_size,
-                         impl=best, fit=_fit_quality(swap_fit, swap_sizes),
-                         measurements=_measurements(swap_sizes, swap_ms, swap_spread,
-                                                    swap_held)),
-        recompute=RecomputeSection(fixed_ms=r0, ms_per_token=r1, ms_per_token_sq=r2,
-                                   fit=_fit_quality(pre_fit, prefill.sizes),
-                                   measurements=_measurements(prefill.sizes, prefill.total_ms,
-                                                              prefill.total_spread_ms,
-                                                              pre_held)),
+        swap=SwapSection.from_costs(costs, impl=best, fit=_fit_quality(swap_fit, swap_sizes),
+                                    measurements=_measurements(swap_sizes, swap_ms, swap_spread,
+                                                               swap_held)),
+        recompute=RecomputeSection.from_costs(
+            costs, fit=_fit_quality(pre_fit, prefill.sizes),
+            measurements=_measurements(prefill.sizes, prefill.total_ms, prefill.total_spread_ms,
+                                       pre_held)),
         decode=DecodeSection(d0_ms=dec_fit.coefficients[0],
                              d1_ms_per_seq=dec_fit.coefficients[1],
                              d2_ms_per_seq_token=dec_fit.coefficients[2], r2=dec_fit.r2,

@@ -2,6 +2,8 @@
 
     workloads.py   synthetic mixes and trace replay (Azure 2023 and plain CSV schemas)
     requests.py    per-request state as a struct of numpy arrays
+    config.py      SimConfig (limits, policies by name, knobs), SimCosts (what prices a step)
+    view.py        the scheduler state a policy reads (SchedulerView), engine-independent
     engine.py      the step loop: paged KV cache, continuous batching, preemption, pricing
     policies.py    admission, victim and preemption policies, registered by name
     predictors.py  output-length predictors, registered by name
@@ -10,9 +12,10 @@
     study.py       the policy comparison behind `kvbench compare-policies`
 """
 
-from kvbench.sim.engine import SimConfig, SimResult, Simulator, simulate
+from kvbench.sim.config import SimConfig, SimCosts
+from kvbench.sim.engine import SimResult, Simulator, simulate
 from kvbench.sim.metrics import summarize
 from kvbench.sim.workloads import Workload, load_workload, read_trace, synthetic
 
-__all__ = ["SimConfig", "SimResult", "Simulator", "Workload", "load_workload", "read_trace",
-           "simulate", "summarize", "synthetic"]
+__all__ = ["SimConfig", "SimCosts", "SimResult", "Simulator", "Workload", "load_workload",
+           "read_trace", "simulate", "summarize", "synthetic"]

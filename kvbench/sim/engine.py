@@ -43,18 +43,15 @@ the next event are applied at once (`_skip_decode_steps`), with the same arithme
 
 from __future__ import annotations
 
-import dataclasses
-import difflib
+import functools
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
 
-from kvbench.costmodel import DecodeModel
 from kvbench.hardware import get_hardware
-from kvbench.models import get_model
-from kvbench.profile import Profile, analytic_profile
+from kvbench.sim.config import SimConfig, SimCosts
 from kvbench.sim.policies import ADMISSION, PREEMPTIONS, VICTIMS
 from kvbench.sim.predictors import PREDICTORS
 from kvbench.sim.requests import (
@@ -67,81 +64,11 @@ from kvbench.sim.requests import (
     RequestTable,
     cdiv,
 )
+from kvbench.sim.view import StateView
 from kvbench.sim.workloads import Workload
 
 GIB = 1 << 30
-# GPU memory of the hardware presets (GiB, as the driver reports it); HardwareSpec has no field.
-GPU_MEMORY_GIB = {"h100-sxm": 80.0, "h200": 140.0, "a100-80gb": 80.0, "l4": 22.5}
 PROGRESS_EVERY_STEPS = 2000
-REGISTRIES = {"admission": ADMISSION, "victim": VICTIMS, "preemption": PREEMPTIONS,
-              "predictor": PREDICTORS}
-
-
-@dataclass(frozen=True)
-class SimConfig:
-    """Policies by name, the replica's limits, and the policies' knobs."""
-
-    admission: str = "fcfs"
-    victim: str = "lifo"
-    preemption: str = "recompute"
-    predictor: str = "oracle"
-    model: str = "llama-2-7b"  # for the analytic profile when none is given
-    hardware: str = "h100-sxm"
-    block_size: int = 16
-    gpu_blocks: int | None = None
-    gpu_memory_gib: float | None = None  # default: the hardware preset's (GPU_MEMORY_GIB)
-    gpu_memory_utilization: float = 0.9
-    cpu_swap_gib: float = 4.0
-    cpu_swap_blocks: int | None = None  # overrides cpu_swap_gib
-    max_num_seqs: int = 1024  # vLLM V1 defaults for an OpenAI server on an H100
-    max_num_batched_tokens: int = 8192
-    chunked_prefill: bool = True
-    headroom_fraction: float = 0.0  # future-kv
-    long_output_tokens: int = 512  # future-kv
-    max_long_requests: int | None = None  # future-kv
-    protect_steps: int = 4  # cost-aware
-    noise_sigma: float = 0.5  # noisy
-    history_quantile: float = 0.5  # history
-    history_window: int = 1000  # history
-    livelock_steps: int = 10_000
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        for axis, registry in REGISTRIES.items():
-            name = getattr(self, axis)
-            if name not in registry:
-                hint = difflib.get_close_matches(str(name), registry, n=1)
-                raise ValueError(f"unknown {axis} {'' if axis == 'predictor' else 'policy '}"
-                                 f"{name!r}"
-                                 + (f" (did you mean {hint[0]!r}?)" if hint else "")
-                                 + f"; choose from {', '.join(registry)}")
-        for field in ("block_size", "max_num_seqs", "max_num_batched_tokens", "history_window",
-                      "livelock_steps", "long_output_tokens"):
-            if getattr(self, field) < 1:
-                raise ValueError(f"{field} must be at least 1, got {getattr(self, field)}")
-        if self.gpu_blocks is not None and self.gpu_blocks < 1:
-            raise ValueError(f"gpu_blocks must be at least 1, got {self.gpu_blocks}")
-        for field in ("cpu_swap_blocks", "max_long_requests"):
-            value = getattr(self, field)
-            if value is not None and value < 0:
-                raise ValueError(f"{field} must be non-negative, got {value}")
-        if self.gpu_memory_gib is not None and self.gpu_memory_gib <= 0:
-            raise ValueError(f"gpu_memory_gib must be positive, got {self.gpu_memory_gib}")
-        for field in ("cpu_swap_gib", "noise_sigma", "protect_steps"):
-            if getattr(self, field) < 0:
-                raise ValueError(f"{field} must be non-negative, got {getattr(self, field)}")
-        for field in ("gpu_memory_utilization", "history_quantile"):
-            if not 0 < getattr(self, field) <= 1:
-                raise ValueError(f"{field} must be in (0, 1], got {getattr(self, field)}")
-        if not 0 <= self.headroom_fraction < 1:
-            raise ValueError(f"headroom_fraction must be in [0, 1), got {self.headroom_fraction}")
-
-    @property
-    def policy_name(self) -> str:
-        return f"{self.admission}/{self.victim}/{self.preemption}/{self.predictor}"
-
-    def to_dict(self) -> dict:
-        return dataclasses.asdict(self)
 
 
 @dataclass
@@ -174,26 +101,19 @@ class Simulator:
     """One replica under one policy combination; `run()` simulates the whole workload."""
 
     def __init__(self, workload: Workload, config: SimConfig = SimConfig(),
-                 profile: Profile | None = None) -> None:
+                 costs: SimCosts | None = None) -> None:
         self.config = config
         self.workload = workload
-        hw = get_hardware(config.hardware)
-        if profile is None:
-            profile = analytic_profile(get_model(config.model), hw, block_size=config.block_size)
-        self.profile = profile
-        self.model = profile.model.spec()
-        self.costs = profile.cost_model()
-        self.decode = profile.decode_model() or DecodeModel.analytic(self.model, hw)
-        self.selector_config = self.costs.to_config()
+        if costs is None:
+            costs = SimCosts.analytic(config.model, config.hardware, config.block_size)
+        self.sim_costs = costs
+        self.model, self.costs, self.decode = costs.model, costs.costs, costs.decode
         self.block_size = config.block_size
-        self.block_bytes = config.block_size * self.model.kv_bytes_per_token
+        self.block_bytes = float(config.block_size * self.model.kv_bytes_per_token)
         if config.gpu_blocks is not None:
             self.num_gpu_blocks = config.gpu_blocks
         else:
-            memory_gib = config.gpu_memory_gib or GPU_MEMORY_GIB.get(config.hardware)
-            if memory_gib is None:
-                raise ValueError(f"no GPU memory size known for hardware {config.hardware!r}; "
-                                 "give gpu_memory_gib or gpu_blocks")
+            memory_gib = config.gpu_memory_gib or get_hardware(config.hardware).memory_gib
             kv_bytes = memory_gib * GIB * config.gpu_memory_utilization - self.model.weight_bytes
             self.num_gpu_blocks = int(kv_bytes // self.block_bytes)
             if self.num_gpu_blocks < 1:
@@ -204,10 +124,12 @@ class Simulator:
         self.num_cpu_blocks = (config.cpu_swap_blocks if config.cpu_swap_blocks is not None
                                else int(config.cpu_swap_gib * GIB // self.block_bytes))
         self.requests = RequestTable(workload)
-        self.predictor = PREDICTORS[config.predictor](self.requests, config)
-        self.admit = ADMISSION[config.admission]
-        self.choose_victim = VICTIMS[config.victim]
-        self.preemption = PREEMPTIONS[config.preemption]
+        predictor = PREDICTORS[config.predictor]
+        self.predictor = predictor(**config.knobs(predictor))
+        self.admit, self.choose_victim, self.preemption = (
+            functools.partial(fn, **config.knobs(fn)) for fn in (
+                ADMISSION[config.admission], VICTIMS[config.victim],
+                PREEMPTIONS[config.preemption]))
 
         self.now_s = 0.0
         self.free_gpu_blocks = self.num_gpu_blocks
@@ -271,13 +193,19 @@ class Simulator:
         timeline = np.array(self.timeline, dtype=np.float64).reshape(-1, 3)
         return SimResult(
             config=self.config, workload=self.workload.describe(), model=self.model.name,
-            profile_source=self.profile.source, num_gpu_blocks=self.num_gpu_blocks,
+            profile_source=self.sim_costs.source, num_gpu_blocks=self.num_gpu_blocks,
             num_cpu_blocks=self.num_cpu_blocks, block_bytes=self.block_bytes,
             requests=self.requests, steps=self.steps, end_s=self.now_s, busy_ms=self.busy_ms,
             recompute_ms=self.recompute_ms, swap_ms=self.swap_ms, flops=self.flops,
             recompute_flops=self.recompute_flops, max_kv_blocks_used=self.max_kv_blocks_used,
             timeline_s=timeline[:, 0], timeline_kv_blocks=timeline[:, 1].astype(np.int64),
             timeline_running=timeline[:, 2].astype(np.int64), livelock=self.livelock)
+
+    def view(self, running: np.ndarray) -> StateView:
+        """What the policies see, with `running` (ids in admission order) as the batch."""
+        return StateView(running=self.requests.view(running), block_size=self.block_size,
+                         num_gpu_blocks=self.num_gpu_blocks, free_cpu_blocks=self.free_cpu_blocks,
+                         block_bytes=self.block_bytes, costs=self.costs)
 
     # -----------------------------------------------------------------------------------------
     # Arrivals, rejection, livelock
@@ -304,7 +232,8 @@ class Simulator:
         ids = np.arange(self.next_arrival, end)
         self.next_arrival = end
         ids = ids[req.state[ids] != REJECTED]
-        req.predicted_output_tokens[ids] = self.predictor.predict(ids)
+        req.predicted_output_tokens[ids] = self.predictor.predict(
+            ids, req.prompt_tokens[ids], req.max_tokens[ids], req.output_tokens[ids])
         req.state[ids] = WAITING
         self.waiting.extend(ids.tolist())
 
@@ -362,8 +291,9 @@ class Simulator:
             num_tokens = min(int(req.known_tokens(i)) - computed, budget)
             num_new = cdiv(computed + num_tokens, bs) - int(req.gpu_blocks[i])
             while num_new > self.free_gpu_blocks and req.state[i] == RUNNING:
-                victim = self.choose_victim(self, np.array(order, dtype=np.int64))
-                at = order.index(victim)
+                view = self.view(np.array(order, dtype=np.int64))
+                at = self.choose_victim(view, self.preemption(view, view.running))
+                victim = order[at]
                 del order[at]
                 if at < pos:  # already scheduled in this step: give its tokens back
                     budget += done.pop(at)
@@ -383,7 +313,7 @@ class Simulator:
         req = self.requests
         blocks = int(req.gpu_blocks[victim])
         computed = int(req.computed_tokens[victim])
-        if self.preemption(self, np.array([victim]))[0]:
+        if self.preemption(self.view(self.running), self.requests.view(np.array([victim])))[0]:
             filled = cdiv(computed, self.block_size)  # blocks allocated in this step are empty
             self.free_cpu_blocks -= filled
             req.cpu_blocks[victim] = filled
@@ -415,7 +345,8 @@ class Simulator:
             blocks = cdiv(computed + num_tokens, bs)
             if blocks > self.free_gpu_blocks:
                 break
-            if self.running.size and not self.admit(self, i):
+            if self.running.size and not self.admit(self.view(self.running),
+                                                    req.view(np.array([i]))):
                 break
             self.waiting.popleft()
             if req.state[i] == SWAPPED:
@@ -558,10 +489,10 @@ class Simulator:
             self.free_gpu_blocks += int(req.gpu_blocks[finished].sum())
             req.gpu_blocks[finished] = 0
             self.running = self.running[req.state[self.running] == RUNNING]
-            self.predictor.observe(finished)
+            self.predictor.observe(req.prompt_tokens[finished], req.output_tokens[finished])
 
 
-def simulate(workload: Workload, config: SimConfig = SimConfig(), profile: Profile | None = None,
+def simulate(workload: Workload, config: SimConfig = SimConfig(), costs: SimCosts | None = None,
              progress: Callable[[int], None] | None = None) -> SimResult:
     """Simulate `workload` on one replica under `config`; see the module docstring."""
-    return Simulator(workload, config, profile).run(progress)
+    return Simulator(workload, config, costs).run(progress)

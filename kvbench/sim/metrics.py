@@ -26,7 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
-from kvbench.profile import write_atomic
+from kvbench.io import write_atomic
 from kvbench.sim.engine import SimResult
 from kvbench.sim.requests import FINISHED, STATE_NAMES
 

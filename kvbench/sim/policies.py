@@ -1,5 +1,10 @@
 """Scheduling policies, registered by name; any admission, victim and preemption combine.
 
+Each policy is a plain function of a `SchedulerView` (kvbench/sim/view.py: the running requests
+in admission order, the cache, the costs) and keyword knobs named like `SimConfig`'s fields, so
+the same function serves the simulator and a real engine's scheduler. Adding one is a function
+and a registry entry.
+
 Admission (`ADMISSION`): may the head of the waiting queue start now? The engine has already
 checked what every policy shares (vLLM V1): a free slot under `max_num_seqs`, token budget left
 in this step, GPU blocks free now for the first chunk, and no preemption in this step. A request
@@ -14,33 +19,29 @@ forever.
                 `max_long_requests` requests predicted to generate `long_output_tokens` or more
                 run together (they are the ones a wrong prediction hurts most).
 
-Victim (`VICTIMS`): which running request to preempt when one needs a block and none is free.
-Candidates are all running requests in admission order, the one needing the block included.
+Victim (`VICTIMS`): which running request to preempt when one needs a block and none is free:
+a position in `view.running` (all running requests in admission order, the one needing the
+block included); `swaps` says for each whether the preemption policy would swap it.
 
 * `lifo`        the most recently admitted (vLLM);
 * `lcf`         least computed first: fewest tokens in the cache (ties: most recent);
 * `cost-aware`  lowest preemption cost (by the preemption mode in force) per MB of KV freed,
                 sparing requests predicted to finish within `protect_steps` steps unless all are.
 
-Preemption (`PREEMPTIONS`): for each victim, swap (True) or recompute (False).
+Preemption (`PREEMPTIONS`): for each of some running requests, swap (True) or recompute (False).
 
 * `recompute`   always recompute (vLLM V1);
 * `swap`        swap while the CPU swap space has room for the victim's blocks, else recompute;
-* `selector`    the cheaper of the two by `kvbench.selector.select_preemption_strategy` (the
-                choice `kvbench select` prints), swapping only while the CPU space has room.
+* `selector`    the cheaper of the two by `CostModel.prefer_swap` (the choice `kvbench select`
+                prints), swapping only while the CPU space has room.
 """
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
-
 import numpy as np
 
-from kvbench.selector import select_preemption_strategy
 from kvbench.sim.requests import cdiv
-
-if TYPE_CHECKING:
-    from kvbench.sim.engine import Simulator
+from kvbench.sim.view import Requests, SchedulerView
 
 
 def future_peak_blocks(known_tokens: np.ndarray, remaining_tokens: np.ndarray,
@@ -59,24 +60,24 @@ def future_peak_blocks(known_tokens: np.ndarray, remaining_tokens: np.ndarray,
     return float(((suffix_tokens + alive * remaining) / block_size + alive).max())
 
 
-def admit_fcfs(sim: Simulator, candidate: int) -> bool:
+def admit_fcfs(view: SchedulerView, candidate: Requests) -> bool:
     return True
 
 
-def admit_reserve_max(sim: Simulator, candidate: int) -> bool:
-    req, ids = sim.requests, np.append(sim.running, candidate)
-    reserved = cdiv(req.prompt_tokens[ids] + req.max_tokens[ids], sim.block_size).sum()
-    return bool(reserved <= sim.num_gpu_blocks)
+def admit_reserve_max(view: SchedulerView, candidate: Requests) -> bool:
+    batch = view.running.append(candidate)
+    return bool(cdiv(batch.max_total_tokens, view.block_size).sum() <= view.num_gpu_blocks)
 
 
-def admit_future_kv(sim: Simulator, candidate: int) -> bool:
-    req, cfg, ids = sim.requests, sim.config, np.append(sim.running, candidate)
-    remaining = req.predicted_remaining_tokens(ids)
-    if cfg.max_long_requests is not None and remaining[-1] >= cfg.long_output_tokens:
-        if np.count_nonzero(remaining[:-1] >= cfg.long_output_tokens) >= cfg.max_long_requests:
+def admit_future_kv(view: SchedulerView, candidate: Requests, headroom_fraction: float = 0.0,
+                    long_output_tokens: int = 512, max_long_requests: int | None = None) -> bool:
+    batch = view.running.append(candidate)
+    remaining = batch.predicted_remaining
+    if max_long_requests is not None and remaining[-1] >= long_output_tokens:
+        if np.count_nonzero(remaining[:-1] >= long_output_tokens) >= max_long_requests:
             return False
-    peak = future_peak_blocks(req.known_tokens(ids), remaining, sim.block_size)
-    return peak <= (1.0 - cfg.headroom_fraction) * sim.num_gpu_blocks
+    peak = future_peak_blocks(batch.known_tokens, remaining, view.block_size)
+    return peak <= (1.0 - headroom_fraction) * view.num_gpu_blocks
 
 
 def _last_argmin(values: np.ndarray) -> int:
@@ -84,40 +85,36 @@ def _last_argmin(values: np.ndarray) -> int:
     return values.size - 1 - int(np.argmin(values[::-1]))
 
 
-def victim_lifo(sim: Simulator, candidates: np.ndarray) -> int:
-    return int(candidates[-1])
+def victim_lifo(view: SchedulerView, swaps: np.ndarray) -> int:
+    return view.running.size - 1
 
 
-def victim_lcf(sim: Simulator, candidates: np.ndarray) -> int:
-    return int(candidates[_last_argmin(sim.requests.computed_tokens[candidates])])
+def victim_lcf(view: SchedulerView, swaps: np.ndarray) -> int:
+    return _last_argmin(view.running.computed_tokens)
 
 
-def victim_cost_aware(sim: Simulator, candidates: np.ndarray) -> int:
-    req = sim.requests
-    tokens = req.computed_tokens[candidates]
-    use_swap = sim.preemption(sim, candidates)
-    cost_ms = np.where(use_swap, sim.costs.swap_ms(tokens), sim.costs.recompute_ms(tokens))
-    freed_mb = req.gpu_blocks[candidates] * sim.block_bytes / 1e6
+def victim_cost_aware(view: SchedulerView, swaps: np.ndarray, protect_steps: int = 4) -> int:
+    run, costs = view.running, view.costs
+    tokens = run.computed_tokens
+    cost_ms = np.where(swaps, costs.swap_ms(tokens), costs.recompute_ms(tokens))
+    freed_mb = run.blocks * view.block_bytes / 1e6
     ms_per_mb = cost_ms / np.maximum(freed_mb, 1e-9)
-    protected = req.predicted_remaining_tokens(candidates) <= sim.config.protect_steps
+    protected = run.predicted_remaining <= protect_steps
     if not protected.all():
         ms_per_mb = np.where(protected, np.inf, ms_per_mb)
-    return int(candidates[_last_argmin(ms_per_mb)])
+    return _last_argmin(ms_per_mb)
 
 
-def swap_never(sim: Simulator, victims: np.ndarray) -> np.ndarray:
+def swap_never(view: SchedulerView, victims: Requests) -> np.ndarray:
     return np.zeros(victims.size, dtype=bool)
 
 
-def swap_if_room(sim: Simulator, victims: np.ndarray) -> np.ndarray:
-    filled_blocks = cdiv(sim.requests.computed_tokens[victims], sim.block_size)
-    return filled_blocks <= sim.free_cpu_blocks
+def swap_if_room(view: SchedulerView, victims: Requests) -> np.ndarray:
+    return cdiv(victims.computed_tokens, view.block_size) <= view.free_cpu_blocks
 
 
-def swap_if_cheaper(sim: Simulator, victims: np.ndarray) -> np.ndarray:
-    choice = select_preemption_strategy(sim.requests.computed_tokens[victims],
-                                        sim.selector_config)["strategies"]
-    return (np.array(choice) == "swap") & swap_if_room(sim, victims)
+def swap_if_cheaper(view: SchedulerView, victims: Requests) -> np.ndarray:
+    return view.costs.prefer_swap(victims.computed_tokens) & swap_if_room(view, victims)
 
 
 ADMISSION = {"fcfs": admit_fcfs, "reserve-max": admit_reserve_max, "future-kv": admit_future_kv}

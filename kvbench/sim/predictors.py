@@ -1,8 +1,11 @@
 """Output-length predictors, registered by name in `PREDICTORS`.
 
 A predictor gives each arriving request a predicted total number of output tokens, between 1 and
-its `max_tokens`; the memory-aware policies plan with it. When a request outlives its prediction
-the engine revises it to min(2 × generated, max_tokens): as many tokens again as so far.
+its `max_tokens`; the memory-aware policies plan with it. Predictors see plain arrays (request
+ids, prompt lengths, max_tokens, and the true output length for the oracle: in a real engine, a
+per-request hint), never the engine, and learn from finished requests through `observe`. When a
+request outlives its prediction the engine revises it to min(2 × generated, max_tokens): as many
+tokens again as so far.
 
 * `oracle`  the true output length (an upper bound on what prediction can buy);
 * `noisy`   the true length times exp(N(0, sigma²)), one draw per request, seeded;
@@ -16,14 +19,8 @@ the engine revises it to min(2 × generated, max_tokens): as many tokens again a
 from __future__ import annotations
 
 from collections import deque
-from typing import TYPE_CHECKING
 
 import numpy as np
-
-from kvbench.sim.requests import RequestTable
-
-if TYPE_CHECKING:
-    from kvbench.sim.engine import SimConfig
 
 MIN_HISTORY_SAMPLES = 16
 HISTORY_REFRESH = 16  # recompute a bucket's quantile after this many new finished requests
@@ -31,38 +28,39 @@ ALL_BUCKETS = -1
 
 
 class OraclePredictor:
-    def __init__(self, requests: RequestTable, config: SimConfig) -> None:
-        self.requests = requests
+    def predict(self, ids: np.ndarray, prompt_tokens: np.ndarray, max_tokens: np.ndarray,
+                output_tokens: np.ndarray) -> np.ndarray:
+        return output_tokens
 
-    def predict(self, ids: np.ndarray) -> np.ndarray:
-        return self.requests.output_tokens[ids]
-
-    def observe(self, ids: np.ndarray) -> None:
+    def observe(self, prompt_tokens: np.ndarray, output_tokens: np.ndarray) -> None:
         """Oracle, noisy and max learn nothing from finished requests."""
 
 
 class NoisyPredictor(OraclePredictor):
-    def __init__(self, requests: RequestTable, config: SimConfig) -> None:
-        super().__init__(requests, config)
-        rng = np.random.default_rng([config.seed, 1])
-        self.factor = np.exp(rng.normal(0.0, config.noise_sigma, requests.size))
+    """One log-normal factor per request id, drawn in id order from the seeded stream."""
 
-    def predict(self, ids: np.ndarray) -> np.ndarray:
-        req = self.requests
-        guess = np.rint(req.output_tokens[ids] * self.factor[ids]).astype(np.int64)
-        return np.clip(guess, 1, req.max_tokens[ids])
+    def __init__(self, seed: int = 0, noise_sigma: float = 0.5) -> None:
+        self.rng = np.random.default_rng([seed, 1])
+        self.sigma = noise_sigma
+        self.factor = np.zeros(0)
+
+    def predict(self, ids, prompt_tokens, max_tokens, output_tokens):
+        if ids.size and ids.max() >= self.factor.size:
+            more = self.rng.normal(0.0, self.sigma, int(ids.max()) + 1 - self.factor.size)
+            self.factor = np.concatenate([self.factor, np.exp(more)])
+        guess = np.rint(output_tokens * self.factor[ids]).astype(np.int64)
+        return np.clip(guess, 1, max_tokens)
 
 
 class MaxPredictor(OraclePredictor):
-    def predict(self, ids: np.ndarray) -> np.ndarray:
-        return self.requests.max_tokens[ids]
+    def predict(self, ids, prompt_tokens, max_tokens, output_tokens):
+        return max_tokens
 
 
 class HistoryPredictor(OraclePredictor):
-    def __init__(self, requests: RequestTable, config: SimConfig) -> None:
-        super().__init__(requests, config)
-        self.quantile = config.history_quantile
-        self.window = config.history_window
+    def __init__(self, history_quantile: float = 0.5, history_window: int = 1000) -> None:
+        self.quantile = history_quantile
+        self.window = history_window
         self.outputs: dict[int, deque] = {}  # bucket (or ALL_BUCKETS) -> recent output lengths
         self.cached: dict[int, float] = {}
         self.new_samples: dict[int, int] = {}  # finished since the cached quantile
@@ -81,17 +79,14 @@ class HistoryPredictor(OraclePredictor):
             self.new_samples[bucket] = 0
         return self.cached[bucket]
 
-    def predict(self, ids: np.ndarray) -> np.ndarray:
-        req = self.requests
-        buckets = self.bucket(req.prompt_tokens[ids]).tolist()
+    def predict(self, ids, prompt_tokens, max_tokens, output_tokens):
+        buckets = self.bucket(prompt_tokens).tolist()
         guess = np.array([self._quantile(b) or 0.0 for b in buckets], dtype=np.float64)
-        limit = req.max_tokens[ids]
-        return np.where(guess > 0, np.clip(np.rint(guess).astype(np.int64), 1, limit), limit)
+        return np.where(guess > 0, np.clip(np.rint(guess).astype(np.int64), 1, max_tokens),
+                        max_tokens)
 
-    def observe(self, ids: np.ndarray) -> None:
-        req = self.requests
-        for bucket, output in zip(self.bucket(req.prompt_tokens[ids]).tolist(),
-                                  req.output_tokens[ids].tolist()):
+    def observe(self, prompt_tokens, output_tokens):
+        for bucket, output in zip(self.bucket(prompt_tokens).tolist(), output_tokens.tolist()):
             for key in (bucket, ALL_BUCKETS):
                 self.outputs.setdefault(key, deque(maxlen=self.window)).append(output)
                 self.new_samples[key] = self.new_samples.get(key, 0) + 1

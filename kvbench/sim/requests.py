@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from kvbench.sim.view import Requests
 from kvbench.sim.workloads import Workload
 
 PENDING, WAITING, RUNNING, SWAPPED, FINISHED, REJECTED = range(6)
@@ -55,3 +56,10 @@ class RequestTable:
     def predicted_remaining_tokens(self, ids):
         """Tokens still to generate by the prediction, at least 1 for an unfinished request."""
         return np.maximum(self.predicted_output_tokens[ids] - self.generated_tokens[ids], 1)
+
+    def view(self, ids: np.ndarray) -> Requests:
+        """The policies' view of requests `ids`, in that order."""
+        return Requests(computed_tokens=self.computed_tokens[ids],
+                        known_tokens=self.known_tokens(ids), blocks=self.gpu_blocks[ids],
+                        predicted_remaining=self.predicted_remaining_tokens(ids),
+                        max_total_tokens=self.prompt_tokens[ids] + self.max_tokens[ids])

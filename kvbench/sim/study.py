@@ -16,8 +16,9 @@ from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from kvbench.profile import Profile, write_atomic
-from kvbench.sim.engine import SimConfig, SimResult, simulate
+from kvbench.io import write_atomic
+from kvbench.sim.config import SimConfig, SimCosts
+from kvbench.sim.engine import SimResult, simulate
 from kvbench.sim.metrics import csv_text, scalar_columns
 from kvbench.sim.plots import plot_comparison
 from kvbench.sim.workloads import Workload
@@ -50,12 +51,12 @@ def parse_policy(text: str, base: SimConfig = SimConfig()) -> SimConfig:
     return dataclasses.replace(base, **dict(zip(POLICY_AXES, parts)))
 
 
-def _run(args: tuple[Workload, SimConfig, Profile | None]) -> SimResult:
+def _run(args: tuple[Workload, SimConfig, SimCosts | None]) -> SimResult:
     return simulate(*args)
 
 
 def compare_policies(workload: Workload, policies: list[str] | tuple[str, ...] = STUDY_POLICIES,
-                     base: SimConfig = SimConfig(), profile: Profile | None = None,
+                     base: SimConfig = SimConfig(), costs: SimCosts | None = None,
                      jobs: int = 1, on_result: Callable[[SimResult], None] | None = None,
                      ) -> list[SimResult]:
     """Simulate `workload` under each policy (in `jobs` processes); results in policy order."""
@@ -66,13 +67,13 @@ def compare_policies(workload: Workload, policies: list[str] | tuple[str, ...] =
     if jobs <= 1:
         results = []
         for config in configs:
-            results.append(simulate(workload, config, profile))
+            results.append(simulate(workload, config, costs))
             if on_result:
                 on_result(results[-1])
         return results
     with ProcessPoolExecutor(min(jobs, len(configs))) as pool:
         results = []
-        for result in pool.map(_run, [(workload, c, profile) for c in configs]):
+        for result in pool.map(_run, [(workload, c, costs) for c in configs]):
             results.append(result)
             if on_result:
                 on_result(result)

@@ -25,8 +25,10 @@ import numpy as np
 
 AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
 PLAIN_COLUMNS = ("arrival_s", "prompt_tokens", "output_tokens")
-PROJECT_ROOT = Path(__file__).resolve().parents[2]
-AZURE_CONV_TRACE = PROJECT_ROOT.parent / "shared" / "data" / "traces" / "azure_llm_2023_conv.csv"
+# Shipped with the package (CC BY 4.0, see kvbench/data/traces/README.md), so an installed
+# kvbench finds it wherever it runs.
+AZURE_CONV_TRACE = (Path(__file__).resolve().parents[1] / "data" / "traces"
+                    / "azure_llm_2023_conv.csv")
 
 
 class WorkloadError(ValueError):

@@ -1,0 +1,122 @@
+"""What a simulation is given: the replica's limits and policies by name (`SimConfig`), and the
+costs that price its steps (`SimCosts`)."""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import inspect
+from dataclasses import dataclass
+
+from kvbench.costmodel import CostModel, DecodeModel
+from kvbench.hardware import get_hardware
+from kvbench.models import ModelSpec, get_model
+from kvbench.profile import Profile
+from kvbench.sim.policies import ADMISSION, PREEMPTIONS, VICTIMS
+from kvbench.sim.predictors import PREDICTORS
+
+REGISTRIES = {"admission": ADMISSION, "victim": VICTIMS, "preemption": PREEMPTIONS,
+              "predictor": PREDICTORS}
+
+
+@dataclass(frozen=True)
+class SimConfig:
+    """Policies by name, the replica's limits, and the policies' knobs."""
+
+    admission: str = "fcfs"
+    victim: str = "lifo"
+    preemption: str = "recompute"
+    predictor: str = "oracle"
+    model: str = "llama-2-7b"  # for the analytic profile when none is given
+    hardware: str = "h100-sxm"
+    block_size: int = 16
+    gpu_blocks: int | None = None
+    gpu_memory_gib: float | None = None  # default: the hardware preset's memory_gib
+    gpu_memory_utilization: float = 0.9
+    cpu_swap_gib: float = 4.0
+    cpu_swap_blocks: int | None = None  # overrides cpu_swap_gib
+    max_num_seqs: int = 1024  # vLLM V1 defaults for an OpenAI server on an H100
+    max_num_batched_tokens: int = 8192
+    chunked_prefill: bool = True
+    headroom_fraction: float = 0.0  # future-kv
+    long_output_tokens: int = 512  # future-kv
+    max_long_requests: int | None = None  # future-kv
+    protect_steps: int = 4  # cost-aware
+    noise_sigma: float = 0.5  # noisy
+    history_quantile: float = 0.5  # history
+    history_window: int = 1000  # history
+    livelock_steps: int = 10_000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for axis, registry in REGISTRIES.items():
+            name = getattr(self, axis)
+            if name not in registry:
+                hint = difflib.get_close_matches(str(name), registry, n=1)
+                raise ValueError(f"unknown {axis} {'' if axis == 'predictor' else 'policy '}"
+                                 f"{name!r}"
+                                 + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                                 + f"; choose from {', '.join(registry)}")
+        for field in ("block_size", "max_num_seqs", "max_num_batched_tokens", "history_window",
+                      "livelock_steps", "long_output_tokens"):
+            if getattr(self, field) < 1:
+                raise ValueError(f"{field} must be at least 1, got {getattr(self, field)}")
+        if self.gpu_blocks is not None and self.gpu_blocks < 1:
+            raise ValueError(f"gpu_blocks must be at least 1, got {self.gpu_blocks}")
+        for field in ("cpu_swap_blocks", "max_long_requests"):
+            value = getattr(self, field)
+            if value is not None and value < 0:
+                raise ValueError(f"{field} must be non-negative, got {value}")
+        if self.gpu_memory_gib is not None and self.gpu_memory_gib <= 0:
+            raise ValueError(f"gpu_memory_gib must be positive, got {self.gpu_memory_gib}")
+        for field in ("cpu_swap_gib", "noise_sigma", "protect_steps"):
+            if getattr(self, field) < 0:
+                raise ValueError(f"{field} must be non-negative, got {getattr(self, field)}")
+        for field in ("gpu_memory_utilization", "history_quantile"):
+            if not 0 < getattr(self, field) <= 1:
+                raise ValueError(f"{field} must be in (0, 1], got {getattr(self, field)}")
+        if not 0 <= self.headroom_fraction < 1:
+            raise ValueError(f"headroom_fraction must be in [0, 1), got {self.headroom_fraction}")
+
+    @property
+    def policy_name(self) -> str:
+        return f"{self.admission}/{self.victim}/{self.preemption}/{self.predictor}"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+    def knobs(self, fn) -> dict:
+        """The fields that a policy or predictor takes as keyword arguments, by name."""
+        return {name: getattr(self, name) for name in inspect.signature(fn).parameters
+                if name in SIM_CONFIG_FIELDS}
+
+
+SIM_CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(SimConfig))
+
+
+@dataclass(frozen=True)
+class SimCosts:
+    """The model and the coefficients that price a simulation's steps, from a profile or from
+    datasheet figures (`source`: 'measured' or 'analytic')."""
+
+    model: ModelSpec
+    costs: CostModel
+    decode: DecodeModel
+    source: str
+
+    @classmethod
+    def from_profile(cls, profile: Profile, hardware: str = "h100-sxm") -> SimCosts:
+        """A profile's costs; a profile without a decode fit gets the analytic one for
+        `hardware`."""
+        model = profile.model.spec()
+        decode = profile.decode_model() or DecodeModel.analytic(model, get_hardware(hardware))
+        return cls(model, profile.cost_model(), decode, profile.source)
+
+    @classmethod
+    def analytic(cls, model: str | ModelSpec, hardware: str = "h100-sxm",
+                 block_size: int = 16) -> SimCosts:
+        spec = get_model(model) if isinstance(model, str) else model
+        hw = get_hardware(hardware)
+        return cls(spec, CostModel.analytic(spec, hw, block_size), DecodeModel.analytic(spec, hw),
+                   "analytic")

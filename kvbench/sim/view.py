@@ -1,0 +1,77 @@
+"""The scheduler state a policy may read: a small, typed view that any engine can provide.
+
+The simulator builds one from its request table; a real engine's scheduler (vLLM's, through an
+adapter) builds the same from its own request objects. A policy never sees the engine itself.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+import numpy as np
+
+from kvbench.costmodel import CostModel
+
+
+@dataclass(frozen=True)
+class Requests:
+    """Some requests as parallel int64 arrays (the running batch in admission order, or the one
+    candidate for admission)."""
+
+    computed_tokens: np.ndarray  # tokens whose KV is in the cache
+    known_tokens: np.ndarray  # prompt + tokens generated so far
+    blocks: np.ndarray  # KV blocks held on the GPU
+    predicted_remaining: np.ndarray  # output tokens still to generate, predicted (>= 1)
+    max_total_tokens: np.ndarray  # prompt + max_tokens: the most KV the request can ever need
+
+    @property
+    def size(self) -> int:
+        return self.computed_tokens.size
+
+    @classmethod
+    def of(cls, **columns) -> Requests:
+        """From lists or arrays (a test writes `Requests.of(computed_tokens=[...], ...)`)."""
+        return cls(**{k: np.asarray(v, dtype=np.int64) for k, v in columns.items()})
+
+    def append(self, other: Requests) -> Requests:
+        return Requests(*(np.concatenate([a, b]) for a, b in
+                          zip(self._columns(), other._columns())))
+
+    def _columns(self) -> tuple[np.ndarray, ...]:
+        return (self.computed_tokens, self.known_tokens, self.blocks, self.predicted_remaining,
+                self.max_total_tokens)
+
+
+class SchedulerView(Protocol):
+    """What every policy reads: the running requests, the cache and the costs."""
+
+    @property
+    def running(self) -> Requests: ...  # in admission order
+
+    @property
+    def block_size(self) -> int: ...  # tokens per KV block
+
+    @property
+    def num_gpu_blocks(self) -> int: ...  # usable KV blocks on the GPU
+
+    @property
+    def free_cpu_blocks(self) -> int: ...  # room left in the CPU swap space
+
+    @property
+    def block_bytes(self) -> float: ...  # bytes of one KV block
+
+    @property
+    def costs(self) -> CostModel: ...
+
+
+@dataclass(frozen=True)
+class StateView:
+    """A plain `SchedulerView`: a snapshot of the fields."""
+
+    running: Requests
+    block_size: int
+    num_gpu_blocks: int
+    free_cpu_blocks: int
+    block_bytes: float
+    costs: CostModel
