@@ -254,7 +254,7 @@ def test_gpu_blocks_derived_from_memory():
 def test_profile_without_decode_uses_the_analytic_decode_model():
     profile = PROFILE.model_copy(update={"decode": None})
     sim = Simulator(workload([0.0], [10], [10]), SimConfig(), SimCosts.from_profile(profile))
-    assert sim.decode == DecodeModel.analytic(get_model("llama-2-7b"), get_hardware("h100-sxm"))
+    assert sim.step_time.decode == DecodeModel.analytic(get_model("llama-2-7b"), get_hardware("h100-sxm"))
     assert isinstance(sim.costs, CostModel)
 
 
@@ -268,3 +268,22 @@ def test_profile_without_decode_uses_the_analytic_decode_model():
 def test_config_errors_name_the_field(field, value, message):
     with pytest.raises(ValueError, match=message):
         SimConfig(**{field: value})
+
+
+@pytest.mark.parametrize("text, fixed_ms, ms_per_token", [
+    ("constant:20ms", 20.0, 0.0), ("linear:10ms+0.01ms/token", 10.0, 0.01)])
+def test_public_step_time_prices_every_step_the_same_way(text, fixed_ms, ms_per_token):
+    # One request: a 100-token prefill step, then 9 decode steps of one token each.
+    result = simulate(workload([0.0], [100], [10]), SimConfig(step_time=text, gpu_blocks=100),
+                      COSTS)
+    assert result.steps == 10
+    expected_ms = 10 * fixed_ms + ms_per_token * (100 + 9)
+    assert result.end_s == pytest.approx(expected_ms / 1e3, rel=1e-12)
+    assert result.busy_ms == pytest.approx(expected_ms, rel=1e-12)
+
+
+@pytest.mark.parametrize("text", ["constant", "constant:20", "linear:10ms", "constant:-1ms",
+                                  "linear:0ms+0ms/token", "fixed:3ms", "constant:nanms"])
+def test_bad_step_time_is_one_clear_error(text):
+    with pytest.raises(ValueError, match="step time"):
+        SimConfig(step_time=text)

@@ -14,6 +14,7 @@ from kvbench.models import ModelSpec, get_model
 from kvbench.profile import Profile
 from kvbench.sim.policies import ADMISSION, PREEMPTIONS, VICTIMS
 from kvbench.sim.predictors import PREDICTORS
+from kvbench.sim.steptime import parse_step_time
 
 REGISTRIES = {"admission": ADMISSION, "victim": VICTIMS, "preemption": PREEMPTIONS,
               "predictor": PREDICTORS}
@@ -45,6 +46,7 @@ class SimConfig:
     noise_sigma: float = 0.5  # noisy
     history_quantile: float = 0.5  # history
     history_window: int = 1000  # history
+    step_time: str = "profile"  # or constant:20ms, linear:10ms+0.01ms/token (sim/steptime.py)
     livelock_steps: int = 10_000
     seed: int = 0
 
@@ -75,6 +77,7 @@ class SimConfig:
         for field in ("gpu_memory_utilization", "history_quantile"):
             if not 0 < getattr(self, field) <= 1:
                 raise ValueError(f"{field} must be in (0, 1], got {getattr(self, field)}")
+        parse_step_time(self.step_time)
         if not 0 <= self.headroom_fraction < 1:
             raise ValueError(f"headroom_fraction must be in [0, 1), got {self.headroom_fraction}")
 

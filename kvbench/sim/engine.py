@@ -64,6 +64,7 @@ from kvbench.sim.requests import (
     RequestTable,
     cdiv,
 )
+from kvbench.sim.steptime import CostStepTime, parse_step_time
 from kvbench.sim.view import StateView
 from kvbench.sim.workloads import Workload
 
@@ -107,7 +108,9 @@ class Simulator:
         if costs is None:
             costs = SimCosts.analytic(config.model, config.hardware, config.block_size)
         self.sim_costs = costs
-        self.model, self.costs, self.decode = costs.model, costs.costs, costs.decode
+        self.model, self.costs = costs.model, costs.costs
+        self.step_time = (parse_step_time(config.step_time)
+                          or CostStepTime(costs.costs, costs.decode))
         self.block_size = config.block_size
         self.block_bytes = float(config.block_size * self.model.kv_bytes_per_token)
         if config.gpu_blocks is not None:
@@ -404,7 +407,7 @@ class Simulator:
         next_arrival_s = (float(req.arrival_s[self.next_arrival])
                           if self.next_arrival < req.size else np.inf)
         num_steps = 0
-        for step_ms in self.decode.step_ms(batch, means).tolist():
+        for step_ms in self.step_time.decode_steps_ms(batch, means).tolist():
             if num_steps and next_arrival_s <= self.now_s:
                 break
             self.busy_ms += step_ms
@@ -431,7 +434,7 @@ class Simulator:
     # Execution: price the step, advance the clock, sample tokens, finish requests
 
     def _execute(self, ids: np.ndarray, tokens: np.ndarray) -> None:
-        req, costs, model = self.requests, self.costs, self.model
+        req, model = self.requests, self.model
         start = req.computed_tokens[ids]
         end = start + tokens
         generated = req.generated_tokens[ids]
@@ -442,7 +445,7 @@ class Simulator:
         if num_decode < ids.size:
             prefill = ~decode
             p_ids, p_start, p_end = ids[prefill], start[prefill], end[prefill]
-            step_ms += float((costs.recompute_ms(p_end) - costs.recompute_ms(p_start)).sum())
+            step_ms += float(self.step_time.prefill_ms(p_start, p_end).sum())
             # Positions below the recompute target had KV that a preemption dropped; only
             # prefill chunks reach them (a resumed request recomputes before it decodes).
             redo_end = np.minimum(p_end, req.recompute_target_tokens[p_ids])
@@ -454,10 +457,10 @@ class Simulator:
                 req.recompute_tokens[r_ids] += r_end - r_start
                 req.wasted_flops[r_ids] += redo_flops
                 self.recompute_flops += float(redo_flops.sum())
-                self.recompute_ms += float((costs.recompute_ms(r_end)
-                                            - costs.recompute_ms(r_start)).sum())
+                self.recompute_ms += float(self.step_time.prefill_ms(r_start, r_end).sum())
         if num_decode:
-            step_ms += float(self.decode.step_ms(num_decode, float(end[decode].mean())))
+            step_ms += self.step_time.decode_ms(num_decode, float(end[decode].mean()))
+        step_ms += self.step_time.fixed_ms
         self.flops += (model.linear_flops_per_token * float(tokens.sum())
                        + model.attention_flops_per_token_sq * float((end * end - start * start)
                                                                     .sum())

@@ -1,0 +1,77 @@
+"""How long a simulated step takes: priced by the costs (the default), or a public formula.
+
+`profile`: the recompute cost model prices prefill chunks incrementally (a chunk of c tokens after
+x cached ones costs recompute_ms(x + c) - recompute_ms(x)), the decode model prices the B
+requests that generate one token (d0 + d1·B + d2·B·T at mean context T); both add up.
+
+`constant:20ms` and `linear:10ms+0.01ms/token`: a fixed time per step plus a time per scheduled
+token, whatever the tokens are. These make a schedule reproducible against any other engine
+driven by the same clock (the differential test against vLLM uses `constant`).
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+import numpy as np
+
+from kvbench.costmodel import CostModel, DecodeModel
+
+_LINEAR = re.compile(r"^linear:(?P<fixed>[0-9.eE+-]+)ms\+(?P<per_token>[0-9.eE+-]+)ms/token$")
+_CONSTANT = re.compile(r"^constant:(?P<fixed>[0-9.eE+-]+)ms$")
+STEP_TIME_FORMS = "profile, constant:<ms>ms or linear:<ms>ms+<ms>ms/token"
+
+
+@dataclass(frozen=True)
+class CostStepTime:
+    """A step costs its prefill chunks plus its decode batch (plus `fixed_ms`, 0 here)."""
+
+    costs: CostModel
+    decode: DecodeModel
+    fixed_ms: float = 0.0
+
+    def prefill_ms(self, start: np.ndarray, end: np.ndarray) -> np.ndarray:
+        return self.costs.recompute_ms(end) - self.costs.recompute_ms(start)
+
+    def decode_ms(self, num_decode: int, mean_context: float) -> float:
+        return float(self.decode.step_ms(num_decode, mean_context))
+
+    def decode_steps_ms(self, batch: int, mean_contexts: np.ndarray) -> np.ndarray:
+        """Consecutive decode-only steps of `batch` requests at these mean contexts."""
+        return self.decode.step_ms(batch, mean_contexts)
+
+
+@dataclass(frozen=True)
+class LinearStepTime:
+    fixed_ms: float
+    ms_per_token: float
+
+    def prefill_ms(self, start: np.ndarray, end: np.ndarray) -> np.ndarray:
+        return self.ms_per_token * (end - start)
+
+    def decode_ms(self, num_decode: int, mean_context: float) -> float:
+        return self.ms_per_token * num_decode
+
+    def decode_steps_ms(self, batch: int, mean_contexts: np.ndarray) -> np.ndarray:
+        return np.full(np.shape(mean_contexts), self.fixed_ms + self.ms_per_token * batch)
+
+
+def parse_step_time(text: str) -> LinearStepTime | None:
+    """`constant:20ms` or `linear:10ms+0.01ms/token`; None for `profile` (priced by the costs:
+    `CostStepTime`); ValueError otherwise."""
+    if text == "profile":
+        return None
+    match = _CONSTANT.match(text) or _LINEAR.match(text)
+    if match is None:
+        raise ValueError(f"step time {text!r}: write it as {STEP_TIME_FORMS}")
+    try:
+        fixed, per_token = float(match["fixed"]), float(match.groupdict().get("per_token") or 0)
+    except ValueError:
+        raise ValueError(f"step time {text!r}: not a number; write it as {STEP_TIME_FORMS}"
+                         ) from None
+    if not (np.isfinite(fixed) and np.isfinite(per_token)) or fixed < 0 or per_token < 0:
+        raise ValueError(f"step time {text!r}: times must be finite and non-negative")
+    if fixed == 0 and per_token == 0:
+        raise ValueError(f"step time {text!r}: a step must take some time")
+    return LinearStepTime(fixed, per_token)
