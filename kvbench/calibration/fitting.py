@@ -24,7 +24,6 @@ class Fit:
     r2: float  # of the weighted (relative-error) problem the fit solves
     r2_unweighted: float  # plain R² on the latencies: dominated by the largest points
     heldout_mape: float | None
-    train_mape: float
     heldout: np.ndarray  # bool mask over the points
 
     def predict(self, design: np.ndarray) -> np.ndarray:
@@ -64,7 +63,9 @@ def r_squared(y: np.ndarray, predicted: np.ndarray, weights: np.ndarray | None =
     return 1.0 - ss_res / ss_tot if ss_tot > 0 else float(ss_res == 0)
 
 
-def mape(y: np.ndarray, predicted: np.ndarray) -> float:
+def mape(y, predicted) -> float:
+    """Mean absolute percentage error of `predicted` against measured `y`, as a fraction."""
+    y, predicted = np.asarray(y, dtype=np.float64), np.asarray(predicted, dtype=np.float64)
     return float(np.mean(np.abs(predicted - y) / y))
 
 
@@ -87,6 +88,5 @@ def fit_nnls(design: np.ndarray, latency_ms, heldout: np.ndarray | None = None) 
         r2=r_squared(y[train], predicted[train], weights),
         r2_unweighted=r_squared(y[train], predicted[train]),
         heldout_mape=mape(y[heldout], predicted[heldout]) if heldout.any() else None,
-        train_mape=mape(y[train], predicted[train]),
         heldout=heldout,
     )
