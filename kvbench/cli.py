@@ -1,9 +1,9 @@
 """`kvbench` command line: thin commands over the library. Results on stdout, progress on stderr.
 
-Each command parses its options, calls the library and prints what the library formats. A user
-mistake (the library raises ValueError for bad input: ProfileError, WorkloadError, unknown presets,
-out-of-range options; OSError for a path that cannot be read or written) prints one `error:` line
-and exits 2; anything else is a bug and keeps its traceback.
+Each command parses, calls the library and prints what the library formats. A user mistake prints
+one `error:` line and exits 2: the library reports bad input as ValueError (ProfileError,
+WorkloadError, unknown presets, out-of-range values), and a path that cannot be read or written
+raises OSError. Anything else is a bug and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -23,7 +23,7 @@ from typer.exceptions import TyperException
 from kvbench import __version__
 from kvbench.hardware import HARDWARE, device_slug, fingerprint, resolve_device
 from kvbench.models import MODELS
-from kvbench.profile import load, resolve, summary_lines
+from kvbench.profile import extrapolation_warning, load, resolve, summary_lines
 from kvbench.selector import select_preemption_strategy
 
 USER_ERRORS = (ValueError, OSError)
@@ -100,10 +100,8 @@ def select(
                    peak_tflops=peak_tflops, achieved_fraction=achieved_fraction)
     counts = parse_tokens(tokens)
     result = select_preemption_strategy(counts, prof)
-    valid_max = max(prof.swap.fit.max_tokens, prof.recompute.fit.max_tokens)
-    if counts and max(counts) > valid_max:
-        err.print(f"warning: {max(counts)} tokens is beyond the profile's measured range "
-                  f"(up to {valid_max}); costs there are extrapolated")
+    if warning := extrapolation_warning(prof, counts):
+        err.print(f"warning: {warning}")
     if as_json:
         out.print_json(json.dumps(result)) if sys.stdout.isatty() else print(json.dumps(result))
         return

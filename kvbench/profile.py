@@ -279,6 +279,16 @@ def resolve(path: str | os.PathLike | None, model: str | None, hardware: str = "
                             get_hardware(hardware, **hw_overrides), block_size=block_size)
 
 
+def extrapolation_warning(profile: Profile, token_counts: list[int]) -> str | None:
+    """Why costs for these token counts are guesses: the largest lies beyond the lengths the
+    profile's fits were measured on (None if all lie within)."""
+    valid_max = max(profile.swap.fit.max_tokens, profile.recompute.fit.max_tokens)
+    if token_counts and max(token_counts) > valid_max:
+        return (f"{max(token_counts)} tokens is beyond the profile's measured range (up to "
+                f"{valid_max}); costs there are extrapolated")
+    return None
+
+
 # --- summaries: `kvbench profile show`, the `calibrate` summary and the results page ----------
 
 def round_trip_ceiling_gbps(profile: Profile) -> float | None:

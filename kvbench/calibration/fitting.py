@@ -55,12 +55,16 @@ def holdout_mask(num_points: int, every: int = 4) -> np.ndarray:
 
 
 def r_squared(y: np.ndarray, predicted: np.ndarray, weights: np.ndarray | None = None) -> float:
-    """1 - SS_res/SS_tot, with each residual scaled by `weights` (weighted least squares)."""
+    """1 - SS_res/SS_tot, with each residual scaled by `weights` (weighted least squares).
+
+    Sums below rounding noise (1e-20 of the sum of squares, i.e. relative deviations under 1e-10)
+    count as zero: constant latencies give 1 when the fit reproduces them, else 0."""
     w = np.ones_like(y) if weights is None else weights
     mean = np.sum(w**2 * y) / np.sum(w**2)
     ss_res = float(np.sum((w * (y - predicted)) ** 2))
     ss_tot = float(np.sum((w * (y - mean)) ** 2))
-    return 1.0 - ss_res / ss_tot if ss_tot > 0 else float(ss_res == 0)
+    noise = 1e-20 * float(np.sum((w * y) ** 2))
+    return 1.0 - ss_res / ss_tot if ss_tot > noise else float(ss_res <= noise)
 
 
 def mape(y, predicted) -> float:
