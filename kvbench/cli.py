@@ -378,7 +378,7 @@ def machine_cmd(
 def main() -> None:
     """Console entry: usage mistakes print one line too (exit 2), not a usage box."""
     try:
-        code = app(standalone_mode=False)
+        code = app(prog_name="kvbench", standalone_mode=False)
     except TyperException as exc:  # click's errors, raised while parsing the command line
         message = exc.format_message()
         if message:  # empty for a group run bare: typer has printed its help already
