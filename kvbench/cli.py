@@ -280,8 +280,8 @@ def simulate_cmd(
     as_json: bool = SIM_JSON,
 ) -> None:
     """Simulate one serving replica under one scheduling policy."""
+    from kvbench.sim import metrics
     from kvbench.sim.engine import simulate
-    from kvbench.sim.metrics import summarize, summary_lines, write_results
     from kvbench.sim.plots import plot_run
     from kvbench.sim.study import sim_inputs
 
@@ -295,14 +295,14 @@ def simulate_cmd(
         task = progress.add_task("simulate", total=workload.num_requests)
         result = simulate(workload, config, prof,
                           progress=lambda done: progress.update(task, completed=done))
-    summary = summarize(result)
+    summary = metrics.summarize(result)
     if out_dir is not None:
-        write_results(result, out_dir, summary)
+        metrics.write_results(result, out_dir, summary)
         plot_run(result, out_dir / "run.png")
     if as_json:
         print(json.dumps(summary))
         return
-    echo(summary_lines(summary) + ([f"wrote: {out_dir}/"] if out_dir is not None else []))
+    echo(metrics.summary_lines(summary) + ([f"wrote: {out_dir}/"] if out_dir else []))
 
 
 @app.command("compare-policies")

@@ -6,6 +6,9 @@ answers, in order: how much does memory-aware admission with a perfect predictor
 survives with realistic predictors; what cost-aware victims and per-victim swap-or-recompute add
 on top of it and on top of FCFS. The default workload is the shared Azure 2023 conversation trace
 replayed `STUDY_RATE_SCALE` times faster, a load at which FCFS preempts about one request in ten.
+
+`sim_inputs` assembles a run (workload, configuration, costs) from the options of `kvbench
+simulate` and `compare-policies`; `comparison_rows` and `comparison_table` present the results.
 """
 
 from __future__ import annotations
