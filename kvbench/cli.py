@@ -1,8 +1,13 @@
-"""`kvbench` command line: thin commands over the library. Results on stdout, progress on stderr."""
+"""`kvbench` command line: thin commands over the library. Results on stdout, progress on stderr.
+
+Each command parses, calls the library and prints what the library formats. A user mistake prints
+one `error:` line and exits 2: the library reports bad input as ValueError (ProfileError,
+WorkloadError, unknown presets, out-of-range values), and a path that cannot be read or written
+raises OSError. Anything else is a bug and keeps its traceback.
+"""
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from pathlib import Path
@@ -12,22 +17,31 @@ import typer
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from rich.table import Table
+from typer.core import TyperGroup
+from typer.exceptions import TyperException
 
 from kvbench import __version__
-from kvbench.hardware import (
-    HARDWARE,
-    device_slug,
-    fingerprint,
-    get_hardware,
-    resolve_device,
-    slugify,
-)
-from kvbench.io import write_atomic
-from kvbench.models import MODELS, from_hf_config, get_model
-from kvbench.profile import Profile, analytic_profile, load, save
+from kvbench.hardware import HARDWARE, device_slug, fingerprint, resolve_device
+from kvbench.models import MODELS
+from kvbench.profile import extrapolation_warning, load, resolve, summary_lines
 from kvbench.selector import select_preemption_strategy
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
+USER_ERRORS = (ValueError, OSError)
+
+
+class Commands(TyperGroup):
+    """The root group: a user mistake in any command prints one line on stderr and exits 2."""
+
+    def invoke(self, ctx):
+        try:
+            return super().invoke(ctx)
+        except USER_ERRORS as exc:
+            err.print(f"error: {exc}")
+            raise typer.Exit(2) from None
+
+
+app = typer.Typer(cls=Commands, no_args_is_help=True, add_completion=False,
+                  pretty_exceptions_enable=False,
                   help="Swap or recompute? Measure, fit and choose how to preempt KV caches.")
 profile_app = typer.Typer(no_args_is_help=True, help="Inspect profiles.")
 app.add_typer(profile_app, name="profile")
@@ -36,18 +50,8 @@ out = Console(soft_wrap=True, markup=False, highlight=False,
 err = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
 
 
-def user_errors(fn):
-    """A user mistake prints one line on stderr and exits 2, never a traceback."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (ValueError, TypeError, OSError) as exc:
-            err.print(f"error: {exc}", markup=False, highlight=False)
-            raise typer.Exit(2) from None
-
-    return wrapper
+def echo(lines: list[str]) -> None:
+    out.print("\n".join(lines))
 
 
 def _version(value: bool) -> None:
@@ -73,27 +77,7 @@ def parse_tokens(tokens: list[str]) -> list[int]:
     return values
 
 
-def resolve_profile(profile: Optional[Path], model: Optional[str], hardware: str,
-                    block_size: int, dtype: Optional[str], tp: int, force: bool = False,
-                    **hw_overrides) -> Profile:
-    """A profile from a file (checked against --model when both are given), or an analytic
-    one for a model preset on a hardware preset."""
-    if profile is not None:
-        given = [k for k, v in hw_overrides.items() if v is not None]
-        if given:
-            raise ValueError(f"--{given[0].replace('_', '-')} sets analytic costs (--model "
-                             "without --profile); a profile carries its own measured costs")
-        prof = load(profile)
-        prof.check_matches(model=model, force=force)
-        return prof
-    if model is None:
-        raise ValueError("give --profile PATH or --model NAME (see `kvbench models`)")
-    return analytic_profile(get_model(model, dtype=dtype, tp=tp),
-                            get_hardware(hardware, **hw_overrides), block_size=block_size)
-
-
 @app.command()
-@user_errors
 def select(
     tokens: list[str] = typer.Argument(..., help="Current token count of each request."),
     profile: Optional[Path] = typer.Option(None, help="Profile JSON from `kvbench calibrate`."),
@@ -111,16 +95,13 @@ def select(
     as_json: bool = typer.Option(False, "--json", help="Print the selector's dict as JSON."),
 ) -> None:
     """Choose swap or recompute for each request and print both costs."""
-    prof = resolve_profile(profile, model, hardware, block_size, dtype, tp, force,
-                           h2d_gbps=h2d_gbps, d2h_gbps=d2h_gbps,
-                           transfer_latency_ms=transfer_latency_ms, peak_tflops=peak_tflops,
-                           achieved_fraction=achieved_fraction)
+    prof = resolve(profile, model, hardware, block_size, dtype, tp, force, h2d_gbps=h2d_gbps,
+                   d2h_gbps=d2h_gbps, transfer_latency_ms=transfer_latency_ms,
+                   peak_tflops=peak_tflops, achieved_fraction=achieved_fraction)
     counts = parse_tokens(tokens)
     result = select_preemption_strategy(counts, prof)
-    valid_max = max(prof.swap.fit.max_tokens, prof.recompute.fit.max_tokens)
-    if counts and max(counts) > valid_max:
-        err.print(f"warning: {max(counts)} tokens is beyond the profile's measured range "
-                  f"(up to {valid_max}); costs there are extrapolated", highlight=False)
+    if warning := extrapolation_warning(prof, counts):
+        err.print(f"warning: {warning}")
     if as_json:
         out.print_json(json.dumps(result)) if sys.stdout.isatty() else print(json.dumps(result))
         return
@@ -152,51 +133,10 @@ def models() -> None:
     out.print(table)
 
 
-def _formulas(prof: Profile) -> tuple[str, str, str | None]:
-    """The fitted swap, recompute and (if present) decode models, one line each."""
-    s, r, d = prof.swap, prof.recompute, prof.decode
-    decode = (f"decode_step_ms(B, T) = {d.d0_ms:.6g} + {d.d1_ms_per_seq:.6g}·B + "
-              f"{d.d2_ms_per_seq_token:.6g}·B·T" if d else None)
-    return (f"swap_ms(n) = {s.fixed_ms:.6g} + {s.ms_per_token:.6g}·n + {s.ms_per_block:.6g}·"
-            f"ceil(n/{s.block_size})",
-            f"recompute_ms(n) = {r.fixed_ms:.6g} + {r.ms_per_token:.6g}·n + "
-            f"{r.ms_per_token_sq:.6g}·n²", decode)
-
-
-def _fit_line(name: str, fit) -> str:
-    r2 = "n/a" if fit.r2 is None else f"{fit.r2:.4f}"
-    if fit.r2_unweighted is not None:
-        r2 += f" (unweighted {fit.r2_unweighted:.4f})"
-    mape = "n/a" if fit.heldout_mape is None else f"{100 * fit.heldout_mape:.1f}%"
-    return (f"{name}: R² {r2}, held-out error {mape}, valid {fit.min_tokens}-{fit.max_tokens} "
-            f"tokens ({fit.method})")
-
-
 @profile_app.command("show")
-@user_errors
 def profile_show(path: Path = typer.Argument(..., help="Profile JSON.")) -> None:
     """Summarise a profile: coefficients, fit quality, crossover."""
-    prof = load(path)
-    env = prof.environment
-    out.print(f"profile: {path}")
-    out.print(f"source: {prof.source}, created {prof.created_at}, kvbench {prof.kvbench_version}")
-    out.print(f"device: {env.get('device_name')} (commit {env.get('commit')}, torch "
-              f"{env.get('torch')}, triton {env.get('triton')})")
-    out.print(f"model: {prof.model.name}, {prof.dtype}, tp={prof.model.tp}, "
-              f"{prof.model.spec().kv_bytes_per_token:,.0f} KV bytes/token")
-    s, r = prof.swap, prof.recompute
-    swap, recompute, decode = _formulas(prof)
-    out.print(swap + (f"  [impl {s.impl}]" if s.impl else ""))
-    out.print(recompute)
-    if decode:
-        out.print(decode)
-    out.print(_fit_line("swap fit", s.fit))
-    out.print(_fit_line("recompute fit", r.fit))
-    crossover = prof.crossover_tokens
-    out.print(f"crossover_tokens: {crossover if crossover else 'none (recompute always cheaper)'}")
-
-
-DEFAULT_MODEL = {"cuda": "llama-3-8b", "cpu": "qwen2.5-0.5b"}
+    echo(summary_lines(load(path), path))
 
 
 class PhaseProgress:
@@ -217,34 +157,7 @@ def progress_bar() -> Progress:
                     transient=False)
 
 
-def print_calibration(prof: Profile, paths: list[Path]) -> None:
-    s, r, x = prof.swap, prof.recompute, prof.extra
-    out.print(f"profile: {paths[0]}  (samples {paths[1].name}, plot {paths[2].name})")
-    out.print(f"device: {prof.environment['device_name']}; model {prof.model.name} "
-              f"({prof.dtype}, {prof.model.spec().kv_bytes_per_token:,.0f} KV bytes/token)")
-    for name, fit in (("swap", s.fit), ("recompute", r.fit)):
-        out.print(_fit_line(f"{name} fit", fit))
-    swap, recompute, decode = _formulas(prof)
-    out.print(f"{swap}   [fastest impl: {s.impl}]")
-    out.print(f"{recompute}   [attention alone: {x['attention']['ms_per_token_sq']:.6g}·n²]")
-    if decode:
-        out.print(f"{decode}   [R² {prof.decode.r2:.4f}]")
-    ceiling = x["ceiling_gbps"]
-    out.print(f"copy ceiling (one contiguous {x['ceiling_bytes'] / 2**20:,.0f} MiB copy): "
-              f"out {ceiling['out']:.1f} GB/s, in {ceiling['in']:.1f} GB/s")
-    for impl, data in x["swap_impls"].items():
-        best = max(data["round_trip_bandwidth_gbps"])
-        share = best / (2 / (1 / ceiling["out"] + 1 / ceiling["in"]))
-        out.print(f"  {impl:9} peak achieved {best:.1f} GB/s round trip "
-                  f"({100 * share:.0f}% of ceiling)")
-    crossover = prof.crossover_tokens
-    out.print(f"crossover_tokens: {crossover if crossover else 'none (recompute always cheaper)'}")
-    for reason in x["stopped"].values():
-        out.print(f"note: sweep ended early: {reason}")
-
-
 @app.command("calibrate")
-@user_errors
 def calibrate_cmd(
     device: str = typer.Option("auto", help="auto (GPU if present, else CPU), cuda or cpu."),
     model: Optional[str] = typer.Option(None, help="Model preset (default: llama-3-8b on "
@@ -258,15 +171,16 @@ def calibrate_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the profile JSON."),
 ) -> None:
     """Measure swap and prefill on this machine, fit the cost models, write the profile."""
-    from kvbench.calibration.pipeline import calibrate
-    from kvbench.calibration.plot import plot_profile
+    from kvbench.calibration.pipeline import (
+        calibrate,
+        calibration_model,
+        calibration_summary,
+        default_profile_path,
+    )
 
     dev = resolve_device(device)
-    if config_json is not None and model is not None:
-        raise ValueError("give either --model or --config-json, not both")
-    spec = (from_hf_config(config_json, dtype=dtype) if config_json is not None
-            else get_model(model or DEFAULT_MODEL[dev], dtype=dtype))
-    path = out_path or Path("results/profiles") / f"{device_slug(dev)}-{slugify(spec.name)}.json"
+    spec = calibration_model(dev, model, config_json, dtype)
+    path = out_path or default_profile_path(dev, spec)
     try:
         with progress_bar() as progress:
             run = calibrate(spec, dev, block_size=block_size, quick=quick,
@@ -274,20 +188,16 @@ def calibrate_cmd(
     except KeyboardInterrupt:
         err.print(f"interrupted: nothing written; {path} is as it was")
         raise typer.Exit(130) from None
-    samples_path = write_atomic(path.with_suffix(".samples.json"),
-                                json.dumps(run.samples, indent=1))
-    save(run.profile, path)
-    plot_path = plot_profile(run.profile, path.with_suffix(".png"))
+    paths = run.write(path)
     for warning in run.warnings:
-        err.print(f"warning: {warning}", highlight=False)
+        err.print(f"warning: {warning}")
     if as_json:
         print(run.profile.to_json())
     else:
-        print_calibration(run.profile, [path, samples_path, plot_path])
+        echo(calibration_summary(run.profile, paths))
 
 
 @app.command("validate")
-@user_errors
 def validate_cmd(
     profile: Path = typer.Option(..., help="Measured profile to check."),
     device: str = typer.Option("auto", help="auto, cuda or cpu: must be the profile's."),
@@ -298,24 +208,15 @@ def validate_cmd(
     """Measure fresh swap and recompute points; report decision agreement and errors."""
     from kvbench.calibration.validate import validate
 
-    prof = load(profile)
+    prof, dev = load(profile), resolve_device(device)
     with progress_bar() as progress:
-        report = validate(prof, resolve_device(device), count=count, force=force,
+        report = validate(prof, dev, count=count, force=force,
                           on_point=PhaseProgress(progress))
     if as_json:
         print(json.dumps(report.to_dict()))
         return
-    table = Table(title=f"validate {profile} on {resolve_device(device)}")
-    for col in ("tokens", "swap pred ms", "swap meas ms", "recompute pred ms",
-                "recompute meas ms", "selector", "measured"):
-        table.add_column(col, justify="right")
-    for row in zip(report.num_tokens, report.swap_predicted_ms, report.swap_measured_ms,
-                   report.recompute_predicted_ms, report.recompute_measured_ms,
-                   report.predicted_choice, report.measured_choice):
-        table.add_row(str(row[0]), *(f"{v:.3f}" for v in row[1:5]), row[5], row[6])
-    out.print(table)
-    out.print(f"decision agreement: {100 * report.agreement:.0f}%; prediction error: swap "
-              f"{100 * report.swap_mape:.1f}%, recompute {100 * report.recompute_mape:.1f}%")
+    out.print(report.table(f"validate {profile} on {dev}"))
+    out.print(report.summary_line())
 
 
 # ---------------------------------------------------------------------------------------------
@@ -344,20 +245,6 @@ SIM_SEED = typer.Option(0, "--seed", min=0, help="Seed of synthetic workloads an
 SIM_JSON = typer.Option(False, "--json", help="Print the summary as JSON.")
 
 
-def _sim_inputs(trace, synthetic, profile, model, hardware, rate_scale, num_requests,
-                max_tokens, seed):
-    """The workload and the profile (calibrated, or analytic for the model) of a sim command."""
-    from kvbench.sim.config import SimConfig
-    from kvbench.sim.workloads import load_workload
-
-    if profile is not None and model is not None:
-        raise ValueError("give either --profile or --model, not both: a profile names its model")
-    workload = load_workload(trace, synthetic, rate_scale, num_requests, max_tokens, seed)
-    prof = resolve_profile(profile, None if profile else model or SimConfig.model, hardware,
-                           16, None, 1)
-    return workload, prof
-
-
 def _sim_progress(label: str, unit: str) -> Progress:
     return Progress(SpinnerColumn(), TextColumn(label),
                     TextColumn("{task.completed}/{task.total} " + unit), TimeElapsedColumn(),
@@ -365,7 +252,6 @@ def _sim_progress(label: str, unit: str) -> Progress:
 
 
 @app.command("simulate")
-@user_errors
 def simulate_cmd(
     trace: Optional[Path] = SIM_TRACE,
     synthetic: Optional[str] = SIM_SYNTHETIC,
@@ -394,63 +280,32 @@ def simulate_cmd(
     as_json: bool = SIM_JSON,
 ) -> None:
     """Simulate one serving replica under one scheduling policy."""
-    from kvbench.sim.config import SimConfig, SimCosts
+    from kvbench.sim import metrics
     from kvbench.sim.engine import simulate
-    from kvbench.sim.metrics import summarize, write_results
     from kvbench.sim.plots import plot_run
+    from kvbench.sim.study import sim_inputs
 
-    workload, prof = _sim_inputs(trace, synthetic, profile, model, hardware, rate_scale,
-                                 num_requests, max_tokens, seed)
-    config = SimConfig(admission=admission, victim=victim, preemption=preemption,
-                       predictor=predictor, model=prof.model.name, hardware=hardware,
-                       block_size=prof.swap.block_size, gpu_blocks=gpu_blocks,
-                       gpu_memory_gib=gpu_memory_gib, cpu_swap_gib=cpu_swap_gib,
-                       headroom_fraction=headroom,
-                       max_long_requests=max_long_requests, noise_sigma=noise_sigma,
-                       history_quantile=history_quantile, seed=seed)
+    workload, config, costs = sim_inputs(
+        trace, synthetic, profile, model, hardware, rate_scale, num_requests, max_tokens, seed,
+        admission=admission, victim=victim, preemption=preemption, predictor=predictor,
+        gpu_blocks=gpu_blocks, gpu_memory_gib=gpu_memory_gib, cpu_swap_gib=cpu_swap_gib,
+        headroom_fraction=headroom, max_long_requests=max_long_requests,
+        noise_sigma=noise_sigma, history_quantile=history_quantile)
     with _sim_progress(config.policy_name, "requests") as progress:
         task = progress.add_task("simulate", total=workload.num_requests)
-        result = simulate(workload, config, SimCosts.from_profile(prof, hardware),
+        result = simulate(workload, config, costs,
                           progress=lambda done: progress.update(task, completed=done))
-    summary = summarize(result)
+    summary = metrics.summarize(result)
     if out_dir is not None:
-        write_results(result, out_dir, summary)
+        metrics.write_results(result, out_dir, summary)
         plot_run(result, out_dir / "run.png")
     if as_json:
         print(json.dumps(summary))
         return
-    s = summary
-    out.print(f"policy: {s['policy']}")
-    out.print(f"workload: {s['workload']} ({s['requests']} requests)")
-    out.print(f"model: {s['model']} ({s['profile_source']} costs); {s['gpu_blocks']} GPU blocks, "
-              f"{s['cpu_swap_blocks']} CPU swap blocks of {s['kv_block_bytes'] / 2**20:.2f} MiB")
-    out.print(f"completed: {s['completed']} ({s['rejected']} rejected, {s['unfinished']} "
-              "unfinished)")
-    out.print(f"preemptions: {s['preemptions']} ({s['swap_preemptions']} swapped, "
-              f"{s['recompute_preemptions']} recomputed) of {s['preempted_requests']} requests")
-    out.print(f"recompute_fraction: {100 * s['recompute_fraction']:.3f}% of FLOPs "
-              f"({s['recompute_tokens']} tokens recomputed)")
-    out.print(f"throughput_tokens_per_s: {s['throughput_tokens_per_s']:.1f} over "
-              f"{s['makespan_s']:.1f} s")
-    out.print(f"gpu_utilization: {100 * s['gpu_utilization']:.1f}% busy, "
-              f"{100 * s['useful_utilization']:.1f}% useful (ceiling 100%)")
-    for name, unit in (("ttft", "s"), ("tpot", "ms"), ("tpot_div_n", "ms"), ("e2e", "s")):
-        values = [s[f"{name}_{k}_{unit}"] for k in ("p50", "p90", "p99")]
-        out.print(f"{name}_{unit}: " + ("n/a" if values[0] is None else
-                                        " ".join(f"p{p} {v:.4g}" for p, v in
-                                                 zip((50, 90, 99), values))))
-    out.print(f"max_kv_blocks_used: {s['max_kv_blocks_used']} of {s['gpu_blocks']}")
-    if s["livelock"]:
-        out.print(f"livelock: {s['livelock']['reason']}")
-    if s["rejected"]:
-        first = next(iter(s["rejections"].items()))
-        out.print(f"rejected: request {first[0]}: {first[1]}")
-    if out_dir is not None:
-        out.print(f"wrote: {out_dir}/")
+    echo(metrics.summary_lines(summary) + ([f"wrote: {out_dir}/"] if out_dir else []))
 
 
 @app.command("compare-policies")
-@user_errors
 def compare_policies_cmd(
     trace: Optional[Path] = SIM_TRACE,
     synthetic: Optional[str] = SIM_SYNTHETIC,
@@ -474,56 +329,35 @@ def compare_policies_cmd(
     as_json: bool = SIM_JSON,
 ) -> None:
     """Run a matrix of policies on one workload (default: the shared Azure 2023 trace)."""
-    from kvbench.sim.config import SimConfig, SimCosts
     from kvbench.sim.metrics import summarize
     from kvbench.sim.study import (
-        STUDY_POLICIES,
-        STUDY_RATE_SCALE,
         compare_policies,
         comparison_rows,
+        comparison_table,
+        parse_policies,
+        sim_inputs,
         write_comparison,
     )
-    from kvbench.sim.workloads import AZURE_CONV_TRACE
 
-    if trace is None and synthetic is None:
-        trace = AZURE_CONV_TRACE
-        rate_scale = STUDY_RATE_SCALE if rate_scale is None else rate_scale
-    workload, prof = _sim_inputs(trace, synthetic, profile, model, hardware,
-                                 1.0 if rate_scale is None else rate_scale, num_requests,
-                                 max_tokens, seed)
-    names = [p.strip() for p in policies.split(",") if p.strip()] if policies else STUDY_POLICIES
-    base = SimConfig(model=prof.model.name, hardware=hardware, block_size=prof.swap.block_size,
-                     gpu_blocks=gpu_blocks, gpu_memory_gib=gpu_memory_gib,
-                     cpu_swap_gib=cpu_swap_gib, seed=seed)
+    workload, base, costs = sim_inputs(
+        trace, synthetic, profile, model, hardware, rate_scale, num_requests, max_tokens, seed,
+        study_default=True, gpu_blocks=gpu_blocks, gpu_memory_gib=gpu_memory_gib,
+        cpu_swap_gib=cpu_swap_gib)
+    names = parse_policies(policies)
     with _sim_progress("compare-policies", "policies") as progress:
         task = progress.add_task("compare", total=len(names))
-        results = compare_policies(workload, names, base, SimCosts.from_profile(prof, hardware),
-                                   jobs,
-                                   on_result=lambda _: progress.advance(task))
+        results = compare_policies(workload, names, base, costs, jobs,
+                                   progress=lambda done: progress.update(task, completed=done))
     summaries = [summarize(r) for r in results]
     write_comparison(results, summaries, out_dir)
-    rows = comparison_rows(summaries)
     if as_json:
-        print(json.dumps(rows))
+        print(json.dumps(comparison_rows(summaries)))
         return
-    table = Table(title=f"{results[0].workload['name']} · {results[0].model} · "
-                        f"{summaries[0]['gpu_blocks']} GPU blocks")
-    headers = {"policy": "policy", "preemptions": "preempt", "preempted_requests": "reqs",
-               "preemptions_removed_pct": "removed%", "recompute_fraction_pct": "recomp%",
-               "throughput_tokens_per_s": "tok/s", "throughput_change_pct": "Δtok/s%",
-               "useful_utilization": "useful", "ttft_p50_s": "TTFT50 s",
-               "ttft_p99_s": "TTFT99 s", "tpot_p50_ms": "TPOT50 ms", "e2e_p99_s": "E2E99 s"}
-    for col in rows[0]:
-        table.add_column(headers[col], justify="left" if col == "policy" else "right",
-                         no_wrap=True)
-    for row in rows:
-        table.add_row(*("n/a" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
-                        for v in row.values()))
-    out.print(table)
+    out.print(comparison_table(results, summaries))
     out.print(f"wrote: {out_dir}/compare.json, compare.csv, compare.png")
 
+
 @app.command("report")
-@user_errors
 def report_cmd(results: Path = typer.Option(Path("results"), help="Results folder.")) -> None:
     """Regenerate results/README.md from the committed baselines and profiles."""
     from kvbench.report import write_report
@@ -532,7 +366,6 @@ def report_cmd(results: Path = typer.Option(Path("results"), help="Results folde
 
 
 @app.command("machine")
-@user_errors
 def machine_cmd(
     device: str = typer.Option("auto", help="auto, cuda or cpu."),
     slug: bool = typer.Option(False, "--slug", help="Print only the file-name-safe name."),
@@ -543,20 +376,21 @@ def machine_cmd(
 
 
 def main() -> None:
-    """Console entry: click's usage errors become one line too (exit 2), not a usage box."""
+    """Console entry: usage mistakes print one line too (exit 2), not a usage box."""
     try:
-        code = app(standalone_mode=False)
-    except KeyboardInterrupt:
-        err.print("interrupted")
-        sys.exit(130)
-    except Exception as exc:
-        if not (hasattr(exc, "format_message") and hasattr(exc, "exit_code")):
-            raise  # not a click usage error: a bug, keep its traceback
-        if type(exc).__name__ == "NoArgsIsHelpError":
-            app(["--help"], standalone_mode=False)
-            sys.exit(exc.exit_code)
-        ctx = getattr(exc, "ctx", None)
-        hint = f" (see `{ctx.command_path} --help`)" if ctx else ""
-        err.print(f"error: {exc.format_message()}{hint}")
+        code = app(prog_name="kvbench", standalone_mode=False)
+    except TyperException as exc:  # click's errors, raised while parsing the command line
+        message = exc.format_message()
+        if message:  # empty for a group run bare: typer has printed its help already
+            ctx = getattr(exc, "ctx", None)
+            hint = f" (see `{ctx.command_path} --help`)" if ctx else ""
+            err.print(f"error: {message}{hint}")
         sys.exit(exc.exit_code)
+    except typer.Abort:  # end of input at a prompt
+        err.print("error: aborted")
+        sys.exit(1)
     sys.exit(code if isinstance(code, int) else 0)
+
+
+if __name__ == "__main__":
+    main()

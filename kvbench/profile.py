@@ -19,9 +19,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from kvbench import __version__
 from kvbench.costmodel import COEFFICIENT_KEYS, CostModel, DecodeModel
-from kvbench.hardware import HardwareSpec
+from kvbench.hardware import HardwareSpec, get_hardware
 from kvbench.io import write_atomic
-from kvbench.models import ModelSpec
+from kvbench.models import ModelSpec, get_model
 
 SCHEMA = "kvbench.profile"
 SCHEMA_VERSION = 1
@@ -238,3 +238,88 @@ def load(path: str | os.PathLike) -> Profile:
 
 def save(profile: Profile, path: str | os.PathLike) -> Path:
     return write_atomic(path, profile.to_json() + "\n")
+
+
+def resolve(path: str | os.PathLike | None, model: str | None, hardware: str = "h100-sxm",
+            block_size: int = 16, dtype: str | None = None, tp: int = 1, force: bool = False,
+            **hw_overrides) -> Profile:
+    """The profile a command prices with: the file at `path` (checked against `model` when both
+    are given), or an analytic one for a model preset on a hardware preset. `hw_overrides`
+    (hardware fields; None means not given) apply to analytic costs only."""
+    if path is not None:
+        given = [k for k, v in hw_overrides.items() if v is not None]
+        if given:
+            raise ValueError(f"--{given[0].replace('_', '-')} sets analytic costs (--model "
+                             "without --profile); a profile carries its own measured costs")
+        prof = load(path)
+        prof.check_matches(model=model, force=force)
+        return prof
+    if model is None:
+        raise ValueError("give --profile PATH or --model NAME (see `kvbench models`)")
+    return analytic_profile(get_model(model, dtype=dtype, tp=tp),
+                            get_hardware(hardware, **hw_overrides), block_size=block_size)
+
+
+def extrapolation_warning(profile: Profile, token_counts: list[int]) -> str | None:
+    """Why costs for these token counts are guesses: the largest lies beyond the lengths the
+    profile's fits were measured on (None if all lie within)."""
+    valid_max = max(profile.swap.fit.max_tokens, profile.recompute.fit.max_tokens)
+    if token_counts and max(token_counts) > valid_max:
+        return (f"{max(token_counts)} tokens is beyond the profile's measured range (up to "
+                f"{valid_max}); costs there are extrapolated")
+    return None
+
+
+# --- summaries: `kvbench profile show`, the `calibrate` summary and the results page ----------
+
+def round_trip_ceiling_gbps(profile: Profile) -> float | None:
+    """The contiguous-copy ceiling of a swap round trip: both directions' bytes over the sum of
+    their times, i.e. the harmonic mean of the two one-way ceilings (None if not measured)."""
+    ceiling = profile.extra.get("ceiling_gbps")
+    return 2 / (1 / ceiling["out"] + 1 / ceiling["in"]) if ceiling else None
+
+
+def formula_lines(profile: Profile) -> tuple[str, str, str | None]:
+    """The fitted swap, recompute and (if present) decode models, one line each."""
+    s, r, d = profile.swap, profile.recompute, profile.decode
+    decode = (f"decode_step_ms(B, T) = {d.d0_ms:.6g} + {d.d1_ms_per_seq:.6g}·B + "
+              f"{d.d2_ms_per_seq_token:.6g}·B·T" if d else None)
+    return (f"swap_ms(n) = {s.fixed_ms:.6g} + {s.ms_per_token:.6g}·n + {s.ms_per_block:.6g}·"
+            f"ceil(n/{s.block_size})",
+            f"recompute_ms(n) = {r.fixed_ms:.6g} + {r.ms_per_token:.6g}·n + "
+            f"{r.ms_per_token_sq:.6g}·n²", decode)
+
+
+def fit_line(name: str, fit: FitQuality) -> str:
+    r2 = "n/a" if fit.r2 is None else f"{fit.r2:.4f}"
+    if fit.r2_unweighted is not None:
+        r2 += f" (unweighted {fit.r2_unweighted:.4f})"
+    mape = "n/a" if fit.heldout_mape is None else f"{100 * fit.heldout_mape:.1f}%"
+    return (f"{name}: R² {r2}, held-out error {mape}, valid {fit.min_tokens}-{fit.max_tokens} "
+            f"tokens ({fit.method})")
+
+
+def crossover_line(profile: Profile) -> str:
+    crossover = profile.crossover_tokens
+    return f"crossover_tokens: {crossover if crossover else 'none (recompute always cheaper)'}"
+
+
+def summary_lines(profile: Profile, path: str | os.PathLike) -> list[str]:
+    """`kvbench profile show`: provenance, coefficients, fit quality, crossover."""
+    env, s, r = profile.environment, profile.swap, profile.recompute
+    swap, recompute, decode = formula_lines(profile)
+    return [
+        f"profile: {path}",
+        f"source: {profile.source}, created {profile.created_at}, "
+        f"kvbench {profile.kvbench_version}",
+        f"device: {env.get('device_name')} (commit {env.get('commit')}, torch "
+        f"{env.get('torch')}, triton {env.get('triton')})",
+        f"model: {profile.model.name}, {profile.dtype}, tp={profile.model.tp}, "
+        f"{profile.model.spec().kv_bytes_per_token:,.0f} KV bytes/token",
+        swap + (f"  [impl {s.impl}]" if s.impl else ""),
+        recompute,
+        *([decode] if decode else []),
+        fit_line("swap fit", s.fit),
+        fit_line("recompute fit", r.fit),
+        crossover_line(profile),
+    ]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from kvbench.hardware import fingerprint_slug
 from kvbench.io import write_atomic
-from kvbench.profile import Profile, ProfileError, load
+from kvbench.profile import Profile, ProfileError, load, round_trip_ceiling_gbps
 
 
 def latest_baselines(bench_dir: Path) -> dict[str, dict]:
@@ -70,8 +70,7 @@ def profile_section(profiles: list[tuple[Path, Profile]], out_dir: Path) -> list
             plots.append(f"![{p.model.name}]({png.relative_to(out_dir).as_posix()})")
     copy_rows = []
     for _, p in profiles:
-        ceiling = p.extra.get("ceiling_gbps", {})
-        both_ways = 2 / (1 / ceiling["out"] + 1 / ceiling["in"]) if ceiling else None
+        both_ways = round_trip_ceiling_gbps(p)
         for impl, data in p.extra.get("swap_impls", {}).items():
             gbps = data["round_trip_bandwidth_gbps"]
             best = max(gbps)

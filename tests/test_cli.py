@@ -1,12 +1,14 @@
-"""`kvbench select`, `models`, `profile show` and `--version` through typer's CliRunner."""
+"""`kvbench select`, `models`, `profile show`, `--version` and error handling: through typer's
+CliRunner and through the console entry point."""
 
 import importlib.metadata
 import json
+import sys
 
 import pytest
 from typer.testing import CliRunner
 
-from kvbench import __version__
+from kvbench import __version__, cli
 from kvbench.cli import app
 from kvbench.hardware import get_hardware
 from kvbench.models import MODELS, get_model
@@ -230,3 +232,73 @@ def test_select_rejects_hardware_flags_with_a_profile(tmp_path):
     path = save(analytic_profile(get_model("tiny"), get_hardware("h100-sxm")), tmp_path / "p.json")
     res = runner.invoke(app, ["select", "5", "--profile", str(path), "--peak-tflops", "3"])
     assert res.exit_code == 2 and "--peak-tflops sets analytic costs" in res.stderr
+
+
+# --- errors: a user mistake is one line, a bug keeps its traceback -----------------------------
+
+def run_main(monkeypatch, capsys, *args: str) -> tuple[int, str, str]:
+    """The console entry point (`kvbench ...` as installed): exit code, stdout, stderr."""
+    monkeypatch.setattr(sys, "argv", ["kvbench", *args])
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main()
+    captured = capsys.readouterr()
+    return exit_info.value.code, captured.out, captured.err
+
+
+def test_a_bug_keeps_its_traceback(monkeypatch, capsys):
+    """Only the library's user errors (ValueError, OSError) become one line: a TypeError from a
+    bug propagates with its traceback, through CliRunner and through the console entry."""
+    def broken(*args, **kwargs):
+        raise TypeError("unsupported operand type(s) for +: 'int' and 'str'")
+
+    monkeypatch.setattr(cli, "select_preemption_strategy", broken)
+    result = invoke("select", "1", "--model", "tiny")
+    assert isinstance(result.exception, TypeError) and result.exit_code == 1
+    assert "error:" not in result.output
+    monkeypatch.setattr(sys, "argv", ["kvbench", "select", "1", "--model", "tiny"])
+    with pytest.raises(TypeError, match="unsupported operand"):
+        cli.main()
+
+
+def test_console_entry_prints_usage_mistakes_in_one_line(monkeypatch, capsys):
+    code, out, err = run_main(monkeypatch, capsys, "select", "1", "--tp", "x")
+    assert code == 2 and out == ""
+    assert err.startswith("error: Invalid value for '--tp'") and err.count("\n") == 1
+    assert err.endswith("(see `kvbench select --help`)\n")
+    code, out, err = run_main(monkeypatch, capsys, "frobnicate")
+    assert (code, out) == (2, "") and err == ("error: No such command 'frobnicate'. "
+                                              "(see `kvbench --help`)\n")
+    code, out, err = run_main(monkeypatch, capsys, "select", "1", "x", "--model", "tiny")
+    assert (code, out) == (2, "")
+    assert err == "error: request 1: token count 'x' is not a non-negative integer\n"
+
+
+@pytest.mark.parametrize(("args", "usage"), [((), "Usage: kvbench [OPTIONS] COMMAND"),
+                                             (("profile",), "Usage: kvbench profile [OPTIONS]")])
+def test_console_entry_without_a_command_prints_the_help_once(monkeypatch, capsys, args, usage):
+    code, out, err = run_main(monkeypatch, capsys, *args)
+    assert code == 2 and err == ""
+    assert out.count("Usage:") == 1 and usage in out
+
+
+def test_console_entry_results_and_exit_codes(monkeypatch, capsys):
+    assert run_main(monkeypatch, capsys, "--version") == (0, f"kvbench {__version__}\n", "")
+    code, out, err = run_main(monkeypatch, capsys, "select", "100", "--model", "tiny", "--json")
+    assert (code, err) == (0, "")
+    assert json.loads(out) == select_preemption_strategy([100], {"model": "tiny"})
+
+
+def test_console_entry_end_of_input_is_one_line(monkeypatch, capsys):
+    def end_of_input(*args, **kwargs):
+        raise EOFError
+
+    monkeypatch.setattr(cli, "resolve", end_of_input)
+    code, out, err = run_main(monkeypatch, capsys, "select", "1", "--model", "tiny")
+    assert (code, out) == (1, "")
+    assert err.strip() == "error: aborted"  # after the newline typer ends the prompt line with
+
+
+def test_a_path_that_cannot_be_written_is_one_line(tmp_path):
+    not_a_folder = tmp_path / "results"
+    not_a_folder.write_text("a file where the results folder should be")
+    assert_user_error(invoke("report", "--results", str(not_a_folder)), str(not_a_folder))

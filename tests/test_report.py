@@ -10,6 +10,7 @@ from kvbench.cli import app
 from kvbench.hardware import fingerprint_slug, get_hardware
 from kvbench.models import get_model
 from kvbench.profile import analytic_profile, save
+from kvbench.report import build_report
 
 BENCH = {
     "datetime": "2026-11-21T12:00:00", "commit_info": {"id": "abcdef123456"},
@@ -50,3 +51,17 @@ def test_report_on_the_committed_results(tmp_path):
     res = CliRunner().invoke(app, ["report", "--results", str(tmp_path / "results")])
     assert res.exit_code == 0, res.output
     assert (tmp_path / "results" / "README.md").read_text() == (results / "README.md").read_text()
+
+
+def test_report_copy_rows_against_the_round_trip_ceiling(tmp_path):
+    prof = analytic_profile(get_model("tiny"), get_hardware("l4"))
+    extra = {"ceiling_gbps": {"out": 20.0, "in": 30.0},  # round trip: 2/(1/20 + 1/30) = 24 GB/s
+             "swap_impls": {"torch": {"num_tokens": [16, 256, 4096],
+                                      "round_trip_bandwidth_gbps": [1.5, 12.0, 9.0]}}}
+    measured = prof.model_copy(update={"source": "measured", "extra": extra,
+                                       "environment": {"device": "cpu", "cpu_model": "Test",
+                                                       "cpu_count": 2}})
+    save(measured, tmp_path / "profiles" / "tiny.json")
+    text = build_report(tmp_path)
+    # peak 12 GB/s is 50% of the 24 GB/s ceiling; 9 GB/s at the largest size
+    assert "| tiny | torch | 16 | 16-4096 | 12.00 | 9.00 | 50% |" in text

@@ -254,7 +254,8 @@ def test_gpu_blocks_derived_from_memory():
 def test_profile_without_decode_uses_the_analytic_decode_model():
     profile = PROFILE.model_copy(update={"decode": None})
     sim = Simulator(workload([0.0], [10], [10]), SimConfig(), SimCosts.from_profile(profile))
-    assert sim.step_time.decode == DecodeModel.analytic(get_model("llama-2-7b"), get_hardware("h100-sxm"))
+    expected = DecodeModel.analytic(get_model("llama-2-7b"), get_hardware("h100-sxm"))
+    assert sim.step_time.decode == expected
     assert isinstance(sim.costs, CostModel)
 
 

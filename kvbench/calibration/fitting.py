@@ -24,7 +24,6 @@ class Fit:
     r2: float  # of the weighted (relative-error) problem the fit solves
     r2_unweighted: float  # plain R² on the latencies: dominated by the largest points
     heldout_mape: float | None
-    train_mape: float
     heldout: np.ndarray  # bool mask over the points
 
     def predict(self, design: np.ndarray) -> np.ndarray:
@@ -56,15 +55,21 @@ def holdout_mask(num_points: int, every: int = 4) -> np.ndarray:
 
 
 def r_squared(y: np.ndarray, predicted: np.ndarray, weights: np.ndarray | None = None) -> float:
-    """1 - SS_res/SS_tot, with each residual scaled by `weights` (weighted least squares)."""
+    """1 - SS_res/SS_tot, with each residual scaled by `weights` (weighted least squares).
+
+    Sums below rounding noise (1e-20 of the sum of squares, i.e. relative deviations under 1e-10)
+    count as zero: constant latencies give 1 when the fit reproduces them, else 0."""
     w = np.ones_like(y) if weights is None else weights
     mean = np.sum(w**2 * y) / np.sum(w**2)
     ss_res = float(np.sum((w * (y - predicted)) ** 2))
     ss_tot = float(np.sum((w * (y - mean)) ** 2))
-    return 1.0 - ss_res / ss_tot if ss_tot > 0 else float(ss_res == 0)
+    noise = 1e-20 * float(np.sum((w * y) ** 2))
+    return 1.0 - ss_res / ss_tot if ss_tot > noise else float(ss_res <= noise)
 
 
-def mape(y: np.ndarray, predicted: np.ndarray) -> float:
+def mape(y, predicted) -> float:
+    """Mean absolute percentage error of `predicted` against measured `y`, as a fraction."""
+    y, predicted = np.asarray(y, dtype=np.float64), np.asarray(predicted, dtype=np.float64)
     return float(np.mean(np.abs(predicted - y) / y))
 
 
@@ -87,6 +92,5 @@ def fit_nnls(design: np.ndarray, latency_ms, heldout: np.ndarray | None = None) 
         r2=r_squared(y[train], predicted[train], weights),
         r2_unweighted=r_squared(y[train], predicted[train]),
         heldout_mape=mape(y[heldout], predicted[heldout]) if heldout.any() else None,
-        train_mape=mape(y[train], predicted[train]),
         heldout=heldout,
     )

@@ -8,17 +8,21 @@ impl and records the others. The CUDA plans have not yet run on a GPU (none lent
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass, field
+from pathlib import Path
 
 import numpy as np
 import torch
 
 from kvbench import __version__
 from kvbench.calibration import fitting
+from kvbench.calibration.plot import plot_profile
 from kvbench.calibration.sweeps import OnPoint, decode_sweep, prefill_sweep, swap_sweep
 from kvbench.costmodel import CostModel
-from kvbench.hardware import fingerprint
-from kvbench.models import ModelSpec
+from kvbench.hardware import device_slug, fingerprint, slugify
+from kvbench.io import write_atomic
+from kvbench.models import ModelSpec, from_hf_config, get_model
 from kvbench.ops.kv_copy import copy_impls
 from kvbench.profile import (
     DecodeSection,
@@ -28,10 +32,16 @@ from kvbench.profile import (
     Profile,
     RecomputeSection,
     SwapSection,
+    crossover_line,
+    fit_line,
+    formula_lines,
     now_iso,
+    round_trip_ceiling_gbps,
+    save,
 )
 
 MAX_HELDOUT_MAPE = 0.10
+DEFAULT_MODEL = {"cuda": "llama-3-8b", "cpu": "qwen2.5-0.5b"}
 
 
 def geometric_sizes(lo: int, hi: int, count: int) -> list[int]:
@@ -55,11 +65,36 @@ PLANS = {
 }
 
 
+def calibration_model(device: str, model: str | None = None, config_json: str | Path | None = None,
+                      dtype: str | None = None) -> ModelSpec:
+    """The model to calibrate: a preset, a local Hugging Face config.json, or the device's
+    default (`DEFAULT_MODEL`)."""
+    if config_json is not None and model is not None:
+        raise ValueError("give either --model or --config-json, not both")
+    if config_json is not None:
+        return from_hf_config(config_json, dtype=dtype)
+    return get_model(model or DEFAULT_MODEL[device], dtype=dtype)
+
+
+def default_profile_path(device: str, spec: ModelSpec) -> Path:
+    """results/profiles/<machine slug>-<model>.json"""
+    return Path("results/profiles") / f"{device_slug(device)}-{slugify(spec.name)}.json"
+
+
 @dataclass
 class CalibrationRun:
     profile: Profile
     samples: dict
     warnings: list[str] = field(default_factory=list)
+
+    def write(self, path: str | Path) -> list[Path]:
+        """The profile at `path`, its raw samples (.samples.json) and its plot (.png), each
+        written atomically; returns the three paths, profile first."""
+        path = Path(path)
+        samples = write_atomic(path.with_suffix(".samples.json"),
+                               json.dumps(self.samples, indent=1))
+        save(self.profile, path)
+        return [path, samples, plot_profile(self.profile, path.with_suffix(".png"))]
 
 
 def _fit_quality(fit: fitting.Fit, sizes: list[int]) -> FitQuality:
@@ -168,3 +203,30 @@ def calibrate(spec: ModelSpec, device: str, block_size: int = 16, quick: bool = 
                "attention": prefill.attention.to_dict(),
                "decode": decode.__dict__}
     return CalibrationRun(profile, samples, warnings)
+
+
+def calibration_summary(profile: Profile, paths: list[Path]) -> list[str]:
+    """What `kvbench calibrate` prints: where it wrote, fit quality, the fitted models, how close
+    each copy impl came to the contiguous-copy ceiling, the crossover, sweeps cut short."""
+    s, x = profile.swap, profile.extra
+    swap, recompute, decode = formula_lines(profile)
+    ceiling = x["ceiling_gbps"]
+    lines = [
+        f"profile: {paths[0]}  (samples {paths[1].name}, plot {paths[2].name})",
+        f"device: {profile.environment['device_name']}; model {profile.model.name} "
+        f"({profile.dtype}, {profile.model.spec().kv_bytes_per_token:,.0f} KV bytes/token)",
+        fit_line("swap fit", s.fit),
+        fit_line("recompute fit", profile.recompute.fit),
+        f"{swap}   [fastest impl: {s.impl}]",
+        f"{recompute}   [attention alone: {x['attention']['ms_per_token_sq']:.6g}·n²]",
+        *([f"{decode}   [R² {profile.decode.r2:.4f}]"] if decode else []),
+        f"copy ceiling (one contiguous {x['ceiling_bytes'] / 2**20:,.0f} MiB copy): "
+        f"out {ceiling['out']:.1f} GB/s, in {ceiling['in']:.1f} GB/s",
+    ]
+    for impl, data in x["swap_impls"].items():
+        best = max(data["round_trip_bandwidth_gbps"])
+        share = best / round_trip_ceiling_gbps(profile)
+        lines.append(f"  {impl:9} peak achieved {best:.1f} GB/s round trip "
+                     f"({100 * share:.0f}% of ceiling)")
+    lines.append(crossover_line(profile))
+    return lines + [f"note: sweep ended early: {reason}" for reason in x["stopped"].values()]

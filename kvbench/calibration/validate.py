@@ -13,8 +13,10 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+from rich.table import Table
 
 from kvbench.calibration.decoder import DecoderLayer, LMHead, random_hidden, rotary_tables
+from kvbench.calibration.fitting import mape
 from kvbench.calibration.sweeps import OnPoint, swap_sweep
 from kvbench.calibration.timing import measure
 from kvbench.profile import Profile, ProfileError
@@ -35,22 +37,33 @@ class ValidationReport:
     def agreement(self) -> float:
         return float(np.mean(np.array(self.predicted_choice) == np.array(self.measured_choice)))
 
-    @staticmethod
-    def _mape(pred, meas) -> float:
-        pred, meas = np.asarray(pred), np.asarray(meas)
-        return float(np.mean(np.abs(pred - meas) / meas))
-
     @property
     def swap_mape(self) -> float:
-        return self._mape(self.swap_predicted_ms, self.swap_measured_ms)
+        return mape(self.swap_measured_ms, self.swap_predicted_ms)
 
     @property
     def recompute_mape(self) -> float:
-        return self._mape(self.recompute_predicted_ms, self.recompute_measured_ms)
+        return mape(self.recompute_measured_ms, self.recompute_predicted_ms)
 
     def to_dict(self) -> dict:
         return {**self.__dict__, "agreement": self.agreement, "swap_mape": self.swap_mape,
                 "recompute_mape": self.recompute_mape}
+
+    def table(self, title: str) -> Table:
+        """Predicted and measured costs (ms) and choices, one row per token count."""
+        table = Table(title=title)
+        for col in ("tokens", "swap pred ms", "swap meas ms", "recompute pred ms",
+                    "recompute meas ms", "selector", "measured"):
+            table.add_column(col, justify="right")
+        for row in zip(self.num_tokens, self.swap_predicted_ms, self.swap_measured_ms,
+                       self.recompute_predicted_ms, self.recompute_measured_ms,
+                       self.predicted_choice, self.measured_choice):
+            table.add_row(str(row[0]), *(f"{v:.3f}" for v in row[1:5]), row[5], row[6])
+        return table
+
+    def summary_line(self) -> str:
+        return (f"decision agreement: {100 * self.agreement:.0f}%; prediction error: swap "
+                f"{100 * self.swap_mape:.1f}%, recompute {100 * self.recompute_mape:.1f}%")
 
 
 def fresh_sizes(sizes: list[int], count: int) -> list[int]:

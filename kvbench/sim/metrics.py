@@ -172,3 +172,33 @@ def write_results(result: SimResult, out_dir: str | Path, summary: dict | None =
         "time_s": result.timeline_s, "kv_blocks_used": result.timeline_kv_blocks,
         "running_requests": result.timeline_running}))
     return out_dir
+
+
+def summary_lines(s: dict) -> list[str]:
+    """What `kvbench simulate` prints: one line per figure of a `summarize` dict."""
+    lines = [
+        f"policy: {s['policy']}",
+        f"workload: {s['workload']} ({s['requests']} requests)",
+        f"model: {s['model']} ({s['profile_source']} costs); {s['gpu_blocks']} GPU blocks, "
+        f"{s['cpu_swap_blocks']} CPU swap blocks of {s['kv_block_bytes'] / 2**20:.2f} MiB",
+        f"completed: {s['completed']} ({s['rejected']} rejected, {s['unfinished']} unfinished)",
+        f"preemptions: {s['preemptions']} ({s['swap_preemptions']} swapped, "
+        f"{s['recompute_preemptions']} recomputed) of {s['preempted_requests']} requests",
+        f"recompute_fraction: {100 * s['recompute_fraction']:.3f}% of FLOPs "
+        f"({s['recompute_tokens']} tokens recomputed)",
+        f"throughput_tokens_per_s: {s['throughput_tokens_per_s']:.1f} over "
+        f"{s['makespan_s']:.1f} s",
+        f"gpu_utilization: {100 * s['gpu_utilization']:.1f}% busy, "
+        f"{100 * s['useful_utilization']:.1f}% useful (ceiling 100%)",
+    ]
+    for name, unit in (("ttft", "s"), ("tpot", "ms"), ("tpot_div_n", "ms"), ("e2e", "s")):
+        values = [s[f"{name}_p{p}_{unit}"] for p in PERCENTILES]
+        lines.append(f"{name}_{unit}: " + ("n/a" if values[0] is None else " ".join(
+            f"p{p} {v:.4g}" for p, v in zip(PERCENTILES, values))))
+    lines.append(f"max_kv_blocks_used: {s['max_kv_blocks_used']} of {s['gpu_blocks']}")
+    if s["livelock"]:
+        lines.append(f"livelock: {s['livelock']['reason']}")
+    if s["rejected"]:
+        request, reason = next(iter(s["rejections"].items()))
+        lines.append(f"rejected: request {request}: {reason}")
+    return lines

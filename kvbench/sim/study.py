@@ -6,6 +6,9 @@ answers, in order: how much does memory-aware admission with a perfect predictor
 survives with realistic predictors; what cost-aware victims and per-victim swap-or-recompute add
 on top of it and on top of FCFS. The default workload is the shared Azure 2023 conversation trace
 replayed `STUDY_RATE_SCALE` times faster, a load at which FCFS preempts about one request in ten.
+
+`sim_inputs` assembles a run (workload, configuration, costs) from the options of `kvbench
+simulate` and `compare-policies`; `comparison_rows` and `comparison_table` present the results.
 """
 
 from __future__ import annotations
@@ -14,14 +17,19 @@ import dataclasses
 import json
 from collections.abc import Callable
 from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
+from itertools import repeat
 from pathlib import Path
 
+from rich.table import Table
+
 from kvbench.io import write_atomic
+from kvbench.profile import load
 from kvbench.sim.config import SimConfig, SimCosts
 from kvbench.sim.engine import SimResult, simulate
 from kvbench.sim.metrics import csv_text, scalar_columns
 from kvbench.sim.plots import plot_comparison
-from kvbench.sim.workloads import Workload
+from kvbench.sim.workloads import AZURE_CONV_TRACE, Workload, load_workload
 
 STUDY_RATE_SCALE = 2.0
 STUDY_POLICIES = (
@@ -37,9 +45,38 @@ STUDY_POLICIES = (
     "fcfs/cost-aware/selector/history",
 )
 POLICY_AXES = ("admission", "victim", "preemption", "predictor")
-TABLE_COLUMNS = ("policy", "preemptions", "preempted_requests", "preemptions_removed_pct",
-                 "recompute_fraction_pct", "throughput_tokens_per_s", "throughput_change_pct",
-                 "useful_utilization", "ttft_p50_s", "ttft_p99_s", "tpot_p50_ms", "e2e_p99_s")
+# The comparison table's columns, with their short headers on the terminal.
+TABLE_COLUMNS = {"policy": "policy", "preemptions": "preempt", "preempted_requests": "reqs",
+                 "preemptions_removed_pct": "removed%", "recompute_fraction_pct": "recomp%",
+                 "throughput_tokens_per_s": "tok/s", "throughput_change_pct": "Δtok/s%",
+                 "useful_utilization": "useful", "ttft_p50_s": "TTFT50 s",
+                 "ttft_p99_s": "TTFT99 s", "tpot_p50_ms": "TPOT50 ms", "e2e_p99_s": "E2E99 s"}
+
+
+def sim_inputs(trace: str | Path | None = None, synthetic: str | None = None,
+               profile: str | Path | None = None, model: str | None = None,
+               hardware: str = SimConfig.hardware, rate_scale: float | None = None,
+               num_requests: int | None = None, max_tokens: int | None = None, seed: int = 0,
+               study_default: bool = False, **config) -> tuple[Workload, SimConfig, SimCosts]:
+    """The workload, configuration and costs of a run, from the options of `kvbench simulate`
+    and `compare-policies`.
+
+    Workload: a trace CSV or a synthetic spec, exactly one; with `study_default`, neither means
+    the study's (the Azure conversation trace at `STUDY_RATE_SCALE` unless `rate_scale` says
+    otherwise). Costs: a profile file, or analytic ones for `model` (default `SimConfig.model`)
+    on `hardware`. The configuration takes the costs' model and block size (the swap model prices
+    that block size) and the further SimConfig fields in `config`."""
+    if profile is not None and model is not None:
+        raise ValueError("give either --profile or --model, not both: a profile names its model")
+    if study_default and trace is None and synthetic is None:
+        trace = AZURE_CONV_TRACE
+        rate_scale = STUDY_RATE_SCALE if rate_scale is None else rate_scale
+    workload = load_workload(trace, synthetic, 1.0 if rate_scale is None else rate_scale,
+                             num_requests, max_tokens, seed)
+    costs = (SimCosts.from_profile(load(profile), hardware) if profile is not None
+             else SimCosts.analytic(model or SimConfig.model, hardware))
+    return workload, SimConfig(model=costs.model.name, hardware=hardware,
+                               block_size=costs.costs.block_size, seed=seed, **config), costs
 
 
 def parse_policy(text: str, base: SimConfig = SimConfig()) -> SimConfig:
@@ -51,33 +88,35 @@ def parse_policy(text: str, base: SimConfig = SimConfig()) -> SimConfig:
     return dataclasses.replace(base, **dict(zip(POLICY_AXES, parts)))
 
 
-def _run(args: tuple[Workload, SimConfig, SimCosts | None]) -> SimResult:
-    return simulate(*args)
+def parse_policies(text: str | None) -> list[str]:
+    """A comma-separated list of policies; None means the study's (`STUDY_POLICIES`)."""
+    if text is None:
+        return list(STUDY_POLICIES)
+    return [p.strip() for p in text.split(",") if p.strip()]
+
+
+def run_one(workload: Workload, config: SimConfig, costs: SimCosts | None) -> SimResult:
+    return simulate(workload, config, costs)
 
 
 def compare_policies(workload: Workload, policies: list[str] | tuple[str, ...] = STUDY_POLICIES,
-                     base: SimConfig = SimConfig(), costs: SimCosts | None = None,
-                     jobs: int = 1, on_result: Callable[[SimResult], None] | None = None,
+                     base_config: SimConfig = SimConfig(), costs: SimCosts | None = None,
+                     jobs: int = 1, progress: Callable[[int], None] | None = None,
                      ) -> list[SimResult]:
-    """Simulate `workload` under each policy (in `jobs` processes); results in policy order."""
-    configs = [parse_policy(p, base) for p in policies]
+    """Simulate `workload` under each policy (in `jobs` processes); results in policy order.
+    `progress(done)` after each run."""
+    configs = [parse_policy(p, base_config) for p in policies]
     if not configs:
         raise ValueError("no policy to compare: give at least one admission/victim/preemption/"
                          "predictor, e.g. fcfs/lifo/recompute/oracle")
-    if jobs <= 1:
-        results = []
-        for config in configs:
-            results.append(simulate(workload, config, costs))
-            if on_result:
-                on_result(results[-1])
-        return results
-    with ProcessPoolExecutor(min(jobs, len(configs))) as pool:
-        results = []
-        for result in pool.map(_run, [(workload, c, costs) for c in configs]):
+    results = []
+    with ProcessPoolExecutor(min(jobs, len(configs))) if jobs > 1 else nullcontext() as pool:
+        mapper = pool.map if pool else map
+        for result in mapper(run_one, repeat(workload), configs, repeat(costs)):
             results.append(result)
-            if on_result:
-                on_result(result)
-        return results
+            if progress:
+                progress(len(results))
+    return results
 
 
 def comparison_rows(summaries: list[dict]) -> list[dict]:
@@ -94,6 +133,19 @@ def comparison_rows(summaries: list[dict]) -> list[dict]:
                      "recompute_fraction_pct": 100 * s["recompute_fraction"],
                      "throughput_change_pct": change})
     return [{k: row[k] for k in TABLE_COLUMNS} for row in rows]
+
+
+def comparison_table(results: list[SimResult], summaries: list[dict]) -> Table:
+    """The comparison for a terminal: `comparison_rows` under short headers, 4 digits."""
+    table = Table(title=f"{results[0].workload['name']} · {results[0].model} · "
+                        f"{summaries[0]['gpu_blocks']} GPU blocks")
+    for column, header in TABLE_COLUMNS.items():
+        table.add_column(header, justify="left" if column == "policy" else "right",
+                         no_wrap=True)
+    for row in comparison_rows(summaries):
+        table.add_row(*("n/a" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+                        for v in row.values()))
+    return table
 
 
 def write_comparison(results: list[SimResult], summaries: list[dict], out_dir: str | Path,
