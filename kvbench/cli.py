@@ -16,15 +16,14 @@ from typing import Optional
 import typer
 from rich.console import Console
 from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
-from rich.table import Table
 from typer.core import TyperGroup
 from typer.exceptions import TyperException
 
 from kvbench import __version__
 from kvbench.hardware import HARDWARE, device_slug, fingerprint, resolve_device
-from kvbench.models import MODELS
+from kvbench.models import presets_table
 from kvbench.profile import extrapolation_warning, load, resolve, summary_lines
-from kvbench.selector import select_preemption_strategy
+from kvbench.selector import select_preemption_strategy, selection_table
 
 USER_ERRORS = (ValueError, OSError)
 
@@ -105,14 +104,8 @@ def select(
     if as_json:
         out.print_json(json.dumps(result)) if sys.stdout.isatty() else print(json.dumps(result))
         return
-    table = Table(title=f"{prof.model.name} · {prof.environment.get('device_name')} "
-                        f"({prof.source})")
-    for col in ("tokens", "swap_ms", "recompute_ms", "choice"):
-        table.add_column(col, justify="left" if col == "choice" else "right")
-    for n, s, r, c in zip(counts, result["swap_costs_ms"], result["recompute_costs_ms"],
-                          result["strategies"]):
-        table.add_row(str(n), f"{s:.4f}", f"{r:.4f}", c)
-    out.print(table)
+    out.print(selection_table(counts, result, f"{prof.model.name} · "
+                              f"{prof.environment.get('device_name')} ({prof.source})"))
     out.print(f"total_cost_ms: {result['total_cost_ms']:.4f}")
     if prof.crossover_tokens:
         out.print(f"crossover_tokens: {prof.crossover_tokens} (swap is cheaper from here on)")
@@ -121,16 +114,7 @@ def select(
 @app.command()
 def models() -> None:
     """List model presets with their KV bytes per token."""
-    table = Table(title="model presets")
-    for col in ("name", "layers", "hidden", "heads", "kv_heads", "head_dim", "dtype",
-                "kv_bytes_per_token", "params_b"):
-        table.add_column(col, justify="left" if col in ("name", "dtype") else "right")
-    for spec in MODELS.values():
-        params_b = (spec.non_embedding_params + 2 * spec.vocab_size * spec.hidden_size) / 1e9
-        table.add_row(spec.name, str(spec.num_layers), str(spec.hidden_size),
-                      str(spec.num_heads), str(spec.num_kv_heads), str(spec.head_dim),
-                      spec.dtype, f"{spec.kv_bytes_per_token:,.0f}", f"{params_b:.2f}")
-    out.print(table)
+    out.print(presets_table())
 
 
 @profile_app.command("show")

@@ -13,6 +13,8 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+from rich.table import Table
+
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "fp8": 1}
 DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16",
                  "float": "float32", "float8": "fp8", "float8_e4m3fn": "fp8"}
@@ -156,3 +158,17 @@ def from_hf_config(path: str | Path, dtype: str | None = None, tp: int = 1) -> M
         dtype=dtype or cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16",
         tp=tp,
     )
+
+
+def presets_table() -> Table:
+    """The model presets with their shapes, KV bytes per token and parameters (billions)."""
+    table = Table(title="model presets")
+    for col in ("name", "layers", "hidden", "heads", "kv_heads", "head_dim", "dtype",
+                "kv_bytes_per_token", "params_b"):
+        table.add_column(col, justify="left" if col in ("name", "dtype") else "right")
+    for spec in MODELS.values():
+        params_b = (spec.non_embedding_params + 2 * spec.vocab_size * spec.hidden_size) / 1e9
+        table.add_row(spec.name, str(spec.num_layers), str(spec.hidden_size),
+                      str(spec.num_heads), str(spec.num_kv_heads), str(spec.head_dim),
+                      spec.dtype, f"{spec.kv_bytes_per_token:,.0f}", f"{params_b:.2f}")
+    return table

@@ -21,6 +21,7 @@ from os import PathLike
 from typing import Any
 
 import numpy as np
+from rich.table import Table
 
 from kvbench.costmodel import (
     CostModel,
@@ -155,3 +156,14 @@ def select_preemption_strategy(token_counts: Any, config: Any) -> dict:
         "recompute_costs_ms": np.round(recompute, 4).tolist(),
         "total_cost_ms": float(np.round(chosen.sum(), 4)),
     }
+
+
+def selection_table(token_counts: list[int], result: dict, title: str) -> Table:
+    """The selector's answer as a table: tokens, both costs (4 decimals), the choice."""
+    table = Table(title=title)
+    for col in ("tokens", "swap_ms", "recompute_ms", "choice"):
+        table.add_column(col, justify="left" if col == "choice" else "right")
+    for n, s, r, c in zip(token_counts, result["swap_costs_ms"], result["recompute_costs_ms"],
+                          result["strategies"]):
+        table.add_row(str(n), f"{s:.4f}", f"{r:.4f}", c)
+    return table

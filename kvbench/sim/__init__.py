@@ -9,7 +9,9 @@
     predictors.py  output-length predictors, registered by name
     metrics.py     per-request and aggregate metrics, JSON and CSV
     plots.py       figures of a run and of a comparison
-    study.py       the policy comparison behind `kvbench compare-policies`
+    steptime.py    what a step costs: the profile's costs, or constant/linear formulas
+    study.py       run inputs from command options, and the policy comparison behind
+                   `kvbench compare-policies` (tables, JSON, CSV, plot)
 """
 
 from kvbench.sim.config import SimConfig, SimCosts
