@@ -6,14 +6,17 @@ no tokenizer, no downloads, and a `KVCacheConfig` of one full-attention group wi
 `num_gpu_blocks` blocks), then run the way vLLM's `EngineCore` runs it (vllm/v1/engine/core.py
 `step`, or `step_with_batch_queue` with two batches in flight under async scheduling):
 
-* a virtual clock starts at the first arrival; before each step, every request that has
-  arrived by then is added (`Scheduler.add_request`), in arrival order;
+* the engine's clock starts at the first arrival; before each `schedule()` every request that
+  has arrived by then is added (`Scheduler.add_request`), in arrival order;
 * `schedule()`; the model's output is faked as vLLM's tests fake it: one sampled token for
   every scheduled request whose known tokens are all computed after this step, none for a
-  partial prefill chunk; `update_from_output()` takes it (one step later under async
-  scheduling, as the engine's batch queue does);
-* a step that scheduled tokens advances the clock by `step_s`; with nothing to run the clock
-  jumps to the next arrival.
+  partial prefill chunk; `update_from_output()` takes it;
+* a step that schedules tokens occupies the (virtual) GPU for `step_s`, from when the GPU is
+  free. Without async scheduling the engine waits for each step's output before scheduling
+  the next, so a step is decided when it starts. With async scheduling (two batches in flight)
+  the engine schedules step k+1 right after launching step k and only then waits for step k's
+  output: step k+1 is decided when step k starts, before step k's tokens and finishes are
+  known. With nothing to do the clock jumps to the next arrival.
 
 Requests carry `max_tokens = output_tokens` and `ignore_eos`, so each generates exactly its
 trace length. Prompt token ids are random (seeded) unless given (`kvbench.sim.tokens`), so
@@ -173,11 +176,12 @@ def drive(workload: Workload, config: DriveConfig, tokens: TokenIds | None = Non
     log = StepLogBuilder(engine=f"vllm {vllm.__version__} ({type(sched).__name__})")
     # EngineCore.batch_queue_size: vllm_config.max_concurrent_batches (2 with async scheduling)
     queue_size = sched.vllm_config.max_concurrent_batches
-    in_flight: deque = deque()  # (scheduler output, its log step or None, sampled tokens)
+    in_flight: deque = deque()  # (scheduler output, log step or None, sampled tokens, end_s)
     arrival_s = workload.arrival_s
     num_requests = workload.num_requests
     next_request = 0
-    now = float(arrival_s[0])
+    now = float(arrival_s[0])  # the engine's (CPU) time
+    gpu_free_s = now  # when the batch launched last ends
     while True:
         while next_request < num_requests and arrival_s[next_request] <= now:
             i = next_request
@@ -197,16 +201,19 @@ def drive(workload: Workload, config: DriveConfig, tokens: TokenIds | None = Non
         if has_requests:
             running = [r.request_id for r in sched.running]
             output = sched.schedule()
-            entry = _record(sched, output, running, now, log, tokens)
-            in_flight.appendleft(entry)
             executed = output.total_num_scheduled_tokens > 0
-            if executed:
-                now += config.step_s
-            elif entry[1] is None and len(in_flight) == 1 and sched.has_unfinished_requests():
+            start_s = end_s = now
+            if executed:  # runs once the batch before it is done
+                start_s = max(now, gpu_free_s)
+                end_s = gpu_free_s = start_s + config.step_s
+            step, sampled = _record(sched, output, running, start_s, log, tokens)
+            if step is None and not in_flight and sched.has_unfinished_requests():
                 raise DriveError(_stuck(sched))  # nothing ran, nothing can: it would spin
+            in_flight.appendleft((output, step, sampled, end_s))
             if len(in_flight) < queue_size and (executed or sched.has_requests()):
-                continue
-        output, step, sampled = in_flight.pop()
+                continue  # async: schedule the next batch before this one's output is back
+        output, step, sampled, end_s = in_flight.pop()
+        now = max(now, end_s)  # the engine blocks on the oldest batch's output
         req_ids = list(output.num_scheduled_tokens)
         results = sched.update_from_output(output, ModelRunnerOutput(
             req_ids=req_ids, req_id_to_index={r: k for k, r in enumerate(req_ids)},
@@ -218,14 +225,15 @@ def drive(workload: Workload, config: DriveConfig, tokens: TokenIds | None = Non
     return log.build()
 
 
-def _record(sched, output, running_before: list[str], now: float, log: StepLogBuilder,
-            tokens: TokenIds):
-    """Log a scheduled step; returns the in-flight entry (output, step, sampled token ids)."""
+def _record(sched, output, running_before: list[str], start_s: float, log: StepLogBuilder,
+            tokens: TokenIds) -> tuple[int | None, list[list[int]]]:
+    """Log a scheduled step (unless it did nothing); returns its log index and the token each
+    scheduled request samples (none for a partial prefill chunk)."""
     scheduled = output.num_scheduled_tokens
     preempted = output.preempted_req_ids
     if not scheduled and not preempted:
-        return output, None, []
-    step = log.add_step(now, [int(r) for r in scheduled], list(scheduled.values()))
+        return None, []
+    step = log.add_step(start_s, [int(r) for r in scheduled], list(scheduled.values()))
     if preempted:  # FCFS pops victims off the end of `running`: that order, not the set's
         order = [r for r in reversed(running_before) if r in preempted]
         log.add_events("preempted", step, [int(r) for r in order])
@@ -239,7 +247,7 @@ def _record(sched, output, running_before: list[str], now: float, log: StepLogBu
     requests = sched.requests
     sampled = [[] if requests[r].is_prefill_chunk else [int(tokens.output_token[int(r)])]
                for r in scheduled]
-    return output, step, sampled
+    return step, sampled
 
 
 def _stuck(sched) -> str:
