@@ -76,6 +76,23 @@ def test_async_scheduling_changes_the_schedule(logs):
     assert line is not None and line.startswith("step ")
 
 
+def test_async_scheduling_decides_a_step_when_the_previous_one_starts():
+    """Request 1 arrives at 10 ms, during request 0's prefill (0-20 ms): vLLM schedules it into
+    the 20 ms step when scheduling synchronously, but under async scheduling the 20 ms step was
+    decided at 0 ms, so it joins at 40 ms; request 1 finishes with the step after."""
+    workload = Workload("two", np.array([0.0, 0.01]), np.array([40, 40]), np.array([6, 3]),
+                        np.array([6, 3]))
+    expect = {False: [[(0, 40)], [(0, 1), (1, 40)], [(0, 1), (1, 1)], [(0, 1), (1, 1)],
+                      [(0, 1)], [(0, 1)]],
+              True: [[(0, 40)], [(0, 1)], [(0, 1), (1, 40)], [(0, 1), (1, 1)],
+                     [(0, 1), (1, 1)], [(0, 1)]]}
+    for async_scheduling, batches in expect.items():
+        log = drive(workload, DriveConfig(num_gpu_blocks=64, async_scheduling=async_scheduling))
+        assert [log.batch(s) for s in range(log.num_steps)] == batches
+        assert np.allclose(log.time_s, 0.02 * np.arange(6))
+        assert log.finished_step.tolist() == [3 + async_scheduling, 5]
+
+
 def two_requests(prompt_tokens: int, gap_s: float) -> Workload:
     return Workload("two", np.array([0.0, gap_s]), np.array([prompt_tokens, prompt_tokens]),
                     np.array([4, 4]), np.array([4, 4]))
