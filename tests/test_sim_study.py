@@ -43,7 +43,7 @@ def test_inputs_take_model_and_block_size_from_a_profile(tmp_path):
                 tmp_path / "p.json")
     _, config, costs = sim_inputs(synthetic=SPEC, profile=path, hardware="l4")
     assert (config.model, config.block_size, config.hardware) == ("qwen2.5-7b", 32, "l4")
-    assert costs.swap.block_size == 32
+    assert costs.costs.block_size == 32 and costs.source == "analytic"
     with pytest.raises(ValueError, match="either --profile or --model, not both"):
         sim_inputs(synthetic=SPEC, profile=path, model="tiny")
 

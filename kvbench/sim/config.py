@@ -12,6 +12,7 @@ from kvbench.costmodel import CostModel, DecodeModel
 from kvbench.hardware import get_hardware
 from kvbench.models import ModelSpec, get_model
 from kvbench.profile import Profile
+from kvbench.sim.engines import ENGINES, RULE_FIELDS, EngineRules
 from kvbench.sim.policies import ADMISSION, PREEMPTIONS, VICTIMS
 from kvbench.sim.predictors import PREDICTORS
 from kvbench.sim.steptime import parse_step_time
@@ -36,8 +37,15 @@ class SimConfig:
     gpu_memory_utilization: float = 0.9
     cpu_swap_gib: float = 4.0
     cpu_swap_blocks: int | None = None  # overrides cpu_swap_gib
-    max_num_seqs: int = 1024  # vLLM V1 defaults for an OpenAI server on an H100
-    max_num_batched_tokens: int = 8192
+    engine: str = "vllm-0.32"  # scheduling rules (sim/engines.py); the fields below override
+    max_num_seqs: int | None = None
+    max_num_batched_tokens: int | None = None
+    full_prompt_admission: bool | None = None
+    prefix_caching: bool | None = None
+    async_scheduling: bool | None = None
+    null_block: bool | None = None
+    watermark: float | None = None
+    max_model_len: int | None = None  # None: no limit (vLLM: the model's context length)
     chunked_prefill: bool = True
     headroom_fraction: float = 0.0  # future-kv
     long_output_tokens: int = 512  # future-kv
@@ -59,12 +67,16 @@ class SimConfig:
                                  f"{name!r}"
                                  + (f" (did you mean {hint[0]!r}?)" if hint else "")
                                  + f"; choose from {', '.join(registry)}")
-        for field in ("block_size", "max_num_seqs", "max_num_batched_tokens", "history_window",
-                      "livelock_steps", "long_output_tokens"):
+        if self.engine not in ENGINES:
+            raise ValueError(f"unknown engine {self.engine!r}; choose from {', '.join(ENGINES)}")
+        for field in ("block_size", "history_window", "livelock_steps", "long_output_tokens"):
             if getattr(self, field) < 1:
                 raise ValueError(f"{field} must be at least 1, got {getattr(self, field)}")
-        if self.gpu_blocks is not None and self.gpu_blocks < 1:
-            raise ValueError(f"gpu_blocks must be at least 1, got {self.gpu_blocks}")
+        for field in ("gpu_blocks", "max_num_seqs", "max_num_batched_tokens", "max_model_len"):
+            if getattr(self, field) is not None and getattr(self, field) < 1:
+                raise ValueError(f"{field} must be at least 1, got {getattr(self, field)}")
+        if self.watermark is not None and not 0 <= self.watermark < 1:
+            raise ValueError(f"watermark must be in [0, 1), got {self.watermark}")
         for field in ("cpu_swap_blocks", "max_long_requests"):
             value = getattr(self, field)
             if value is not None and value < 0:
@@ -82,12 +94,17 @@ class SimConfig:
             raise ValueError(f"headroom_fraction must be in [0, 1), got {self.headroom_fraction}")
 
     @property
+    def rules(self) -> EngineRules:
+        """The engine's rules with this config's overrides."""
+        given = {f: getattr(self, f) for f in RULE_FIELDS if getattr(self, f) is not None}
+        return dataclasses.replace(ENGINES[self.engine], **given)
+
+    @property
     def policy_name(self) -> str:
         return f"{self.admission}/{self.victim}/{self.preemption}/{self.predictor}"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
 
     def knobs(self, fn) -> dict:
         """The fields that a policy or predictor takes as keyword arguments, by name."""

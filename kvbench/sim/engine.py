@@ -1,6 +1,9 @@
-"""Iteration-level simulation of one serving replica with a paged KV cache (vLLM V1 style).
+"""Iteration-level simulation of one serving replica with a paged KV cache, following the
+scheduling rules of a named engine (`kvbench.sim.engines`; default vLLM 0.32's v1 scheduler,
+docs/vllm-0.32-scheduler.md), checked step by step against vLLM's own scheduler
+(tests/test_vllm_differential.py).
 
-Each step (one forward pass of the batch):
+Each `schedule` (one forward pass of the batch):
 
 1. arrivals up to now join the waiting queue, each with a predicted output length;
 2. running requests are scheduled in admission order, each for its missing tokens (1 in
@@ -9,13 +12,19 @@ Each step (one forward pass of the batch):
    the block fits, or is itself the victim, which ends this step's scheduling of running
    requests. Each victim is swapped to CPU memory or dropped for recomputation (preemption
    mode) and goes to the front of the waiting queue;
-3. if nothing was preempted, waiting requests are admitted in order while the admission policy
-   agrees (see `kvbench.sim.policies`): a swapped request swaps back in, a recomputed one
-   prefills its prompt and generated tokens again;
-4. the step's time is priced by the profile and the clock advances; every request whose known
-   tokens are all computed samples a token; finished requests free their blocks.
+3. if nothing was preempted, waiting requests are admitted in order, up to `max_num_seqs`
+   running, while the blocks fit (the whole prompt under full-prompt admission, else the first
+   chunk; less prefix-cache hits; plus the watermark) and the admission policy agrees (see
+   `kvbench.sim.policies`); the first that does not stops admission. A swapped request swaps
+   back in, a recomputed one prefills what the cache no longer holds of its prompt and
+   generated tokens;
+4. the step is priced (`kvbench.sim.steptime`) and runs on the GPU once the previous one is
+   done. Its output (one token per request whose known tokens are all computed) is processed
+   when the step ends: right away, or, under async scheduling, after the next step has been
+   scheduled (two batches in flight, as vLLM's EngineCore). Finished requests free their
+   blocks then.
 
-Step time (ms) is the sum of
+Step time (ms), `profile` pricing: the sum of
 
 * prefill: for each chunk of c tokens after x cached ones, recompute_ms(x + c) - recompute_ms(x)
   (the recompute cost model, incremental; the fixed cost is paid once, by the first chunk);
@@ -28,17 +37,19 @@ full (the weights are read twice): both err on the slow side.
 
 FLOPs use `ModelSpec`: a chunk costs linear_flops_per_token·c + attention_flops_per_token_sq·
 ((x + c)² - x²), plus lm_head_flops when it samples a token. Recomputed FLOPs are those spent
-on positions whose KV a recompute preemption threw away.
+on positions whose KV a recompute preemption threw away (prefix-cache hits are not spent).
 
 GPU blocks: `gpu_blocks` if given, else (gpu_memory_gib · gpu_memory_utilization - weights) /
 block bytes, as vLLM sizes its cache (activation memory ignored); the memory defaults to the
-hardware preset's (80 GiB for an H100). CPU swap space: `cpu_swap_blocks`, else cpu_swap_gib
-(vLLM's default, 4 GiB). A request whose prompt + output can never fit the whole cache (or,
-without chunked prefill, the token budget) is rejected up front with the reason. If no token
-is generated for `livelock_steps` steps the run stops and reports the stuck request.
+hardware preset's. With the null block one of them holds no KV. CPU swap space:
+`cpu_swap_blocks`, else cpu_swap_gib (4 GiB). A request whose KV can never fit the whole cache
+(or, without chunked prefill, whose prompt + output exceed the token budget) is rejected up
+front with the reason; `max_model_len` rejects longer prompts and caps generation. If no
+token is generated for `livelock_steps` iterations the run stops and reports the stuck request.
 
 Speed: while the waiting queue is empty and every running request decodes, the steps up to
-the next event are applied at once (`_skip_decode_steps`), with the same arithmetic.
+the next event are applied at once (`_skip_decode_steps`), with the same arithmetic and the
+same block allocations in the same order.
 """
 
 from __future__ import annotations
@@ -51,8 +62,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from kvbench.hardware import get_hardware
+from kvbench.sim.blocks import CountingPool, PrefixCachePool, PrefixHashes
 from kvbench.sim.config import SimConfig, SimCosts
-from kvbench.sim.policies import ADMISSION, PREEMPTIONS, VICTIMS
+from kvbench.sim.policies import ADMISSION, PREEMPTIONS, VICTIMS, admit_fcfs
 from kvbench.sim.predictors import PREDICTORS
 from kvbench.sim.requests import (
     FINISHED,
@@ -64,12 +76,15 @@ from kvbench.sim.requests import (
     RequestTable,
     cdiv,
 )
+from kvbench.sim.steplog import StepLog, StepLogBuilder
 from kvbench.sim.steptime import CostStepTime, parse_step_time
+from kvbench.sim.tokens import TokenIds, random_token_ids
 from kvbench.sim.view import StateView
 from kvbench.sim.workloads import Workload
 
 GIB = 1 << 30
 PROGRESS_EVERY_STEPS = 2000
+EMPTY = np.zeros(0, dtype=np.int64)
 
 
 @dataclass
@@ -96,14 +111,31 @@ class SimResult:
     timeline_kv_blocks: np.ndarray
     timeline_running: np.ndarray
     livelock: dict | None
+    step_log: StepLog | None = None
+
+
+@dataclass
+class Batch:
+    """A scheduled step: its requests, which of them sample a token, when it ends."""
+
+    ids: np.ndarray
+    samples: np.ndarray
+    end_s: float
+    log_step: int | None
 
 
 class Simulator:
-    """One replica under one policy combination; `run()` simulates the whole workload."""
+    """One replica under one policy combination; `run()` simulates the whole workload.
+
+    `record=True` keeps a `StepLog` of every step (batches, preemptions, finishes, prefix-cache
+    hits), the record the differential test compares with vLLM's own scheduler.
+    """
 
     def __init__(self, workload: Workload, config: SimConfig = SimConfig(),
-                 costs: SimCosts | None = None) -> None:
+                 costs: SimCosts | None = None, tokens: TokenIds | None = None,
+                 record: bool = False) -> None:
         self.config = config
+        self.rules = rules = config.rules
         self.workload = workload
         if costs is None:
             costs = SimCosts.analytic(config.model, config.hardware, config.block_size)
@@ -124,9 +156,23 @@ class Simulator:
                     f"{self.model.name} weights ({self.model.weight_bytes / GIB:.1f} GiB) leave "
                     f"no KV cache in {memory_gib:g} GiB x {config.gpu_memory_utilization:g}; "
                     "give gpu_blocks or more GPU memory")
+        self.usable_blocks = self.num_gpu_blocks - int(rules.null_block)
+        if self.usable_blocks < 1:
+            raise ValueError(f"{self.num_gpu_blocks} GPU block(s) leave none beside vLLM's null "
+                             "block; give more blocks")
+        self.watermark_blocks = int(rules.watermark * self.num_gpu_blocks)
         self.num_cpu_blocks = (config.cpu_swap_blocks if config.cpu_swap_blocks is not None
                                else int(config.cpu_swap_gib * GIB // self.block_bytes))
         self.requests = RequestTable(workload)
+        if rules.prefix_caching:
+            tokens = tokens if tokens is not None else random_token_ids(workload, config.seed)
+            tokens.check(workload)
+            hashes = PrefixHashes(tokens, self.requests.output_tokens, self.block_size)
+            self.pool: CountingPool | PrefixCachePool = PrefixCachePool(self.usable_blocks,
+                                                                         hashes)
+        else:
+            self.pool = CountingPool(self.usable_blocks)
+        self.admits_all = ADMISSION[config.admission] is admit_fcfs  # no view to build
         predictor = PREDICTORS[config.predictor]
         self.predictor = predictor(**config.knobs(predictor))
         self.admit, self.choose_victim, self.preemption = (
@@ -135,20 +181,27 @@ class Simulator:
                 PREEMPTIONS[config.preemption]))
 
         self.now_s = 0.0
-        self.free_gpu_blocks = self.num_gpu_blocks
+        self.gpu_free_s = 0.0  # when the last step launched ends
+        self.in_flight: deque[Batch] = deque()
+        self.queue_size = 2 if rules.async_scheduling else 1  # batches in flight at most
         self.free_cpu_blocks = self.num_cpu_blocks
-        self.running = np.zeros(0, dtype=np.int64)  # ids in admission order
+        self.running = EMPTY  # ids in admission order
         self.waiting: deque[int] = deque()
         self.next_arrival = 0
         self.steps = 0
-        self.steps_without_token = 0
+        self.iterations_without_token = 0
         self.livelock: dict | None = None
         self.busy_ms = self.recompute_ms = self.swap_ms = self.step_swap_ms = 0.0
         self.flops = self.recompute_flops = 0.0
         self.max_kv_blocks_used = 0
         self.timeline: list[tuple[float, int, int]] = []
+        self.log = StepLogBuilder(engine=f"kvbench {rules.name}") if record else None
         self._reject_impossible()
         self.num_done = len(self.requests.reject_reason)  # finished or rejected
+
+    @property
+    def free_gpu_blocks(self) -> int:
+        return self.pool.num_free
 
     # -----------------------------------------------------------------------------------------
     # Public driver
@@ -163,31 +216,29 @@ class Simulator:
         return self.result()
 
     def step(self) -> bool:
-        """Advance by one step (or jump to the next arrival); False when the run is over."""
+        """One schedule, and the output of the oldest step in flight once `queue_size` steps
+        are (vLLM's EngineCore.step / step_with_batch_queue); or a jump to the next arrival.
+        False when the run is over."""
         req, n = self.requests, self.requests.size
         if self.next_arrival < n and req.arrival_s[self.next_arrival] <= self.now_s:
             self._enqueue_arrivals()
-        if not self.running.size and not self.waiting:
+        if self.running.size or self.waiting:
+            if not self.waiting and self._skip_decode_steps() and self.next_arrival < n \
+                    and req.arrival_s[self.next_arrival] <= self.now_s:
+                self._enqueue_arrivals()
+            executed = self._schedule()
+            if len(self.in_flight) < self.queue_size and (
+                    executed or self.running.size or self.waiting):
+                return True  # async: schedule the next step before this one's output
+        elif not self.in_flight:
             if self.next_arrival >= n:
                 return False
             self.now_s = float(req.arrival_s[self.next_arrival])
             return True
-        if not self.waiting and self._skip_decode_steps() and self.next_arrival < n \
-                and req.arrival_s[self.next_arrival] <= self.now_s:
-            self._enqueue_arrivals()
-        self.step_swap_ms = 0.0
-        ids, tokens, budget, preempted = self._schedule_running()
-        if not preempted:
-            new_ids, new_tokens = self._admit_waiting(budget)
-            if new_ids:
-                ids = np.concatenate([ids, np.array(new_ids, dtype=np.int64)])
-                tokens = np.concatenate([tokens, np.array(new_tokens, dtype=np.int64)])
-        used = self.num_gpu_blocks - self.free_gpu_blocks
-        self.max_kv_blocks_used = max(self.max_kv_blocks_used, used)
-        self._execute(ids, tokens)
-        self.steps += 1
-        self.timeline.append((self.now_s, used, self.running.size))
-        if self.steps_without_token >= self.config.livelock_steps:
+        batch = self.in_flight.pop()
+        self.now_s = max(self.now_s, batch.end_s)
+        self._process_output(batch)
+        if self.iterations_without_token >= self.config.livelock_steps:
             self._report_livelock()
             return False
         return True
@@ -202,30 +253,40 @@ class Simulator:
             recompute_ms=self.recompute_ms, swap_ms=self.swap_ms, flops=self.flops,
             recompute_flops=self.recompute_flops, max_kv_blocks_used=self.max_kv_blocks_used,
             timeline_s=timeline[:, 0], timeline_kv_blocks=timeline[:, 1].astype(np.int64),
-            timeline_running=timeline[:, 2].astype(np.int64), livelock=self.livelock)
+            timeline_running=timeline[:, 2].astype(np.int64), livelock=self.livelock,
+            step_log=self.log.build() if self.log else None)
 
     def view(self, running: np.ndarray) -> StateView:
         """What the policies see, with `running` (ids in admission order) as the batch."""
         return StateView(running=self.requests.view(running), block_size=self.block_size,
-                         num_gpu_blocks=self.num_gpu_blocks, free_cpu_blocks=self.free_cpu_blocks,
+                         num_gpu_blocks=self.usable_blocks, free_cpu_blocks=self.free_cpu_blocks,
                          block_bytes=self.block_bytes, costs=self.costs)
 
     # -----------------------------------------------------------------------------------------
     # Arrivals, rejection, livelock
 
     def _reject_impossible(self) -> None:
-        req, cfg = self.requests, self.config
-        total = req.prompt_tokens + req.output_tokens
-        too_big = cdiv(total, self.block_size) > self.num_gpu_blocks
+        req, cfg, rules = self.requests, self.config, self.rules
+        if cfg.max_model_len is not None:
+            too_long = req.prompt_tokens >= cfg.max_model_len
+            for i in np.flatnonzero(too_long).tolist():
+                req.reject_reason[i] = (f"prompt of {req.prompt_tokens[i]} tokens is not shorter "
+                                        f"than max_model_len ({cfg.max_model_len})")
+            np.minimum(req.output_tokens, np.maximum(cfg.max_model_len - req.prompt_tokens, 1),
+                       out=req.output_tokens)
+        # The last token is sampled, never fed back: its KV is never computed.
+        kv_tokens = req.prompt_tokens + req.output_tokens - 1
+        too_big = (cdiv(kv_tokens, self.block_size) > self.usable_blocks) & (req.state != REJECTED)
         for i in np.flatnonzero(too_big).tolist():
-            req.reject_reason[i] = (f"prompt + output = {total[i]} tokens need "
-                                    f"{cdiv(int(total[i]), self.block_size)} KV blocks; the "
-                                    f"cache has {self.num_gpu_blocks}")
+            req.reject_reason[i] = (f"{kv_tokens[i]} tokens of KV need "
+                                    f"{cdiv(int(kv_tokens[i]), self.block_size)} blocks; the "
+                                    f"cache has {self.usable_blocks}")
         if not cfg.chunked_prefill:
-            too_long = ~too_big & (total > cfg.max_num_batched_tokens)
+            total = req.prompt_tokens + req.output_tokens
+            too_long = ~too_big & (total > rules.max_num_batched_tokens)
             for i in np.flatnonzero(too_long).tolist():
                 req.reject_reason[i] = (f"prompt + output = {total[i]} tokens exceed "
-                                        f"max_num_batched_tokens ({cfg.max_num_batched_tokens})"
+                                        f"max_num_batched_tokens ({rules.max_num_batched_tokens})"
                                         " and chunked prefill is off")
         req.state[list(req.reject_reason)] = REJECTED
 
@@ -245,28 +306,64 @@ class Simulator:
         req = self.requests
         self.livelock = {
             "step": self.steps, "time_s": self.now_s, "request_id": stuck,
-            "reason": (f"no token generated in {self.steps_without_token} steps; request "
-                       f"{stuck} ({STATE_NAMES[req.state[stuck]]}, "
+            "reason": (f"no token generated in {self.iterations_without_token} iterations; "
+                       f"request {stuck} ({STATE_NAMES[req.state[stuck]]}, "
                        f"{req.computed_tokens[stuck]}/{req.known_tokens(stuck)} tokens computed, "
-                       f"{self.free_gpu_blocks} of {self.num_gpu_blocks} blocks free) "
+                       f"{self.free_gpu_blocks} of {self.usable_blocks} blocks free) "
                        "makes no progress"),
         }
 
     # -----------------------------------------------------------------------------------------
     # Scheduling
 
+    def _schedule(self) -> bool:
+        """Schedule one step and launch it; True if it computes any token."""
+        self.step_swap_ms = 0.0
+        self.step_preempted: list[int] = []
+        self.step_hits: list[tuple[int, int]] = []
+        ids, tokens, budget, preempted = self._schedule_running()
+        if not preempted:
+            new_ids, new_tokens = self._admit_waiting(budget)
+            if new_ids:
+                ids = np.concatenate([ids, np.array(new_ids, dtype=np.int64)])
+                tokens = np.concatenate([tokens, np.array(new_tokens, dtype=np.int64)])
+        used = self.usable_blocks - self.free_gpu_blocks
+        self.max_kv_blocks_used = max(self.max_kv_blocks_used, used)
+        return self._launch(ids, tokens)
+
+    def _wanted_tokens(self, run: np.ndarray) -> np.ndarray:
+        """Tokens each running request asks for (vLLM scheduler.py:660-719)."""
+        req = self.requests
+        computed, placeholders = req.computed_tokens[run], req.placeholders[run]
+        want = req.known_tokens(run) + placeholders - computed
+        if self.rules.async_scheduling:  # its step in flight yields its last token: skip it
+            last = (placeholders > 0) & (computed + 2 - placeholders
+                                         >= req.prompt_tokens[run] + req.max_tokens[run])
+            want[last] = 0
+        return want
+
+    def _wanted_one(self, i: int) -> int:
+        """`_wanted_tokens` of one request, in plain ints."""
+        req = self.requests
+        computed, placeholders = int(req.computed_tokens[i]), int(req.placeholders[i])
+        if self.rules.async_scheduling and placeholders and computed + 2 - placeholders \
+                >= int(req.prompt_tokens[i]) + int(req.max_tokens[i]):
+            return 0
+        return int(req.prompt_tokens[i]) + int(req.generated_tokens[i]) + placeholders - computed
+
     def _schedule_running(self) -> tuple[np.ndarray, np.ndarray, int, bool]:
-        """Tokens for running requests in order; preempt when a block is missing (vLLM V1).
+        """Tokens for running requests in order; preempt when a block is missing.
 
         Returns the scheduled ids, their token counts, the token budget left and whether any
         request was preempted.
         """
-        req, bs, budget = self.requests, self.block_size, self.config.max_num_batched_tokens
+        req, bs = self.requests, self.block_size
+        budget = self.rules.max_num_batched_tokens
         run = self.running
         if not run.size:
             return run, run, budget, False
         computed = req.computed_tokens[run]
-        want = req.known_tokens(run) - computed
+        want = self._wanted_tokens(run)
         if int(want.sum()) <= budget:
             tokens = want
         else:  # vLLM gives each request what is left of the budget, in order
@@ -274,25 +371,28 @@ class Simulator:
         need = cdiv(computed + tokens, bs) - req.gpu_blocks[run]  # >= 0: blocks = cdiv(computed)
         cum_need = np.cumsum(need)
         if cum_need[-1] <= self.free_gpu_blocks:  # the common case: everything fits
-            req.gpu_blocks[run] += need
-            self.free_gpu_blocks -= int(cum_need[-1])
-            if tokens is want:
-                return run, tokens, budget - int(tokens.sum()), False
+            self._allocate(run, need)
             scheduled = tokens > 0
+            self._cache_blocks(run[scheduled], computed[scheduled] + tokens[scheduled])
             return run[scheduled], tokens[scheduled], budget - int(tokens.sum()), False
         # Requests before `first` fit; from `first` on, request by request with preemption.
         first = int(np.searchsorted(cum_need, self.free_gpu_blocks, side="right"))
-        req.gpu_blocks[run[:first]] += need[:first]
-        self.free_gpu_blocks -= int(cum_need[first - 1]) if first else 0
+        self._allocate(run[:first], need[:first])
+        head = tokens[:first] > 0
+        self._cache_blocks(run[:first][head], computed[:first][head] + tokens[:first][head])
         order = run.tolist()
-        done = tokens[:first].tolist()  # tokens of order[:pos], all scheduled
+        done = tokens[:first].tolist()  # tokens of order[:pos] (0: not scheduled)
         budget -= int(sum(done))
         pos = first
         while pos < len(order) and budget > 0:
             i = order[pos]
-            computed = int(req.computed_tokens[i])
-            num_tokens = min(int(req.known_tokens(i)) - computed, budget)
-            num_new = cdiv(computed + num_tokens, bs) - int(req.gpu_blocks[i])
+            num_tokens = min(self._wanted_one(i), budget)
+            if num_tokens == 0:
+                done.append(0)
+                pos += 1
+                continue
+            computed_i = int(req.computed_tokens[i])
+            num_new = cdiv(computed_i + num_tokens, bs) - int(req.gpu_blocks[i])
             while num_new > self.free_gpu_blocks and req.state[i] == RUNNING:
                 view = self.view(np.array(order, dtype=np.int64))
                 at = self.choose_victim(view, self.preemption(view, view.running))
@@ -304,17 +404,61 @@ class Simulator:
                 self._preempt(victim)
             if req.state[i] != RUNNING:  # it was its own victim: stop scheduling this step
                 break
-            req.gpu_blocks[i] += num_new
-            self.free_gpu_blocks -= num_new
+            self._allocate_one(i, num_new)
+            self._cache_one(i, computed_i + num_tokens)
             done.append(num_tokens)
             budget -= num_tokens
             pos += 1
         self.running = np.array(order, dtype=np.int64)
-        return (self.running[:len(done)], np.array(done, dtype=np.int64), budget, True)
+        scheduled_tokens = np.array(done, dtype=np.int64)
+        scheduled = scheduled_tokens > 0
+        return (self.running[:len(done)][scheduled], scheduled_tokens[scheduled], budget,
+                bool(self.step_preempted))
+
+    def _allocate(self, ids: np.ndarray, new_blocks: np.ndarray) -> None:
+        """Give each request its new blocks, in order (the order blocks leave the free queue)."""
+        self.requests.gpu_blocks[ids] += new_blocks
+        if self.pool.caching:
+            for i, k in zip(ids.tolist(), new_blocks.tolist()):
+                if k:
+                    self.pool.allocate(i, k)
+        else:
+            self.pool.allocate(-1, int(new_blocks.sum()))
+
+    def _allocate_one(self, i: int, new_blocks: int) -> None:
+        self.requests.gpu_blocks[i] += new_blocks
+        if new_blocks:
+            self.pool.allocate(i, new_blocks)
+
+    def _cache_one(self, i: int, upto_tokens: int) -> None:
+        """`_cache_blocks` of one request, in plain ints."""
+        if self.pool.caching:
+            req = self.requests
+            full = min(upto_tokens, int(req.known_tokens(i))) // self.block_size
+            if full > req.cached_blocks[i]:
+                self.pool.cache_blocks(i, int(req.cached_blocks[i]), full)
+                req.cached_blocks[i] = full
+
+    def _cache_blocks(self, ids: np.ndarray, upto_tokens: np.ndarray) -> None:
+        """Register the full blocks of known tokens among each request's first `upto_tokens`
+        (kv_cache_manager.py:606-616; the tokens of a step in flight are not known yet)."""
+        if not self.pool.caching or not ids.size:
+            return
+        req = self.requests
+        full = np.minimum(upto_tokens, req.known_tokens(ids)) // self.block_size
+        grow = full > req.cached_blocks[ids]
+        for i, upto in zip(ids[grow].tolist(), full[grow].tolist()):
+            self.pool.cache_blocks(i, int(req.cached_blocks[i]), upto)
+        req.cached_blocks[ids[grow]] = full[grow]
+
+    def _free_blocks(self, i: int) -> None:
+        req = self.requests
+        self.pool.free(i, int(req.gpu_blocks[i]))
+        req.gpu_blocks[i] = 0
+        req.cached_blocks[i] = 0
 
     def _preempt(self, victim: int) -> None:
         req = self.requests
-        blocks = int(req.gpu_blocks[victim])
         computed = int(req.computed_tokens[victim])
         if self.preemption(self.view(self.running), self.requests.view(np.array([victim])))[0]:
             filled = cdiv(computed, self.block_size)  # blocks allocated in this step are empty
@@ -329,27 +473,39 @@ class Simulator:
                                                       computed)
             req.computed_tokens[victim] = 0
             req.state[victim] = WAITING
-        req.gpu_blocks[victim] = 0
+        self._free_blocks(victim)
+        req.placeholders[victim] = 0  # an output in flight arrives stale (scheduler.py:1600)
         req.num_preemptions[victim] += 1
-        self.free_gpu_blocks += blocks
         self.waiting.appendleft(victim)
+        self.step_preempted.append(victim)
 
     def _admit_waiting(self, budget: int) -> tuple[list[int], list[int]]:
-        req, cfg, bs = self.requests, self.config, self.block_size
+        req, cfg, rules, bs, pool = self.requests, self.config, self.rules, self.block_size, \
+            self.pool
         ids: list[int] = []
         tokens: list[int] = []
-        while self.waiting and budget > 0 and self.running.size < cfg.max_num_seqs:
+        while self.waiting and budget > 0 and self.running.size < rules.max_num_seqs:
             i = self.waiting[0]
             computed = int(req.computed_tokens[i])
-            want = int(req.known_tokens(i)) - computed
+            known = int(req.known_tokens(i))
+            hits = pool.lookup(i, known) if pool.caching and computed == 0 else []
+            computed += len(hits) * bs
+            want = known - computed
             if want > budget and not cfg.chunked_prefill:
                 break
             num_tokens = min(want, budget)
-            blocks = cdiv(computed + num_tokens, bs)
-            if blocks > self.free_gpu_blocks:
+            in_queue = pool.num_evictable(hits) if hits else 0
+            extra = in_queue + (self.watermark_blocks if self.running.size else 0)
+            free = self.free_gpu_blocks
+            if rules.full_prompt_admission:
+                whole = known if cfg.max_model_len is None else min(known, cfg.max_model_len)
+                if cdiv(whole, bs) - len(hits) + extra > free:
+                    break
+            blocks = cdiv(computed + num_tokens, bs) - len(hits)
+            if blocks + extra > free:
                 break
-            if self.running.size and not self.admit(self.view(self.running),
-                                                    req.view(np.array([i]))):
+            if self.running.size and not self.admits_all and not self.admit(
+                    self.view(self.running), req.view(np.array([i]))):
                 break
             self.waiting.popleft()
             if req.state[i] == SWAPPED:
@@ -358,13 +514,139 @@ class Simulator:
                 req.swapped_bytes[i] += cdiv(computed, bs) * self.block_bytes
                 self.step_swap_ms += float(self.costs.swap_ms(computed)) / 2
             req.state[i] = RUNNING
-            req.gpu_blocks[i] = blocks
-            self.free_gpu_blocks -= blocks
+            if hits:
+                pool.touch(i, hits)
+                req.gpu_blocks[i] = len(hits)
+                req.cached_blocks[i] = len(hits)
+                req.computed_tokens[i] = computed
+                req.prefix_hit_tokens[i] += len(hits) * bs
+                self.step_hits.append((i, len(hits) * bs))
+            self._allocate_one(i, blocks)
+            self._cache_one(i, computed + num_tokens)
             self.running = np.append(self.running, i)
             ids.append(i)
             tokens.append(num_tokens)
             budget -= num_tokens
         return ids, tokens
+
+    # -----------------------------------------------------------------------------------------
+    # Launch: price the step, advance the GPU clock, account FLOPs
+
+    def _launch(self, ids: np.ndarray, tokens: np.ndarray) -> bool:
+        """Price and launch a scheduled step (computed tokens move on now, as in vLLM's
+        _update_after_schedule); its output waits in `in_flight`."""
+        req, model = self.requests, self.model
+        start = req.computed_tokens[ids]
+        end = start + tokens
+        generated = req.generated_tokens[ids]
+        placeholders = req.placeholders[ids]
+        samples = end == req.prompt_tokens[ids] + generated + placeholders
+        decode = samples & (tokens == 1) & (generated + placeholders > 0)
+        num_decode = int(np.count_nonzero(decode))
+        executed = bool(ids.size)
+        step_ms = self.step_swap_ms
+        if num_decode < ids.size:
+            prefill = ~decode
+            p_ids, p_start, p_end = ids[prefill], start[prefill], end[prefill]
+            step_ms += float(self.step_time.prefill_ms(p_start, p_end).sum())
+            # Positions below the recompute target had KV that a preemption dropped; only
+            # prefill chunks reach them (a resumed request recomputes before it decodes).
+            redo_end = np.minimum(p_end, req.recompute_target_tokens[p_ids])
+            redo = redo_end > p_start
+            if redo.any():
+                r_ids, r_start, r_end = p_ids[redo], p_start[redo], redo_end[redo]
+                redo_flops = (model.linear_flops_per_token * (r_end - r_start)
+                              + model.attention_flops_per_token_sq * (r_end**2 - r_start**2))
+                req.recompute_tokens[r_ids] += r_end - r_start
+                req.wasted_flops[r_ids] += redo_flops
+                self.recompute_flops += float(redo_flops.sum())
+                self.recompute_ms += float(self.step_time.prefill_ms(r_start, r_end).sum())
+        if num_decode:
+            step_ms += self.step_time.decode_ms(num_decode, float(end[decode].mean()))
+        start_s = self.now_s
+        if executed:
+            step_ms += self.step_time.fixed_ms
+            self.flops += (model.linear_flops_per_token * float(tokens.sum())
+                           + model.attention_flops_per_token_sq
+                           * float((end * end - start * start).sum())
+                           + model.lm_head_flops * int(np.count_nonzero(samples)))
+            self.busy_ms += step_ms
+            self.swap_ms += self.step_swap_ms
+            start_s = max(self.now_s, self.gpu_free_s)
+            self.gpu_free_s = start_s + step_ms / 1e3
+            self.steps += 1
+        req.computed_tokens[ids] = end
+        if self.rules.async_scheduling:
+            req.placeholders[ids[samples]] += 1
+        log_step = None
+        if self.log is not None and (executed or self.step_preempted):
+            log_step = self.log.add_step(start_s, ids.tolist(), tokens.tolist())
+            if self.step_preempted:
+                self.log.add_events("preempted", log_step, self.step_preempted)
+            if self.step_hits:
+                self.log.add_events("cached", log_step, [i for i, _ in self.step_hits],
+                                    [t for _, t in self.step_hits])
+        end_s = self.gpu_free_s if executed else self.now_s
+        self.in_flight.appendleft(Batch(ids, samples, end_s, log_step))
+        return executed
+
+    # -----------------------------------------------------------------------------------------
+    # Output: sample tokens, finish requests
+
+    def _process_output(self, batch: Batch) -> None:
+        """A step's tokens arrive (vLLM's update_from_output): one per sampling request, also
+        for a request preempted since (a stale output, scheduler.py:2080-2103)."""
+        req = self.requests
+        used = self.usable_blocks - self.free_gpu_blocks
+        sampled = batch.ids[batch.samples]
+        sampled = sampled[req.state[sampled] != FINISHED]
+        if not sampled.size:
+            self.iterations_without_token += 1
+            self.timeline.append((self.now_s, used, self.running.size))
+            return
+        self.iterations_without_token = 0
+        req.generated_tokens[sampled] += 1
+        if self.rules.async_scheduling:
+            running = sampled[req.state[sampled] == RUNNING]
+            req.placeholders[running] -= 1
+            self._cache_blocks(running, req.computed_tokens[running] - req.placeholders[running])
+        generated = req.generated_tokens[sampled]
+        req.first_token_s[sampled[generated == 1]] = self.now_s
+        outlived = ((generated >= req.predicted_output_tokens[sampled])
+                    & (generated < req.output_tokens[sampled]))
+        if outlived.any():
+            late = sampled[outlived]
+            req.predicted_output_tokens[late] = np.minimum(2 * req.generated_tokens[late],
+                                                           req.max_tokens[late])
+        finished = sampled[generated == req.output_tokens[sampled]]
+        if finished.size:
+            self._finish(finished, batch.log_step)
+        self.timeline.append((self.now_s, used, self.running.size))
+
+    def _finish(self, finished: np.ndarray, log_step: int | None) -> None:
+        req = self.requests
+        was_running = req.state[finished] == RUNNING
+        req.finish_s[finished] = self.now_s
+        for i in finished.tolist():
+            if req.state[i] == RUNNING:
+                self._free_blocks(i)
+            else:  # finished by a stale output while waiting
+                self.waiting.remove(i)
+                self.free_cpu_blocks += int(req.cpu_blocks[i])
+                req.cpu_blocks[i] = 0
+        req.state[finished] = FINISHED
+        self.num_done += finished.size
+        if was_running.any():
+            self.running = self.running[req.state[self.running] == RUNNING]
+        self.predictor.observe(req.prompt_tokens[finished], req.output_tokens[finished])
+        if self.pool.caching:
+            for i in finished.tolist():
+                self.pool.hashes.forget(i)
+        if self.log is not None and log_step is not None:
+            self.log.add_events("finished", log_step, finished.tolist())
+
+    # -----------------------------------------------------------------------------------------
+    # Fast path: runs of plain decode steps
 
     def _skip_decode_steps(self) -> bool:
         """Run the coming steps at once while they are all plain decode steps; True if any ran.
@@ -372,14 +654,25 @@ class Simulator:
         With the waiting queue empty and every running request decoding, the next steps only
         grow each request by one token, until the first of: an arrival, a request's last token,
         a request outliving its prediction, or a block that does not fit. Those steps are
-        applied together, with the clock advanced step by step exactly as `step` would.
+        applied together: the clock advanced step by step exactly as `step` would, blocks taken
+        from the free queue in the same order (step, then running order), the prefix cache
+        registering the same blocks. Under async scheduling the step in flight is part of the
+        run: its output arrives first, and the last skipped step is left in flight.
         """
         req, run, bs = self.requests, self.running, self.block_size
-        if not run.size or run.size > self.config.max_num_batched_tokens:
+        asynchronous = self.rules.async_scheduling
+        if not run.size or run.size > self.rules.max_num_batched_tokens:
             return False
         computed = req.computed_tokens[run]
         generated = req.generated_tokens[run]
-        if not (generated > 0).all() or (computed != req.prompt_tokens[run] + generated - 1).any():
+        known = req.prompt_tokens[run] + generated
+        if asynchronous:  # one decode step of exactly these requests in flight
+            if len(self.in_flight) != 1 or (req.placeholders[run] != 1).any() \
+                    or (computed != known).any() or self.in_flight[0].ids.size != run.size:
+                return False
+        elif self.in_flight or (computed != known - 1).any():
+            return False
+        if not (generated > 0).all():
             return False
         limit = min(int((req.output_tokens[run] - generated).min()),
                     int((req.predicted_output_tokens[run] - generated).min())) - 1
@@ -406,93 +699,65 @@ class Simulator:
         means = (total + batch * np.arange(1, limit + 1)) / batch
         next_arrival_s = (float(req.arrival_s[self.next_arrival])
                           if self.next_arrival < req.size else np.inf)
+        if asynchronous:  # its output is the first to land in the run
+            self.in_flight.pop()
         num_steps = 0
+        step_starts = []
         for step_ms in self.step_time.decode_steps_ms(batch, means).tolist():
             if num_steps and next_arrival_s <= self.now_s:
                 break
             self.busy_ms += step_ms
-            self.now_s += step_ms / 1e3
+            if asynchronous:  # this step runs after the one in flight; that one's output lands
+                step_starts.append(self.gpu_free_s)
+                ended = self.gpu_free_s
+                self.gpu_free_s += step_ms / 1e3
+                self.now_s = max(self.now_s, ended)
+            else:
+                step_starts.append(self.now_s)
+                self.now_s += step_ms / 1e3
+                self.gpu_free_s = self.now_s
             num_steps += 1
         end = computed + num_steps
-        self.free_gpu_blocks -= new_blocks(num_steps)
-        req.gpu_blocks[run] = cdiv(end, bs)
+        self._allocate_decode_run(run, computed, num_steps)
         req.computed_tokens[run] = end
         req.generated_tokens[run] += num_steps
+        self._cache_blocks(run, end - int(asynchronous))
         model = self.model
         per_token_flops = model.linear_flops_per_token + model.lm_head_flops
         attention_flops = model.attention_flops_per_token_sq * float(
             (end * end - computed * computed).sum())
         self.flops += batch * num_steps * per_token_flops + attention_flops
         self.steps += num_steps
-        self.steps_without_token = 0
-        used = self.num_gpu_blocks - self.free_gpu_blocks
+        self.iterations_without_token = 0
+        used = self.usable_blocks - self.free_gpu_blocks
         self.max_kv_blocks_used = max(self.max_kv_blocks_used, used)
         self.timeline.append((self.now_s, used, batch))
+        last_step = None
+        if self.log is not None:
+            ones = [1] * batch
+            for start_s in step_starts:
+                last_step = self.log.add_step(start_s, run.tolist(), ones)
+        if asynchronous:
+            self.in_flight.appendleft(Batch(run, np.ones(batch, dtype=bool), self.gpu_free_s,
+                                            last_step))
         return True
 
-    # -----------------------------------------------------------------------------------------
-    # Execution: price the step, advance the clock, sample tokens, finish requests
-
-    def _execute(self, ids: np.ndarray, tokens: np.ndarray) -> None:
-        req, model = self.requests, self.model
-        start = req.computed_tokens[ids]
-        end = start + tokens
-        generated = req.generated_tokens[ids]
-        samples = end == req.prompt_tokens[ids] + generated
-        decode = samples & (tokens == 1) & (generated > 0)
-        num_decode = int(np.count_nonzero(decode))
-        step_ms = self.step_swap_ms
-        if num_decode < ids.size:
-            prefill = ~decode
-            p_ids, p_start, p_end = ids[prefill], start[prefill], end[prefill]
-            step_ms += float(self.step_time.prefill_ms(p_start, p_end).sum())
-            # Positions below the recompute target had KV that a preemption dropped; only
-            # prefill chunks reach them (a resumed request recomputes before it decodes).
-            redo_end = np.minimum(p_end, req.recompute_target_tokens[p_ids])
-            redo = redo_end > p_start
-            if redo.any():
-                r_ids, r_start, r_end = p_ids[redo], p_start[redo], redo_end[redo]
-                redo_flops = (model.linear_flops_per_token * (r_end - r_start)
-                              + model.attention_flops_per_token_sq * (r_end**2 - r_start**2))
-                req.recompute_tokens[r_ids] += r_end - r_start
-                req.wasted_flops[r_ids] += redo_flops
-                self.recompute_flops += float(redo_flops.sum())
-                self.recompute_ms += float(self.step_time.prefill_ms(r_start, r_end).sum())
-        if num_decode:
-            step_ms += self.step_time.decode_ms(num_decode, float(end[decode].mean()))
-        step_ms += self.step_time.fixed_ms
-        self.flops += (model.linear_flops_per_token * float(tokens.sum())
-                       + model.attention_flops_per_token_sq * float((end * end - start * start)
-                                                                    .sum())
-                       + model.lm_head_flops * int(np.count_nonzero(samples)))
-        self.busy_ms += step_ms
-        self.swap_ms += self.step_swap_ms
-        self.now_s += step_ms / 1e3
-        req.computed_tokens[ids] = end
-
-        sampled = ids[samples]
-        if not sampled.size:
-            self.steps_without_token += 1
+    def _allocate_decode_run(self, run: np.ndarray, computed: np.ndarray, num_steps: int) -> None:
+        """Blocks for `num_steps` decode steps of `run`: in step order, then running order."""
+        bs = self.block_size
+        new = cdiv(computed + num_steps, bs) - self.requests.gpu_blocks[run]
+        if not self.pool.caching:
+            self._allocate(run, new)
             return
-        self.steps_without_token = 0
-        req.generated_tokens[sampled] += 1
-        generated = req.generated_tokens[sampled]
-        req.first_token_s[sampled[generated == 1]] = self.now_s
-        outlived = ((generated >= req.predicted_output_tokens[sampled])
-                    & (generated < req.output_tokens[sampled]))
-        if outlived.any():
-            late = sampled[outlived]
-            req.predicted_output_tokens[late] = np.minimum(2 * req.generated_tokens[late],
-                                                           req.max_tokens[late])
-        finished = sampled[generated == req.output_tokens[sampled]]
-        if finished.size:
-            req.finish_s[finished] = self.now_s
-            req.state[finished] = FINISHED
-            self.num_done += finished.size
-            self.free_gpu_blocks += int(req.gpu_blocks[finished].sum())
-            req.gpu_blocks[finished] = 0
-            self.running = self.running[req.state[self.running] == RUNNING]
-            self.predictor.observe(req.prompt_tokens[finished], req.output_tokens[finished])
+        # Request p needs a new block at step s when computed_p + s - 1 is a multiple of bs.
+        first = (-(computed[new > 0]) % bs) + 1  # step of its first new block
+        pos = np.repeat(np.flatnonzero(new > 0), new[new > 0])
+        offsets = np.arange(pos.size) - np.repeat(np.cumsum(new[new > 0]) - new[new > 0],
+                                                  new[new > 0])
+        steps = np.repeat(first, new[new > 0]) + offsets * bs
+        order = np.lexsort((pos, steps))
+        for i in run[pos[order]].tolist():
+            self._allocate_one(i, 1)
 
 
 def simulate(workload: Workload, config: SimConfig = SimConfig(), costs: SimCosts | None = None,

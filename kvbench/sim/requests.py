@@ -31,7 +31,7 @@ class RequestTable:
         self.size = n
         self.arrival_s = workload.arrival_s
         self.prompt_tokens = workload.prompt_tokens
-        self.output_tokens = workload.output_tokens
+        self.output_tokens = workload.output_tokens.copy()  # capped by max_model_len
         self.max_tokens = workload.max_tokens
         self.state = np.full(n, PENDING, dtype=np.int8)
         self.generated_tokens = np.zeros(n, dtype=np.int64)
@@ -39,6 +39,11 @@ class RequestTable:
         self.gpu_blocks = np.zeros(n, dtype=np.int64)
         self.cpu_blocks = np.zeros(n, dtype=np.int64)
         self.predicted_output_tokens = np.zeros(n, dtype=np.int64)
+        # Async scheduling: tokens sampled by a step in flight, not yet received (vLLM's
+        # num_output_placeholders); they count as known when scheduling.
+        self.placeholders = np.zeros(n, dtype=np.int64)
+        self.cached_blocks = np.zeros(n, dtype=np.int64)  # blocks registered in the prefix cache
+        self.prefix_hit_tokens = np.zeros(n, dtype=np.int64)  # found in the cache on admission
         # Tokens whose KV a recompute preemption threw away: computing them again is waste.
         self.recompute_target_tokens = np.zeros(n, dtype=np.int64)
         self.first_token_s = np.full(n, np.nan)

@@ -1,0 +1,174 @@
+"""The GPU KV block pool, as vLLM 0.32 keeps it (vllm/v1/core/block_pool.py, kv_cache_utils.py).
+
+`CountingPool`: without prefix caching a free block has no content worth keeping, so only the
+number of free blocks matters.
+
+`PrefixCachePool`: with prefix caching every full block of known tokens is registered under a
+hash of its token prefix (`cache_blocks`) and, once its request frees it, stays in the free
+queue as cache until it is reused. The free queue is [blocks without a hash] + [hashed blocks,
+oldest freed first]: freed blocks without a hash are prepended (reused first), hashed ones
+appended (evicted last, LRU), and new blocks are taken from the front, evicting the hash of a
+hashed block (block_pool.py `free_blocks`, `get_new_blocks`). A request's blocks are freed
+tail first. A lookup (`lookup`) walks a request's block hashes from the first and stops at the
+first one not cached, at most (num_tokens - 1) // block_size blocks (the last token is always
+computed again, for its logits); hit blocks found in the free queue leave it when touched.
+
+Blocks without a hash are interchangeable, so the pool only counts them; a block gets an id
+when it is handed out and keeps it while it holds a hash. Hashes chain over all tokens before
+and in the block (`PrefixHashes`), so equal hash means equal token prefix, across requests too.
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from itertools import count
+
+import numpy as np
+
+from kvbench.sim.tokens import TokenIds
+
+_HASH_BASE = np.uint64(0x9E3779B97F4A7C15)  # odd: powers never vanish modulo 2**64
+_LENGTH_MIX = np.uint64(0xC2B2AE3D27D4EB4F)
+
+
+class PrefixHashes:
+    """Block hashes of each request's token sequence (prompt, then its generated tokens).
+
+    hash(block j) = sum_{i < (j+1)·bs} token_i · B^i  XOR  (j+1)·M   (mod 2**64): a polynomial
+    hash of the whole prefix up to the block's end, so blocks match only with equal prefixes
+    (collisions have probability ~2**-64 per pair). Computed once per request, vectorized.
+    """
+
+    def __init__(self, tokens: TokenIds, output_tokens: np.ndarray, block_size: int) -> None:
+        self.tokens, self.output_tokens, self.block_size = tokens, output_tokens, block_size
+        self._cache: dict[int, list[int]] = {}
+        longest = int(np.diff(tokens.offsets).max() + output_tokens.max()) if output_tokens.size \
+            else 0
+        with np.errstate(over="ignore"):
+            self._powers = np.cumprod(np.full(max(longest, 1), _HASH_BASE, dtype=np.uint64))
+
+    def of(self, request: int) -> list[int]:
+        hashes = self._cache.get(request)
+        if hashes is None:
+            prompt = self.tokens.prompt(request).astype(np.uint64)
+            out = np.full(int(self.output_tokens[request]), self.tokens.output_token[request],
+                          dtype=np.uint64)
+            seq = np.concatenate([prompt, out])
+            num_blocks = seq.size // self.block_size
+            with np.errstate(over="ignore"):
+                prefix = np.cumsum(seq * self._powers[:seq.size], dtype=np.uint64)
+                ends = prefix[self.block_size - 1:num_blocks * self.block_size:self.block_size]
+                lengths = np.arange(1, num_blocks + 1, dtype=np.uint64) * _LENGTH_MIX
+            hashes = self._cache[request] = (ends ^ lengths).tolist()
+        return hashes
+
+    def forget(self, request: int) -> None:
+        """Drop a finished request's hashes (its blocks keep theirs)."""
+        self._cache.pop(request, None)
+
+
+class CountingPool:
+    """Free blocks by number only (no prefix caching: freed blocks keep nothing)."""
+
+    caching = False
+
+    def __init__(self, num_blocks: int) -> None:
+        self.num_free = num_blocks
+
+    def allocate(self, request: int, num_blocks: int) -> None:
+        self.num_free -= num_blocks
+
+    def free(self, request: int, num_blocks: int) -> None:
+        self.num_free += num_blocks
+
+
+class PrefixCachePool:
+    """vLLM's block pool with prefix caching (see the module docstring). Blocks of request r
+    are `blocks[r]` in order; the engine tracks how many of them are registered."""
+
+    caching = True
+
+    def __init__(self, num_blocks: int, hashes: PrefixHashes) -> None:
+        self.hashes = hashes
+        self.num_unhashed_free = num_blocks
+        self.hashed_free: OrderedDict[int, int] = OrderedDict()  # block id -> hash, queue order
+        self.cached: dict[int, list[int]] = {}  # hash -> block ids holding it (first wins)
+        self.block_hash: dict[int, int] = {}
+        self.ref_count: dict[int, int] = {}
+        self.blocks: dict[int, list[int]] = {}
+        self._ids = count()
+
+    @property
+    def num_free(self) -> int:
+        return self.num_unhashed_free + len(self.hashed_free)
+
+    def allocate(self, request: int, num_blocks: int) -> None:
+        """Hand `num_blocks` blocks from the front of the free queue to `request`."""
+        held = self.blocks.setdefault(request, [])
+        fresh = min(num_blocks, self.num_unhashed_free)
+        self.num_unhashed_free -= fresh
+        new = [next(self._ids) for _ in range(fresh)]
+        for _ in range(num_blocks - fresh):  # evict the least recently freed cached block
+            block, block_hash = self.hashed_free.popitem(last=False)
+            self._uncache(block, block_hash)
+            new.append(block)
+        for block in new:
+            self.ref_count[block] = 1
+        held.extend(new)
+
+    def _uncache(self, block: int, block_hash: int) -> None:
+        del self.block_hash[block]
+        holders = self.cached[block_hash]
+        holders.remove(block)
+        if not holders:
+            del self.cached[block_hash]
+
+    def free(self, request: int, num_blocks: int) -> None:
+        """Free all of `request`'s blocks (`num_blocks` of them), tail block first."""
+        blocks = self.blocks.pop(request, [])
+        for block in reversed(blocks):
+            self.ref_count[block] -= 1
+            if self.ref_count[block]:
+                continue  # still shared with another request
+            del self.ref_count[block]
+            block_hash = self.block_hash.get(block)
+            if block_hash is None:
+                self.num_unhashed_free += 1
+            else:
+                self.hashed_free[block] = block_hash
+
+    def cache_blocks(self, request: int, start: int, end: int) -> None:
+        """Register `request`'s full blocks start..end-1 under their hashes."""
+        hashes, blocks = self.hashes.of(request), self.blocks[request]
+        for j in range(start, end):
+            block = blocks[j]
+            if block not in self.block_hash:
+                self.block_hash[block] = hashes[j]
+                self.cached.setdefault(hashes[j], []).append(block)
+
+    def lookup(self, request: int, num_tokens: int) -> list[int]:
+        """The cached blocks that hold `request`'s first blocks (see the module docstring)."""
+        hit: list[int] = []
+        limit = (num_tokens - 1) // self.hashes.block_size
+        if limit <= 0:
+            return hit
+        for block_hash in self.hashes.of(request)[:limit]:
+            holders = self.cached.get(block_hash)
+            if not holders:
+                break
+            hit.append(holders[0])
+        return hit
+
+    def num_evictable(self, blocks: list[int]) -> int:
+        """How many of these (hit) blocks sit in the free queue: touching them takes them out."""
+        return sum(block in self.hashed_free for block in blocks)
+
+    def touch(self, request: int, blocks: list[int]) -> None:
+        """Give the hit blocks to `request` as its first blocks (already registered)."""
+        for block in blocks:
+            if block in self.hashed_free:
+                del self.hashed_free[block]
+                self.ref_count[block] = 1
+            else:
+                self.ref_count[block] += 1
+        self.blocks[request] = list(blocks)
