@@ -227,6 +227,36 @@ SIM_CPU_SWAP = typer.Option(4.0, "--cpu-swap-gib", min=0.0, help="CPU swap space
 SIM_SEED = typer.Option(0, "--seed", min=0, help="Seed of synthetic workloads and noisy "
                         "predictions.")
 SIM_JSON = typer.Option(False, "--json", help="Print the summary as JSON.")
+# Engine rules (kvbench/sim/engines.py): None keeps the engine's.
+ENGINE = typer.Option("vllm-0.32", help="Scheduling rules: vllm-0.32 or vllm-legacy.")
+MAX_NUM_SEQS = typer.Option(None, min=1, help="Running requests at most (engine's: 1024).")
+MAX_BATCHED = typer.Option(None, min=1, help="Tokens per step at most (engine's: 8192).")
+CHUNKED = typer.Option(True, "--chunked-prefill/--no-chunked-prefill",
+                       help="Split long prompts over steps.")
+FULL_PROMPT = typer.Option(None, "--full-prompt-admission/--first-chunk-admission",
+                           help="Admit only if the whole prompt's blocks fit (vLLM 0.32), or "
+                           "the first chunk's.")
+PREFIX_CACHING = typer.Option(None, "--prefix-caching/--no-prefix-caching",
+                              help="Keep freed full blocks cached for re-admission.")
+ASYNC = typer.Option(None, "--async-scheduling/--no-async-scheduling",
+                     help="Schedule a step before the previous one's output is processed.")
+NULL_BLOCK = typer.Option(None, "--null-block/--no-null-block",
+                          help="One GPU block is vLLM's null block.")
+WATERMARK = typer.Option(None, min=0.0, max=0.99, help="Blocks kept free when admitting, as "
+                         "a fraction of the cache.")
+MAX_MODEL_LEN = typer.Option(None, min=1, help="Reject longer prompts, cap generation.")
+STEP_TIME = typer.Option("profile", help="profile, constant:20ms or linear:10ms+0.01ms/token.")
+
+
+def engine_fields(engine, max_num_seqs, max_num_batched_tokens, chunked_prefill,
+                  full_prompt_admission, prefix_caching, async_scheduling, null_block, watermark,
+                  max_model_len, step_time) -> dict:
+    """The SimConfig fields of the engine flags, by their SimConfig names."""
+    return dict(engine=engine, max_num_seqs=max_num_seqs,
+                max_num_batched_tokens=max_num_batched_tokens, chunked_prefill=chunked_prefill,
+                full_prompt_admission=full_prompt_admission, prefix_caching=prefix_caching,
+                async_scheduling=async_scheduling, null_block=null_block, watermark=watermark,
+                max_model_len=max_model_len, step_time=step_time)
 
 
 def _sim_progress(label: str, unit: str) -> Progress:
@@ -259,6 +289,17 @@ def simulate_cmd(
     noise_sigma: float = typer.Option(0.5, help="noisy: sigma of the log-normal error."),
     history_quantile: float = typer.Option(0.5, help="history: quantile of recent outputs."),
     seed: int = SIM_SEED,
+    engine: str = ENGINE,
+    max_num_seqs: Optional[int] = MAX_NUM_SEQS,
+    max_num_batched_tokens: Optional[int] = MAX_BATCHED,
+    chunked_prefill: bool = CHUNKED,
+    full_prompt_admission: Optional[bool] = FULL_PROMPT,
+    prefix_caching: Optional[bool] = PREFIX_CACHING,
+    async_scheduling: Optional[bool] = ASYNC,
+    null_block: Optional[bool] = NULL_BLOCK,
+    watermark: Optional[float] = WATERMARK,
+    max_model_len: Optional[int] = MAX_MODEL_LEN,
+    step_time: str = STEP_TIME,
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Write summary.json, summary.csv,"
                                            " requests.csv, timeline.csv and run.png here."),
     as_json: bool = SIM_JSON,
@@ -274,7 +315,10 @@ def simulate_cmd(
         admission=admission, victim=victim, preemption=preemption, predictor=predictor,
         gpu_blocks=gpu_blocks, gpu_memory_gib=gpu_memory_gib, cpu_swap_gib=cpu_swap_gib,
         headroom_fraction=headroom, max_long_requests=max_long_requests,
-        noise_sigma=noise_sigma, history_quantile=history_quantile)
+        noise_sigma=noise_sigma, history_quantile=history_quantile,
+        **engine_fields(engine, max_num_seqs, max_num_batched_tokens, chunked_prefill,
+                        full_prompt_admission, prefix_caching, async_scheduling, null_block,
+                        watermark, max_model_len, step_time))
     with _sim_progress(config.policy_name, "requests") as progress:
         task = progress.add_task("simulate", total=workload.num_requests)
         result = simulate(workload, config, costs,
@@ -307,6 +351,17 @@ def compare_policies_cmd(
     gpu_memory_gib: Optional[float] = SIM_GPU_MEMORY,
     cpu_swap_gib: float = SIM_CPU_SWAP,
     seed: int = SIM_SEED,
+    engine: str = ENGINE,
+    max_num_seqs: Optional[int] = MAX_NUM_SEQS,
+    max_num_batched_tokens: Optional[int] = MAX_BATCHED,
+    chunked_prefill: bool = CHUNKED,
+    full_prompt_admission: Optional[bool] = FULL_PROMPT,
+    prefix_caching: Optional[bool] = PREFIX_CACHING,
+    async_scheduling: Optional[bool] = ASYNC,
+    null_block: Optional[bool] = NULL_BLOCK,
+    watermark: Optional[float] = WATERMARK,
+    max_model_len: Optional[int] = MAX_MODEL_LEN,
+    step_time: str = STEP_TIME,
     jobs: int = typer.Option(1, min=1, help="Policies simulated in parallel processes."),
     out_dir: Path = typer.Option(Path("sim-compare"), "--out", help="Where compare.json, "
                                  "compare.csv and compare.png go."),
@@ -326,7 +381,10 @@ def compare_policies_cmd(
     workload, base, costs = sim_inputs(
         trace, synthetic, profile, model, hardware, rate_scale, num_requests, max_tokens, seed,
         study_default=True, gpu_blocks=gpu_blocks, gpu_memory_gib=gpu_memory_gib,
-        cpu_swap_gib=cpu_swap_gib)
+        cpu_swap_gib=cpu_swap_gib,
+        **engine_fields(engine, max_num_seqs, max_num_batched_tokens, chunked_prefill,
+                        full_prompt_admission, prefix_caching, async_scheduling, null_block,
+                        watermark, max_model_len, step_time))
     names = parse_policies(policies)
     with _sim_progress("compare-policies", "policies") as progress:
         task = progress.add_task("compare", total=len(names))

@@ -112,7 +112,7 @@ def test_simulate_reports_rejections():
     result = invoke("simulate", "--synthetic", "requests=20,long-prompt=1,long-prompt-tokens=4000",
                     "--gpu-blocks", "200")
     assert result.exit_code == 0, result.output
-    assert "rejected: request" in result.stdout and "the cache has 200" in result.stdout
+    assert "rejected: request" in result.stdout and "the cache has 199" in result.stdout
 
 
 def test_compare_policies_table_json_and_files(tmp_path):

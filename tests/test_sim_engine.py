@@ -15,6 +15,7 @@ from kvbench.hardware import get_hardware
 from kvbench.models import get_model
 from kvbench.profile import analytic_profile
 from kvbench.sim import SimConfig, SimCosts, Simulator, Workload, simulate, summarize
+from kvbench.sim.engines import ENGINES
 from kvbench.sim.policies import ADMISSION, PREEMPTIONS, VICTIMS
 from kvbench.sim.predictors import PREDICTORS
 from kvbench.sim.requests import FINISHED, REJECTED, RUNNING, SWAPPED, WAITING, cdiv
@@ -52,6 +53,10 @@ def scenarios(draw):
         max_long_requests=draw(st.sampled_from([None, 0, 2])),
         long_output_tokens=64,
         seed=draw(st.integers(0, 3)),
+        engine=draw(st.sampled_from(sorted(ENGINES))),
+        prefix_caching=draw(st.sampled_from([None, False, True])),
+        async_scheduling=draw(st.sampled_from([None, False, True])),
+        watermark=draw(st.sampled_from([None, 0.05])),
     )
     return work, config
 
@@ -60,12 +65,12 @@ def check_books(sim: Simulator) -> None:
     """Block accounting after a step: nothing lost, nothing over capacity."""
     req = sim.requests
     run = sim.running
-    assert 0 <= sim.free_gpu_blocks <= sim.num_gpu_blocks
+    assert 0 <= sim.free_gpu_blocks <= sim.usable_blocks
     assert 0 <= sim.free_cpu_blocks <= sim.num_cpu_blocks
-    assert int(req.gpu_blocks.sum()) + sim.free_gpu_blocks == sim.num_gpu_blocks
+    assert int(req.gpu_blocks.sum()) + sim.free_gpu_blocks == sim.usable_blocks
     assert int(req.cpu_blocks.sum()) + sim.free_cpu_blocks == sim.num_cpu_blocks
     assert (req.state[run] == RUNNING).all()
-    assert len(set(run.tolist())) == run.size <= sim.config.max_num_seqs
+    assert len(set(run.tolist())) == run.size <= sim.rules.max_num_seqs
     np.testing.assert_array_equal(req.gpu_blocks[run], cdiv(req.computed_tokens[run],
                                                             sim.block_size))
     idle = req.state != RUNNING
@@ -73,7 +78,7 @@ def check_books(sim: Simulator) -> None:
     assert (req.cpu_blocks[req.state != SWAPPED] == 0).all()
     assert (req.computed_tokens[req.state == WAITING] == 0).all()
     assert (req.generated_tokens <= req.output_tokens).all()
-    assert sim.max_kv_blocks_used <= sim.num_gpu_blocks
+    assert sim.max_kv_blocks_used <= sim.usable_blocks
 
 
 @settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -90,9 +95,10 @@ def test_invariants_on_random_workloads(scenario):
     assert set(np.flatnonzero(rejected).tolist()) == set(req.reject_reason)
     assert (req.state[~rejected] == FINISHED).all()
     np.testing.assert_array_equal(req.generated_tokens[~rejected], req.output_tokens[~rejected])
-    assert sim.free_gpu_blocks == sim.num_gpu_blocks
+    assert sim.free_gpu_blocks == sim.usable_blocks
     assert sim.free_cpu_blocks == sim.num_cpu_blocks
-    assert (result.timeline_kv_blocks <= result.num_gpu_blocks).all()
+    assert not sim.in_flight
+    assert (result.timeline_kv_blocks <= sim.usable_blocks).all()
     done = ~rejected
     assert (req.first_token_s[done] >= req.arrival_s[done]).all()
     assert (req.finish_s[done] >= req.first_token_s[done]).all()
@@ -161,7 +167,8 @@ def test_request_that_can_never_fit_is_rejected_with_a_reason():
     result = simulate(work, SimConfig(gpu_blocks=64), COSTS)  # 1024 tokens
     summary = summarize(result)
     assert summary["completed"] == 2 and summary["rejected"] == 1
-    assert "5010 tokens need 314 KV blocks; the cache has 64" in summary["rejections"][1]
+    # 5009 tokens of KV (the last token is never fed back); vLLM's null block leaves 63.
+    assert "5009 tokens of KV need 314 blocks; the cache has 63" in summary["rejections"][1]
 
 
 def test_no_chunked_prefill_rejects_what_the_token_budget_cannot_hold():
@@ -172,13 +179,15 @@ def test_no_chunked_prefill_rejects_what_the_token_budget_cannot_hold():
     assert "max_num_batched_tokens (512)" in summary["rejections"][1]
 
 
-def test_livelock_is_reported_not_looped():
+@pytest.mark.parametrize("engine, steps", [("vllm-legacy", 50), ("vllm-0.32", 51)])
+def test_livelock_is_reported_not_looped(engine, steps):
     work = workload([0.0], [2000], [5])
-    config = SimConfig(gpu_blocks=200, max_num_batched_tokens=8, livelock_steps=50)
+    config = SimConfig(gpu_blocks=200, max_num_batched_tokens=8, livelock_steps=50,
+                       engine=engine)
     result = simulate(work, config, COSTS)
     assert result.livelock is not None and result.livelock["request_id"] == 0
-    assert result.steps == 50
-    assert "no token generated in 50 steps" in result.livelock["reason"]
+    assert result.steps == steps  # under async scheduling one more step is in flight
+    assert "no token generated in 50 iterations" in result.livelock["reason"]
     assert summarize(result)["unfinished"] == 1
 
 
@@ -217,7 +226,8 @@ def test_metrics_do_not_depend_on_when_the_first_request_arrives():
 def test_recompute_is_counted_as_waste_and_swap_is_priced():
     """Two requests that cannot both grow: the later one is preempted (LIFO)."""
     work = workload([0.0, 0.0], [64, 64], [40, 40])
-    config = SimConfig(gpu_blocks=9)  # 144 tokens: both prompts fit, not both outputs
+    # 144 tokens: both prompts fit, not both outputs; no prefix cache to give KV back.
+    config = SimConfig(gpu_blocks=9, engine="vllm-legacy")
     recompute = simulate(work, config, COSTS)
     req = recompute.requests
     assert req.num_preemptions.tolist() == [0, 1]
@@ -237,6 +247,19 @@ def test_recompute_is_counted_as_waste_and_swap_is_priced():
     no_room = summarize(simulate(work, dataclasses.replace(config, preemption="swap",
                                                            cpu_swap_blocks=1), COSTS))
     assert no_room["swap_preemptions"] == 0 and no_room["recompute_preemptions"] == 1
+
+
+def test_prefix_cache_gives_a_preempted_request_its_blocks_back():
+    """vllm-0.32: the victim's full blocks stay cached; on re-admission it computes only what
+    was evicted, and the hit is counted, not recomputed."""
+    work = workload([0.0, 0.0], [64, 64], [40, 40])
+    legacy = simulate(work, SimConfig(gpu_blocks=10, engine="vllm-legacy",
+                                      null_block=True), COSTS).requests
+    cached = simulate(work, SimConfig(gpu_blocks=10), COSTS).requests
+    assert legacy.num_preemptions.tolist() == cached.num_preemptions.tolist() == [0, 1]
+    assert cached.prefix_hit_tokens[1] > 0 and legacy.prefix_hit_tokens[1] == 0
+    assert cached.recompute_tokens[1] < legacy.recompute_tokens[1]
+    assert cached.prefix_hit_tokens[1] % 16 == 0
 
 
 def test_gpu_blocks_derived_from_memory():

@@ -68,6 +68,13 @@ class Workload:
         """From the first arrival to the last."""
         return float(self.arrival_s[-1] - self.arrival_s[0])
 
+    def subset(self, keep: np.ndarray) -> Workload:
+        """The requests where `keep` is true, in order."""
+        return dataclasses.replace(self, arrival_s=self.arrival_s[keep],
+                                   prompt_tokens=self.prompt_tokens[keep],
+                                   output_tokens=self.output_tokens[keep],
+                                   max_tokens=self.max_tokens[keep])
+
     def describe(self) -> dict:
         return {"name": self.name, "num_requests": self.num_requests,
                 "duration_s": self.duration_s,
