@@ -450,6 +450,7 @@ def simulate_cmd(
 @app.command("compare-policies")
 @user_errors
 def compare_policies_cmd(
+    ctx: typer.Context,
     trace: Optional[Path] = SIM_TRACE,
     synthetic: Optional[str] = SIM_SYNTHETIC,
     policies: Optional[str] = typer.Option(None, help="Comma-separated admission/victim/"
@@ -470,8 +471,16 @@ def compare_policies_cmd(
     out_dir: Path = typer.Option(Path("sim-compare"), "--out", help="Where compare.json, "
                                  "compare.csv and compare.png go."),
     as_json: bool = SIM_JSON,
+    sweep: Optional[Path] = typer.Option(None, "--sweep", help="Sweep spec (TOML or YAML): "
+                                         "policies x traces x rate scales x cache sizes x "
+                                         "seeds, one simulation per cell; resumes in --out."),
+    ray_address: Optional[str] = typer.Option(None, "--ray", help="Run the sweep's cells as "
+                                              "Ray tasks: 'local' (a private Ray instance), "
+                                              "'auto' or HOST:PORT of a cluster's head node."),
 ) -> None:
     """Run a matrix of policies on one workload (default: the shared Azure 2023 trace)."""
+    if sweep is not None or ray_address is not None:
+        return sweep_cmd(ctx, sweep, ray_address, jobs, out_dir, as_json)
     from kvbench.sim.engine import SimConfig
     from kvbench.sim.metrics import summarize
     from kvbench.sim.study import (
@@ -537,6 +546,110 @@ def machine_cmd(
     """Print this machine's fingerprint (device, driver, versions, commit) as JSON."""
     dev = resolve_device(device)
     print(device_slug(dev) if slug else json.dumps(fingerprint(dev), indent=2))
+
+
+# ---------------------------------------------------------------------------------------------
+# Beyond one machine (kvbench[ray]): kvbench.fleet and kvbench.sim.sweep
+
+fleet_app = typer.Typer(no_args_is_help=True, help="Calibrate every device type of a Ray "
+                        "cluster.")
+app.add_typer(fleet_app, name="fleet")
+RAY_ADDRESS_HELP = ("'local' (a private Ray instance on this machine), 'auto' (the cluster "
+                    "`ray start` began here) or HOST:PORT of a head node.")
+SWEEP_SETS = ("trace", "synthetic", "policies", "profile", "model", "hardware", "rate_scale",
+              "num_requests", "max_tokens", "gpu_blocks", "gpu_memory_gib", "cpu_swap_gib",
+              "seed")
+
+
+@fleet_app.command("calibrate")
+@user_errors
+def fleet_calibrate_cmd(
+    address: str = typer.Option("local", help=f"Ray cluster: {RAY_ADDRESS_HELP}"),
+    device: str = typer.Option("cuda", help="cuda (every node with a GPU) or cpu (every node)."),
+    models: Optional[list[str]] = typer.Option(None, "--model", help="Model preset; repeat for "
+                                               "several (default: llama-3-8b on CUDA, "
+                                               "qwen2.5-0.5b on CPU)."),
+    block_size: int = typer.Option(16, min=1, help="KV block size in tokens."),
+    dtype: Optional[str] = typer.Option(None, help="dtype (default: the model's)."),
+    quick: bool = typer.Option(False, help="Fewer, smaller sizes (CPU: under a minute)."),
+    out_dir: Path = typer.Option(Path("results/profiles"), "--out-dir", help="Where "
+                                 "<device>-<model>.json, .samples.json and .png go."),
+    force: bool = typer.Option(False, help="Measure again where a profile is current."),
+    as_json: bool = typer.Option(False, "--json", help="Print the outcomes as JSON."),
+) -> None:
+    """Calibrate each model on each device type of a Ray cluster; gather the profiles here."""
+    from kvbench.fleet import calibrate_fleet
+
+    specs = [get_model(m, dtype=dtype) for m in models or [DEFAULT_MODEL.get(device, "")]]
+    results = calibrate_fleet(specs, device, address, block_size, quick, out_dir, force,
+                              on_event=lambda event: err.print(event.line()))
+    if as_json:
+        print(json.dumps([r.to_dict() for r in results]))
+    else:
+        table = Table(title=f"fleet calibrate ({device})")
+        for col in ("device", "model", "status", "node", "seconds", "profile"):
+            table.add_column(col, justify="right" if col == "seconds" else "left")
+        for r in results:
+            table.add_row(r.device_slug, r.model, r.status, r.node or "-",
+                          "-" if r.seconds is None else f"{r.seconds:.0f}", str(r.path))
+        out.print(table)
+    failed = [r for r in results if r.status == "failed"]
+    for r in failed:
+        err.print(f"failed: {r.device_slug} {r.model}: {'; '.join(r.errors)}")
+    if failed:
+        raise typer.Exit(1)
+
+
+def sweep_cmd(ctx: typer.Context, spec_path: Optional[Path], ray_address: Optional[str],
+              jobs: int, out_dir: Path, as_json: bool) -> None:
+    """`compare-policies --sweep SPEC [--ray ADDRESS]`: the spec's cells, resumable in --out."""
+    from kvbench.sim.sweep import load_spec, policy_means, run_sweep, source_label
+
+    if spec_path is None:
+        raise ValueError("--ray runs a sweep: give --sweep SPEC (a TOML or YAML file naming "
+                         "policies, traces, rate scales, cache sizes and seeds)")
+    given = [name for name in SWEEP_SETS
+             if getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"]
+    if given:
+        raise ValueError(f"--{given[0].replace('_', '-')} does not go with --sweep: the spec "
+                         "sets the workloads, policies and costs")
+    spec = load_spec(spec_path)
+    with _sim_progress("sweep", "cells") as progress:
+        task = progress.add_task("sweep", total=None)
+
+        def on_cell(done, total, cell, error):
+            progress.update(task, completed=done, total=total)
+            if error:
+                err.print(f"cell failed: {cell.policy} on {source_label(cell.source)} (rate x"
+                          f"{cell.rate_scale:g}, {cell.gpu_blocks} blocks, seed {cell.seed}): "
+                          f"{error}")
+
+        outcome = run_sweep(spec, out_dir, jobs=jobs, ray_address=ray_address, on_cell=on_cell)
+    means = policy_means(outcome.rows)
+    if as_json:
+        print(json.dumps({"cells_total": outcome.total, "ran": outcome.ran,
+                          "skipped": outcome.skipped, "failures": outcome.failures,
+                          "wall_s": outcome.wall_s, "policies": means}))
+    elif means:
+        table = Table(title=f"sweep {spec_path}: mean over cells")
+        headers = {"policy": "policy", "cells": "cells", "preemptions": "preempt",
+                   "recompute_fraction": "recomp frac", "throughput_tokens_per_s": "tok/s",
+                   "ttft_p99_s": "TTFT99 s", "e2e_p99_s": "E2E99 s"}
+        for col in means[0]:
+            table.add_column(headers[col], justify="left" if col == "policy" else "right")
+        for row in means:
+            table.add_row(*("n/a" if v is None else f"{v:.4g}" if isinstance(v, float)
+                            else str(v) for v in row.values()))
+        out.print(table)
+    if not as_json:
+        out.print(f"cells: {outcome.total} ({outcome.ran} run now, {outcome.skipped} already "
+                  f"in {out_dir}/cells, {len(outcome.failures)} failed) in "
+                  f"{outcome.wall_s:.1f} s")
+        out.print(f"wrote: {out_dir}/sweep.json, sweep.csv, sweep.png, cells/")
+    if outcome.failures:
+        err.print(f"error: {len(outcome.failures)} cells failed; run the same command again "
+                  "to run them (finished cells are kept)")
+        raise typer.Exit(1)
 
 
 def main() -> None:

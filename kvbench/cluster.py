@@ -1,0 +1,59 @@
+"""The Ray connection behind `kvbench fleet calibrate` and `compare-policies --ray`.
+
+An address is `local` (start a private Ray instance on this machine, reachable on 127.0.0.1
+only, shut down afterwards), `auto` (join the cluster that `ray start --head` began on this
+machine) or `HOST:PORT` of a cluster's head node. Every node must have kvbench[ray] installed:
+tasks import kvbench there. Ray itself is the optional extra `pip install 'kvbench[ray]'`.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from types import ModuleType
+
+LOCAL = "local"
+
+
+class ClusterError(ValueError):
+    """Ray is missing, or the cluster cannot do what was asked; the message says how to fix it."""
+
+
+def import_ray(loopback: bool = False) -> ModuleType:
+    """Ray, or a one-line error naming the extra to install.
+
+    `loopback`: before Ray's first import, keep a local node on 127.0.0.1. Ray replaces a
+    loopback node address by the machine's outward one unless this switch (read once, when
+    `ray._private.ray_constants` is imported) is off; it is how Ray keeps local instances
+    private on macOS and Windows.
+    """
+    if loopback:
+        os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+        os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    try:
+        import ray
+    except ImportError:
+        raise ClusterError("Ray is not installed: pip install 'kvbench[ray]'") from None
+    return ray
+
+
+@contextmanager
+def connect(address: str = LOCAL, num_cpus: int | None = None) -> Iterator[ModuleType]:
+    """`ray`, connected to `address` for the duration of the block.
+
+    If this process is already connected (a caller's own `ray.init`), that connection is used
+    as it is and left open. `num_cpus` sizes a `local` instance (default: every core).
+    """
+    ray = import_ray(loopback=address == LOCAL)
+    if ray.is_initialized():
+        yield ray
+        return
+    if num_cpus is not None and address != LOCAL:
+        raise ClusterError("num_cpus sizes a local Ray instance; a cluster has its own")
+    ray.init(address=address, num_cpus=num_cpus,
+             include_dashboard=False, log_to_driver=False, logging_level="warning")
+    try:
+        yield ray
+    finally:
+        ray.shutdown()
