@@ -19,7 +19,7 @@ the result depends on: the cell, the shared settings, the trace and profile file
 the kvbench version. Running the same spec into the same folder again skips every cell whose
 file is there, so an interrupted sweep, or one whose workers died, resumes where it stopped.
 `sweep.json`, `sweep.csv` (a row per finished cell, in plan order) and `sweep.png` are
-rewritten as cells finish (at most every `refresh_s` seconds) and when the sweep ends.
+rewritten as cells finish (see `_Outputs`) and when the sweep ends.
 """
 
 from __future__ import annotations
@@ -350,19 +350,44 @@ def sweep_rows(plan: Plan, records: dict[str, dict]) -> list[dict]:
             for cell, key in zip(plan.cells, plan.keys) if key in records]
 
 
-def write_sweep(out_dir: Path, plan: Plan, rows: list[dict], failures: list[dict]) -> list[Path]:
-    """sweep.json (spec, progress, failures, rows), sweep.csv and sweep.png."""
+def write_tables(out_dir: Path, plan: Plan, rows: list[dict], failures: list[dict]) -> list[Path]:
+    """sweep.json (spec, progress, failures, rows) and sweep.csv."""
     document = {"spec": plan.spec.model_dump(mode="json"), "cells_total": len(plan.cells),
                 "cells_done": len(rows), "failures": failures, "rows": rows}
     paths = [write_atomic(out_dir / SWEEP_JSON, json.dumps(document, indent=1) + "\n")]
     if rows:
         paths.append(write_atomic(out_dir / SWEEP_CSV, csv_text(scalar_columns(rows))))
-        paths.append(plot_sweep(rows, out_dir / SWEEP_PNG))
     return paths
 
 
+class _Outputs:
+    """Rewrites the tables at most every `refresh_s` seconds, and the figure (slower: seconds
+    for a few dozen panels) once ten times its last drawing time has passed, so drawing takes
+    at most a tenth of this process's time; both when the sweep ends."""
+
+    def __init__(self, out_dir: Path, plan: Plan, refresh_s: float):
+        self.out_dir, self.plan, self.refresh_s = out_dir, plan, refresh_s
+        self.tables_at = self.plot_at = time.perf_counter()
+        self.plot_s = 0.0
+
+    def update(self, records: dict[str, dict], failures: list[dict], final: bool = False) -> None:
+        now = time.perf_counter()
+        tables = final or now - self.tables_at >= self.refresh_s
+        plot = final or now - self.plot_at >= max(self.refresh_s, 10 * self.plot_s)
+        if not (tables or plot):
+            return
+        rows = sweep_rows(self.plan, records)
+        if tables:
+            write_tables(self.out_dir, self.plan, rows, failures)
+            self.tables_at = now
+        if plot and rows:
+            plot_sweep(rows, self.out_dir / SWEEP_PNG)
+            self.plot_at = time.perf_counter()
+            self.plot_s = self.plot_at - now
+
+
 def run_sweep(spec: SweepSpec, out_dir: str | Path, jobs: int = 1, ray_address: str | None = None,
-              retries: int = 1, refresh_s: float = 5.0,
+              retries: int = 1, refresh_s: float = 2.0,
               on_cell: Callable[[int, int, Cell, str | None], None] | None = None,
               ) -> SweepOutcome:
     """Run the cells of `spec` not yet in `out_dir`; see the module docstring.
@@ -385,7 +410,7 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, jobs: int = 1, ray_address: 
                 workloads[cell.workload_key()] = cell.workload(spec)
             tasks.append((key, workloads[cell.workload_key()], cell.config(base)))
     failures: list[dict] = []
-    last_write = time.perf_counter()
+    outputs = _Outputs(out_dir, plan, refresh_s)
     runner = (_run_ray(tasks, costs, ray_address, retries) if ray_address is not None
               else _run_local(tasks, costs, jobs))
     try:
@@ -393,19 +418,17 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, jobs: int = 1, ray_address: 
             for key, record, error in runner:
                 cell, identity = by_key[key]
                 if error is None:
-                    record = {"cell": identity, **record}
-                    write_atomic(out_dir / CELLS_DIR / f"{key}.json", json.dumps(record) + "\n")
-                    records[key] = record
+                    text = json.dumps({"cell": identity, **record})
+                    write_atomic(out_dir / CELLS_DIR / f"{key}.json", text + "\n")
+                    records[key] = json.loads(text)  # as a resumed sweep reads it back
                 else:
                     failures.append({"cell": identity, "key": key, "error": error})
                 if on_cell:
                     on_cell(len(records) + len(failures), len(plan.cells), cell, error)
-                if time.perf_counter() - last_write >= refresh_s:
-                    write_sweep(out_dir, plan, sweep_rows(plan, records), failures)
-                    last_write = time.perf_counter()
+                outputs.update(records, failures)
     finally:
-        rows = sweep_rows(plan, records)
-        write_sweep(out_dir, plan, rows, failures)
+        outputs.update(records, failures, final=True)
+    rows = sweep_rows(plan, records)
     return SweepOutcome(out_dir, rows, failures, len(plan.cells), len(records) - skipped,
                         skipped, time.perf_counter() - start)
 
