@@ -462,8 +462,14 @@ def plot_sweep(rows: list[dict], path: str | Path) -> Path:
     values: dict[tuple, list] = defaultdict(list)
     for r in rows:
         values[(r["source"], r["gpu_blocks"], r["policy"], r["rate_scale"])].append(r)
-    fig = Figure(figsize=(3.6 * len(facets) + 2.5, 2.4 * len(PLOT_METRICS)), layout="constrained")
-    axes = np.asarray(fig.subplots(len(PLOT_METRICS), len(facets), squeeze=False))
+    # Fixed margins in inches (room for the titles and, on the right, the legend): a
+    # constrained layout would draw the figure twice.
+    width, height = 3.4 * len(facets) + 3.2, 2.2 * len(PLOT_METRICS) + 1.2
+    fig = Figure(figsize=(width, height))
+    fig.subplots_adjust(left=0.8 / width, right=1 - 3.0 / width, bottom=0.5 / height,
+                        top=1 - 1.05 / height, wspace=0.35, hspace=0.3)
+    axes = np.asarray(fig.subplots(len(PLOT_METRICS), len(facets), squeeze=False,
+                                   sharex="col"))
     for col, (source, blocks) in enumerate(facets):
         for policy in policies:
             scales = sorted({k[3] for k in values if k[:3] == (source, blocks, policy)})
@@ -478,7 +484,7 @@ def plot_sweep(rows: list[dict], path: str | Path) -> Path:
     for ax in axes.flat:
         ax.grid(True, alpha=0.3)
         ax.tick_params(labelsize=7)
-    axes[0, -1].legend(fontsize=6, loc="upper left", bbox_to_anchor=(1.02, 1))
+    fig.legend(*axes[0, 0].get_legend_handles_labels(), fontsize=6, loc="upper right")
     fig.suptitle("sweep: mean over seeds", fontsize=9)
     fig.savefig(path, dpi=110)
     return Path(path)
