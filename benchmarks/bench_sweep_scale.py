@@ -11,8 +11,9 @@ as Ray tasks on a local Ray instance with 2 CPUs. Every mode must give the numbe
     empty_task_ms        Ray alone: 200 empty tasks on 2 CPUs, wall / 200 (throughput)
     empty_round_trip_ms  Ray alone: median of 20 one-at-a-time `ray.get(f.remote())`
 
-`python benchmarks/bench_sweep_scale.py` writes results/fleet/<machine>-sweep-scale.json;
-pytest runs it once as a benchmark (its figures in extra_info).
+`python benchmarks/bench_sweep_scale.py` writes results/fleet/<machine>-sweep-scale.json, and
+with `--markdown JSON` prints a committed one as the table README shows; pytest runs it once as
+a benchmark (its figures in extra_info).
 """
 
 from __future__ import annotations
@@ -102,6 +103,24 @@ def measure(work_dir: Path) -> dict:
                     "load averages)"}
 
 
+def markdown(report: dict) -> str:
+    """The figure as a Markdown table (what README's Fleet section shows)."""
+    env = report["environment"]
+    lines = [f"{report['cells']} cells on {env['device_name']}, Ray {report['ray']}, kvbench "
+             f"{env['kvbench']} ({env['commit']})", "",
+             "| mode | wall s | speed-up | simulating s | overhead ms/cell | load avg |",
+             "|---|---|---|---|---|---|"]
+    for m in report["modes"]:
+        lines.append(f"| {m['mode']} | {m['wall_s']:.2f} | {m['speedup']:.2f}x | "
+                     f"{m['compute_s']:.2f} | {m['overhead_per_cell_ms']:.0f} | "
+                     f"{m['load_average_1min_before']:.1f} |")
+    ray = report["modes"][-1]
+    lines += ["", f"Ray alone: start {ray['start_s']:.1f} s, an empty task "
+                  f"{ray['empty_task_ms']:.2f} ms at full throughput, "
+                  f"{ray['empty_round_trip_ms']:.2f} ms one at a time (median)."]
+    return "\n".join(lines)
+
+
 def test_sweep_scale(benchmark, tmp_path):
     pytest.importorskip("ray")
     report = benchmark.pedantic(measure, args=(tmp_path,), rounds=1, iterations=1)
@@ -113,11 +132,15 @@ if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, default=Path("results/fleet") /
                         f"{device_slug('cpu')}-sweep-scale.json")
-    out = parser.parse_args().out
+    parser.add_argument("--markdown", type=Path, metavar="JSON",
+                        help="Print a committed result as a Markdown table; measure nothing.")
+    args = parser.parse_args()
+    if args.markdown:
+        print(markdown(json.loads(args.markdown.read_text())))
+        sys.exit()
+    out = args.out
     with tempfile.TemporaryDirectory() as tmp:
         report = measure(Path(tmp))
     write_atomic(out, json.dumps(report, indent=2) + "\n")
-    for m in report["modes"]:
-        print(f"{m['mode']:18} wall {m['wall_s']:6.2f} s  speedup {m['speedup']:.2f}x  "
-              f"overhead {m['overhead_per_cell_ms']:6.1f} ms/cell", file=sys.stderr)
+    print(markdown(report))
     print(f"wrote {out}", file=sys.stderr)

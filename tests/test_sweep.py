@@ -18,6 +18,9 @@ from typer.testing import CliRunner
 
 from kvbench.cli import app
 from kvbench.cluster import import_ray
+from kvbench.hardware import get_hardware
+from kvbench.models import get_model
+from kvbench.profile import analytic_profile, save
 from kvbench.sim.sweep import (
     CELLS_DIR,
     SWEEP_CSV,
@@ -152,6 +155,23 @@ def test_a_cell_is_kvbench_simulate_with_the_cells_options(reference):
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert {k: row[k] for k in summary} == summary
+
+
+def test_a_profile_spec_prices_cells_with_the_profile(tmp_path):
+    profile = tmp_path / "profile.json"
+    save(analytic_profile(get_model("llama-3-8b"), get_hardware("a100-80gb"), block_size=32),
+         profile)
+    (tmp_path / "s.toml").write_text(f'synthetic = ["{MIX}"]\npolicies = '
+                                     '["fcfs/lifo/selector/oracle"]\ngpu_blocks = [60]\n'
+                                     'profile = "profile.json"\n')
+    [row] = run_sweep(load_spec(tmp_path / "s.toml"), tmp_path / "out").rows
+    result = invoke("simulate", "--synthetic", MIX, "--gpu-blocks", "60", "--preemption",
+                    "selector", "--profile", str(profile), "--json")
+    assert result.exit_code == 0, result.output
+    summary = json.loads(result.stdout)
+    assert {k: row[k] for k in summary} == summary
+    assert summary["model"] == "llama-3-8b" and summary["kv_block_bytes"] == 32 * get_model(
+        "llama-3-8b").kv_bytes_per_token
 
 
 def test_resume_runs_only_the_missing_cells_and_two_processes_agree(reference, spec_path,
