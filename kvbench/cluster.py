@@ -39,20 +39,16 @@ def import_ray(loopback: bool = False) -> ModuleType:
 
 
 @contextmanager
-def connect(address: str = LOCAL, num_cpus: int | None = None) -> Iterator[ModuleType]:
-    """`ray`, connected to `address` for the duration of the block.
-
-    If this process is already connected (a caller's own `ray.init`), that connection is used
-    as it is and left open. `num_cpus` sizes a `local` instance (default: every core).
-    """
+def connect(address: str = LOCAL) -> Iterator[ModuleType]:
+    """`ray`, connected to `address` for the duration of the block (a `local` instance gets
+    every core of this machine). If this process is already connected (a caller's own
+    `ray.init`), that connection is used as it is and left open."""
     ray = import_ray(loopback=address == LOCAL)
     if ray.is_initialized():
         yield ray
         return
-    if num_cpus is not None and address != LOCAL:
-        raise ClusterError("num_cpus sizes a local Ray instance; a cluster has its own")
-    ray.init(address=address, num_cpus=num_cpus,
-             include_dashboard=False, log_to_driver=False, logging_level="warning")
+    ray.init(address=address, include_dashboard=False, log_to_driver=False,
+             logging_level="warning")
     try:
         yield ray
     finally:

@@ -335,7 +335,6 @@ def _run_ray(tasks: list[Task], costs: Profile | None, address: str,
 
 @dataclass
 class SweepOutcome:
-    out_dir: Path
     rows: list[dict]  # finished cells in plan order
     failures: list[dict]  # {"cell", "key", "error"} of the cells that failed in this run
     total: int
@@ -429,7 +428,7 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, jobs: int = 1, ray_address: 
     finally:
         outputs.update(records, failures, final=True)
     rows = sweep_rows(plan, records)
-    return SweepOutcome(out_dir, rows, failures, len(plan.cells), len(records) - skipped,
+    return SweepOutcome(rows, failures, len(plan.cells), len(records) - skipped,
                         skipped, time.perf_counter() - start)
 
 
