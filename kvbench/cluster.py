@@ -9,6 +9,7 @@ tasks import kvbench there. Ray itself is the optional extra `pip install 'kvben
 from __future__ import annotations
 
 import os
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from types import ModuleType
@@ -38,6 +39,18 @@ def import_ray(loopback: bool = False) -> ModuleType:
     return ray
 
 
+def check_head(address: str, timeout_s: float = 5.0) -> None:
+    """Fail fast on a HOST:PORT where nothing listens: Ray itself retries for minutes."""
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        raise ClusterError(f"Ray address {address!r}: use local, auto or HOST:PORT")
+    try:
+        socket.create_connection((host.strip("[]"), int(port)), timeout=timeout_s).close()
+    except OSError as exc:
+        raise ClusterError(f"no Ray head node answers at {address} ({exc.strerror or exc}); "
+                           "start one with `ray start --head` or check the address") from None
+
+
 @contextmanager
 def connect(address: str = LOCAL) -> Iterator[ModuleType]:
     """`ray`, connected to `address` for the duration of the block (a `local` instance gets
@@ -47,6 +60,8 @@ def connect(address: str = LOCAL) -> Iterator[ModuleType]:
     if ray.is_initialized():
         yield ray
         return
+    if address not in (LOCAL, "auto") and not address.startswith("ray://"):
+        check_head(address)
     ray.init(address=address, include_dashboard=False, log_to_driver=False,
              logging_level="warning")
     try:

@@ -1,7 +1,8 @@
 """Sweep specs, plans and resume (`kvbench.sim.sweep`), and `compare-policies --sweep [--ray]`
-against a real Ray instance on this machine (127.0.0.1, 2 CPUs): the same 24 cells give the
+against real Ray instances on this machine (127.0.0.1, 2 CPUs): the same 24 cells give the
 same numbers in one process, in two processes and on Ray, and a worker killed mid-sweep loses
-no finished cell. About 40 s on 2 cores (most of it the 24-cell sweep three times over).
+no finished cell. About a minute on 2 cores: the 24-cell sweep four times over, two Ray
+starts.
 """
 
 from __future__ import annotations
@@ -195,7 +196,8 @@ def test_resume_runs_only_the_missing_cells_and_two_processes_agree(reference, s
 
 
 @needs_ray
-def test_ray_sweep_gives_the_numbers_of_one_process(reference, spec_path, local_ray, tmp_path):
+def test_ray_sweep_gives_the_numbers_of_one_process(reference, spec_path, tmp_path):
+    """`--ray local` starts (and stops) its own Ray instance, on 127.0.0.1."""
     result = invoke("compare-policies", "--sweep", str(spec_path), "--ray", "local", "--out",
                     str(tmp_path), "--json")
     assert result.exit_code == 0, result.output
@@ -204,6 +206,15 @@ def test_ray_sweep_gives_the_numbers_of_one_process(reference, spec_path, local_
     assert json.loads((tmp_path / SWEEP_JSON).read_text())["rows"] == reference[1]
     workers = {json.loads(p.read_text())["worker"] for p in (tmp_path / CELLS_DIR).iterdir()}
     assert all(int(w.rsplit(":", 1)[1]) != os.getpid() for w in workers)
+
+
+@needs_ray
+def test_an_address_where_no_head_listens_is_one_line(spec_path, tmp_path):
+    for address, message in (("127.0.0.1:1", "no Ray head node answers at 127.0.0.1:1"),
+                             ("head-node", "Ray address 'head-node': use local, auto or")):
+        result = invoke("compare-policies", "--sweep", str(spec_path), "--ray", address,
+                        "--out", str(tmp_path))
+        assert result.exit_code == 2 and message in result.stderr, result.output
 
 
 def _kill_running_cells() -> list[int]:
