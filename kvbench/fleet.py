@@ -123,10 +123,10 @@ def calibrate_on_node(spec: ModelSpec, device: str, block_size: int, quick: bool
                      plan=plan)
 
 
-def _pinned(node_id: str):
+def _pinned(node_id: str, soft: bool = False):
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    return NodeAffinitySchedulingStrategy(node_id, soft=False)
+    return NodeAffinitySchedulingStrategy(node_id, soft=soft)
 
 
 def probe_nodes(ray, device: str, emit: Callable[[FleetEvent], None]) -> list[FleetNode]:
@@ -159,6 +159,8 @@ def probe_nodes(ray, device: str, emit: Callable[[FleetEvent], None]) -> list[Fl
         ray.cancel(ref, force=True)
         emit(FleetEvent(f"{n['NodeManagerAddress']}/{n['NodeID'][:6]}", "-", "failed",
                         f"probe: no answer in {PROBE_TIMEOUT_S:g} s; left out"))
+    if not nodes:
+        raise ClusterError("no node answered (see the lines above); nothing to calibrate")
     return nodes
 
 
@@ -193,7 +195,6 @@ def calibrate_fleet(specs: list[ModelSpec], device: str = "cuda", address: str =
     out_dir = Path(out_dir)
     with connect(address) as ray:
         from ray.util.queue import Queue
-        from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
         types: dict[str, list[FleetNode]] = {}
         for node in probe_nodes(ray, device, on_event):
@@ -213,9 +214,8 @@ def calibrate_fleet(specs: list[ModelSpec], device: str = "cuda", address: str =
                     continue
                 job.tried.append(node.node_id)
         # Progress flows back to the caller's node, which outlives any other.
-        progress = Queue(actor_options={"num_cpus": 0, "scheduling_strategy":
-                                        NodeAffinitySchedulingStrategy(
-                                            ray.get_runtime_context().get_node_id(), soft=True)})
+        progress = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": _pinned(
+            ray.get_runtime_context().get_node_id(), soft=True)})
         task = ray.remote(calibrate_on_node)
         nodes = {n.node_id: n for members in types.values() for n in members}
         pending = {}
