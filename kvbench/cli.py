@@ -578,7 +578,7 @@ def fleet_calibrate_cmd(
     as_json: bool = typer.Option(False, "--json", help="Print the outcomes as JSON."),
 ) -> None:
     """Calibrate each model on each device type of a Ray cluster; gather the profiles here."""
-    from kvbench.fleet import calibrate_fleet
+    from kvbench.fleet import calibrate_fleet, results_table
 
     specs = [get_model(m, dtype=dtype) for m in models or [DEFAULT_MODEL.get(device, "")]]
     results = calibrate_fleet(specs, device, address, block_size, quick, out_dir, force,
@@ -586,13 +586,7 @@ def fleet_calibrate_cmd(
     if as_json:
         print(json.dumps([r.to_dict() for r in results]))
     else:
-        table = Table(title=f"fleet calibrate ({device})")
-        for col in ("device", "model", "status", "node", "seconds", "profile"):
-            table.add_column(col, justify="right" if col == "seconds" else "left")
-        for r in results:
-            table.add_row(r.device_slug, r.model, r.status, r.node or "-",
-                          "-" if r.seconds is None else f"{r.seconds:.0f}", str(r.path))
-        out.print(table)
+        out.print(results_table(results, f"fleet calibrate ({device})"))
     failed = [r for r in results if r.status == "failed"]
     for r in failed:
         err.print(f"failed: {r.device_slug} {r.model}: {'; '.join(r.errors)}")
@@ -603,7 +597,7 @@ def fleet_calibrate_cmd(
 def sweep_cmd(ctx: typer.Context, spec_path: Optional[Path], ray_address: Optional[str],
               jobs: int, out_dir: Path, as_json: bool) -> None:
     """`compare-policies --sweep SPEC [--ray ADDRESS]`: the spec's cells, resumable in --out."""
-    from kvbench.sim.sweep import load_spec, policy_means, run_sweep, source_label
+    from kvbench.sim.sweep import load_spec, policy_means, policy_table, run_sweep
 
     if spec_path is None:
         raise ValueError("--ray runs a sweep: give --sweep SPEC (a TOML or YAML file naming "
@@ -620,32 +614,17 @@ def sweep_cmd(ctx: typer.Context, spec_path: Optional[Path], ray_address: Option
         def on_cell(done, total, cell, error):
             progress.update(task, completed=done, total=total)
             if error:
-                err.print(f"cell failed: {cell.policy} on {source_label(cell.source)} (rate x"
-                          f"{cell.rate_scale:g}, {cell.gpu_blocks} blocks, seed {cell.seed}): "
-                          f"{error}")
+                err.print(f"cell failed: {cell.label()}: {error}")
 
         outcome = run_sweep(spec, out_dir, jobs=jobs, ray_address=ray_address, on_cell=on_cell)
-    means = policy_means(outcome.rows)
     if as_json:
         print(json.dumps({"cells_total": outcome.total, "ran": outcome.ran,
                           "skipped": outcome.skipped, "failures": outcome.failures,
-                          "wall_s": outcome.wall_s, "policies": means}))
-    elif means:
-        table = Table(title=f"sweep {spec_path}: mean over cells")
-        headers = {"policy": "policy", "cells": "cells", "preemptions": "preempt",
-                   "recompute_fraction": "recomp frac", "throughput_tokens_per_s": "tok/s",
-                   "ttft_p99_s": "TTFT99 s", "e2e_p99_s": "E2E99 s"}
-        for col in means[0]:
-            table.add_column(headers[col], justify="left" if col == "policy" else "right")
-        for row in means:
-            table.add_row(*("n/a" if v is None else f"{v:.4g}" if isinstance(v, float)
-                            else str(v) for v in row.values()))
-        out.print(table)
-    if not as_json:
-        out.print(f"cells: {outcome.total} ({outcome.ran} run now, {outcome.skipped} already "
-                  f"in {out_dir}/cells, {len(outcome.failures)} failed) in "
-                  f"{outcome.wall_s:.1f} s")
-        out.print(f"wrote: {out_dir}/sweep.json, sweep.csv, sweep.png, cells/")
+                          "wall_s": outcome.wall_s, "policies": policy_means(outcome.rows)}))
+    else:
+        if outcome.rows:
+            out.print(policy_table(outcome.rows, f"sweep {spec_path}: mean over cells"))
+        out.print("\n".join(outcome.lines(out_dir)))
     if outcome.failures:
         err.print(f"error: {len(outcome.failures)} cells failed; run the same command again "
                   "to run them (finished cells are kept)")

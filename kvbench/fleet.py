@@ -28,6 +28,8 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rich.table import Table
+
 from kvbench.calibration.pipeline import CalibrationRun, calibrate
 from kvbench.calibration.plot import plot_profile
 from kvbench.cluster import LOCAL, ClusterError, connect
@@ -78,6 +80,16 @@ class FleetResult:
 
     def to_dict(self) -> dict:
         return {**dataclasses.asdict(self), "path": str(self.path)}
+
+
+def results_table(results: list[FleetResult], title: str) -> Table:
+    table = Table(title=title)
+    for col in ("device", "model", "status", "node", "seconds", "profile"):
+        table.add_column(col, justify="right" if col == "seconds" else "left")
+    for r in results:
+        table.add_row(r.device_slug, r.model, r.status, r.node or "-",
+                      "-" if r.seconds is None else f"{r.seconds:.0f}", str(r.path))
+    return table
 
 
 def profile_path(out_dir: Path, device_slug: str, spec: ModelSpec) -> Path:

@@ -12,11 +12,12 @@ import json
 from pathlib import Path
 
 import pytest
+from rich.console import Console
 from typer.testing import CliRunner
 
 from kvbench.cli import app
 from kvbench.cluster import import_ray
-from kvbench.fleet import FleetEvent, calibrate_fleet, without_commit
+from kvbench.fleet import FleetEvent, calibrate_fleet, results_table, without_commit
 from kvbench.hardware import fingerprint
 from kvbench.models import get_model
 from kvbench.profile import load
@@ -86,6 +87,11 @@ def test_fleet_calibration_survives_a_lost_node_and_skips_current_profiles(clust
     assert references, f"no CPU profile from `kvbench calibrate` in {REFERENCE_PROFILES}"
     reference = json.loads(references[0].read_text())
     assert key_paths(json.loads(result.path.read_text())) == key_paths(reference)
+
+    console = Console(record=True, width=250)
+    console.print(results_table([result], "fleet"))
+    row = f"{result.device_slug} │ qwen2.5-0.5b │ calibrated │ {result.node}"
+    assert row in console.export_text()
 
     # A second run finds the profile current and measures nothing.
     written = result.path.stat().st_mtime_ns

@@ -97,6 +97,8 @@ def test_toml_and_yaml_specs_agree_and_paths_are_relative_to_the_spec(tmp_path):
     plan = plan_sweep(spec)
     assert len(plan.cells) == 2 * 2 * 1 * 1 * 10  # workloads x rates x sizes x seeds x policies
     assert {c.source for c in plan.cells} == {str(spec.traces[0]), SYNTHETIC + "requests=9"}
+    assert plan.cells[0].label() == ("fcfs/lifo/recompute/oracle on t.csv (rate x1, "
+                                     "memory-sized cache, seed 3)")
 
 
 @pytest.mark.parametrize("text, message", [

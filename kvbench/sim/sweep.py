@@ -56,6 +56,7 @@ from pydantic import (
     ValidationError,
     model_validator,
 )
+from rich.table import Table
 
 from kvbench import __version__
 from kvbench.hardware import get_hardware
@@ -183,7 +184,7 @@ def load_spec(path: str | Path) -> SweepSpec:
 # ---------------------------------------------------------------------------------------------
 # The simulator, called in one place (the entry points of kvbench.sim)
 
-def sim_inputs(spec: SweepSpec) -> tuple[SimConfig, Profile | None]:
+def shared_inputs(spec: SweepSpec) -> tuple[SimConfig, Profile | None]:
     """The configuration every cell starts from, and the costs: the spec's profile, or None for
     analytic costs of `config.model` on `config.hardware` (what `simulate` does with None)."""
     profile = load(spec.profile) if spec.profile is not None else None
@@ -227,6 +228,11 @@ class Cell:
         """Cells with equal keys replay the same workload (a trace ignores the seed)."""
         return (self.source, self.rate_scale,
                 self.seed if self.source.startswith(SYNTHETIC) else None)
+
+    def label(self) -> str:
+        blocks = "memory-sized cache" if self.gpu_blocks is None else f"{self.gpu_blocks} blocks"
+        return (f"{self.policy} on {source_label(self.source)} (rate x{self.rate_scale:g}, "
+                f"{blocks}, seed {self.seed})")
 
     def config(self, base: SimConfig) -> SimConfig:
         return dataclasses.replace(parse_policy(self.policy, base), gpu_blocks=self.gpu_blocks,
@@ -342,6 +348,11 @@ class SweepOutcome:
     skipped: int  # cells found finished in out_dir
     wall_s: float
 
+    def lines(self, out_dir: Path) -> list[str]:
+        return [f"cells: {self.total} ({self.ran} run now, {self.skipped} already in "
+                f"{out_dir}/{CELLS_DIR}, {len(self.failures)} failed) in {self.wall_s:.1f} s",
+                f"wrote: {out_dir}/{SWEEP_JSON}, {SWEEP_CSV}, {SWEEP_PNG}, {CELLS_DIR}/"]
+
 
 def sweep_rows(plan: Plan, records: dict[str, dict]) -> list[dict]:
     return [{"cell_key": key, "source": cell.source, "rate_scale": cell.rate_scale,
@@ -399,7 +410,7 @@ def run_sweep(spec: SweepSpec, out_dir: str | Path, jobs: int = 1, ray_address: 
     plan = plan_sweep(spec)
     records = finished_cells(out_dir, plan)
     skipped = len(records)
-    base, costs = sim_inputs(spec)
+    base, costs = shared_inputs(spec)
     by_key = dict(zip(plan.keys, zip(plan.cells, plan.identities)))
     workloads: dict[tuple, Workload] = {}
     tasks = []
@@ -445,6 +456,21 @@ def policy_means(rows: list[dict]) -> list[dict]:
             values = np.array([r[metric] for r in group if r[metric] is not None], dtype=float)
             means[metric] = float(values.mean()) if values.size else None
         table.append({"policy": policy, "cells": len(group), **means})
+    return table
+
+
+def policy_table(rows: list[dict], title: str) -> Table:
+    """`policy_means` as a table."""
+    means = policy_means(rows)
+    headers = {"policy": "policy", "cells": "cells", "preemptions": "preempt",
+               "recompute_fraction": "recomp frac", "throughput_tokens_per_s": "tok/s",
+               "ttft_p99_s": "TTFT99 s", "e2e_p99_s": "E2E99 s"}
+    table = Table(title=title)
+    for col, header in headers.items():
+        table.add_column(header, justify="left" if col == "policy" else "right")
+    for row in means:
+        table.add_row(*("n/a" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+                        for v in row.values()))
     return table
 
 
