@@ -335,6 +335,7 @@ def simulate_cmd(
 
 @app.command("compare-policies")
 def compare_policies_cmd(
+    ctx: typer.Context,
     trace: Optional[Path] = SIM_TRACE,
     synthetic: Optional[str] = SIM_SYNTHETIC,
     policies: Optional[str] = typer.Option(None, help="Comma-separated admission/victim/"
@@ -366,8 +367,16 @@ def compare_policies_cmd(
     out_dir: Path = typer.Option(Path("sim-compare"), "--out", help="Where compare.json, "
                                  "compare.csv and compare.png go."),
     as_json: bool = SIM_JSON,
+    sweep: Optional[Path] = typer.Option(None, "--sweep", help="Sweep spec (TOML or YAML): "
+                                         "policies x traces x rate scales x cache sizes x "
+                                         "seeds, one simulation per cell; resumes in --out."),
+    ray_address: Optional[str] = typer.Option(None, "--ray", help="Run the sweep's cells as "
+                                              "Ray tasks: 'local' (a private Ray instance), "
+                                              "'auto' or HOST:PORT of a cluster's head node."),
 ) -> None:
     """Run a matrix of policies on one workload (default: the shared Azure 2023 trace)."""
+    if sweep is not None or ray_address is not None:
+        return sweep_cmd(ctx, sweep, ray_address, jobs, out_dir, as_json)
     from kvbench.sim.metrics import summarize
     from kvbench.sim.study import (
         compare_policies,
@@ -415,6 +424,92 @@ def machine_cmd(
     """Print this machine's fingerprint (device, driver, versions, commit) as JSON."""
     dev = resolve_device(device)
     print(device_slug(dev) if slug else json.dumps(fingerprint(dev), indent=2))
+
+
+# ---------------------------------------------------------------------------------------------
+# Beyond one machine (kvbench[ray]): kvbench.fleet and kvbench.sim.sweep
+
+fleet_app = typer.Typer(no_args_is_help=True, help="Calibrate every device type of a Ray "
+                        "cluster.")
+app.add_typer(fleet_app, name="fleet")
+RAY_ADDRESS_HELP = ("'local' (a private Ray instance on this machine), 'auto' (the cluster "
+                    "`ray start` began here) or HOST:PORT of a head node.")
+SWEEP_SETS = ("trace", "synthetic", "policies", "profile", "model", "hardware", "rate_scale",
+              "num_requests", "max_tokens", "gpu_blocks", "gpu_memory_gib", "cpu_swap_gib",
+              "seed", "engine", "max_num_seqs", "max_num_batched_tokens", "chunked_prefill",
+              "full_prompt_admission", "prefix_caching", "async_scheduling", "null_block",
+              "watermark", "max_model_len", "step_time")
+
+
+@fleet_app.command("calibrate")
+def fleet_calibrate_cmd(
+    address: str = typer.Option("local", help=f"Ray cluster: {RAY_ADDRESS_HELP}"),
+    device: str = typer.Option("cuda", help="cuda (every node with a GPU) or cpu (every node)."),
+    models: Optional[list[str]] = typer.Option(None, "--model", help="Model preset; repeat for "
+                                               "several (default: llama-3-8b on CUDA, "
+                                               "qwen2.5-0.5b on CPU)."),
+    block_size: int = typer.Option(16, min=1, help="KV block size in tokens."),
+    dtype: Optional[str] = typer.Option(None, help="dtype (default: the model's)."),
+    quick: bool = typer.Option(False, help="Fewer, smaller sizes (CPU: under a minute)."),
+    out_dir: Path = typer.Option(Path("results/profiles"), "--out-dir", help="Where "
+                                 "<device>-<model>.json, .samples.json and .png go."),
+    force: bool = typer.Option(False, help="Measure again where a profile is current."),
+    as_json: bool = typer.Option(False, "--json", help="Print the outcomes as JSON."),
+) -> None:
+    """Calibrate each model on each device type of a Ray cluster; gather the profiles here."""
+    from kvbench.calibration.pipeline import DEFAULT_MODEL
+    from kvbench.fleet import calibrate_fleet, results_table
+    from kvbench.models import get_model
+
+    specs = [get_model(m, dtype=dtype) for m in models or [DEFAULT_MODEL.get(device, "")]]
+    results = calibrate_fleet(specs, device, address, block_size, quick, out_dir, force,
+                              on_event=lambda event: err.print(event.line()))
+    if as_json:
+        print(json.dumps([r.to_dict() for r in results]))
+    else:
+        out.print(results_table(results, f"fleet calibrate ({device})"))
+    failed = [r for r in results if r.status == "failed"]
+    for r in failed:
+        err.print(f"failed: {r.device_slug} {r.model}: {'; '.join(r.errors)}")
+    if failed:
+        raise typer.Exit(1)
+
+
+def sweep_cmd(ctx: typer.Context, spec_path: Optional[Path], ray_address: Optional[str],
+              jobs: int, out_dir: Path, as_json: bool) -> None:
+    """`compare-policies --sweep SPEC [--ray ADDRESS]`: the spec's cells, resumable in --out."""
+    from kvbench.sim.sweep import load_spec, policy_means, policy_table, run_sweep
+
+    if spec_path is None:
+        raise ValueError("--ray runs a sweep: give --sweep SPEC (a TOML or YAML file naming "
+                         "policies, traces, rate scales, cache sizes and seeds)")
+    given = [name for name in SWEEP_SETS
+             if getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"]
+    if given:
+        raise ValueError(f"--{given[0].replace('_', '-')} does not go with --sweep: the spec "
+                         "sets the workloads, policies and costs")
+    spec = load_spec(spec_path)
+    with _sim_progress("sweep", "cells") as progress:
+        task = progress.add_task("sweep", total=None)
+
+        def on_cell(done, total, cell, error):
+            progress.update(task, completed=done, total=total)
+            if error:
+                err.print(f"cell failed: {cell.label()}: {error}")
+
+        outcome = run_sweep(spec, out_dir, jobs=jobs, ray_address=ray_address, on_cell=on_cell)
+    if as_json:
+        print(json.dumps({"cells_total": outcome.total, "ran": outcome.ran,
+                          "skipped": outcome.skipped, "failures": outcome.failures,
+                          "wall_s": outcome.wall_s, "policies": policy_means(outcome.rows)}))
+    else:
+        if outcome.rows:
+            out.print(policy_table(outcome.rows, f"sweep {spec_path}: mean over cells"))
+        out.print("\n".join(outcome.lines(out_dir)))
+    if outcome.failures:
+        err.print(f"error: {len(outcome.failures)} cells failed; run the same command again "
+                  "to run them (finished cells are kept)")
+        raise typer.Exit(1)
 
 
 def main() -> None:
