@@ -409,11 +409,16 @@ def compare_policies_cmd(
 
 
 @app.command("report")
-def report_cmd(results: Path = typer.Option(Path("results"), help="Results folder.")) -> None:
-    """Regenerate results/README.md from the committed baselines and profiles."""
-    from kvbench.report import write_report
+def report_cmd(results: Path = typer.Option(Path("results"), help="Results folder."),
+               readme: Path = typer.Option(Path("README.md"), help="README whose `<!-- report: "
+                                           "... -->` blocks are rewritten (skipped if absent)."),
+               ) -> None:
+    """Regenerate results/README.md and README.md's result blocks from committed results."""
+    from kvbench.report import update_readme, write_report
 
     out.print(f"wrote {write_report(results)}")
+    if readme.exists():
+        out.print(f"wrote {update_readme(readme, readme.parent)}")
 
 
 @app.command("machine")

@@ -1,4 +1,5 @@
-"""`kvbench report`: regenerate results/README.md from the committed baselines and profiles.
+"""`kvbench report`: regenerate results/README.md from the committed baselines and profiles,
+and the blocks of README.md that quote results (`update_readme`).
 
 Inputs: `results/benchmarks/<machine-slug>/**/NNNN_*.json` (pytest-benchmark saves; the latest
 per slug is reported) and `results/profiles/*.json` (from `kvbench calibrate`). One section per
@@ -7,7 +8,9 @@ device: headline tables and the profile plots. Nothing here measures; it only re
 
 from __future__ import annotations
 
+import csv
 import json
+import re
 from collections import defaultdict
 from pathlib import Path
 
@@ -160,3 +163,84 @@ def build_report(results_dir: Path) -> str:
 def write_report(results_dir: str | Path = "results") -> Path:
     results_dir = Path(results_dir)
     return write_atomic(results_dir / "README.md", build_report(results_dir))
+
+
+# ---------------------------------------------------------------------------------------------
+# README.md blocks: the numbers README quotes, rendered from committed results
+
+README_BLOCK = re.compile(r"(<!-- report: (?P<source>\S+) -->\n).*?(<!-- /report -->)", re.S)
+COMPARE_COLUMNS = {"policy": "policy", "preemptions": "preemptions",
+                   "preempted_requests": "preempted reqs", "preemptions_removed_pct": "removed",
+                   "recompute_fraction_pct": "recompute % of FLOPs",
+                   "throughput_tokens_per_s": "tok/s", "ttft_p50_s": "TTFT p50 s",
+                   "ttft_p99_s": "TTFT p99 s", "tpot_p50_ms": "TPOT p50 ms"}
+SWEEP_METRICS = {"preemptions": ("preemptions", ".0f"),
+                 "recompute_fraction": ("recompute % of FLOPs", "pct"),
+                 "ttft_p99_s": ("TTFT p99 s", ".1f"),
+                 "throughput_tokens_per_s": ("tok/s", ".0f")}
+
+
+def _cell(value, spec: str) -> str:
+    if value is None or value == "":
+        return "–"
+    value = float(value)
+    return f"{100 * value:.2f}" if spec == "pct" else f"{value:{spec}}"
+
+
+def compare_markdown(path: Path) -> list[str]:
+    """A `kvbench compare-policies` compare.json as a markdown table (each policy against the
+    first row, the baseline)."""
+    rows = json.loads(path.read_text())["table"]
+    specs = {"preemptions_removed_pct": ".1f", "recompute_fraction_pct": ".2f",
+             "throughput_tokens_per_s": ".2f", "ttft_p50_s": ".2f", "ttft_p99_s": ".1f",
+             "tpot_p50_ms": ".1f"}
+    body = []
+    for row in rows:
+        cells = []
+        for key in COMPARE_COLUMNS:
+            if key == "policy":
+                cells.append(row[key])
+            elif key == "preemptions_removed_pct" and row[key] is not None:
+                cells.append(f"{row[key]:.1f}%")
+            else:
+                cells.append(_cell(row[key], specs.get(key, ".0f")))
+        body.append(cells)
+    return _table(list(COMPARE_COLUMNS.values()), body)
+
+
+def sweep_markdown(path: Path) -> list[str]:
+    """A sweep.csv (policies x rate scales, one cell each or the mean over seeds and cache
+    sizes) as one markdown table per metric: a row per policy, a column per rate scale."""
+    with path.open() as fh:
+        rows = list(csv.DictReader(fh))
+    scales = sorted({float(r["rate_scale"]) for r in rows})
+    policies = list(dict.fromkeys(r["policy"] for r in rows))
+    lines = []
+    for metric, (label, spec) in SWEEP_METRICS.items():
+        cells = defaultdict(list)
+        for r in rows:
+            cells[r["policy"], float(r["rate_scale"])].append(float(r[metric]))
+        header = [f"{label} at rate" if i == 0 else "" for i in range(1)]
+        header += [f"{s:g}x" for s in scales]
+        body = [[p] + [_cell(sum(v) / len(v), spec) if (v := cells.get((p, s))) else "–"
+                       for s in scales] for p in policies]
+        lines += [f"**{label}**", ""] + _table(header, body) + [""]
+    return lines[:-1]
+
+
+def render_source(root: Path, source: str) -> list[str]:
+    path = root / source
+    if path.name == "compare.json":
+        return compare_markdown(path)
+    if path.name == "sweep.csv":
+        return sweep_markdown(path)
+    raise ValueError(f"README block names {source}: only compare.json and sweep.csv render")
+
+
+def update_readme(readme: str | Path, root: str | Path = ".") -> Path:
+    """Rewrite every `<!-- report: SOURCE -->` ... `<!-- /report -->` block of README.md with
+    SOURCE rendered afresh (SOURCE relative to `root`)."""
+    readme, root = Path(readme), Path(root)
+    text = README_BLOCK.sub(lambda m: m.group(1) + "\n".join(render_source(root, m["source"]))
+                            + "\n" + m.group(3), readme.read_text())
+    return write_atomic(readme, text)

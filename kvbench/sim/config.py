@@ -101,7 +101,9 @@ class SimConfig:
 
     @property
     def policy_name(self) -> str:
-        return f"{self.admission}/{self.victim}/{self.preemption}/{self.predictor}"
+        """admission/victim/preemption/predictor, and @engine unless it is the default's."""
+        engine = "" if self.engine == SimConfig.engine else f"@{self.engine}"
+        return f"{self.admission}/{self.victim}/{self.preemption}/{self.predictor}{engine}"
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -340,6 +340,8 @@ class Simulator:
             last = (placeholders > 0) & (computed + 2 - placeholders
                                          >= req.prompt_tokens[run] + req.max_tokens[run])
             want[last] = 0
+        if self.config.max_model_len is not None:  # no position past max_model_len - 1
+            want = np.minimum(want, self.config.max_model_len - 1 - computed)
         return want
 
     def _wanted_one(self, i: int) -> int:
@@ -349,7 +351,10 @@ class Simulator:
         if self.rules.async_scheduling and placeholders and computed + 2 - placeholders \
                 >= int(req.prompt_tokens[i]) + int(req.max_tokens[i]):
             return 0
-        return int(req.prompt_tokens[i]) + int(req.generated_tokens[i]) + placeholders - computed
+        want = int(req.prompt_tokens[i]) + int(req.generated_tokens[i]) + placeholders - computed
+        if self.config.max_model_len is not None:
+            want = min(want, self.config.max_model_len - 1 - computed)
+        return want
 
     def _schedule_running(self) -> tuple[np.ndarray, np.ndarray, int, bool]:
         """Tokens for running requests in order; preempt when a block is missing.

@@ -1,11 +1,13 @@
 """Compare scheduling policies on one workload: the study behind `kvbench compare-policies`.
 
-A policy is written `admission/victim/preemption/predictor`, e.g. `future-kv/lifo/recompute/
-history`. The default matrix (`STUDY_POLICIES`) starts with vLLM V1's FCFS as the baseline and
-answers, in order: how much does memory-aware admission with a perfect predictor save; how much
-survives with realistic predictors; what cost-aware victims and per-victim swap-or-recompute add
-on top of it and on top of FCFS. The default workload is the shared Azure 2023 conversation trace
-replayed `STUDY_RATE_SCALE` times faster, a load at which FCFS preempts about one request in ten.
+A policy is written `admission/victim/preemption/predictor[@engine]`, e.g. `future-kv/lifo/
+recompute/history`. The default matrix (`STUDY_POLICIES`) starts with vLLM 0.32's FCFS as the
+baseline (the engine's rules are vLLM 0.32's unless `@vllm-legacy` says otherwise) and the
+legacy first-chunk admission rule beside it, then answers, in order: how much does
+memory-aware admission with a perfect predictor save; how much survives with realistic
+predictors; what cost-aware victims and per-victim swap-or-recompute add on top of it and on top
+of FCFS. The default workload is the shared Azure 2023 conversation trace replayed
+`STUDY_RATE_SCALE` times faster.
 
 `sim_inputs` assembles a run (workload, configuration, costs) from the options of `kvbench
 simulate` and `compare-policies`; `comparison_rows` and `comparison_table` present the results.
@@ -33,7 +35,8 @@ from kvbench.sim.workloads import AZURE_CONV_TRACE, Workload, load_workload
 
 STUDY_RATE_SCALE = 2.0
 STUDY_POLICIES = (
-    "fcfs/lifo/recompute/oracle",  # vLLM V1 (the predictor is not used)
+    "fcfs/lifo/recompute/oracle",  # vLLM 0.32 as it is (the predictor is not used)
+    "fcfs/lifo/recompute/oracle@vllm-legacy",  # the first-chunk admission rule, for comparison
     "reserve-max/lifo/recompute/max",
     "future-kv/lifo/recompute/oracle",
     "future-kv/lifo/recompute/history",
@@ -80,12 +83,17 @@ def sim_inputs(trace: str | Path | None = None, synthetic: str | None = None,
 
 
 def parse_policy(text: str, base: SimConfig = SimConfig()) -> SimConfig:
-    """'future-kv/cost-aware/selector/history' -> `base` with those four policies."""
-    parts = [p.strip() for p in text.split("/")]
+    """'future-kv/cost-aware/selector/history' -> `base` with those four policies;
+    '...@vllm-legacy' also sets the engine."""
+    policy, _, engine = text.partition("@")
+    parts = [p.strip() for p in policy.split("/")]
     if len(parts) != len(POLICY_AXES):
-        raise ValueError(f"policy {text!r}: write it as admission/victim/preemption/predictor, "
-                         "e.g. future-kv/lifo/recompute/oracle")
-    return dataclasses.replace(base, **dict(zip(POLICY_AXES, parts)))
+        raise ValueError(f"policy {text!r}: write it as admission/victim/preemption/predictor"
+                         "[@engine], e.g. future-kv/lifo/recompute/oracle")
+    fields = dict(zip(POLICY_AXES, parts))
+    if engine:
+        fields["engine"] = engine.strip()
+    return dataclasses.replace(base, **fields)
 
 
 def parse_policies(text: str | None) -> list[str]:
