@@ -18,7 +18,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-# Event streams: name -> (step column, request column); their order within a step matters.
+# Event streams, each a `<name>_step` and a `<name>_request` column (`cached` adds
+# `cached_tokens`); their order within a step is the engine's.
 EVENTS = ("preempted", "finished", "cached")
 
 
@@ -27,7 +28,7 @@ class StepLog:
     """A run's steps; build with `StepLogBuilder`. See the module docstring."""
 
     engine: str  # who produced it, e.g. "vllm 0.32.0 (Scheduler)"
-    time_s: np.ndarray  # clock when the step was scheduled
+    time_s: np.ndarray  # when the step's batch starts (a step with no tokens: when decided)
     batch_offsets: np.ndarray  # step s's batch is batch_request[offsets[s]:offsets[s + 1]]
     batch_request: np.ndarray
     batch_tokens: np.ndarray
