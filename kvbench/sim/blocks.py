@@ -21,7 +21,6 @@ and in the block (`PrefixHashes`), so equal hash means equal token prefix, acros
 from __future__ import annotations
 
 from collections import OrderedDict
-from itertools import count
 
 import numpy as np
 
@@ -92,11 +91,12 @@ class PrefixCachePool:
         self.hashes = hashes
         self.num_unhashed_free = num_blocks
         self.hashed_free: OrderedDict[int, int] = OrderedDict()  # block id -> hash, queue order
-        self.cached: dict[int, list[int]] = {}  # hash -> block ids holding it (first wins)
+        self.cached: dict[int, int] = {}  # hash -> the block a lookup finds (the first cached)
+        self.duplicates: dict[int, list[int]] = {}  # hash -> later blocks with the same hash
         self.block_hash: dict[int, int] = {}
-        self.ref_count: dict[int, int] = {}
+        self.extra_refs: dict[int, int] = {}  # blocks shared by more than one request
         self.blocks: dict[int, list[int]] = {}
-        self._ids = count()
+        self._next_id = 0
 
     @property
     def num_free(self) -> int:
@@ -107,44 +107,61 @@ class PrefixCachePool:
         held = self.blocks.setdefault(request, [])
         fresh = min(num_blocks, self.num_unhashed_free)
         self.num_unhashed_free -= fresh
-        new = [next(self._ids) for _ in range(fresh)]
+        held.extend(range(self._next_id, self._next_id + fresh))
+        self._next_id += fresh
+        popitem, block_hash_of, cached = self.hashed_free.popitem, self.block_hash, self.cached
         for _ in range(num_blocks - fresh):  # evict the least recently freed cached block
-            block, block_hash = self.hashed_free.popitem(last=False)
-            self._uncache(block, block_hash)
-            new.append(block)
-        for block in new:
-            self.ref_count[block] = 1
-        held.extend(new)
+            block, block_hash = popitem(last=False)
+            if self.duplicates:
+                self._uncache(block, block_hash)
+            else:  # the common case: one block per hash
+                del block_hash_of[block], cached[block_hash]
+            held.append(block)
 
     def _uncache(self, block: int, block_hash: int) -> None:
         del self.block_hash[block]
-        holders = self.cached[block_hash]
-        holders.remove(block)
-        if not holders:
-            del self.cached[block_hash]
+        others = self.duplicates.get(block_hash)
+        if self.cached[block_hash] == block:
+            if others:
+                self.cached[block_hash] = others.pop(0)
+            else:
+                del self.cached[block_hash]
+        else:
+            others.remove(block)
+        if others is not None and not others:
+            del self.duplicates[block_hash]
 
     def free(self, request: int, num_blocks: int) -> None:
         """Free all of `request`'s blocks (`num_blocks` of them), tail block first."""
         blocks = self.blocks.pop(request, [])
+        extra_refs, block_hash_of, hashed_free = self.extra_refs, self.block_hash, self.hashed_free
         for block in reversed(blocks):
-            self.ref_count[block] -= 1
-            if self.ref_count[block]:
-                continue  # still shared with another request
-            del self.ref_count[block]
-            block_hash = self.block_hash.get(block)
+            refs = extra_refs.get(block) if extra_refs else None
+            if refs:  # still shared with another request
+                if refs == 1:
+                    del self.extra_refs[block]
+                else:
+                    self.extra_refs[block] = refs - 1
+                continue
+            block_hash = block_hash_of.get(block)
             if block_hash is None:
                 self.num_unhashed_free += 1
             else:
-                self.hashed_free[block] = block_hash
+                hashed_free[block] = block_hash
 
     def cache_blocks(self, request: int, start: int, end: int) -> None:
         """Register `request`'s full blocks start..end-1 under their hashes."""
         hashes, blocks = self.hashes.of(request), self.blocks[request]
+        block_hash, cached = self.block_hash, self.cached
         for j in range(start, end):
             block = blocks[j]
-            if block not in self.block_hash:
-                self.block_hash[block] = hashes[j]
-                self.cached.setdefault(hashes[j], []).append(block)
+            if block not in block_hash:
+                h = hashes[j]
+                block_hash[block] = h
+                if h in cached:
+                    self.duplicates.setdefault(h, []).append(block)
+                else:
+                    cached[h] = block
 
     def lookup(self, request: int, num_tokens: int) -> list[int]:
         """The cached blocks that hold `request`'s first blocks (see the module docstring)."""
@@ -152,11 +169,12 @@ class PrefixCachePool:
         limit = (num_tokens - 1) // self.hashes.block_size
         if limit <= 0:
             return hit
+        cached = self.cached
         for block_hash in self.hashes.of(request)[:limit]:
-            holders = self.cached.get(block_hash)
-            if not holders:
+            block = cached.get(block_hash)
+            if block is None:
                 break
-            hit.append(holders[0])
+            hit.append(block)
         return hit
 
     def num_evictable(self, blocks: list[int]) -> int:
@@ -168,7 +186,6 @@ class PrefixCachePool:
         for block in blocks:
             if block in self.hashed_free:
                 del self.hashed_free[block]
-                self.ref_count[block] = 1
             else:
-                self.ref_count[block] += 1
+                self.extra_refs[block] = self.extra_refs.get(block, 0) + 1
         self.blocks[request] = list(blocks)

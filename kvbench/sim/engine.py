@@ -424,9 +424,9 @@ class Simulator:
         """Give each request its new blocks, in order (the order blocks leave the free queue)."""
         self.requests.gpu_blocks[ids] += new_blocks
         if self.pool.caching:
-            for i, k in zip(ids.tolist(), new_blocks.tolist()):
-                if k:
-                    self.pool.allocate(i, k)
+            some = np.flatnonzero(new_blocks)
+            for i, k in zip(ids[some].tolist(), new_blocks[some].tolist()):
+                self.pool.allocate(i, k)
         else:
             self.pool.allocate(-1, int(new_blocks.sum()))
 
