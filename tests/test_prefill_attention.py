@@ -9,7 +9,8 @@ on a GPU).
 import pytest
 import torch
 
-from kvbench.ops import prefill_attention
+from kvbench.ops import attention_config, prefill_attention
+from kvbench.ops.prefill_attention import AttentionConfig
 from kvbench.reference import ATTENTION_RTOL, prefill_attention_ref, relative_error
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -112,22 +113,37 @@ def test_bad_input_raises_a_clear_error(call, error, message, monkeypatch):
         call()
 
 
-def test_autotune_pruning_keeps_configs_that_compile():
-    """float32 ("ieee" dots on FMA units) gets 32-row tiles, head_dim 256 no 128-row tiles;
-    never an empty list (the interpreter has one config)."""
-    triton = pytest.importorskip("triton")
-    from kvbench.kernels.prefill_attention import _prune_configs
+def test_every_supported_shape_has_one_fixed_config():
+    """One config per (dtype, head_dim) impl="triton" accepts, each a valid tiling."""
+    from kvbench.ops.prefill_attention import TRITON_CONFIGS, TRITON_HEAD_DIMS
 
-    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}) for m, n in ((128, 128), (64, 64),
-                                                                         (32, 16))]
+    assert set(TRITON_CONFIGS) == {(dtype, d) for dtype in DTYPES for d in TRITON_HEAD_DIMS}
+    assert all(c.block_m % c.block_n == 0 and c.num_warps in (4, 8)
+               for c in TRITON_CONFIGS.values())
 
-    def rows(head_dim, precision, given=configs):
-        kept = _prune_configs(given, {}, HEAD_DIM=head_dim, DOT_PRECISION=precision)
-        return sorted(c.kwargs["BLOCK_M"] for c in kept)
 
-    assert rows(128, "ieee") == rows(256, "ieee") == [32]
-    assert rows(128, "tf32") == [64, 128] and rows(256, "tf32") == [64]
-    assert rows(256, "tf32", configs[:1]) == [128]
+@pytest.mark.interpreter
+def test_config_option_picks_the_tiles():
+    """Another tiling (64 x 32, so the 70-token sequence has a partial last tile) gives the same
+    answer; a tiling the kernel cannot run is refused before the launch."""
+    cu_seqlens = torch.tensor([0, 70, 75], dtype=torch.int32)
+    q, k, v = qkv(75, 4, 2, 32, torch.float16, seed=6)
+    out = prefill_attention(q, k, v, impl="triton", cu_seqlens=cu_seqlens,
+                            config=AttentionConfig(64, 32, 4, 1))
+    check(out, q, k, v, cu_seqlens=cu_seqlens)
+    with pytest.raises(ValueError, match="block_m .* must be a multiple of block_n"):
+        prefill_attention(q, k, v, impl="triton", config=AttentionConfig(32, 64, 4, 1))
+    with pytest.raises(ValueError, match="config only apply to impl='triton', not 'torch'"):
+        prefill_attention(q, k, v, impl="torch", config=AttentionConfig(64, 32, 4, 1))
+
+
+def test_interpreter_config_is_the_one_recorded(monkeypatch):
+    from kvbench.ops.prefill_attention import INTERPRETER_CONFIG, TRITON_CONFIGS
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert attention_config(torch.bfloat16, 128) == INTERPRETER_CONFIG
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert attention_config(torch.bfloat16, 128) == TRITON_CONFIGS[(torch.bfloat16, 128)]
 
 
 @pytest.mark.gpu
