@@ -86,7 +86,8 @@ def allocate_kv_cache(num_layers: int, num_blocks: int, block_size: int, num_kv_
                       head_dim: int, dtype: torch.dtype | str = torch.bfloat16,
                       device: torch.device | str = "cpu", seed: int = 0) -> torch.Tensor:
     """A cache [num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim] of seeded
-    standard-normal values (never zeros, so a copy that skips a block cannot pass)."""
+    standard-normal values (never zeros, so a copy that skips a block cannot pass); on the
+    "meta" device, shapes without memory or values (for compile-only runs)."""
     sizes = (num_layers, 2, num_blocks, block_size, num_kv_heads, head_dim)
     names = ("num_layers", "2", "num_blocks", "block_size", "num_kv_heads", "head_dim")
     for name, size in zip(names, sizes):
@@ -95,6 +96,8 @@ def allocate_kv_cache(num_layers: int, num_blocks: int, block_size: int, num_kv_
     dtype = torch_dtype(dtype)
     if not dtype.is_floating_point:
         raise TypeError(f"allocate_kv_cache: dtype must be a floating type, got {dtype}")
+    if torch.device(device).type == "meta":
+        return torch.empty(sizes, dtype=dtype, device="meta")
     generator = torch.Generator(device=device).manual_seed(seed)
     fill_dtype = dtype if dtype.itemsize >= 2 else torch.float32  # randn has no fp8 kernel
     cache = torch.randn(sizes, dtype=fill_dtype, device=device, generator=generator)
