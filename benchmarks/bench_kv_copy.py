@@ -9,7 +9,8 @@ bf16), block sizes 8/16/32 on CUDA, 8/16 on CPU (small blocks are what hurt per_
                           memcpy), also shown as the "ceiling" row.
 
 CUDA (not yet run on a GPU): 1k-32k tokens from a 64k-token cache, host side pinned;
-"triton" is zero-copy, "triton_staged" gathers on the device and makes one bulk copy.
+"triton" is zero-copy, "triton_staged" gathers on the device and makes one bulk copy;
+"batched_dma" is one cuMemcpyBatchAsync call (skipped without cuda-python).
 CPU: 16 and 2048 tokens; triton runs in the interpreter (a correctness tool, far slower than
 compiled code) at 16 tokens only.
 """
@@ -29,7 +30,7 @@ from kvbench.ops import (
     swap_in,
     swap_out,
 )
-from kvbench.ops.launch import triton_unavailable_reason
+from kvbench.ops.kv_copy import COPY_IMPLS
 from kvbench.reference import swap_in_ref, swap_out_ref
 
 MODEL = get_model("llama-3-8b")
@@ -38,8 +39,10 @@ CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 TOKENS = (1024, 4096, 16384, 32768) if CUDA else (16, 2048)  # CPU: 2 MB and 256 MB
 INTERPRETER_MAX_TOKENS = 16
-IMPLS = ("ceiling", "triton") + (("triton_staged",) if CUDA else ()) + ("torch", "per_block")
+IMPLS = ("ceiling", "triton") + (("triton_staged",) if CUDA else ()) + ("torch", "per_block") \
+    + (("batched_dma",) if CUDA else ())
 OPTIONS = {"triton": {"impl": "triton", "zero_copy": True if CUDA else None},
+           "batched_dma": {"impl": "batched_dma"},
            "triton_staged": {"impl": "triton", "zero_copy": False},
            "torch": {"impl": "torch"}, "per_block": {"impl": "per_block"}}
 _CEILING_GBPS: dict[tuple, float] = {}
@@ -75,8 +78,9 @@ def ceiling_gbps(direction: str, device_buffer: torch.Tensor, host: torch.Tensor
 @pytest.mark.parametrize("direction", ["swap_out", "swap_in"])
 @pytest.mark.parametrize("block_size", BLOCK_SIZES)
 def test_kv_copy(benchmark, timed, block_size, direction, impl, num_tokens):
-    if impl.startswith("triton") and triton_unavailable_reason(DEVICE):
-        pytest.skip(triton_unavailable_reason(DEVICE))
+    reason = COPY_IMPLS[OPTIONS[impl]["impl"]].unavailable(DEVICE) if impl in OPTIONS else None
+    if reason:
+        pytest.skip(reason)
     if impl == "triton" and not CUDA and num_tokens > INTERPRETER_MAX_TOKENS:
         pytest.skip(f"the Triton interpreter is timed at {INTERPRETER_MAX_TOKENS} tokens only")
     benchmark.group = f"{direction} {num_tokens} tokens, block size {block_size}"

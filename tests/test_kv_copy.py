@@ -268,11 +268,13 @@ def test_bad_input_raises_a_clear_error(call, error, message):
 @pytest.mark.gpu
 @pytest.mark.parametrize("impl, zero_copy", [("triton", True), ("triton", False),
                                              ("torch", None), ("per_block", None),
-                                             ("auto", None)])
+                                             ("batched_dma", None), ("auto", None)])
 @pytest.mark.parametrize("dtype, block_size", [(torch.bfloat16, 16), (torch.float16, 1),
                                                (torch.float32, 32)])
 def test_gpu_swap_round_trip(impl, zero_copy, dtype, block_size):
     """llama-3-8b geometry (32 layers, 8 KV heads, head_dim 128): 256 random blocks of 1024."""
+    if impl != "auto" and COPY_IMPLS[impl].unavailable(torch.device("cuda")):
+        pytest.skip(COPY_IMPLS[impl].unavailable(torch.device("cuda")))
     cache = allocate_kv_cache(32, 1024, block_size, 8, 128, dtype, device="cuda", seed=11)
     ids = torch.randperm(1024, generator=torch.Generator().manual_seed(11))[:256].tolist()
     options = {"zero_copy": zero_copy} if zero_copy is not None else {}
@@ -300,3 +302,29 @@ def test_gpu_default_dst_is_pinned_and_pageable_falls_back():
     assert torch.equal(pageable, swap_out_ref(cache, ids).cpu())
     with pytest.raises(ValueError, match="pinned"):
         swap_out(cache, ids, pageable, impl="triton", zero_copy=True)
+
+
+def test_batched_dma_is_skipped_off_cuda_with_its_reason():
+    assert "batched_dma" not in copy_impls("cpu")
+    cache = allocate_kv_cache(2, 4, 2, 1, 16, torch.float16)
+    with pytest.raises(ValueError, match="batched_dma.*needs a CUDA device"):
+        swap_out(cache, [1], impl="batched_dma")
+
+
+@pytest.mark.parametrize("scatter", [False, True])
+def test_batched_dma_addresses_are_the_blocks(scatter):
+    """The address lists the batched DMA hands the driver, checked against the addresses of
+    the tensors' own block views (on CPU tensors: the arithmetic is the same)."""
+    from kvbench.ops.cuda_dma import block_addresses
+
+    cache = allocate_kv_cache(3, 7, 4, 2, 16, torch.bfloat16)
+    ids = torch.tensor([5, 0, 3])
+    packed = torch.empty(packed_shape(cache, 3), dtype=cache.dtype)
+    dsts, srcs, nbytes = block_addresses(cache, packed, ids, scatter)
+    cache_at = [cache[layer, kv, b].data_ptr() for layer in range(3) for kv in range(2)
+                for b in ids.tolist()]
+    packed_at = [packed[layer, kv, i].data_ptr() for layer in range(3) for kv in range(2)
+                 for i in range(3)]
+    assert nbytes == 4 * 2 * 16 * 2
+    assert (dsts.tolist(), srcs.tolist()) == ((cache_at, packed_at) if scatter
+                                              else (packed_at, cache_at))

@@ -114,12 +114,15 @@ def test_bad_input_raises_a_clear_error(call, error, message, monkeypatch):
 
 
 def test_every_supported_shape_has_one_fixed_config():
-    """One config per (dtype, head_dim) impl="triton" accepts, each a valid tiling."""
-    from kvbench.ops.prefill_attention import TRITON_CONFIGS, TRITON_HEAD_DIMS
+    """Per target family, one config per (dtype, head_dim) impl="triton" accepts, each a valid
+    tiling; an H100 (sm_90) and newer take the sm_90 table, older GPUs the sm_80 one."""
+    from kvbench.ops.prefill_attention import TRITON_CONFIGS, TRITON_HEAD_DIMS, target_family
 
-    assert set(TRITON_CONFIGS) == {(dtype, d) for dtype in DTYPES for d in TRITON_HEAD_DIMS}
-    assert all(c.block_m % c.block_n == 0 and c.num_warps in (4, 8)
-               for c in TRITON_CONFIGS.values())
+    assert set(TRITON_CONFIGS) == {80, 90}
+    for table in TRITON_CONFIGS.values():
+        assert set(table) == {(dtype, d) for dtype in DTYPES for d in TRITON_HEAD_DIMS}
+        assert all(c.block_m % c.block_n == 0 and c.num_warps in (4, 8) for c in table.values())
+    assert [target_family(a) for a in (75, 80, 86, 89, 90, 100)] == [80, 80, 80, 80, 90, 90]
 
 
 @pytest.mark.interpreter
@@ -143,16 +146,31 @@ def test_interpreter_config_is_the_one_recorded(monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert attention_config(torch.bfloat16, 128) == INTERPRETER_CONFIG
     monkeypatch.delenv("TRITON_INTERPRET")
-    assert attention_config(torch.bfloat16, 128) == TRITON_CONFIGS[(torch.bfloat16, 128)]
+    assert attention_config(torch.bfloat16, 128, arch=90) == \
+        TRITON_CONFIGS[90][(torch.bfloat16, 128)]
+    assert attention_config(torch.float32, 64, arch=86) == TRITON_CONFIGS[80][(torch.float32, 64)]
+
+
+def test_flash_attn_is_skipped_off_cuda_with_its_reason():
+    from kvbench.ops import attention_impls
+
+    assert "flash_attn" not in attention_impls("cpu")
+    with pytest.raises(ValueError, match="flash_attn' runs on CUDA GPUs only"):
+        prefill_attention(Q, K, V, impl="flash_attn")
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("impl", ["triton", "torch", "flash_attn"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_tokens, head_dim", [(1, 128), (17, 64), (1000, 128), (4096, 128),
                                                   (1000, 256), (333, 32)])
 def test_gpu_matches_float64_reference(impl, dtype, num_tokens, head_dim):
     """llama-3-8b heads (32 query, 8 KV); causal and not; poisoned output."""
+    from kvbench.ops import ATTENTION_IMPLS
+
+    reason = ATTENTION_IMPLS[impl].unavailable(torch.device("cuda"))
+    if reason or (impl == "flash_attn" and dtype == torch.float32):
+        pytest.skip(reason or "flash-attn has no float32 kernels")
     q, k, v = qkv(num_tokens, 32, 8, head_dim, dtype, seed=num_tokens, device="cuda")
     for causal in (True, False):
         out = prefill_attention(q, k, v, causal=causal, impl=impl,

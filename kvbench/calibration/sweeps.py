@@ -205,9 +205,13 @@ def cold_layers(spec: ModelSpec, device: str, gen: torch.Generator) -> list[Deco
     A real forward pass streams every layer's weights once; timing one layer again and again
     would find its weights in the last-level cache (tens of MB on a CPU) and run too fast.
     """
+    return [DecoderLayer(spec, device, gen) for _ in range(cold_layer_count(spec))]
+
+
+def cold_layer_count(spec: ModelSpec) -> int:
+    """Layers `cold_layers` builds: at least COLD_BYTES of weights, 2 to num_layers."""
     layer_bytes = spec.layer_params / spec.tp * spec.dtype_bytes
-    count = min(spec.num_layers, max(2, math.ceil(COLD_BYTES / layer_bytes)))
-    return [DecoderLayer(spec, device, gen) for _ in range(count)]
+    return min(spec.num_layers, max(2, math.ceil(COLD_BYTES / layer_bytes)))
 
 
 @dataclass

@@ -23,6 +23,8 @@ keyword-only parameters).
   "torch"      index_select / index_copy_ on the cache's device plus one bulk copy.
   "per_block"  one copy per block, per layer, per K/V, as vLLM's original swap does: the
                baseline that shows why small blocks hurt.
+  "batched_dma" every block copy in one cuMemcpyBatchAsync call (`kvbench.ops.cuda_dma`;
+               CUDA with cuda-python only, skipped elsewhere).
   "auto"       a fixed rule, never a measurement (`auto_impl`). Calibration times every impl
                and records the fastest as the profile's `swap.impl`: pass that name to use it.
 
@@ -46,6 +48,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from kvbench.ops.cuda_dma import batched_copy
+from kvbench.ops.cuda_dma import unavailable_reason as dma_unavailable_reason
 from kvbench.ops.dtypes import torch_dtype
 from kvbench.ops.launch import (
     check_grid,
@@ -314,10 +318,15 @@ def _per_block_copy(cache, packed, ids, scatter) -> None:
                     packed[layer, kv, i].copy_(cache[layer, kv, block], non_blocking=True)
 
 
+def _batched_dma_copy(cache, packed, ids, scatter) -> None:
+    batched_copy(cache, packed, ids.host, scatter)
+
+
 COPY_IMPLS: dict[str, Impl] = {  # run(cache, packed, ids: BlockIds, scatter, **options)
     "triton": Impl(_triton_copy, triton_unavailable_reason),
     "torch": Impl(_torch_copy),
     "per_block": Impl(_per_block_copy),
+    "batched_dma": Impl(_batched_dma_copy, dma_unavailable_reason),
 }
 
 

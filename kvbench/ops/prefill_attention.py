@@ -9,9 +9,11 @@
 Impls: the registry `ATTENTION_IMPLS` {name: Impl} (`kvbench.ops.registry`);
 `attention_impls(device)` lists those that run on a device.
   "triton"  FlashAttention-2 kernel (`kvbench.kernels.prefill_attention`) at one fixed config
-            per (dtype, head_dim) (`attention_config`); head_dim 16/32/64/128/256; on CPU
+            per (target, dtype, head_dim) (`attention_config`); head_dim 16-256; on CPU
             tensors only under TRITON_INTERPRET=1. Option: config (an `AttentionConfig`).
   "torch"   torch's scaled_dot_product_attention, one call per sequence.
+  "flash_attn" flash-attn's varlen forward (fp16/bf16; CUDA with flash-attn only, skipped
+            elsewhere; not yet run on a GPU).
   "auto"    "triton" on CUDA when Triton is installed and compiled (not interpreting), else
             "torch": the interpreter is a correctness tool, far too slow to time.
 """
@@ -55,26 +57,53 @@ class AttentionConfig:
 
 
 _HALF = (torch.float16, torch.bfloat16)
-# One config per (dtype, head_dim), picked by a rule over compiled candidates, not by timing
-# (no GPU has run them): `python -m kvbench.compile_gate --survey` compiles the candidates for
-# sm_80 and sm_90 and picks, among those with no spills and shared memory within both targets'
-# limits, the largest tile, then the most stages, then the fewest warps (the table it prints
-# is results/compile-gate/candidates.md). Fixed configs compile once per (dtype, head_dim,
-# causal) and make no run-to-run choice.
+
+
+def _table(half: dict[int, tuple], fp32: dict[int, tuple]) -> dict:
+    """{(dtype, head_dim): config} from (block_m, block_n, num_warps, num_stages) per head_dim
+    for 16-bit inputs (fp16 and bf16 alike) and for float32."""
+    return {**{(dtype, d): AttentionConfig(*c) for dtype in _HALF for d, c in half.items()},
+            **{(torch.float32, d): AttentionConfig(*c) for d, c in fp32.items()}}
+
+
+# One config per (target, dtype, head_dim), picked by a rule over compiled candidates, not by
+# timing (no GPU has run them): `python -m kvbench.compile_gate --survey` compiles the
+# candidates of kvbench/compile_gate/survey.py for each target and picks, among those with no
+# spills and shared memory within the target's limit, the largest tile, then the most stages,
+# then the fewest warps (results/compile-gate/README.md lists them; a test holds this table to
+# the committed survey). Fixed configs compile once per (dtype, head_dim, causal) and make no
+# run-to-run choice. Key 90: sm_90 and newer; 80: anything older (gated on sm_80 only).
 TRITON_CONFIGS = {
-    **{(dtype, d): AttentionConfig(128, 128, 8, 2) for dtype in _HALF for d in (16, 32, 64, 128)},
-    **{(dtype, 256): AttentionConfig(64, 64, 8, 2) for dtype in _HALF},
-    **{(torch.float32, d): AttentionConfig(32, 16, 4, 2) for d in (16, 32, 64)},
-    (torch.float32, 128): AttentionConfig(32, 16, 8, 2),
-    (torch.float32, 256): AttentionConfig(16, 16, 8, 2),
+    90: _table({16: (128, 128, 4, 4), 32: (128, 128, 8, 4), 64: (128, 128, 8, 4),
+                128: (128, 128, 8, 3), 256: (64, 64, 8, 3)},
+               {16: (32, 32, 4, 2), 32: (32, 32, 4, 2), 64: (32, 16, 4, 3),
+                128: (32, 16, 8, 2), 256: (16, 16, 4, 1)}),
+    80: _table({16: (128, 128, 4, 4), 32: (128, 128, 8, 4), 64: (128, 128, 8, 4),
+                128: (64, 64, 8, 3), 256: (64, 64, 8, 2)},
+               {16: (32, 32, 4, 2), 32: (32, 32, 4, 2), 64: (32, 16, 8, 2),
+                128: (32, 16, 4, 3), 256: (16, 16, 4, 2)}),
 }
 # The interpreter runs each program in numpy: small tiles keep the CPU tests quick.
 INTERPRETER_CONFIG = AttentionConfig(32, 16, 1, 1)
 
 
-def attention_config(dtype: torch.dtype, head_dim: int) -> AttentionConfig:
-    """The config impl="triton" launches for (dtype, head_dim) here (interpreter or GPU)."""
-    return INTERPRETER_CONFIG if interpreting() else TRITON_CONFIGS[(dtype, head_dim)]
+def target_family(arch: int) -> int:
+    """The TRITON_CONFIGS key for a compute capability ×10 (e.g. 90 for an H100)."""
+    return 90 if arch >= 90 else 80
+
+
+def attention_config(dtype: torch.dtype, head_dim: int, arch: int | None = None
+                     ) -> AttentionConfig:
+    """The config impl="triton" launches for (dtype, head_dim) on the target `arch` (compute
+    capability ×10; default the GPU Triton compiles for now); the interpreter's own config
+    under TRITON_INTERPRET=1."""
+    if interpreting():
+        return INTERPRETER_CONFIG
+    if arch is None:
+        import triton
+
+        arch = triton.runtime.driver.active.get_current_target().arch
+    return TRITON_CONFIGS[target_family(arch)][(dtype, head_dim)]
 
 
 @dataclass
@@ -165,25 +194,26 @@ def _triton_attention(q, k, v, seqs, causal, sm_scale, out, *,
         if t.stride(2) != 1:
             raise ValueError(f"impl='triton' needs {name} contiguous along head_dim "
                              "(stride 1); call .contiguous()")
-    config = config or attention_config(q.dtype, head_dim)
-    if config.block_m % config.block_n:
-        raise ValueError(f"config: block_m ({config.block_m}) must be a multiple of block_n "
-                         f"({config.block_n})")
-    # In the kernel only each sequence's first token offset is int64; row · stride_n inside a
-    # sequence is int32 (tiles overrun a sequence by less than block_m + block_n rows).
-    overrun = config.block_m + config.block_n
-    if (seqs.max_seqlen + overrun) * max(t.stride(0) for t in (q, k, v, out)) >= 2**31:
-        raise ValueError(f"impl='triton': a sequence of {seqs.max_seqlen} tokens overflows "
-                         "int32 offsets at these strides; split it or use impl='torch'")
     import triton
 
     from kvbench.kernels.prefill_attention import prefill_attention_kernel
 
     require_triton(q.device, prefill_attention_kernel)
-    num_seqs = len(seqs.starts) - 1
-    grid = (triton.cdiv(seqs.max_seqlen, config.block_m) * num_seqs, q.shape[1])
-    check_grid("Triton prefill attention", grid)
-    with device_context(q.device):
+    with device_context(q.device):  # the config is the current GPU's
+        config = config or attention_config(q.dtype, head_dim)
+        if config.block_m % config.block_n:
+            raise ValueError(f"config: block_m ({config.block_m}) must be a multiple of "
+                             f"block_n ({config.block_n})")
+        # In the kernel only each sequence's first token offset is int64; row · stride_n
+        # inside a sequence is int32 (tiles overrun a sequence by < block_m + block_n rows).
+        overrun = config.block_m + config.block_n
+        if (seqs.max_seqlen + overrun) * max(t.stride(0) for t in (q, k, v, out)) >= 2**31:
+            raise ValueError(f"impl='triton': a sequence of {seqs.max_seqlen} tokens "
+                             "overflows int32 offsets at these strides; split it or use "
+                             "impl='torch'")
+        num_seqs = len(seqs.starts) - 1
+        grid = (triton.cdiv(seqs.max_seqlen, config.block_m) * num_seqs, q.shape[1])
+        check_grid("Triton prefill attention", grid)
         prefill_attention_kernel[grid](
             q, k, v, out, seqs.cu_seqlens, sm_scale,
             q.stride(0), q.stride(1), k.stride(0), k.stride(1), v.stride(0), v.stride(1),
@@ -195,9 +225,35 @@ def _triton_attention(q, k, v, seqs, causal, sm_scale, out, *,
             num_stages=config.num_stages)
 
 
+def _flash_attn_unavailable(device: torch.device) -> str | None:
+    if device.type != "cuda":
+        return f"impl='flash_attn' runs on CUDA GPUs only, not {device.type}"
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        return "impl='flash_attn' needs flash-attn (pip install 'kvbench[gpu]')"
+    return None
+
+
+def _flash_attention(q, k, v, seqs, causal, sm_scale, out) -> None:
+    """flash-attn's varlen forward (FlashAttention-2), the design's comparator: the same
+    packed layout and cu_seqlens. Not yet run on a GPU."""
+    from flash_attn import flash_attn_varlen_func
+
+    if q.dtype not in (torch.float16, torch.bfloat16):
+        raise ValueError(f"impl='flash_attn' supports float16 and bfloat16, got {q.dtype}")
+    if q.shape[2] > 256 or q.shape[2] % 8:
+        raise ValueError(f"impl='flash_attn' supports head_dim up to 256 in multiples of 8, "
+                         f"got {q.shape[2]}")
+    out.copy_(flash_attn_varlen_func(q, k, v, seqs.cu_seqlens, seqs.cu_seqlens,
+                                     seqs.max_seqlen, seqs.max_seqlen, dropout_p=0.0,
+                                     softmax_scale=sm_scale, causal=causal))
+
+
 ATTENTION_IMPLS: dict[str, Impl] = {  # run(q, k, v, seqs: Sequences, causal, sm_scale, out)
     "triton": Impl(_triton_attention, triton_unavailable_reason),
     "torch": Impl(_torch_attention),
+    "flash_attn": Impl(_flash_attention, _flash_attn_unavailable),
 }
 
 
