@@ -259,6 +259,7 @@ def calibrate_cmd(
     """Measure swap and prefill on this machine, fit the cost models, write the profile."""
     from kvbench.calibration.pipeline import calibrate
     from kvbench.calibration.plot import plot_profile
+    from kvbench.doctor import require_calibration_fits
 
     dev = resolve_device(device)
     if config_json is not None and model is not None:
@@ -266,6 +267,7 @@ def calibrate_cmd(
     spec = (from_hf_config(config_json, dtype=dtype) if config_json is not None
             else get_model(model or DEFAULT_MODEL[dev], dtype=dtype))
     path = out_path or Path("results/profiles") / f"{device_slug(dev)}-{slugify(spec.name)}.json"
+    require_calibration_fits(spec, dev, block_size, quick)  # refuse before allocating
     try:
         with progress_bar() as progress:
             run = calibrate(spec, dev, block_size=block_size, quick=quick,
@@ -537,6 +539,30 @@ def machine_cmd(
     """Print this machine's fingerprint (device, driver, versions, commit) as JSON."""
     dev = resolve_device(device)
     print(device_slug(dev) if slug else json.dumps(fingerprint(dev), indent=2))
+
+
+@app.command("doctor")
+@user_errors
+def doctor_cmd(
+    device: str = typer.Option("auto", help="auto, cuda or cpu: the device to calibrate on."),
+    model: Optional[str] = typer.Option(None, help="Model whose calibration to size (default "
+                                                  "as for calibrate)."),
+    block_size: int = typer.Option(16, min=1, help="KV block size in tokens."),
+    quick: bool = typer.Option(False, help="Size the --quick calibration."),
+    as_json: bool = typer.Option(False, "--json", help="Print the checks as JSON."),
+) -> None:
+    """Say whether this machine is ready to calibrate (exit 1 when a check fails)."""
+    from kvbench import doctor
+
+    dev = resolve_device(device)
+    checks = doctor.run_checks(get_model(model or DEFAULT_MODEL[dev]), dev, block_size, quick)
+    if as_json:
+        print(json.dumps(doctor.as_dicts(checks), indent=1))
+    else:
+        out.print(doctor.table(checks), markup=True)
+        out.print("ready" if doctor.ready(checks) else "not ready: see the failed checks")
+    if not doctor.ready(checks):
+        raise typer.Exit(1)
 
 
 def main() -> None:

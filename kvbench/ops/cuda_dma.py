@@ -29,7 +29,12 @@ def unavailable_reason(device: torch.device) -> str | None:
         return "impl='batched_dma' needs cuda-python (pip install 'kvbench[gpu]')"
     if not hasattr(driver, "cuMemcpyBatchAsync"):
         return "impl='batched_dma' needs a cuda-python with cuMemcpyBatchAsync (12.8 or newer)"
-    err, version = driver.cuDriverGetVersion()
+    if not torch.cuda.is_available():
+        return "impl='batched_dma' needs a CUDA GPU; torch sees none"
+    try:
+        err, version = driver.cuDriverGetVersion()
+    except Exception as exc:  # noqa: BLE001 - e.g. no libcuda: the impl just cannot run here
+        return f"impl='batched_dma' cannot load the CUDA driver: {exc}"
     if err != driver.CUresult.CUDA_SUCCESS or version < MIN_DRIVER:
         return f"impl='batched_dma' needs a CUDA 12.8+ driver (cuDriverGetVersion: {version})"
     return None
