@@ -6,9 +6,10 @@ benchmarks use:
   copy       llama-3-8b and qwen2.5-0.5b KV geometry, bf16 and fp16, block sizes 16 and 32,
              both directions, every request buffer calibration's CUDA plans rotate through
              (`kvbench.calibration.sweeps.swap_requests`, at their real offsets);
-  attention  every (dtype, head_dim) config of `TRITON_CONFIGS`, causal and not, one sequence
-             of 32768 tokens and a packed batch (llama-3-8b heads at head_dim 128,
-             qwen2.5-0.5b at 64, 8 query / 2 KV heads otherwise).
+  attention  every (dtype, head_dim) config of the target's `TRITON_CONFIGS` table (fp16,
+             bf16, fp32; head_dim 16-256), causal and not, one sequence of 32768 tokens and a
+             packed batch (llama-3-8b heads at head_dim 128, qwen2.5-0.5b at 64, 8 query / 2
+             KV heads otherwise).
 Each distinct compiled kernel is a row, checked: it compiled and "launched" (Triton's own
 shared-memory and thread checks passed against the target's limits); no spills (cuobjdump:
 stack and local bytes 0); dynamic plus static shared memory within the limit; the copy's
