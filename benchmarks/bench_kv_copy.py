@@ -9,7 +9,8 @@ bf16), block sizes 8/16/32 on CUDA, 8/16 on CPU (small blocks are what hurt per_
                           memcpy), also shown as the "ceiling" row.
 
 CUDA (not yet run on a GPU): 1k-32k tokens from a 64k-token cache, host side pinned;
-"triton" is zero-copy, "triton_staged" gathers on the device and makes one bulk copy.
+"triton" is zero-copy, "triton_staged" gathers on the device and makes one bulk copy;
+"batched_dma" is one cuMemcpyBatchAsync call (skipped without cuda-python).
 CPU: 16 and 2048 tokens; triton runs in the interpreter (a correctness tool, far slower than
 compiled code) at 16 tokens only.
 """
@@ -21,8 +22,15 @@ import torch
 
 from kvbench.calibration.timing import measure, synchronize
 from kvbench.models import get_model
-from kvbench.ops import allocate_kv_cache, packed_bytes, packed_shape, swap_in, swap_out
-from kvbench.ops.kv_copy import triton_unavailable_reason
+from kvbench.ops import (
+    allocate_kv_cache,
+    packed_bytes,
+    packed_shape,
+    prepare_block_ids,
+    swap_in,
+    swap_out,
+)
+from kvbench.ops.kv_copy import COPY_IMPLS
 from kvbench.reference import swap_in_ref, swap_out_ref
 
 MODEL = get_model("llama-3-8b")
@@ -31,8 +39,10 @@ CUDA = torch.cuda.is_available()
 DEVICE = torch.device("cuda" if CUDA else "cpu")
 TOKENS = (1024, 4096, 16384, 32768) if CUDA else (16, 2048)  # CPU: 2 MB and 256 MB
 INTERPRETER_MAX_TOKENS = 16
-IMPLS = ("ceiling", "triton") + (("triton_staged",) if CUDA else ()) + ("torch", "per_block")
+IMPLS = ("ceiling", "triton") + (("triton_staged",) if CUDA else ()) + ("torch", "per_block") \
+    + (("batched_dma",) if CUDA else ())
 OPTIONS = {"triton": {"impl": "triton", "zero_copy": True if CUDA else None},
+           "batched_dma": {"impl": "batched_dma"},
            "triton_staged": {"impl": "triton", "zero_copy": False},
            "torch": {"impl": "torch"}, "per_block": {"impl": "per_block"}}
 _CEILING_GBPS: dict[tuple, float] = {}
@@ -68,15 +78,17 @@ def ceiling_gbps(direction: str, device_buffer: torch.Tensor, host: torch.Tensor
 @pytest.mark.parametrize("direction", ["swap_out", "swap_in"])
 @pytest.mark.parametrize("block_size", BLOCK_SIZES)
 def test_kv_copy(benchmark, timed, block_size, direction, impl, num_tokens):
-    if impl.startswith("triton") and triton_unavailable_reason(DEVICE):
-        pytest.skip(triton_unavailable_reason(DEVICE))
+    reason = COPY_IMPLS[OPTIONS[impl]["impl"]].unavailable(DEVICE) if impl in OPTIONS else None
+    if reason:
+        pytest.skip(reason)
     if impl == "triton" and not CUDA and num_tokens > INTERPRETER_MAX_TOKENS:
         pytest.skip(f"the Triton interpreter is timed at {INTERPRETER_MAX_TOKENS} tokens only")
     benchmark.group = f"{direction} {num_tokens} tokens, block size {block_size}"
     cache = kv_cache(block_size)
     num_blocks = num_tokens // block_size
     ids = torch.randperm(cache.shape[2], generator=torch.Generator().manual_seed(num_tokens))
-    ids = ids[:num_blocks].tolist()  # scattered through the cache, as after fragmentation
+    # scattered through the cache, as after fragmentation; checked and uploaded once, untimed
+    ids = prepare_block_ids(cache, ids[:num_blocks])
     shape = packed_shape(cache, num_blocks)
     generator = torch.Generator(device=DEVICE).manual_seed(num_tokens)  # random on the device
     device_buffer = torch.randn(shape, generator=generator, device=DEVICE, dtype=cache.dtype)
@@ -92,10 +104,10 @@ def test_kv_copy(benchmark, timed, block_size, direction, impl, num_tokens):
         fn = lambda: swap_out(cache, ids, host, **OPTIONS[impl])  # noqa: E731
         fn()
         synchronize(DEVICE.type)
-        assert torch.equal(host.to(DEVICE), swap_out_ref(cache, ids))
+        assert torch.equal(host.to(DEVICE), swap_out_ref(cache, ids.host))
     else:
         fn = lambda: swap_in(host, cache, ids, **OPTIONS[impl])  # noqa: E731
-        expected = swap_in_ref(host, cache, ids)
+        expected = swap_in_ref(host, cache, ids.host)
         fn()
         synchronize(DEVICE.type)
         assert torch.equal(cache, expected)

@@ -7,7 +7,8 @@
 
 CUDA (not yet run on a GPU): 1k-32k tokens, "triton" (autotuned on the untimed check call)
 against "torch" (the op's SDPA impl, with its per-call layout copies and GQA head repeat) and
-"sdpa_flash" (SDPA's flash backend alone on inputs laid out beforehand: the goal's baseline).
+"sdpa_flash" (SDPA's flash backend alone on inputs laid out beforehand: the goal's baseline)
+and "flash_attn" (flash-attn's varlen forward, the design's comparator; skipped without it).
 CPU: 32 and 256 tokens, "torch"; "triton" runs in the interpreter at 32 tokens only.
 Before timing, out[:m] is checked against the float64 reference of the first m = min(n, 2048)
 tokens (causal rows depend only on earlier tokens; the reference needs Hq·m²·8 bytes).
@@ -19,8 +20,7 @@ import torch.nn.functional as F
 
 from kvbench.hardware import HARDWARE
 from kvbench.models import get_model
-from kvbench.ops import prefill_attention
-from kvbench.ops.kv_copy import triton_unavailable_reason
+from kvbench.ops import ATTENTION_IMPLS, attention_config, prefill_attention
 from kvbench.reference import ATTENTION_RTOL, prefill_attention_ref, relative_error
 
 MODEL = get_model("llama-3-8b")
@@ -60,10 +60,12 @@ def peak_tflop_per_s() -> float | None:
 
 
 @pytest.mark.parametrize("num_tokens", TOKENS)
-@pytest.mark.parametrize("impl", ["triton", "torch"] + (["sdpa_flash"] if CUDA else []))
+@pytest.mark.parametrize("impl", ["triton", "torch"]
+                         + (["flash_attn", "sdpa_flash"] if CUDA else []))
 def test_prefill_attention(benchmark, timed, impl, num_tokens):
-    if impl == "triton" and triton_unavailable_reason(DEVICE):
-        pytest.skip(triton_unavailable_reason(DEVICE))
+    reason = ATTENTION_IMPLS[impl].unavailable(DEVICE) if impl in ATTENTION_IMPLS else None
+    if reason:
+        pytest.skip(reason)
     if impl == "triton" and not CUDA and num_tokens > INTERPRETER_MAX_TOKENS:
         pytest.skip(f"the Triton interpreter is timed at {INTERPRETER_MAX_TOKENS} tokens only")
     benchmark.group = f"prefill attention {num_tokens} tokens"
@@ -86,6 +88,8 @@ def test_prefill_attention(benchmark, timed, impl, num_tokens):
     info = {"impl": impl, "device": str(DEVICE), "num_tokens": num_tokens, "num_heads": heads,
             "num_kv_heads": kv_heads, "head_dim": head_dim, "dtype": "bfloat16", "flops": flops,
             "flop_formula": "2*n^2*Hq*d (causal)", "relative_error": error}
+    if impl == "triton":  # the fixed config the kernel ran with
+        info["config"] = attention_config(torch.bfloat16, head_dim).to_dict()
     if seconds is not None:
         info.update(median_ms=seconds * 1e3, tflop_per_s=flops / seconds / 1e12)
         peak = peak_tflop_per_s()

@@ -161,10 +161,12 @@ def calibrate_cmd(
         calibration_summary,
         default_profile_path,
     )
+    from kvbench.doctor import require_calibration_fits
 
     dev = resolve_device(device)
     spec = calibration_model(dev, model, config_json, dtype)
     path = out_path or default_profile_path(dev, spec)
+    require_calibration_fits(spec, dev, block_size, quick)  # refuse before allocating
     try:
         with progress_bar() as progress:
             run = calibrate(spec, dev, block_size=block_size, quick=quick,
@@ -514,6 +516,31 @@ def sweep_cmd(ctx: typer.Context, spec_path: Optional[Path], ray_address: Option
     if outcome.failures:
         err.print(f"error: {len(outcome.failures)} cells failed; run the same command again "
                   "to run them (finished cells are kept)")
+        raise typer.Exit(1)
+
+
+@app.command("doctor")
+def doctor_cmd(
+    device: str = typer.Option("auto", help="auto, cuda or cpu: the device to calibrate on."),
+    model: Optional[str] = typer.Option(None, help="Model whose calibration to size (default "
+                                                  "as for calibrate)."),
+    block_size: int = typer.Option(16, min=1, help="KV block size in tokens."),
+    quick: bool = typer.Option(False, help="Size the --quick calibration."),
+    as_json: bool = typer.Option(False, "--json", help="Print the checks as JSON."),
+) -> None:
+    """Say whether this machine is ready to calibrate (exit 1 when a check fails)."""
+    from kvbench import doctor
+    from kvbench.calibration.pipeline import DEFAULT_MODEL
+    from kvbench.models import get_model
+
+    dev = resolve_device(device)
+    checks = doctor.run_checks(get_model(model or DEFAULT_MODEL[dev]), dev, block_size, quick)
+    if as_json:
+        print(json.dumps(doctor.as_dicts(checks), indent=1))
+    else:
+        out.print(doctor.table(checks), markup=True)
+        out.print("ready" if doctor.ready(checks) else "not ready: see the failed checks")
+    if not doctor.ready(checks):
         raise typer.Exit(1)
 
 

@@ -20,7 +20,7 @@ def pytest_configure(config):
 
 
 def pytest_collection_modifyitems(config, items):
-    from kvbench.ops.kv_copy import triton_unavailable_reason
+    from kvbench.ops.launch import triton_unavailable_reason
     from kvbench.vllm import unavailable_reason as vllm_unavailable_reason
 
     if not torch.cuda.is_available():

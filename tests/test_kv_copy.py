@@ -6,12 +6,24 @@ GPU (`gpu`): the same checks at llama-3-8b geometry, zero-copy and staged (not y
 GPU).
 """
 
+import warnings
+
 import numpy as np
 import pytest
 import torch
 
-from kvbench.ops import allocate_kv_cache, copy_impls, packed_shape, swap_in, swap_out
-from kvbench.ops.kv_copy import COPY_IMPLS
+from kvbench.models import DTYPE_BYTES
+from kvbench.ops import (
+    allocate_kv_cache,
+    copy_impls,
+    packed_shape,
+    prepare_block_ids,
+    swap_in,
+    swap_out,
+)
+from kvbench.ops.dtypes import TORCH_DTYPES
+from kvbench.ops.kv_copy import COPY_IMPLS, UnalignedCopyWarning, auto_impl
+from kvbench.ops.launch import check_grid
 from kvbench.reference import swap_in_ref, swap_out_ref
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -38,8 +50,13 @@ def random_packed(cache: torch.Tensor, num_selected: int, seed: int) -> torch.Te
                        device=cache.device).to(cache.dtype)
 
 
-IMPLS = [pytest.param(impl, marks=pytest.mark.interpreter) if impl == "triton" else impl
-         for impl in COPY_IMPLS] + ["auto"]
+def impl_param(name: str):
+    """An impl as a test parameter, skipped with its own reason where it cannot run here."""
+    reason = COPY_IMPLS[name].unavailable(torch.device("cpu"))
+    return pytest.param(name, marks=pytest.mark.skipif(reason is not None, reason=str(reason)))
+
+
+IMPLS = [impl_param(name) for name in COPY_IMPLS] + ["auto"]
 
 
 @pytest.mark.parametrize("table", TABLES)
@@ -134,9 +151,76 @@ def test_allocate_kv_cache_is_seeded_random():
 
 def test_copy_impls_lists_triton_only_where_it_runs(monkeypatch):
     monkeypatch.delenv("TRITON_INTERPRET", raising=False)
-    assert copy_impls("cpu") == ("torch", "per_block")
+    assert "triton" not in copy_impls("cpu") and {"torch", "per_block"} <= set(copy_impls("cpu"))
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     assert set(copy_impls("cpu")) <= set(COPY_IMPLS) and "torch" in copy_impls("cpu")
+
+
+def test_auto_is_a_rule_not_a_measurement():
+    """auto names its impl from the device alone: for CUDA it answers on this GPU-less machine,
+    so it cannot be timing anything."""
+    pytest.importorskip("triton")
+    assert auto_impl("cpu") == "torch"
+    assert auto_impl("cuda") == "triton"
+
+
+def test_options_reach_only_the_impl_that_takes_them():
+    cache = allocate_kv_cache(2, 4, 2, 1, 16, torch.float16)
+    assert torch.equal(swap_out(cache, [1], impl="torch", zero_copy=None),  # None: not given
+                       swap_out_ref(cache, [1]))
+    with pytest.raises(ValueError, match="only apply to impl='triton', not 'torch' "
+                                         r"\(what impl='auto' runs on cpu\)"):
+        swap_out(cache, [1], impl="auto", num_programs=4)
+    with pytest.raises(ValueError, match="takes no option tile"):
+        swap_out(cache, [1], impl="torch", tile=4)
+
+
+@pytest.mark.parametrize("impl", IMPLS)
+def test_prepared_block_ids_match_a_list(impl):
+    cache = allocate_kv_cache(2, 9, 4, 2, 16, torch.bfloat16, seed=4)
+    ids = prepare_block_ids(cache, [7, 0, 3])
+    assert ids.host.tolist() == [7, 0, 3] and ids.device_int32.dtype == torch.int32
+    assert torch.equal(swap_out(cache, ids, impl=impl), swap_out_ref(cache, [7, 0, 3]))
+    src = random_packed(cache, 3, 5)
+    expected = swap_in_ref(src, cache, [7, 0, 3])
+    swap_in(src, cache, ids, impl=impl)
+    assert torch.equal(cache, expected)
+
+
+def test_prepared_block_ids_belong_to_their_cache():
+    ids = prepare_block_ids(allocate_kv_cache(2, 9, 4, 2, 16), [1, 2])
+    with pytest.raises(ValueError, match="prepared for a cache of 9 blocks"):
+        swap_out(allocate_kv_cache(2, 5, 4, 2, 16), ids)
+
+
+@pytest.mark.interpreter
+def test_unaligned_tensors_are_reported():
+    """A packed tensor one element past a 16-byte boundary, then blocks of 8 bytes: the
+    compiled copy could not use 16-byte accesses, and the wrapper says so (and still copies)."""
+    cache = allocate_kv_cache(2, 6, 4, 2, 16, torch.float16, seed=2)
+    ids = [4, 1]
+    backing = torch.empty(torch.Size(packed_shape(cache, 2)).numel() + 1, dtype=cache.dtype)
+    dst = backing[1:].view(packed_shape(cache, 2))
+    with pytest.warns(UnalignedCopyWarning, match="destination starts 2 bytes past"):
+        swap_out(cache, ids, dst, impl="triton")
+    assert torch.equal(dst, swap_out_ref(cache, ids))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UnalignedCopyWarning)
+        swap_out(cache, ids, impl="triton")  # aligned: silent
+    narrow = allocate_kv_cache(2, 6, 1, 1, 4, torch.float16)
+    with pytest.warns(UnalignedCopyWarning, match="is 8 bytes, not a multiple of 16"):
+        swap_out(narrow, ids, impl="triton")
+
+
+def test_grid_limits():
+    check_grid("op", (2**31 - 1, 65535, 65535))
+    with pytest.raises(ValueError, match="grid axis 1 has 65536 programs"):
+        check_grid("op", (1, 65536))
+
+
+def test_one_dtype_table():
+    assert TORCH_DTYPES.keys() == DTYPE_BYTES.keys()
+    assert all(TORCH_DTYPES[name].itemsize == size for name, size in DTYPE_BYTES.items())
 
 
 def test_triton_on_cpu_without_interpreter_says_so(monkeypatch):
@@ -184,11 +268,13 @@ def test_bad_input_raises_a_clear_error(call, error, message):
 @pytest.mark.gpu
 @pytest.mark.parametrize("impl, zero_copy", [("triton", True), ("triton", False),
                                              ("torch", None), ("per_block", None),
-                                             ("auto", None)])
+                                             ("batched_dma", None), ("auto", None)])
 @pytest.mark.parametrize("dtype, block_size", [(torch.bfloat16, 16), (torch.float16, 1),
                                                (torch.float32, 32)])
 def test_gpu_swap_round_trip(impl, zero_copy, dtype, block_size):
     """llama-3-8b geometry (32 layers, 8 KV heads, head_dim 128): 256 random blocks of 1024."""
+    if impl != "auto" and COPY_IMPLS[impl].unavailable(torch.device("cuda")):
+        pytest.skip(COPY_IMPLS[impl].unavailable(torch.device("cuda")))
     cache = allocate_kv_cache(32, 1024, block_size, 8, 128, dtype, device="cuda", seed=11)
     ids = torch.randperm(1024, generator=torch.Generator().manual_seed(11))[:256].tolist()
     options = {"zero_copy": zero_copy} if zero_copy is not None else {}
@@ -216,3 +302,29 @@ def test_gpu_default_dst_is_pinned_and_pageable_falls_back():
     assert torch.equal(pageable, swap_out_ref(cache, ids).cpu())
     with pytest.raises(ValueError, match="pinned"):
         swap_out(cache, ids, pageable, impl="triton", zero_copy=True)
+
+
+def test_batched_dma_is_skipped_off_cuda_with_its_reason():
+    assert "batched_dma" not in copy_impls("cpu")
+    cache = allocate_kv_cache(2, 4, 2, 1, 16, torch.float16)
+    with pytest.raises(ValueError, match="batched_dma.*needs a CUDA device"):
+        swap_out(cache, [1], impl="batched_dma")
+
+
+@pytest.mark.parametrize("scatter", [False, True])
+def test_batched_dma_addresses_are_the_blocks(scatter):
+    """The address lists the batched DMA hands the driver, checked against the addresses of
+    the tensors' own block views (on CPU tensors: the arithmetic is the same)."""
+    from kvbench.ops.cuda_dma import block_addresses
+
+    cache = allocate_kv_cache(3, 7, 4, 2, 16, torch.bfloat16)
+    ids = torch.tensor([5, 0, 3])
+    packed = torch.empty(packed_shape(cache, 3), dtype=cache.dtype)
+    dsts, srcs, nbytes = block_addresses(cache, packed, ids, scatter)
+    cache_at = [cache[layer, kv, b].data_ptr() for layer in range(3) for kv in range(2)
+                for b in ids.tolist()]
+    packed_at = [packed[layer, kv, i].data_ptr() for layer in range(3) for kv in range(2)
+                 for i in range(3)]
+    assert nbytes == 4 * 2 * 16 * 2
+    assert (dsts.tolist(), srcs.tolist()) == ((cache_at, packed_at) if scatter
+                                              else (packed_at, cache_at))

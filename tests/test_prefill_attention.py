@@ -9,7 +9,8 @@ on a GPU).
 import pytest
 import torch
 
-from kvbench.ops import prefill_attention
+from kvbench.ops import attention_config, prefill_attention
+from kvbench.ops.prefill_attention import AttentionConfig
 from kvbench.reference import ATTENTION_RTOL, prefill_attention_ref, relative_error
 
 DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -112,31 +113,64 @@ def test_bad_input_raises_a_clear_error(call, error, message, monkeypatch):
         call()
 
 
-def test_autotune_pruning_keeps_configs_that_compile():
-    """float32 ("ieee" dots on FMA units) gets 32-row tiles, head_dim 256 no 128-row tiles;
-    never an empty list (the interpreter has one config)."""
-    triton = pytest.importorskip("triton")
-    from kvbench.kernels.prefill_attention import _prune_configs
+def test_every_supported_shape_has_one_fixed_config():
+    """Per target family, one config per (dtype, head_dim) impl="triton" accepts, each a valid
+    tiling; an H100 (sm_90) and newer take the sm_90 table, older GPUs the sm_80 one."""
+    from kvbench.ops.prefill_attention import TRITON_CONFIGS, TRITON_HEAD_DIMS, target_family
 
-    configs = [triton.Config({"BLOCK_M": m, "BLOCK_N": n}) for m, n in ((128, 128), (64, 64),
-                                                                         (32, 16))]
+    assert set(TRITON_CONFIGS) == {80, 90}
+    for table in TRITON_CONFIGS.values():
+        assert set(table) == {(dtype, d) for dtype in DTYPES for d in TRITON_HEAD_DIMS}
+        assert all(c.block_m % c.block_n == 0 and c.num_warps in (4, 8) for c in table.values())
+    assert [target_family(a) for a in (75, 80, 86, 89, 90, 100)] == [80, 80, 80, 80, 90, 90]
 
-    def rows(head_dim, precision, given=configs):
-        kept = _prune_configs(given, {}, HEAD_DIM=head_dim, DOT_PRECISION=precision)
-        return sorted(c.kwargs["BLOCK_M"] for c in kept)
 
-    assert rows(128, "ieee") == rows(256, "ieee") == [32]
-    assert rows(128, "tf32") == [64, 128] and rows(256, "tf32") == [64]
-    assert rows(256, "tf32", configs[:1]) == [128]
+@pytest.mark.interpreter
+def test_config_option_picks_the_tiles():
+    """Another tiling (64 x 32, so the 70-token sequence has a partial last tile) gives the same
+    answer; a tiling the kernel cannot run is refused before the launch."""
+    cu_seqlens = torch.tensor([0, 70, 75], dtype=torch.int32)
+    q, k, v = qkv(75, 4, 2, 32, torch.float16, seed=6)
+    out = prefill_attention(q, k, v, impl="triton", cu_seqlens=cu_seqlens,
+                            config=AttentionConfig(64, 32, 4, 1))
+    check(out, q, k, v, cu_seqlens=cu_seqlens)
+    with pytest.raises(ValueError, match="block_m .* must be a multiple of block_n"):
+        prefill_attention(q, k, v, impl="triton", config=AttentionConfig(32, 64, 4, 1))
+    with pytest.raises(ValueError, match="config only apply to impl='triton', not 'torch'"):
+        prefill_attention(q, k, v, impl="torch", config=AttentionConfig(64, 32, 4, 1))
+
+
+def test_interpreter_config_is_the_one_recorded(monkeypatch):
+    from kvbench.ops.prefill_attention import INTERPRETER_CONFIG, TRITON_CONFIGS
+
+    monkeypatch.setenv("TRITON_INTERPRET", "1")
+    assert attention_config(torch.bfloat16, 128) == INTERPRETER_CONFIG
+    monkeypatch.delenv("TRITON_INTERPRET")
+    assert attention_config(torch.bfloat16, 128, arch=90) == \
+        TRITON_CONFIGS[90][(torch.bfloat16, 128)]
+    assert attention_config(torch.float32, 64, arch=86) == TRITON_CONFIGS[80][(torch.float32, 64)]
+
+
+def test_flash_attn_is_skipped_off_cuda_with_its_reason():
+    from kvbench.ops import attention_impls
+
+    assert "flash_attn" not in attention_impls("cpu")
+    with pytest.raises(ValueError, match="flash_attn' runs on CUDA GPUs only"):
+        prefill_attention(Q, K, V, impl="flash_attn")
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("impl", ["triton", "torch"])
+@pytest.mark.parametrize("impl", ["triton", "torch", "flash_attn"])
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("num_tokens, head_dim", [(1, 128), (17, 64), (1000, 128), (4096, 128),
                                                   (1000, 256), (333, 32)])
 def test_gpu_matches_float64_reference(impl, dtype, num_tokens, head_dim):
     """llama-3-8b heads (32 query, 8 KV); causal and not; poisoned output."""
+    from kvbench.ops import ATTENTION_IMPLS
+
+    reason = ATTENTION_IMPLS[impl].unavailable(torch.device("cuda"))
+    if reason or (impl == "flash_attn" and dtype == torch.float32):
+        pytest.skip(reason or "flash-attn has no float32 kernels")
     q, k, v = qkv(num_tokens, 32, 8, head_dim, dtype, seed=num_tokens, device="cuda")
     for causal in (True, False):
         out = prefill_attention(q, k, v, causal=causal, impl=impl,

@@ -16,14 +16,15 @@ import torch.nn.functional as F
 
 from kvbench.models import ModelSpec
 from kvbench.ops import prefill_attention
+from kvbench.ops.dtypes import TORCH_DTYPES
 
-TORCH_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+TIMED_DTYPES = ("float32", "float16", "bfloat16")  # fp8 has no matmul or randn to time here
 
 
 def torch_dtype(spec: ModelSpec) -> torch.dtype:
-    if spec.dtype not in TORCH_DTYPES:
+    if spec.dtype not in TIMED_DTYPES:
         raise ValueError(f"dtype {spec.dtype} cannot be timed here; use one of "
-                         f"{', '.join(TORCH_DTYPES)}")
+                         f"{', '.join(TIMED_DTYPES)}")
     return TORCH_DTYPES[spec.dtype]
 
 
@@ -52,7 +53,7 @@ class DecoderLayer:
 
     def __init__(self, spec: ModelSpec, device: str, generator: torch.Generator):
         dtype = torch_dtype(spec)
-        hq, hkv = spec.num_heads // spec.tp, max(spec.num_kv_heads // spec.tp, 1)
+        hq, hkv = spec.num_heads // spec.tp, spec.kv_heads_per_gpu
         d, h, inter = spec.head_dim, spec.hidden_size, spec.intermediate_size // spec.tp
         self.hq, self.hkv, self.d = hq, hkv, d
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -27,8 +28,15 @@ from kvbench.calibration.decoder import (
 )
 from kvbench.calibration.timing import Timing, measure
 from kvbench.models import ModelSpec
-from kvbench.ops import prefill_attention, swap_in, swap_out
-from kvbench.ops.kv_copy import allocate_kv_cache
+from kvbench.ops import (
+    attention_config,
+    prefill_attention,
+    prepare_block_ids,
+    swap_in,
+    swap_out,
+)
+from kvbench.ops.kv_copy import ACCESS_BYTES, BlockIds, UnalignedCopyWarning, allocate_kv_cache
+from kvbench.ops.prefill_attention import auto_impl as attention_auto_impl
 
 OnPoint = Callable[[str, str], None]
 MIN_ROTATE, MAX_ROTATE = 8, 256
@@ -72,7 +80,7 @@ def free_memory(device: str) -> None:
 
 
 def kv_shape(spec: ModelSpec, num_blocks: int, block_size: int) -> tuple[int, ...]:
-    return (spec.num_layers, 2, num_blocks, block_size, max(spec.num_kv_heads // spec.tp, 1),
+    return (spec.num_layers, 2, num_blocks, block_size, spec.kv_heads_per_gpu,
             spec.head_dim)
 
 
@@ -87,14 +95,49 @@ class SwapResult:
         return self.out[impl].median_ms + self.into[impl].median_ms
 
 
-def copy_ceiling_gbps(host: torch.Tensor, device: str) -> dict[str, float]:
-    """One contiguous copy of all of `host` each way, to and from a buffer on `device`: pinned
-    cudaMemcpy on CUDA, memcpy on CPU."""
+def copy_ceiling_gbps(host: torch.Tensor, cache: torch.Tensor, device: str) -> dict[str, float]:
+    """One contiguous copy of all of `host` each way, to and from the first bytes of `cache`
+    (pinned cudaMemcpy on CUDA, memcpy on CPU): no buffer beyond the swap space itself. The
+    cache's values change; they are random data either way."""
     num_bytes = host.numel() * host.element_size()
-    src = torch.empty(host.shape, dtype=host.dtype, device=device).normal_()
-    out = measure(lambda: host.copy_(src, non_blocking=True), device, reps=10)
-    back = measure(lambda: src.copy_(host, non_blocking=True), device, reps=10)
+    device_side = cache.view(-1)[:host.numel()]
+    out = measure(lambda: host.copy_(device_side, non_blocking=True), device, reps=10)
+    back = measure(lambda: device_side.copy_(host, non_blocking=True), device, reps=10)
     return {"out": num_bytes / out.median_ms / 1e6, "in": num_bytes / back.median_ms / 1e6}
+
+
+def swap_space(spec: ModelSpec, device: str, block_size: int, max_blocks: int
+               ) -> tuple[torch.Tensor, torch.Tensor]:
+    """A cache of 2·max_blocks blocks on `device` and a host swap space of half its size
+    (pinned on CUDA), its pages faulted in, as a serving engine preallocates its swap space.
+    device="meta" gives the shapes and no memory (the compile gate uses it)."""
+    shape = kv_shape(spec, 2 * max_blocks, block_size)
+    dtype = torch_dtype(spec)
+    cache = allocate_kv_cache(shape[0], shape[2], block_size, shape[4], shape[5], dtype, device)
+    host = torch.empty(cache.numel() // 2, dtype=dtype, pin_memory=device == "cuda",
+                       device="meta" if device == "meta" else "cpu")  # meta: no memory
+    host.fill_(1)  # fault the pages in now, not inside the first timed copy
+    return cache, host
+
+
+def swap_requests(spec: ModelSpec, cache: torch.Tensor, host: torch.Tensor, block_size: int,
+                  num_tokens: int, gen: torch.Generator) -> list[tuple[BlockIds, torch.Tensor]]:
+    """The requests of `num_tokens` tokens a swap point rotates through: block ids drawn at
+    random from the cache (a fragmented cache), checked and uploaded here, outside any timed
+    region, each with its own host buffer in the swap space.
+
+    Enough requests that together they outsize the caches, so a small request is not timed out
+    of them: swapped KV is cold. Every host buffer starts on a 16-byte boundary (the swap space
+    itself is page-aligned), so the Triton copy can make 16-byte accesses on both sides.
+    """
+    num_blocks = -(-num_tokens // block_size)
+    shape = kv_shape(spec, num_blocks, block_size)
+    numel = math.prod(shape)
+    rotate = int(np.clip(COLD_BYTES / (numel * host.element_size()), MIN_ROTATE, MAX_ROTATE))
+    align = ACCESS_BYTES // host.element_size()  # elements per 16 bytes
+    offsets = np.linspace(0, host.numel() - numel, rotate).astype(np.int64) // align * align
+    return [(prepare_block_ids(cache, torch.randperm(cache.shape[2], generator=gen)[:num_blocks]),
+             host[o:o + numel].view(shape)) for o in offsets.tolist()]
 
 
 def swap_sweep(spec: ModelSpec, device: str, block_size: int, lengths: list[int],
@@ -104,21 +147,18 @@ def swap_sweep(spec: ModelSpec, device: str, block_size: int, lengths: list[int]
 
     The request's blocks are drawn at random from a pool twice its size (or twice
     `pool_tokens`), as in a fragmented cache; `per_block` stops at `per_block_max_tokens` when
-    given. The host buffer is allocated (pinned on CUDA) once, outside the timed region, as a
-    serving engine preallocates its swap space.
+    given. The swap space is allocated once, outside the timed region (`swap_space`), and each
+    timed call moves one prepared request (`swap_requests`): only the copy is timed. A copy
+    that could not use 16-byte accesses (UnalignedCopyWarning) stops the sweep: it would
+    understate the Triton copy.
     """
     gen = torch.Generator().manual_seed(seed)
-    dtype = torch_dtype(spec)
     result = SwapResult({i: Sweep() for i in impls}, {i: Sweep() for i in impls}, {}, 0)
     lengths = sorted(lengths)
     while lengths:  # the largest request sizes the cache; drop sizes that do not fit
         max_blocks = -(-max(lengths[-1], pool_tokens) // block_size)
-        shape = kv_shape(spec, 2 * max_blocks, block_size)
         try:
-            cache = allocate_kv_cache(shape[0], shape[2], block_size, shape[4], shape[5],
-                                      dtype, device)
-            host = torch.empty(cache.numel() // 2, dtype=dtype, pin_memory=device == "cuda")
-            host.fill_(1)  # fault the pages in now, not inside the first timed copy
+            cache, host = swap_space(spec, device, block_size, max_blocks)
             break
         except Exception as exc:  # noqa: BLE001 - only out-of-memory shrinks the sweep
             if not is_out_of_memory(exc):
@@ -131,16 +171,8 @@ def swap_sweep(spec: ModelSpec, device: str, block_size: int, lengths: list[int]
     if not lengths:
         raise MemoryError("not enough memory for a KV cache of the smallest swap size")
     for n in lengths:
-        num_blocks = -(-n // block_size)
-        numel = cache[:, :, :num_blocks].numel()
-        # Rotate among enough requests (block sets and host buffers) that together they outsize
-        # the caches, so a small request is not timed out of them: swapped KV is cold.
-        nbytes = numel * host.element_size()
-        rotate = int(np.clip(COLD_BYTES / nbytes, MIN_ROTATE, MAX_ROTATE))
-        offsets = np.linspace(0, host.numel() - numel, rotate).astype(int)
-        reqs = [(torch.randperm(2 * max_blocks, generator=gen)[:num_blocks],  # host ids: no sync
-                 host[o:o + numel].view(kv_shape(spec, num_blocks, block_size)))
-                for o in offsets]
+        reqs = swap_requests(spec, cache, host, block_size, n, gen)
+        nbytes = reqs[0][1].numel() * host.element_size()
         for impl in impls:
             if impl == "per_block" and n > (per_block_max_tokens or n):
                 continue  # the slow baseline: its trend is clear long before the largest size
@@ -154,14 +186,16 @@ def swap_sweep(spec: ModelSpec, device: str, block_size: int, lengths: list[int]
                 ids, src = next(turn)
                 swap_in(src, cache, ids, impl=impl)
 
-            out_t = measure(out_once, device, budget_ms=300)
-            in_t = measure(in_once, device, budget_ms=300)
+            with warnings.catch_warnings():
+                warnings.simplefilter("error", UnalignedCopyWarning)
+                out_t = measure(out_once, device, budget_ms=300)
+                in_t = measure(in_once, device, budget_ms=300)
             result.out[impl].add(n, out_t)
             result.into[impl].add(n, in_t)
             gbps = 2 * nbytes / (out_t.median_ms + in_t.median_ms) / 1e6
             on_point("swap", f"{impl} n={n}: {gbps:.1f} GB/s round trip")
     result.ceiling_bytes = host.numel() * host.element_size()
-    result.ceiling_gbps = copy_ceiling_gbps(host, device)  # the swap space itself: no new pin
+    result.ceiling_gbps = copy_ceiling_gbps(host, cache, device)
     return result
 
 
@@ -171,9 +205,13 @@ def cold_layers(spec: ModelSpec, device: str, gen: torch.Generator) -> list[Deco
     A real forward pass streams every layer's weights once; timing one layer again and again
     would find its weights in the last-level cache (tens of MB on a CPU) and run too fast.
     """
+    return [DecoderLayer(spec, device, gen) for _ in range(cold_layer_count(spec))]
+
+
+def cold_layer_count(spec: ModelSpec) -> int:
+    """Layers `cold_layers` builds: at least COLD_BYTES of weights, 2 to num_layers."""
     layer_bytes = spec.layer_params / spec.tp * spec.dtype_bytes
-    count = min(spec.num_layers, max(2, math.ceil(COLD_BYTES / layer_bytes)))
-    return [DecoderLayer(spec, device, gen) for _ in range(count)]
+    return min(spec.num_layers, max(2, math.ceil(COLD_BYTES / layer_bytes)))
 
 
 @dataclass
@@ -182,6 +220,8 @@ class PrefillResult:
     attention: Sweep
     lm_head_ms: float
     num_layers: int
+    attention_impl: str
+    attention_config: dict | None  # the Triton kernel's fixed config when it ran
 
     @property
     def sizes(self) -> list[int]:
@@ -227,7 +267,10 @@ def prefill_sweep(spec: ModelSpec, device: str, lengths: list[int], on_point: On
         layer_sweep.add(n, layer_t)
         attn_sweep.add(n, attn_t)
         on_point("prefill", f"n={n}: {spec.num_layers * layer_t.median_ms + head_ms:.1f} ms")
-    return PrefillResult(layer_sweep, attn_sweep, head_ms, spec.num_layers)
+    impl = attention_auto_impl(device)
+    config = attention_config(torch_dtype(spec), spec.head_dim).to_dict() if (
+        impl == "triton") else None
+    return PrefillResult(layer_sweep, attn_sweep, head_ms, spec.num_layers, impl, config)
 
 
 @dataclass
@@ -243,15 +286,16 @@ def decode_sweep(spec: ModelSpec, device: str, batch_sizes: list[int], contexts:
                  on_point: OnPoint, seed: int = 0) -> DecodeResult:
     """One decode step (one token for each of B sequences at context T): L layers + LM head."""
     gen = torch.Generator().manual_seed(seed)
+    kv_gen = torch.Generator(device=device).manual_seed(seed)  # K/V made in place, in dtype
     layers, head = cold_layers(spec, device, gen), LMHead(spec, device, gen)
-    hkv, dtype = max(spec.num_kv_heads // spec.tp, 1), torch_dtype(spec)
+    hkv, dtype = spec.kv_heads_per_gpu, torch_dtype(spec)
     result = DecodeResult([], [], [], [])
     for t in contexts:
         for b in batch_sizes:
             try:
                 x = random_hidden(b, spec, device, gen)
-                kc, vc = (torch.randn(b, hkv, t, spec.head_dim, generator=gen).to(device, dtype)
-                          for _ in range(2))
+                kc, vc = (torch.empty(b, hkv, t, spec.head_dim, device=device, dtype=dtype)
+                          .normal_(generator=kv_gen) for _ in range(2))
                 with torch.inference_mode():
                     turn = itertools.cycle(layers)
                     layer_t = measure(lambda: next(turn).decode(x, kc, vc), device,

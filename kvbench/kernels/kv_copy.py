@@ -13,7 +13,9 @@ One launch moves all L·2·n rows. Each row is cut into tiles of TILE elements; 
 of P programs walks the tiles with stride P (the "SM budget" is P). The wrapper passes both
 tensors viewed as same-width integers, so a copy is bit-exact for any dtype.
 
-Tested in Triton's interpreter only: the compiled kernel has not yet been run on a GPU.
+Tested in Triton's interpreter only: the compiled kernel has not yet been run on a GPU. The
+compile gate (`kvbench.compile_gate`) compiles it for sm_80 and sm_90 at calibration's shapes
+and buffers and checks that both sides move 16 bytes per access.
 """
 
 import triton

@@ -17,49 +17,16 @@ Exponentials are base 2 with log2(e) folded into the scale. Key tiles wholly bel
 diagonal (or wholly inside the sequence when not causal) need no mask; the loop is split in
 two so only the few diagonal / tail tiles pay for masking.
 
-Tested in Triton's interpreter only: the compiled kernel and its Hopper configs have not yet
-been run on a GPU (every config compiles for sm_90 with Triton 3.9; 16-bit dots become wgmma).
-"""
+Programs: axis 0 walks (query tile, sequence) pairs, heaviest query tiles first; axis 1 is
+the query head. Tile sizes, warps and stages are the launch's choice (`kvbench.ops`).
 
-import os
+Tested in Triton's interpreter only: the compiled kernel has not yet been run on a GPU. The
+compile gate (`kvbench.compile_gate`) compiles the configs the wrapper launches for sm_80 and
+sm_90 and checks registers, spills, shared memory and (sm_90, 16-bit) wgmma.
+"""
 
 import triton
 import triton.language as tl
-
-
-def _keep(config):
-    # as in the tutorial: eight warps only pay off on 128x128 tiles
-    return config.num_warps == 4 or config.kwargs["BLOCK_N"] == 128
-
-
-if os.environ.get("TRITON_INTERPRET") == "1":  # slow: one small config, BLOCK_M > BLOCK_N as below
-    CONFIGS = [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=1, num_stages=1)]
-else:  # chosen for Hopper (H100/H200); configs that run out of shared memory are skipped
-    CONFIGS = [c for c in (triton.Config({"BLOCK_M": 128, "BLOCK_N": n}, num_warps=w, num_stages=s)
-                           for n in (64, 128) for w in (4, 8) for s in (2, 3, 4)) if _keep(c)]
-    # BLOCK_M 64: twice the programs for short sequences, and the tiles for head_dim 256
-    CONFIGS += [triton.Config({"BLOCK_M": 64, "BLOCK_N": n}, num_warps=4, num_stages=s)
-                for n in (32, 64) for s in (2, 3)]
-    # float32 only (see _prune_configs)
-    CONFIGS += [triton.Config({"BLOCK_M": 32, "BLOCK_N": 16}, num_warps=4, num_stages=s)
-                for s in (2, 3)]
-
-
-def _prune_configs(configs, named_args, **kwargs):
-    """Per (dtype, head_dim) the configs worth compiling (found by compiling for sm_90 with
-    Triton 3.9, no GPU): float32 "ieee" dots run on FMA units, not tensor cores; 64- and
-    128-row float32 tiles spill 7-27 KB of registers per thread and keep ptxas busy for minutes
-    (one took over 16 GB of memory), so float32 gets the 32 x 16 tiles, which compile in
-    seconds. At head_dim 256 a 128-row tile spills its 128 x 256 float32 accumulator (4 warps)
-    or overflows the 227 KB of shared memory (8 warps, 128 x 128): 16-bit inputs get the 64-row
-    tiles there."""
-    args = {**named_args, **kwargs}
-    if args["DOT_PRECISION"] == "ieee":
-        kept = [c for c in configs if c.kwargs["BLOCK_M"] == 32]
-    else:
-        kept = [c for c in configs if c.kwargs["BLOCK_M"] == 64
-                or (c.kwargs["BLOCK_M"] == 128 and args["HEAD_DIM"] <= 128)]
-    return kept or configs  # the interpreter's single config
 
 
 @triton.jit
@@ -100,8 +67,6 @@ def _attend_tiles(acc, l_i, m_i, q, k_ptrs, v_ptrs, stride_kn, stride_vn, offs_m
     return acc, l_i, m_i
 
 
-@triton.autotune(configs=CONFIGS, key=["SEQLEN_BUCKET", "HEAD_DIM", "CAUSAL"],
-                 prune_configs_by={"early_config_prune": _prune_configs})
 @triton.jit
 def prefill_attention_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr,  # q, out [n, Hq, d]; k, v [n, Hkv, d]; unit stride over d
@@ -109,7 +74,7 @@ def prefill_attention_kernel(
     sm_scale,
     stride_qn, stride_qh, stride_kn, stride_kh, stride_vn, stride_vh, stride_on, stride_oh,
     GROUP_SIZE,  # query heads per KV head
-    SEQLEN_BUCKET,  # next power of two of the longest sequence: an autotuning key only
+    num_seqs,
     HEAD_DIM: tl.constexpr, CAUSAL: tl.constexpr,
     DOT_FP32: tl.constexpr,  # upcast dot operands (the interpreter cannot multiply bfloat16)
     DOT_PRECISION: tl.constexpr,  # "ieee" for float32 inputs: exact products, no TF32
@@ -119,9 +84,11 @@ def prefill_attention_kernel(
     # Heaviest query tiles first: causal work grows with start_m, and the GPU dispatches
     # programs in order of program_id(0), so launching the long rows last leaves a long tail
     # of a few busy SMs (FlashAttention-3 schedules longest-first for the same reason).
-    start_m = tl.num_programs(0) - 1 - tl.program_id(0)
+    # Sequences share axis 0 with the tiles: axes 1 and 2 stop at 65535 programs.
+    pid = tl.program_id(0)
+    start_m = tl.num_programs(0) // num_seqs - 1 - pid // num_seqs
+    seq = pid % num_seqs
     head = tl.program_id(1)
-    seq = tl.program_id(2)
     seq_start = tl.load(cu_seqlens_ptr + seq)
     seqlen = tl.load(cu_seqlens_ptr + seq + 1) - seq_start
     if start_m * BLOCK_M >= seqlen:  # grid covers the longest sequence; this one is shorter
