@@ -32,7 +32,7 @@ import pytest
 from kvbench.cluster import import_ray
 from kvbench.hardware import device_slug, fingerprint
 from kvbench.io import write_atomic
-from kvbench.sim.sweep import CELLS_DIR, SweepSpec, run_sweep
+from kvbench.sim.sweep import CELLS_DIR, SweepSpec, run_sweep, scale_markdown
 
 SPEC = SweepSpec(
     policies=["fcfs/lifo/recompute/oracle", "future-kv/cost-aware/selector/history"],
@@ -103,24 +103,6 @@ def measure(work_dir: Path) -> dict:
                     "load averages)"}
 
 
-def markdown(report: dict) -> str:
-    """The figure as a Markdown table (what README's Fleet section shows)."""
-    env = report["environment"]
-    lines = [f"{report['cells']} cells on {env['device_name']}, Ray {report['ray']}, kvbench "
-             f"{env['kvbench']} ({env['commit']})", "",
-             "| mode | wall s | speed-up | simulating s | overhead ms/cell | load avg |",
-             "|---|---|---|---|---|---|"]
-    for m in report["modes"]:
-        lines.append(f"| {m['mode']} | {m['wall_s']:.2f} | {m['speedup']:.2f}x | "
-                     f"{m['compute_s']:.2f} | {m['overhead_per_cell_ms']:.0f} | "
-                     f"{m['load_average_1min_before']:.1f} |")
-    ray = report["modes"][-1]
-    lines += ["", f"Ray alone: start {ray['start_s']:.1f} s, an empty task "
-                  f"{ray['empty_task_ms']:.2f} ms at full throughput, "
-                  f"{ray['empty_round_trip_ms']:.2f} ms one at a time (median)."]
-    return "\n".join(lines)
-
-
 def test_sweep_scale(benchmark, tmp_path):
     pytest.importorskip("ray")
     report = benchmark.pedantic(measure, args=(tmp_path,), rounds=1, iterations=1)
@@ -136,11 +118,11 @@ if __name__ == "__main__":
                         help="Print a committed result as a Markdown table; measure nothing.")
     args = parser.parse_args()
     if args.markdown:
-        print(markdown(json.loads(args.markdown.read_text())))
+        print(scale_markdown(json.loads(args.markdown.read_text())))
         sys.exit()
     out = args.out
     with tempfile.TemporaryDirectory() as tmp:
         report = measure(Path(tmp))
     write_atomic(out, json.dumps(report, indent=2) + "\n")
-    print(markdown(report))
+    print(scale_markdown(report))
     print(f"wrote {out}", file=sys.stderr)

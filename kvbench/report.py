@@ -234,7 +234,12 @@ def render_source(root: Path, source: str) -> list[str]:
         return compare_markdown(path)
     if path.name == "sweep.csv":
         return sweep_markdown(path)
-    raise ValueError(f"README block names {source}: only compare.json and sweep.csv render")
+    if path.name.endswith("-sweep-scale.json"):
+        from kvbench.sim.sweep import scale_markdown
+
+        return scale_markdown(json.loads(path.read_text())).split("\n")
+    raise ValueError(f"README block names {source}: only compare.json, sweep.csv and "
+                     "*-sweep-scale.json render")
 
 
 def update_readme(readme: str | Path, root: str | Path = ".") -> Path:

@@ -515,3 +515,22 @@ def plot_sweep(rows: list[dict], path: str | Path) -> Path:
     fig.suptitle("sweep: mean over seeds", fontsize=9)
     fig.savefig(path, dpi=110)
     return Path(path)
+
+
+def scale_markdown(report: dict) -> str:
+    """A sweep-scale benchmark report (benchmarks/bench_sweep_scale.py) as a Markdown table:
+    the same sweep with --jobs 1, --jobs 2 and on Ray (README's Fleet section)."""
+    env = report["environment"]
+    lines = [f"{report['cells']} cells on {env['device_name']}, Ray {report['ray']}, kvbench "
+             f"{env['kvbench']} ({env['commit']})", "",
+             "| mode | wall s | speed-up | simulating s | overhead ms/cell | load avg |",
+             "|---|---|---|---|---|---|"]
+    for m in report["modes"]:
+        lines.append(f"| {m['mode']} | {m['wall_s']:.2f} | {m['speedup']:.2f}x | "
+                     f"{m['compute_s']:.2f} | {m['overhead_per_cell_ms']:.0f} | "
+                     f"{m['load_average_1min_before']:.1f} |")
+    ray = report["modes"][-1]
+    lines += ["", f"Ray alone: start {ray['start_s']:.1f} s, an empty task "
+                  f"{ray['empty_task_ms']:.2f} ms at full throughput, "
+                  f"{ray['empty_round_trip_ms']:.2f} ms one at a time (median)."]
+    return "\n".join(lines)
