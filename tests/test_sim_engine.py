@@ -110,7 +110,9 @@ def test_invariants_on_random_workloads(scenario):
         assert summary["swap_preemptions"] == 0 and summary["swapped_bytes"] == 0
     if summary["recompute_preemptions"] == 0:
         assert summary["recompute_tokens"] == 0 and summary["recompute_fraction"] == 0
-    if config.admission == "reserve-max":
+    if config.admission == "reserve-max" and not sim.rules.async_scheduling:
+        # (Under async scheduling a request is scheduled by max_tokens, one token past an
+        # earlier stop, as vLLM does: at the cache's edge that token can preempt it.)
         assert summary["preemptions"] == 0
 
 

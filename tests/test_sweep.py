@@ -22,6 +22,7 @@ from kvbench.cluster import import_ray
 from kvbench.hardware import get_hardware
 from kvbench.models import get_model
 from kvbench.profile import analytic_profile, save
+from kvbench.sim.study import STUDY_POLICIES
 from kvbench.sim.sweep import (
     CELLS_DIR,
     SWEEP_CSV,
@@ -95,7 +96,8 @@ def test_toml_and_yaml_specs_agree_and_paths_are_relative_to_the_spec(tmp_path):
     assert spec == load_spec(tmp_path / "s.yaml")
     assert spec.traces == [tmp_path / "traces" / "t.csv"] and spec.rate_scales == [1.0, 2.5]
     plan = plan_sweep(spec)
-    assert len(plan.cells) == 2 * 2 * 1 * 1 * 10  # workloads x rates x sizes x seeds x policies
+    # workloads x rates x sizes x seeds x policies
+    assert len(plan.cells) == 2 * 2 * 1 * 1 * len(STUDY_POLICIES)
     assert {c.source for c in plan.cells} == {str(spec.traces[0]), SYNTHETIC + "requests=9"}
     assert plan.cells[0].label() == ("fcfs/lifo/recompute/oracle on t.csv (rate x1, "
                                      "memory-sized cache, seed 3)")
