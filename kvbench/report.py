@@ -205,7 +205,7 @@ def compare_markdown(path: Path) -> list[str]:
             else:
                 cells.append(_cell(row[key], specs.get(key, ".0f")))
         body.append(cells)
-    return _table(list(COMPARE_COLUMNS.values()), body)
+    return _table(list(COMPARE_COLUMNS.values()), body)[:-1]
 
 
 def sweep_markdown(path: Path) -> list[str]:
@@ -224,7 +224,7 @@ def sweep_markdown(path: Path) -> list[str]:
         header += [f"{s:g}x" for s in scales]
         body = [[p] + [_cell(sum(v) / len(v), spec) if (v := cells.get((p, s))) else "–"
                        for s in scales] for p in policies]
-        lines += [f"**{label}**", ""] + _table(header, body) + [""]
+        lines += [f"**{label}**", ""] + _table(header, body)
     return lines[:-1]
 
 

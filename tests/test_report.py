@@ -65,3 +65,16 @@ def test_report_copy_rows_against_the_round_trip_ceiling(tmp_path):
     text = build_report(tmp_path)
     # peak 12 GB/s is 50% of the 24 GB/s ceiling; 9 GB/s at the largest size
     assert "| tiny | torch | 16 | 16-4096 | 12.00 | 9.00 | 50% |" in text
+
+
+def test_readme_result_blocks_are_regenerated_from_committed_results(tmp_path):
+    """Every `<!-- report: ... -->` block of README.md is what `kvbench report` renders now."""
+    from kvbench.report import README_BLOCK, update_readme
+
+    root = Path(__file__).resolve().parents[1]
+    readme = (root / "README.md").read_text()
+    assert len(README_BLOCK.findall(readme)) >= 5
+    copy = tmp_path / "README.md"
+    copy.write_text(readme)
+    update_readme(copy, root)
+    assert copy.read_text() == readme, "README.md is stale: run `kvbench report`"
