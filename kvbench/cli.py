@@ -87,9 +87,9 @@ def select(
     transfer_latency_ms: Optional[float] = typer.Option(None, help="Fixed cost per transfer."),
     peak_tflops: Optional[float] = typer.Option(None, help="Dense matrix rate, TFLOP/s."),
     achieved_fraction: Optional[float] = typer.Option(None, help="Share of peak reached."),
-    block_size: int = typer.Option(16, help="KV block size in tokens."),
+    block_size: Optional[int] = typer.Option(None, help="KV block size in tokens (default 16)."),
     dtype: Optional[str] = typer.Option(None, help="KV/weight dtype (default: the model's)."),
-    tp: int = typer.Option(1, help="Tensor-parallel degree."),
+    tp: Optional[int] = typer.Option(None, help="Tensor-parallel degree (default 1)."),
     force: bool = typer.Option(False, help="Use a profile made for another model."),
     as_json: bool = typer.Option(False, "--json", help="Print the selector's dict as JSON."),
 ) -> None:

@@ -15,7 +15,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from kvbench import __version__
 from kvbench.costmodel import COEFFICIENT_KEYS, CostModel, DecodeModel
@@ -114,6 +121,11 @@ class ModelInfo(Strict):
     vocab_size: int = Field(ge=1)
     dtype: str
     tp: int = Field(default=1, ge=1)
+
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelInfo:
+        self.spec()  # the shape rules of ModelSpec (heads a multiple of KV heads, the dtype)
+        return self
 
     def spec(self) -> ModelSpec:
         return ModelSpec(**self.model_dump())
@@ -226,13 +238,17 @@ def parse(data: Any, origin: str = "profile") -> Profile:
 def load(path: str | os.PathLike) -> Profile:
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ProfileError(f"cannot read profile {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ProfileError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     try:
         data = json.loads(text, parse_constant=lambda c: math.nan)
     except json.JSONDecodeError as exc:
         raise ProfileError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except RecursionError:
+        raise ProfileError(f"{path}: not valid JSON for a profile (nested too deeply)") from None
     return parse(data, origin=str(path))
 
 
@@ -241,13 +257,15 @@ def save(profile: Profile, path: str | os.PathLike) -> Path:
 
 
 def resolve(path: str | os.PathLike | None, model: str | None, hardware: str = "h100-sxm",
-            block_size: int = 16, dtype: str | None = None, tp: int = 1, force: bool = False,
-            **hw_overrides) -> Profile:
+            block_size: int | None = None, dtype: str | None = None, tp: int | None = None,
+            force: bool = False, **hw_overrides) -> Profile:
     """The profile a command prices with: the file at `path` (checked against `model` when both
-    are given), or an analytic one for a model preset on a hardware preset. `hw_overrides`
-    (hardware fields; None means not given) apply to analytic costs only."""
+    are given), or an analytic one for a model preset on a hardware preset. `block_size`
+    (default 16), `dtype`, `tp` (default 1) and `hw_overrides` (hardware fields) shape analytic
+    costs only: None means not given, and giving one with `path` is an error."""
     if path is not None:
-        given = [k for k, v in hw_overrides.items() if v is not None]
+        shape = {"block_size": block_size, "dtype": dtype, "tp": tp, **hw_overrides}
+        given = [k for k, v in shape.items() if v is not None]
         if given:
             raise ValueError(f"--{given[0].replace('_', '-')} sets analytic costs (--model "
                              "without --profile); a profile carries its own measured costs")
@@ -256,8 +274,9 @@ def resolve(path: str | os.PathLike | None, model: str | None, hardware: str = "
         return prof
     if model is None:
         raise ValueError("give --profile PATH or --model NAME (see `kvbench models`)")
-    return analytic_profile(get_model(model, dtype=dtype, tp=tp),
-                            get_hardware(hardware, **hw_overrides), block_size=block_size)
+    return analytic_profile(get_model(model, dtype=dtype, tp=1 if tp is None else tp),
+                            get_hardware(hardware, **hw_overrides),
+                            block_size=16 if block_size is None else block_size)
 
 
 def extrapolation_warning(profile: Profile, token_counts: list[int]) -> str | None:

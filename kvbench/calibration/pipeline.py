@@ -73,7 +73,7 @@ def calibration_model(device: str, model: str | None = None, config_json: str | 
         raise ValueError("give either --model or --config-json, not both")
     if config_json is not None:
         return from_hf_config(config_json, dtype=dtype)
-    return get_model(model or DEFAULT_MODEL[device], dtype=dtype)
+    return get_model(DEFAULT_MODEL[device] if model is None else model, dtype=dtype)
 
 
 def default_profile_path(device: str, spec: ModelSpec) -> Path:

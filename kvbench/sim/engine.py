@@ -35,7 +35,8 @@ block bytes, as vLLM sizes its cache (activation memory ignored); the memory def
 hardware preset's (80 GiB for an H100). CPU swap space: `cpu_swap_blocks`, else cpu_swap_gib
 (vLLM's default, 4 GiB). A request whose prompt + output can never fit the whole cache (or,
 without chunked prefill, the token budget) is rejected up front with the reason. If no token
-is generated for `livelock_steps` steps the run stops and reports the stuck request.
+is generated for `livelock_steps` iterations (steps, or jumps to an arrival that do not move
+the clock on) the run stops and reports the stuck request.
 
 Speed: while the waiting queue is empty and every running request decodes, the steps up to
 the next event are applied at once (`_skip_decode_steps`), with the same arithmetic.
@@ -170,8 +171,12 @@ class Simulator:
         if not self.running.size and not self.waiting:
             if self.next_arrival >= n:
                 return False
-            self.now_s = float(req.arrival_s[self.next_arrival])
-            return True
+            arrival_s = float(req.arrival_s[self.next_arrival])
+            # The guard counts iterations: a jump that does not move the clock on (a NaN time)
+            # generates no token either.
+            self.steps_without_token += not arrival_s > self.now_s
+            self.now_s = arrival_s
+            return self._below_livelock_limit()
         if not self.waiting and self._skip_decode_steps() and self.next_arrival < n \
                 and req.arrival_s[self.next_arrival] <= self.now_s:
             self._enqueue_arrivals()
@@ -187,10 +192,7 @@ class Simulator:
         self._execute(ids, tokens)
         self.steps += 1
         self.timeline.append((self.now_s, used, self.running.size))
-        if self.steps_without_token >= self.config.livelock_steps:
-            self._report_livelock()
-            return False
-        return True
+        return self._below_livelock_limit()
 
     def result(self) -> SimResult:
         timeline = np.array(self.timeline, dtype=np.float64).reshape(-1, 3)
@@ -240,8 +242,15 @@ class Simulator:
         req.state[ids] = WAITING
         self.waiting.extend(ids.tolist())
 
+    def _below_livelock_limit(self) -> bool:
+        if self.steps_without_token < self.config.livelock_steps:
+            return True
+        self._report_livelock()
+        return False
+
     def _report_livelock(self) -> None:
-        stuck = int(self.running[0]) if self.running.size else int(self.waiting[0])
+        stuck = (int(self.running[0]) if self.running.size else
+                 int(self.waiting[0]) if self.waiting else self.next_arrival)
         req = self.requests
         self.livelock = {
             "step": self.steps, "time_s": self.now_s, "request_id": stuck,
