@@ -158,21 +158,31 @@ def calibrate_cmd(
     from kvbench.calibration.pipeline import (
         calibrate,
         calibration_model,
+        calibration_plan,
         calibration_summary,
+        check_inputs,
         default_profile_path,
     )
 
     dev = resolve_device(device)
     spec = calibration_model(dev, model, config_json, dtype)
-    path = out_path or default_profile_path(dev, spec)
+    path = check_inputs(spec, out_path or default_profile_path(dev, spec))
+    memory_plan = calibration_plan(spec, dev, block_size, quick)
+    for note in memory_plan.notes:
+        err.print(f"note: memory: {note}")
     try:
         with progress_bar() as progress:
             run = calibrate(spec, dev, block_size=block_size, quick=quick,
-                            on_point=PhaseProgress(progress))
+                            on_point=PhaseProgress(progress), memory_plan=memory_plan)
     except KeyboardInterrupt:
         err.print(f"interrupted: nothing written; {path} is as it was")
         raise typer.Exit(130) from None
-    paths = run.write(path)
+    try:
+        paths = run.write(path)
+    except KeyboardInterrupt:
+        err.print(f"interrupted while writing: {path} and its samples are a matching pair, the "
+                  "earlier or the new one")
+        raise typer.Exit(130) from None
     for warning in run.warnings:
         err.print(f"warning: {warning}")
     if as_json:

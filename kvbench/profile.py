@@ -205,7 +205,8 @@ def analytic_profile(model: ModelSpec, hw: HardwareSpec, block_size: int = 16,
     )
 
 
-def _problems(exc: ValidationError) -> str:
+def problems(exc: ValidationError) -> str:
+    """A pydantic error's problems on one line: `where: what; where: what`."""
     lines = []
     for err in exc.errors():
         where = ".".join(str(p) for p in err["loc"]) or "(top level)"
@@ -232,7 +233,7 @@ def parse(data: Any, origin: str = "profile") -> Profile:
     try:
         return Profile.model_validate(data)
     except ValidationError as exc:
-        raise ProfileError(f"{origin}: {_problems(exc)}") from None
+        raise ProfileError(f"{origin}: {problems(exc)}") from None
 
 
 def load(path: str | os.PathLike) -> Profile:

@@ -61,9 +61,13 @@ class Sweep:
                 "samples_ms": [t.samples_ms for t in self.timings], "stopped": self.stopped}
 
 
+OOM_MESSAGES = ("out of memory", "can't allocate memory", "not enough memory",
+                "cannot allocate memory")  # CUDA's, then torch's CPU allocator's (errno 12)
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or (
-        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+        isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in OOM_MESSAGES))
 
 
 def free_memory(device: str) -> None:
@@ -171,9 +175,12 @@ def cold_layers(spec: ModelSpec, device: str, gen: torch.Generator) -> list[Deco
     A real forward pass streams every layer's weights once; timing one layer again and again
     would find its weights in the last-level cache (tens of MB on a CPU) and run too fast.
     """
+    return [DecoderLayer(spec, device, gen) for _ in range(cold_layer_count(spec))]
+
+
+def cold_layer_count(spec: ModelSpec) -> int:
     layer_bytes = spec.layer_params / spec.tp * spec.dtype_bytes
-    count = min(spec.num_layers, max(2, math.ceil(COLD_BYTES / layer_bytes)))
-    return [DecoderLayer(spec, device, gen) for _ in range(count)]
+    return min(spec.num_layers, max(2, math.ceil(COLD_BYTES / layer_bytes)))
 
 
 @dataclass
