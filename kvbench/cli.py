@@ -152,9 +152,14 @@ def calibrate_cmd(
     quick: bool = typer.Option(False, help="Fewer, smaller sizes (CPU: under a minute)."),
     out_path: Optional[Path] = typer.Option(None, "--out", help="Profile path (default "
                                             "results/profiles/<device>-<model>.json)."),
+    force: bool = typer.Option(False, help="Write the profile there even if a fit misses the "
+                                           "quality bar (held-out error over 10%)."),
     as_json: bool = typer.Option(False, "--json", help="Print the profile JSON."),
 ) -> None:
-    """Measure swap and prefill on this machine, fit the cost models, write the profile."""
+    """Measure swap and prefill on this machine, fit the cost models, write the profile.
+
+    A profile whose swap or recompute fit misses the quality bar is written beside the path, as
+    <name>.rejected.json, and the command exits 1 (unless --force)."""
     from kvbench.calibration.pipeline import (
         calibrate,
         calibration_model,
@@ -162,6 +167,7 @@ def calibrate_cmd(
         calibration_summary,
         check_inputs,
         default_profile_path,
+        rejected_path,
     )
 
     dev = resolve_device(device)
@@ -177,18 +183,24 @@ def calibrate_cmd(
     except KeyboardInterrupt:
         err.print(f"interrupted: nothing written; {path} is as it was")
         raise typer.Exit(130) from None
+    target = path if run.passed or force else rejected_path(path)
     try:
-        paths = run.write(path)
+        paths = run.write(target)
     except KeyboardInterrupt:
-        err.print(f"interrupted while writing: {path} and its samples are a matching pair, the "
-                  "earlier or the new one")
+        err.print(f"interrupted while writing: {target} and its samples are a matching pair, "
+                  "the earlier or the new one")
         raise typer.Exit(130) from None
-    for warning in run.warnings:
+    for warning in run.warnings + (run.failures if force else []):
         err.print(f"warning: {warning}")
     if as_json:
         print(run.profile.to_json())
     else:
         echo(calibration_summary(run.profile, paths))
+    if target != path:
+        err.print(f"error: the profile missed its quality bar ({'; '.join(run.failures)}): "
+                  f"written to {target}, {path} is as it was; calibrate again on a quiet "
+                  "machine, or pass --force to accept it")
+        raise typer.Exit(1)
 
 
 @app.command("validate")

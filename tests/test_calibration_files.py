@@ -15,7 +15,8 @@ from kvbench.calibration.pipeline import CalibrationRun, calibrate, samples_path
 from kvbench.models import get_model
 from kvbench.profile import load
 
-TINY_PLAN = {"swap": (16, 2048, 6), "prefill": (16, 512, 6), "decode": ([1, 4, 8], [32, 128])}
+TINY_PLAN = {"swap": (16, 2048, 6), "prefill": (16, 512, 6), "decode": ([1, 4, 8], [32, 128]),
+             "budget_s": {"swap": 0.2, "prefill": 0.2}}
 
 
 @pytest.fixture(scope="module")

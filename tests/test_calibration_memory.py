@@ -24,7 +24,8 @@ from kvbench.models import ModelSpec, get_model
 CPU_OOM = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
            "memory: you tried to allocate 17179869184 bytes. Error code 12 (Cannot allocate "
            "memory)")
-TINY_PLAN = {"swap": (16, 2048, 6), "prefill": (16, 512, 6), "decode": ([1, 4, 8], [32, 128])}
+TINY_PLAN = {"swap": (16, 2048, 6), "prefill": (16, 512, 6), "decode": ([1, 4, 8], [32, 128]),
+             "budget_s": {"swap": 0.2, "prefill": 0.2}}
 # The two configs: hidden 65536 x 200 layers, and a 120-layer one whose full plan wanted
 # a 16.1 GB cache and an 8.05 GB host buffer on a 24 GB machine.
 HUGE = {"num_hidden_layers": 200, "hidden_size": 65536, "num_attention_heads": 64,

@@ -24,7 +24,8 @@ from kvbench.profile import load, save
 from kvbench.selector import select_preemption_strategy
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_PLAN = {"swap": (16, 2048, 6), "prefill": (16, 512, 6), "decode": ([1, 4, 8], [32, 128])}
+TINY_PLAN = {"swap": (16, 2048, 6), "prefill": (16, 512, 6), "decode": ([1, 4, 8], [32, 128]),
+             "budget_s": {"swap": 0.2, "prefill": 0.2}}
 runner = CliRunner()
 
 
@@ -105,7 +106,7 @@ def test_cli_calibrate_writes_profile_samples_and_plot(tmp_path, monkeypatch):
     monkeypatch.setitem(pipeline.PLANS, ("cpu", True), TINY_PLAN)
     out = tmp_path / "prof.json"
     res = runner.invoke(app, ["calibrate", "--device", "cpu", "--model", "tiny", "--quick",
-                              "--out", str(out)])
+                              "--out", str(out), "--force"])
     assert res.exit_code == 0, res.output
     assert "crossover_tokens" in res.stdout and "R²" in res.stdout
     assert load(out).model.name == "tiny"

@@ -23,8 +23,16 @@ from kvbench.calibration import fitting
 from kvbench.calibration.decoder import torch_dtype
 from kvbench.calibration.memory import MIN_POINTS, MemoryPlan, MemoryPlanError, fit_plan
 from kvbench.calibration.plot import plot_profile
+from kvbench.calibration.schedule import (
+    Point,
+    busy_reason,
+    interleave,
+    machine_check,
+    recording,
+)
 from kvbench.calibration.sweeps import (
     OnPoint,
+    Sweep,
     decode_sweep,
     is_out_of_memory,
     prefill_sweep,
@@ -55,6 +63,8 @@ from kvbench.profile import (
 )
 
 MAX_HELDOUT_MAPE = 0.10
+QUALITY_FITS = ("swap", "recompute")  # held-out error within MAX_HELDOUT_MAPE, or rejected
+MAX_DRIFT = 0.10  # reference workload before vs after: more is a warning
 STALE_TEMP_S = 60.0  # a temp file this old beside a profile is a killed write's, not a live one
 DEFAULT_MODEL = {"cuda": "llama-3-8b", "cpu": "qwen2.5-0.5b"}
 
@@ -63,20 +73,25 @@ def geometric_sizes(lo: int, hi: int, count: int) -> list[int]:
     return sorted({int(round(x)) for x in np.geomspace(lo, hi, count)})
 
 
-# (lo, hi, count) of the token sweeps and the decode grid, per device and mode.
+# (lo, hi, count) of the token sweeps, the decode grid, and the seconds the interleaved rounds of
+# the swap and prefill points may take (`kvbench.calibration.schedule`), per device and mode.
 PLANS = {
     ("cpu", True): dict(swap=(16, 16384, 10), per_block_max_tokens=4096,
                         prefill=(32, 2048, 9),
-                        decode=([1, 4, 16, 32], [256, 1024])),
+                        decode=([1, 4, 16, 32], [256, 1024]),
+                        budget_s={"swap": 4.0, "prefill": 8.0}),
     ("cpu", False): dict(swap=(16, 65536, 14), per_block_max_tokens=16384,
                          prefill=(32, 8192, 13),
-                         decode=([1, 2, 4, 8, 16, 32, 64], [256, 1024, 4096])),
+                         decode=([1, 2, 4, 8, 16, 32, 64], [256, 1024, 4096]),
+                         budget_s={"swap": 15.0, "prefill": 40.0}),
     ("cuda", True): dict(swap=(16, 16384, 10), per_block_max_tokens=4096,
                          prefill=(128, 16384, 9),
-                         decode=([1, 8, 32, 128], [512, 4096])),
+                         decode=([1, 8, 32, 128], [512, 4096]),
+                         budget_s={"swap": 2.0, "prefill": 2.0}),
     ("cuda", False): dict(swap=(16, 65536, 14), per_block_max_tokens=8192,
                           prefill=(128, 32768, 13),
-                          decode=([1, 4, 16, 64, 128, 256], [512, 2048, 8192])),
+                          decode=([1, 4, 16, 64, 128, 256], [512, 2048, 8192]),
+                          budget_s={"swap": 5.0, "prefill": 5.0}),
 }
 
 
@@ -124,6 +139,12 @@ def calibration_plan(spec: ModelSpec, device: str, block_size: int = 16, quick: 
     return memory_plan
 
 
+def rejected_path(path: str | Path) -> Path:
+    """Where a profile that missed its quality bar goes instead of `path`: beside it."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.rejected.json")
+
+
 def samples_path(path: str | Path, profile: Profile) -> Path:
     """Where the raw samples of the profile at `path` are: named by their content hash, which
     the profile records, so a profile never names samples that are not its own."""
@@ -136,6 +157,11 @@ class CalibrationRun:
     profile: Profile
     samples_json: str  # the raw samples, serialized; the profile records their sha256
     warnings: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)  # of the quality bar: see QUALITY_FITS
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
 
     @property
     def samples(self) -> dict:
@@ -199,6 +225,13 @@ def _sweep(phase: str, run):
                               "smaller model") from None
 
 
+def _points_of(points: list[Point], *sweeps: Sweep) -> list[Point]:
+    """The recorded points whose timings these sweeps hold (not, e.g., the copy ceiling's or
+    the LM head's, which the sweeps turned into numbers already)."""
+    held = {id(t) for sweep in sweeps for t in sweep.timings}
+    return [p for p in points if id(p[2]) in held]
+
+
 def _enough_points(phase: str, count: int, stopped: str | None) -> None:
     if count < MIN_POINTS[phase]:
         raise MemoryPlanError(f"{phase} sweep ended early ({stopped}) after {count} points; "
@@ -216,17 +249,24 @@ def calibrate(spec: ModelSpec, device: str, block_size: int = 16, quick: bool = 
     left with too few points to fit is a MemoryPlanError."""
     if memory_plan is None:
         memory_plan = calibration_plan(spec, device, block_size, quick, plan)
+    budget_s = {**PLANS[(device, quick)], **(plan or {})}["budget_s"]
     torch.manual_seed(seed)
+    machine = {"before": machine_check(device)}
     impls = tuple(i for i in copy_impls(device) if device == "cuda" or i != "triton")
-    swap = _sweep("swap", lambda: swap_sweep(
-        spec, device, block_size, memory_plan.swap_sizes, impls, on_point, seed,
-        per_block_max_tokens=memory_plan.per_block_max_tokens))
+    with recording() as points:
+        swap = _sweep("swap", lambda: swap_sweep(
+            spec, device, block_size, memory_plan.swap_sizes, impls, on_point, seed,
+            per_block_max_tokens=memory_plan.per_block_max_tokens))
     # The profile takes the impl fastest over the sizes every impl ran (per_block may stop early),
-    # among those that covered the whole sweep.
+    # among those that covered the whole sweep, by the first look; its points are then measured
+    # in interleaved rounds.
     counts = {impl: len(swap.out[impl].sizes) for impl in impls}
     common = min(counts.values())
     full = [impl for impl in impls if counts[impl] == max(counts.values())]
     best = min(full, key=lambda impl: float(swap.round_trip_ms(impl)[:common].sum()))
+    schedule = {"swap": interleave(_points_of(points, swap.out[best], swap.into[best]),
+                                   budget_s["swap"], seed).to_dict()}
+    del points  # the swap space: freed before the prefill weights arrive
     swap_sizes = swap.out[best].sizes
     _enough_points("swap", len(swap_sizes), swap.out[best].stopped)
     swap_ms = swap.round_trip_ms(best)
@@ -234,8 +274,12 @@ def calibrate(spec: ModelSpec, device: str, block_size: int = 16, quick: bool = 
     swap_held = fitting.holdout_mask(len(swap_sizes))
     swap_fit = fitting.fit_nnls(fitting.swap_design(swap_sizes, block_size), swap_ms, swap_held)
 
-    prefill = _sweep("prefill", lambda: prefill_sweep(spec, device, memory_plan.prefill_sizes,
-                                                      on_point, seed))
+    with recording() as points:
+        prefill = _sweep("prefill", lambda: prefill_sweep(
+            spec, device, memory_plan.prefill_sizes, on_point, seed))
+    schedule["prefill"] = interleave(_points_of(points, prefill.layer, prefill.attention),
+                                     budget_s["prefill"], seed).to_dict()
+    del points
     _enough_points("prefill", len(prefill.sizes), prefill.layer.stopped)
     pre_held = fitting.holdout_mask(len(prefill.sizes))
     pre_fit = fitting.fit_nnls(fitting.recompute_design(prefill.sizes), prefill.total_ms,
@@ -247,6 +291,8 @@ def calibrate(spec: ModelSpec, device: str, block_size: int = 16, quick: bool = 
     decode = _sweep("decode", lambda: decode_sweep(spec, device, batches, contexts, on_point,
                                                     seed))
     _enough_points("decode", len(decode.step_ms), decode.stopped)
+    machine["after"] = machine_check(device)
+    machine["drift"] = machine["after"]["reference_ms"] / machine["before"]["reference_ms"] - 1
     dec_held = fitting.holdout_mask(len(decode.step_ms), every=3)
     dec_fit = fitting.fit_nnls(fitting.decode_design(decode.batch_size, decode.context_tokens),
                                decode.step_ms, dec_held)
@@ -260,10 +306,17 @@ def calibrate(spec: ModelSpec, device: str, block_size: int = 16, quick: bool = 
     costs = CostModel(swap_fixed_ms=s0, swap_ms_per_token=s1, swap_ms_per_block=s2,
                       block_size=block_size, recompute_fixed_ms=r0, recompute_ms_per_token=r1,
                       recompute_ms_per_token_sq=r2)
-    warnings = [f"{name} held-out error {100 * fit.heldout_mape:.1f}% exceeds "
-                f"{100 * MAX_HELDOUT_MAPE:.0f}%"
-                for name, fit in (("swap", swap_fit), ("recompute", pre_fit), ("decode", dec_fit))
-                if fit.heldout_mape is not None and fit.heldout_mape > MAX_HELDOUT_MAPE]
+    misses = {name: f"{name} held-out error {100 * fit.heldout_mape:.1f}% exceeds "
+                    f"{100 * MAX_HELDOUT_MAPE:.0f}%"
+              for name, fit in (("swap", swap_fit), ("recompute", pre_fit), ("decode", dec_fit))
+              if fit.heldout_mape is not None and fit.heldout_mape > MAX_HELDOUT_MAPE}
+    failures = [misses[name] for name in QUALITY_FITS if name in misses]
+    warnings = [text for name, text in misses.items() if name not in QUALITY_FITS]
+    warnings += [f"the machine was busy {when} calibrating ({reason})"
+                 for when in ("before", "after") if (reason := busy_reason(machine[when]))]
+    if abs(machine["drift"]) > MAX_DRIFT:
+        warnings.append(f"the reference workload ran {100 * machine['drift']:+.0f}% slower after "
+                        "calibrating than before: the machine changed under the measurement")
     stopped = {"swap": swap.out[best].stopped, "prefill": prefill.layer.stopped,
                "decode": decode.stopped}
     profile = Profile(
@@ -307,11 +360,15 @@ def calibrate(spec: ModelSpec, device: str, block_size: int = 16, quick: bool = 
                               "step_ms": decode.step_ms, "heldout": dec_held.tolist()},
             "stopped": {k: v for k, v in stopped.items() if v},
             "warnings": warnings,
+            "quality": {"max_heldout_mape": MAX_HELDOUT_MAPE, "fits": list(QUALITY_FITS),
+                        "passed": not failures, "failures": failures},
             "memory_plan": memory_plan.to_dict(),
+            "schedule": schedule,
+            "machine": machine,
             "samples_sha256": hashlib.sha256(samples_json.encode()).hexdigest(),
         },
     )
-    return CalibrationRun(profile, samples_json, warnings)
+    return CalibrationRun(profile, samples_json, warnings, failures)
 
 
 def calibration_summary(profile: Profile, paths: list[Path]) -> list[str]:
@@ -338,4 +395,20 @@ def calibration_summary(profile: Profile, paths: list[Path]) -> list[str]:
         lines.append(f"  {impl:9} peak achieved {best:.1f} GB/s round trip "
                      f"({100 * share:.0f}% of ceiling)")
     lines.append(crossover_line(profile))
+    if "machine" in x:
+        lines.append(machine_line(x["machine"], x["schedule"]))
     return lines + [f"note: sweep ended early: {reason}" for reason in x["stopped"].values()]
+
+
+def machine_line(machine: dict, schedule: dict) -> str:
+    """How quiet the machine was (reference workload before and after, load) and how the swap
+    and prefill points were measured (interleaved rounds, worst spread left)."""
+    before, after = machine["before"], machine["after"]
+    load = "" if before["load_1m"] is None else (
+        f", load {before['load_1m']:.1f} -> {after['load_1m']:.1f} on {before['cpu_count']} "
+        "cores")
+    rounds = ", ".join(f"{phase} {s['rounds']} rounds (worst spread "
+                       f"{100 * s['max_rel_spread']:.0f}%)" for phase, s in schedule.items())
+    return (f"machine: reference {before['reference_ms']:.2f} ms ±{100 * before['rel_spread']:.0f}%"
+            f" before, {after['reference_ms']:.2f} ms ±{100 * after['rel_spread']:.0f}% after "
+            f"({100 * machine['drift']:+.0f}%{load}); interleaved: {rounds}")
