@@ -6,8 +6,9 @@ prompt, output and generation limit in a trace or a synthetic mix. Within it a c
 capacity or admission check can be defeated by wrap-around. It is far beyond any model's context.
 `MAX_BLOCKS` (2**40) bounds a KV cache's block count and `MAX_MEMORY_GIB` (2**20, a PiB) a
 memory size: their products with block and byte sizes stay exact. `MAX_COST_MS` (1e100) bounds
-the price of one request or step of MAX_TOKENS tokens, so that sums of prices (a simulated
-clock) stay finite.
+a price in ms (the selector's, or a simulated step's at MAX_TOKENS tokens): sums of prices (a
+simulated clock) stay finite, and a price rounds to 4 decimals without overflowing (np.round
+scales by 1e4: 1e305 would round to inf).
 """
 
 from __future__ import annotations

@@ -32,7 +32,7 @@ from kvbench.costmodel import (
     unknown_key_message,
 )
 from kvbench.hardware import HARDWARE_FIELDS, get_hardware
-from kvbench.limits import MAX_TOKENS
+from kvbench.limits import MAX_COST_MS, MAX_TOKENS
 from kvbench.models import get_model
 
 ANALYTIC_KEYS = ("model", "hardware", "dtype", "tp", "block_size") + HARDWARE_FIELDS
@@ -142,10 +142,12 @@ def select_preemption_strategy(token_counts: Any, config: Any) -> dict:
     with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported just below
         swap, recompute, use_swap = costs.price(n)
     for name, cost in (("swap", swap), ("recompute", recompute)):
-        if not np.isfinite(cost).all():
-            i = _first_bad_index(~np.isfinite(cost))
-            raise ValueError(f"request {i}: {name} cost overflows float64 at {n[i]} tokens; the "
-                             "cost coefficients are out of range")
+        beyond = ~(cost <= MAX_COST_MS)  # inf and NaN included
+        if beyond.any():
+            i = _first_bad_index(beyond)
+            raise ValueError(f"request {i}: {name} cost overflows at {n[i]} tokens ({cost[i]:.3g}"
+                             f" ms, beyond {MAX_COST_MS:g} ms); the cost coefficients are out of "
+                             "range")
     chosen = np.where(use_swap, swap, recompute)
     return {
         "strategies": STRATEGY_NAMES[use_swap.view(np.int8)].tolist(),

@@ -128,10 +128,12 @@ def test_token_count_wider_than_int64_in_a_trace(tmp_path, one_error_line):
 
 @pytest.mark.parametrize("spec, fragment", [
     ("cv=1e200,arrivals=gamma", "cv must be at most"),
+    ("cv=1e-320,arrivals=gamma", "cv must be at least 0.001"),  # found by tests/test_fuzz.py
     ("requests=100000000000", "requests must be an integer from 1 to 10000000"),
 ])
 def test_synthetic_values_too_large(spec, fragment, one_error_line):
-    """Defect 3: cv=1e200 overflowed cv², requests=1e11 tried to allocate 745 GiB."""
+    """Defect 3: cv=1e200 overflowed cv² (and 1e-320 underflowed it to a division by zero),
+    requests=1e11 tried to allocate 745 GiB."""
     one_error_line(["simulate", "--synthetic", spec], fragment)
 
 
@@ -278,13 +280,23 @@ def test_select_json_never_prints_infinity(tmp_path, one_error_line):
                                        get_hardware()).to_json())
     data["recompute"]["ms_per_token_sq"] = 1e308
     path = save(parse(data), tmp_path / "huge.json")
-    line = one_error_line(["select", "1", "1000", "--profile", str(path), "--json"],
+    line = one_error_line(["select", "0", "1000", "--profile", str(path), "--json"],
                           "request 1")
     assert "Infinity" not in line and "overflow" in line
     with pytest.raises(ValueError, match="request 1: recompute cost overflows"):
-        select_preemption_strategy([1, 1000], CostModel(
+        select_preemption_strategy([0, 1000], CostModel(
             swap_fixed_ms=1, swap_ms_per_token=1, recompute_fixed_ms=1, recompute_ms_per_token=1,
             recompute_ms_per_token_sq=1e308).to_dict())
+
+
+def test_select_never_rounds_a_finite_cost_to_infinity():
+    """Defect 8, found by tests/test_fuzz.py: a finite cost of 1e305 ms rounded to 4 decimals
+    (np.round scales by 1e4) became inf in the result."""
+    config = CostModel(swap_fixed_ms=1, swap_ms_per_token=1, recompute_fixed_ms=1,
+                       recompute_ms_per_token=1, recompute_ms_per_token_sq=1e305).to_dict()
+    with pytest.raises(ValueError, match=r"request 0: recompute cost overflows at 1 tokens "
+                                         r"\(1e\+305 ms, beyond 1e\+100 ms\)"):
+        select_preemption_strategy([1], config)
 
 
 def test_select_rejects_an_inconsistent_profile_model(tmp_path, one_error_line):

@@ -12,7 +12,14 @@ import numpy as np
 
 from kvbench.costmodel import CostModel, DecodeModel
 from kvbench.hardware import get_hardware
-from kvbench.limits import MAX_BLOCKS, MAX_COST_MS, MAX_MEMORY_GIB, MAX_TOKENS, check_finite
+from kvbench.limits import (
+    MAX_BLOCKS,
+    MAX_COST_MS,
+    MAX_MEMORY_GIB,
+    MAX_TOKENS,
+    check_finite,
+    check_name,
+)
 from kvbench.models import ModelSpec, get_model
 from kvbench.profile import Profile
 from kvbench.sim.policies import ADMISSION, PREEMPTIONS, VICTIMS
@@ -57,7 +64,7 @@ class SimConfig:
 
     def __post_init__(self) -> None:
         for axis, registry in REGISTRIES.items():
-            name = getattr(self, axis)
+            name = check_name(axis, getattr(self, axis))
             if name not in registry:
                 hint = difflib.get_close_matches(str(name), registry, n=1)
                 raise ValueError(f"unknown {axis} {'' if axis == 'predictor' else 'policy '}"

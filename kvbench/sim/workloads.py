@@ -34,7 +34,7 @@ PLAIN_COLUMNS = ("arrival_s", "prompt_tokens", "output_tokens")
 AZURE_CONV_TRACE = (Path(__file__).resolve().parents[1] / "data" / "traces"
                     / "azure_llm_2023_conv.csv")
 MAX_SYNTHETIC_REQUESTS = 10_000_000  # ~2 GB of per-request state in the simulator
-MAX_CV = 100.0  # gamma shape 1/cv² = 1e-4: nearly every request in one burst already
+MIN_CV, MAX_CV = 1e-3, 100.0  # gamma shape 1/cv² from 1e6 (a metronome) to 1e-4 (one burst)
 # Lengths are drawn up to 3/2 of their mean: means up to 2/3 of MAX_TOKENS keep them within it.
 SPEC_MAXIMA = {"num_requests": MAX_SYNTHETIC_REQUESTS, "max_tokens": MAX_TOKENS}
 
@@ -140,7 +140,7 @@ class SyntheticSpec:
                 raise WorkloadError(f"synthetic: {SPEC_KEYS_BY_FIELD[field]} must be an integer "
                                     f"from 1 to {high}, got {value!r}")
         check_finite("synthetic: rate", self.rate_per_s, positive=True, error=WorkloadError)
-        check_finite("synthetic: cv", self.cv, positive=True, high=MAX_CV, error=WorkloadError)
+        check_finite("synthetic: cv", self.cv, low=MIN_CV, high=MAX_CV, error=WorkloadError)
         for field in ("long_prompt_fraction", "long_output_fraction"):
             check_finite(f"synthetic: {SPEC_KEYS_BY_FIELD[field]}", getattr(self, field), low=0,
                          high=1, error=WorkloadError)
