@@ -46,6 +46,7 @@ def test_pipeline_builds_a_measured_profile(tiny_run, tmp_path):
     assert set(prof.extra["swap_impls"]) == {"torch", "per_block"}
     assert prof.extra["ceiling_gbps"]["out"] > 0
     assert prof.swap.fit.max_tokens == 2048 and prof.recompute.fit.max_tokens == 512
+    assert prof.swap.ms_per_token == 0  # whole blocks are copied: the fit prices blocks
     for fit in (prof.swap.fit, prof.recompute.fit):
         assert fit.r2 is not None and fit.heldout_mape is not None
     # the recompute measurement is L layers (each with its attention) plus the LM head

@@ -272,7 +272,10 @@ def calibrate(spec: ModelSpec, device: str, block_size: int = 16, quick: bool = 
     swap_ms = swap.round_trip_ms(best)
     swap_spread = swap.out[best].spread_ms + swap.into[best].spread_ms
     swap_held = fitting.holdout_mask(len(swap_sizes))
-    swap_fit = fitting.fit_nnls(fitting.swap_design(swap_sizes, block_size), swap_ms, swap_held)
+    # The sweep copies whole blocks: its time is a function of ceil(n / block_size) alone, so
+    # the per-token column (n, nearly collinear with it) is left out; swap_ms_per_token is 0.
+    swap_fit = fitting.fit_nnls(fitting.swap_design(swap_sizes, block_size)[:, [0, 2]], swap_ms,
+                                swap_held)
 
     with recording() as points:
         prefill = _sweep("prefill", lambda: prefill_sweep(
@@ -302,7 +305,7 @@ def calibrate(spec: ModelSpec, device: str, block_size: int = 16, quick: bool = 
                                "prefill_layer": prefill.layer.to_dict(),
                                "attention": prefill.attention.to_dict(),
                                "decode": decode.__dict__}, indent=1)
-    (s0, s1, s2), (r0, r1, r2) = swap_fit.coefficients, pre_fit.coefficients
+    (s0, s2), s1, (r0, r1, r2) = swap_fit.coefficients, 0.0, pre_fit.coefficients
     costs = CostModel(swap_fixed_ms=s0, swap_ms_per_token=s1, swap_ms_per_block=s2,
                       block_size=block_size, recompute_fixed_ms=r0, recompute_ms_per_token=r1,
                       recompute_ms_per_token_sq=r2)
@@ -315,8 +318,9 @@ def calibrate(spec: ModelSpec, device: str, block_size: int = 16, quick: bool = 
     warnings += [f"the machine was busy {when} calibrating ({reason})"
                  for when in ("before", "after") if (reason := busy_reason(machine[when]))]
     if abs(machine["drift"]) > MAX_DRIFT:
-        warnings.append(f"the reference workload ran {100 * machine['drift']:+.0f}% slower after "
-                        "calibrating than before: the machine changed under the measurement")
+        warnings.append(f"the reference workload ran {100 * abs(machine['drift']):.0f}% "
+                        f"{'slower' if machine['drift'] > 0 else 'faster'} after calibrating than "
+                        "before: the machine changed under the measurement")
     stopped = {"swap": swap.out[best].stopped, "prefill": prefill.layer.stopped,
                "decode": decode.stopped}
     profile = Profile(
