@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from kvbench.hardware import HardwareSpec
+from kvbench.limits import MAX_TOKENS
 from kvbench.models import ModelSpec
 
 CROSSOVER_SEARCH_TOKENS = 1 << 21
@@ -44,10 +45,12 @@ def check_coefficient(key: str, value: Any) -> float:
 
 
 def check_positive_int(key: str, value: Any) -> int:
+    """A positive integer up to MAX_TOKENS (block sizes, tensor-parallel degrees)."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"config: {key} must be a positive integer, got {value!r}")
-    if value < 1:
-        raise ValueError(f"config: {key} must be a positive integer, got {value}")
+    if not 1 <= value <= MAX_TOKENS:
+        raise ValueError(f"config: {key} must be a positive integer up to {MAX_TOKENS}, got "
+                         f"{value}")
     return int(value)
 
 

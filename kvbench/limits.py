@@ -4,6 +4,7 @@
 prompt, output and generation limit in a trace or a synthetic mix. Within it a count squared
 (the n² attention term, at most 2**62) and any two counts added stay exact in int64, so no
 capacity or admission check can be defeated by wrap-around. It is far beyond any model's context.
+`MAX_MODEL_DIM` (2**31) bounds each number of a model's shape, so byte and FLOP counts stay floats.
 `MAX_BLOCKS` (2**40) bounds a KV cache's block count and `MAX_MEMORY_GIB` (2**20, a PiB) a
 memory size: their products with block and byte sizes stay exact. `MAX_COST_MS` (1e100) bounds
 a price in ms (the selector's, or a simulated step's at MAX_TOKENS tokens): sums of prices (a
@@ -17,6 +18,7 @@ import math
 import numbers
 
 MAX_TOKENS = 1 << 31
+MAX_MODEL_DIM = 1 << 31  # any size of a model's shape (layers, hidden, heads, vocabulary, ...)
 MAX_BLOCKS = 1 << 40
 MAX_MEMORY_GIB = float(1 << 20)
 MAX_COST_MS = 1e100

@@ -15,7 +15,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from kvbench.limits import check_name
+from kvbench.limits import MAX_MODEL_DIM, check_name
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "fp8": 1}
 DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16",
@@ -53,9 +53,10 @@ class ModelSpec:
         for field in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim",
                       "intermediate_size", "vocab_size", "tp"):
             value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"model {self.name!r}: {field} must be a positive integer, "
-                                 f"got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= \
+                    MAX_MODEL_DIM:
+                raise ValueError(f"model {self.name!r}: {field} must be an integer from 1 to "
+                                 f"{MAX_MODEL_DIM}, got {value!r}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"model {self.name!r}: num_heads ({self.num_heads}) must be a "
                              f"multiple of num_kv_heads ({self.num_kv_heads})")

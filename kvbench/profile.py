@@ -28,6 +28,7 @@ from kvbench import __version__
 from kvbench.costmodel import COEFFICIENT_KEYS, CostModel, DecodeModel
 from kvbench.hardware import HardwareSpec, get_hardware
 from kvbench.io import write_atomic
+from kvbench.limits import MAX_TOKENS
 from kvbench.models import ModelSpec, get_model
 
 SCHEMA = "kvbench.profile"
@@ -188,9 +189,10 @@ def now_iso() -> str:
 def analytic_profile(model: ModelSpec, hw: HardwareSpec, block_size: int = 16,
                      max_tokens: int = 131072) -> Profile:
     """A profile computed from datasheet figures, not measured (source 'analytic')."""
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive integer (tokens per KV block), "
-                         f"got {block_size!r}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) \
+            or not 1 <= block_size <= MAX_TOKENS:
+        raise ValueError(f"block_size must be a positive integer up to {MAX_TOKENS} (tokens per "
+                         f"KV block), got {block_size!r}")
     costs = CostModel.analytic(model, hw, block_size)
     decode = DecodeModel.analytic(model, hw)
     fit = FitQuality(min_tokens=1, max_tokens=max_tokens)

@@ -321,3 +321,21 @@ def test_torch_attention_with_non_positive_scale(sm_scale):
     out = prefill_attention(q, k, v, causal=True, sm_scale=sm_scale, impl="torch")
     expected = prefill_attention_ref(q, k, v, causal=True, sm_scale=sm_scale)
     torch.testing.assert_close(out.double(), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_model_dimensions_are_bounded(tmp_path, one_error_line):
+    """Defect 3 (found while fuzzing): a 400-digit hidden_size overflowed the float conversion
+    of the memory plan into a traceback."""
+    path = hf_config(tmp_path, hidden_size=10**400)
+    one_error_line(["calibrate", "--device", "cpu", "--config-json", str(path), "--out",
+                    str(tmp_path / "p.json")], "hidden_size must be an integer from 1 to ")
+
+
+@pytest.mark.parametrize("command", [["select", "5", "--model", "tiny"],
+                                     ["calibrate", "--device", "cpu", "--model", "tiny"]])
+def test_block_size_too_large_for_a_float(command, tmp_path, one_error_line):
+    """Defect 3 (found while fuzzing): a 400-digit --block-size overflowed a float conversion
+    into a traceback."""
+    out = ["--out", str(tmp_path / "p.json")] if command[0] == "calibrate" else []
+    one_error_line([*command, "--block-size", "9" * 400, *out], f"up to {MAX_TOKENS}"
+                   if command[0] == "select" else f"from 1 to {MAX_TOKENS}")

@@ -46,7 +46,7 @@ FUZZ = settings(max_examples=EXAMPLES, deadline=None, derandomize="FUZZ_RANDOM" 
 
 HOSTILE_NUMBERS = ["0", "-1", "inf", "-inf", "nan", "1e308", "1e-320", "-0", str(2**63),
                    str(2**63 - 1), str(MAX_TOKENS), str(MAX_TOKENS + 1), str(2**70), "", " ",
-                   "abc", "1.5", "0x10", "1_000", "1e3", "--", "9" * 30]
+                   "abc", "1.5", "0x10", "1_000", "1e3", "--", "9" * 30, "9" * 400]
 
 
 def numbers(low: float, high: float, real: bool = False) -> st.SearchStrategy[str]:

@@ -41,6 +41,7 @@ from kvbench.calibration.sweeps import (
 from kvbench.costmodel import CostModel
 from kvbench.hardware import device_slug, fingerprint, slugify
 from kvbench.io import check_writable, remove_stale_temp_files, write_atomic
+from kvbench.limits import MAX_TOKENS
 from kvbench.models import ModelSpec, from_hf_config, get_model
 from kvbench.ops.kv_copy import copy_impls
 from kvbench.profile import (
@@ -131,6 +132,8 @@ def calibration_plan(spec: ModelSpec, device: str, block_size: int = 16, quick: 
                      ) -> MemoryPlan:
     """The sizes of `PLANS[(device, quick)]` (`plan` overrides them, same keys) that fit in
     memory (`kvbench.calibration.memory`): MemoryPlanError, one line, if too few fit."""
+    if not 1 <= block_size <= MAX_TOKENS:
+        raise ValueError(f"block size must be from 1 to {MAX_TOKENS} tokens, got {block_size}")
     plan = {**PLANS[(device, quick)], **(plan or {})}
     batches, contexts = plan["decode"]
     memory_plan = fit_plan(spec, device, block_size, geometric_sizes(*plan["swap"]),
