@@ -87,9 +87,9 @@ def select(
     transfer_latency_ms: Optional[float] = typer.Option(None, help="Fixed cost per transfer."),
     peak_tflops: Optional[float] = typer.Option(None, help="Dense matrix rate, TFLOP/s."),
     achieved_fraction: Optional[float] = typer.Option(None, help="Share of peak reached."),
-    block_size: int = typer.Option(16, help="KV block size in tokens."),
+    block_size: Optional[int] = typer.Option(None, help="KV block size in tokens (default 16)."),
     dtype: Optional[str] = typer.Option(None, help="KV/weight dtype (default: the model's)."),
-    tp: int = typer.Option(1, help="Tensor-parallel degree."),
+    tp: Optional[int] = typer.Option(None, help="Tensor-parallel degree (default 1)."),
     force: bool = typer.Option(False, help="Use a profile made for another model."),
     as_json: bool = typer.Option(False, "--json", help="Print the selector's dict as JSON."),
 ) -> None:
@@ -152,35 +152,55 @@ def calibrate_cmd(
     quick: bool = typer.Option(False, help="Fewer, smaller sizes (CPU: under a minute)."),
     out_path: Optional[Path] = typer.Option(None, "--out", help="Profile path (default "
                                             "results/profiles/<device>-<model>.json)."),
+    force: bool = typer.Option(False, help="Write the profile there even if a fit misses the "
+                                           "quality bar (held-out error over 10%)."),
     as_json: bool = typer.Option(False, "--json", help="Print the profile JSON."),
 ) -> None:
-    """Measure swap and prefill on this machine, fit the cost models, write the profile."""
+    """Measure swap and prefill on this machine, fit the cost models, write the profile.
+
+    A profile whose swap or recompute fit misses the quality bar is written beside the path, as
+    <name>.rejected.json, and the command exits 1 (unless --force)."""
     from kvbench.calibration.pipeline import (
         calibrate,
         calibration_model,
+        calibration_plan,
         calibration_summary,
+        check_inputs,
         default_profile_path,
+        rejected_path,
     )
-    from kvbench.doctor import require_calibration_fits
 
     dev = resolve_device(device)
     spec = calibration_model(dev, model, config_json, dtype)
-    path = out_path or default_profile_path(dev, spec)
-    require_calibration_fits(spec, dev, block_size, quick)  # refuse before allocating
+    path = check_inputs(spec, out_path or default_profile_path(dev, spec))
+    memory_plan = calibration_plan(spec, dev, block_size, quick)
+    for note in memory_plan.notes:
+        err.print(f"note: memory: {note}")
     try:
         with progress_bar() as progress:
             run = calibrate(spec, dev, block_size=block_size, quick=quick,
-                            on_point=PhaseProgress(progress))
+                            on_point=PhaseProgress(progress), memory_plan=memory_plan)
     except KeyboardInterrupt:
         err.print(f"interrupted: nothing written; {path} is as it was")
         raise typer.Exit(130) from None
-    paths = run.write(path)
-    for warning in run.warnings:
+    target = path if run.passed or force else rejected_path(path)
+    try:
+        paths = run.write(target)
+    except KeyboardInterrupt:
+        err.print(f"interrupted while writing: {target} and its samples are a matching pair, "
+                  "the earlier or the new one")
+        raise typer.Exit(130) from None
+    for warning in run.warnings + (run.failures if force else []):
         err.print(f"warning: {warning}")
     if as_json:
         print(run.profile.to_json())
     else:
         echo(calibration_summary(run.profile, paths))
+    if target != path:
+        err.print(f"error: the profile missed its quality bar ({'; '.join(run.failures)}): "
+                  f"written to {target}, {path} is as it was; calibrate again on a quiet "
+                  "machine, or pass --force to accept it")
+        raise typer.Exit(1)
 
 
 @app.command("validate")

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 
 from kvbench.hardware import HardwareSpec
+from kvbench.limits import MAX_TOKENS
 from kvbench.models import ModelSpec
 
 CROSSOVER_SEARCH_TOKENS = 1 << 21
@@ -44,11 +45,25 @@ def check_coefficient(key: str, value: Any) -> float:
 
 
 def check_positive_int(key: str, value: Any) -> int:
+    """A positive integer up to MAX_TOKENS (block sizes, tensor-parallel degrees)."""
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"config: {key} must be a positive integer, got {value!r}")
-    if value < 1:
-        raise ValueError(f"config: {key} must be a positive integer, got {value}")
+    if not 1 <= value <= MAX_TOKENS:
+        raise ValueError(f"config: {key} must be a positive integer up to {MAX_TOKENS}, got "
+                         f"{value}")
     return int(value)
+
+
+def check_analytic(hw: HardwareSpec, coefficients: dict[str, float]) -> dict[str, float]:
+    """Coefficients computed from datasheet figures, if all are finite (a rate near 0, e.g.
+    achieved_fraction 1e-320, overflows them): ValueError naming the first that is not."""
+    for key, value in coefficients.items():
+        if not math.isfinite(value):
+            raise ValueError(f"hardware {hw.name!r}: its figures give {key} = {value}; the rates "
+                             f"are too small to price with (achieved_fraction "
+                             f"{hw.achieved_fraction:g}, peak_tflops {hw.peak_tflops:g}, links "
+                             f"{hw.h2d_gbps:g}/{hw.d2h_gbps:g} GB/s, memory {hw.hbm_gbps:g} GB/s)")
+    return coefficients
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -129,15 +144,14 @@ class CostModel:
         """
         kvb = model.kv_bytes_per_token
         rate = hw.peak_tflops * 1e12 * hw.achieved_fraction / 1e3
-        return cls(
+        return cls(**check_analytic(hw, dict(
             swap_fixed_ms=2 * hw.transfer_latency_ms,
             swap_ms_per_token=kvb * (1 / hw.d2h_gbps + 1 / hw.h2d_gbps) / 1e6,
             swap_ms_per_block=2 * hw.block_copy_overhead_ms,
-            block_size=block_size,
             recompute_fixed_ms=model.lm_head_flops / rate + hw.launch_overhead_ms,
             recompute_ms_per_token=model.linear_flops_per_token / rate,
             recompute_ms_per_token_sq=model.attention_flops_per_token_sq / rate,
-        )
+        )), block_size=block_size)
 
 
 COEFFICIENT_KEYS = tuple(f.name for f in dataclasses.fields(CostModel))
@@ -163,8 +177,8 @@ class DecodeModel:
         FLOPs at the achieved rate (d1), and each cached token's K and V once (d2)."""
         rate = hw.peak_tflops * 1e12 * hw.achieved_fraction / 1e3
         bytes_per_ms = hw.hbm_gbps * 1e6
-        return cls(
+        return cls(**check_analytic(hw, dict(
             d0_ms=model.weight_bytes / bytes_per_ms + hw.launch_overhead_ms,
             d1_ms_per_seq=(model.linear_flops_per_token + model.lm_head_flops) / rate,
             d2_ms_per_seq_token=model.kv_bytes_per_token / bytes_per_ms,
-        )
+        )))

@@ -6,7 +6,7 @@ driver supports (the fix: point Triton at an older ptxas); the GPU and its free 
 pinned host allocation; a zero-copy Triton copy through the GPU's mapping of pinned memory
 (UVA), checked against the reference; the PCIe link (NVML through nvidia-ml-py, else
 nvidia-smi); and the memory and time the calibration of a model would take, failing when it
-cannot fit (`require_calibration_fits` lets `kvbench calibrate` refuse before it starts).
+cannot fit (the memory plan `kvbench calibrate` itself checks before it starts).
 
 Only the CPU branches have run: no GPU has been lent to this project, so every GPU check here
 is unrun code (on this machine they say what they would check and skip).
@@ -14,14 +14,11 @@ is unrun code (on this machine they say what they would check and skip).
 
 from __future__ import annotations
 
-import math
-import os
 import platform
 import re
 import shutil
 import subprocess
 from dataclasses import asdict, dataclass
-from pathlib import Path
 
 import torch
 
@@ -29,7 +26,6 @@ from kvbench import __version__
 from kvbench.models import ModelSpec
 
 GIB = 2**30
-MEMORY_MARGIN = 1.1  # allocator slack over the estimated peak
 
 
 @dataclass(frozen=True)
@@ -170,105 +166,37 @@ def _gpu() -> list[Check]:
     return checks
 
 
-def host_available_bytes() -> int:
-    """MemAvailable from /proc/meminfo (Linux), else free physical pages."""
-    try:
-        match = re.search(r"^MemAvailable:\s+(\d+) kB", Path("/proc/meminfo").read_text(),
-                          re.MULTILINE)
-        if match:
-            return int(match.group(1)) * 1024
-    except OSError:
-        pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
-
-
-@dataclass(frozen=True)
-class CalibrationEstimate:
-    """Peak memory of each phase of `kvbench calibrate` (bytes) and the sum of its timing
-    budgets (seconds): the repetitions of a point stop at its budget (at least 3 of them)."""
-
-    swap_device_bytes: int  # the KV cache the swaps gather from (2x the largest request)
-    swap_host_bytes: int  # the swap space, pinned on CUDA (half the cache)
-    prefill_bytes: int  # cold layers, LM head, activations at the longest prompt
-    decode_bytes: int  # cold layers, LM head, one layer's K/V at the largest batch and context
-    timed_seconds: float
-
-    @property
-    def device_peak_bytes(self) -> int:
-        return int(MEMORY_MARGIN * max(self.swap_device_bytes, self.prefill_bytes,
-                                       self.decode_bytes))
-
-
-def estimate_calibration(spec: ModelSpec, device: str, block_size: int = 16,
-                         quick: bool = False) -> CalibrationEstimate:
-    """What `calibrate(spec, device, block_size, quick)` will allocate and time, from its plan
-    (`kvbench.calibration.pipeline.PLANS`) and the sweeps' shapes; an estimate, not a
-    measurement."""
+def calibration_seconds(spec: ModelSpec, device: str, quick: bool = False) -> float:
+    """The sum of the timing budgets of `calibrate(spec, device, quick=quick)`'s points (the
+    repetitions of a point stop at its budget): an estimate from its plan, not a measurement."""
     from kvbench.calibration.pipeline import PLANS, geometric_sizes
-    from kvbench.calibration.sweeps import cold_layer_count, kv_shape
     from kvbench.ops import copy_impls
 
     plan = PLANS[(device, quick)]
-    nbytes = spec.dtype_bytes
-    swap_sizes = geometric_sizes(*plan["swap"])
-    cache = math.prod(kv_shape(spec, 2 * -(-max(swap_sizes) // block_size), block_size)) * nbytes
-    hq, hkv = spec.num_heads // spec.tp, spec.kv_heads_per_gpu
-    inter = spec.intermediate_size // spec.tp
-    weights = (cold_layer_count(spec) * spec.layer_params / spec.tp
-               + spec.vocab_size // spec.tp * spec.hidden_size) * nbytes
-    n = max(geometric_sizes(*plan["prefill"]))
-    # per token: hidden states and norms (float32 copies), q/k/v, attention out, gate/up, act
-    activations = n * ((6 * spec.hidden_size + (2 * hq + 2 * hkv) * spec.head_dim + 3 * inter)
-                       * nbytes + 2 * 4 * spec.hidden_size)
-    batches, contexts = plan["decode"]
-    kv = 2 * max(batches) * hkv * max(contexts) * spec.head_dim * nbytes
     impls = [i for i in copy_impls(device) if device == "cuda" or i != "triton"]
-    swap_points = len(swap_sizes) * len(impls)
+    swap_points = len(geometric_sizes(*plan["swap"])) * len(impls)
+    batches, contexts = plan["decode"]
     timed_ms = (2 * 300 * swap_points + (1500 + 500) * len(geometric_sizes(*plan["prefill"]))
                 + (300 + 100) * len(batches) * len(contexts))
-    return CalibrationEstimate(int(cache), int(cache // 2), int(weights + activations),
-                               int(weights + kv), timed_ms / 1e3)
-
-
-def calibration_problem(spec: ModelSpec, device: str, block_size: int = 16,
-                        quick: bool = False) -> tuple[CalibrationEstimate, str | None]:
-    """The estimate, and why the calibration cannot fit this machine (None: it fits)."""
-    est = estimate_calibration(spec, device, block_size, quick)
-    host = host_available_bytes()
-    if device == "cuda":
-        free = torch.cuda.mem_get_info()[0]
-        if est.device_peak_bytes > free:
-            return est, (f"calibrating {spec.name} needs about {est.device_peak_bytes / GIB:.1f}"
-                         f" GiB of GPU memory, {free / GIB:.1f} GiB is free: free the GPU, use "
-                         "--quick, a smaller model or a larger GPU")
-        if est.swap_host_bytes > host:
-            return est, (f"the pinned swap space for {spec.name} needs "
-                         f"{est.swap_host_bytes / GIB:.1f} GiB of host memory, "
-                         f"{host / GIB:.1f} GiB is available")
-    elif est.device_peak_bytes + est.swap_host_bytes > host:
-        return est, (f"calibrating {spec.name} on the CPU needs about "
-                     f"{(est.device_peak_bytes + est.swap_host_bytes) / GIB:.1f} GiB of memory, "
-                     f"{host / GIB:.1f} GiB is available: use --quick or a smaller model")
-    return est, None
-
-
-def require_calibration_fits(spec: ModelSpec, device: str, block_size: int = 16,
-                             quick: bool = False) -> None:
-    """Raise ValueError (one line for the CLI) when the calibration cannot fit."""
-    problem = calibration_problem(spec, device, block_size, quick)[1]
-    if problem is not None:
-        raise ValueError(problem)
+    return timed_ms / 1e3
 
 
 def _calibration(spec: ModelSpec, device: str, block_size: int, quick: bool) -> Check:
-    est, problem = calibration_problem(spec, device, block_size, quick)
-    where = "GPU" if device == "cuda" else "host"
-    detail = (f"{spec.name} on {device}{' --quick' if quick else ''}: about "
-              f"{est.device_peak_bytes / GIB:.1f} GiB {where} peak + "
-              f"{est.swap_host_bytes / GIB:.1f} GiB swap space; timed repetitions "
-              f"≤ {est.timed_seconds / 60:.1f} min (budgets) plus warm-up and first compiles")
-    return Check("calibration", "fail", f"{detail}. {problem}") if problem else \
-        Check("calibration", "ok", detail)
+    """Does the calibration fit: the very memory plan `kvbench calibrate` checks before it
+    allocates (`kvbench.calibration.memory`), and how long its timed points take."""
+    from kvbench.calibration.memory import MemoryPlanError
+    from kvbench.calibration.pipeline import calibration_plan
+
+    what = f"{spec.name} on {device}{' --quick' if quick else ''}"
+    try:
+        plan = calibration_plan(spec, device, block_size, quick)
+    except MemoryPlanError as exc:
+        return Check("calibration", "fail", f"{what}: {exc}")
+    notes = f" ({'; '.join(plan.notes)})" if plan.notes else ""
+    return Check("calibration", "ok",
+                 f"{what}: fits in memory{notes}; timed repetitions ≤ "
+                 f"{calibration_seconds(spec, device, quick) / 60:.1f} min (budgets) plus "
+                 "warm-up and first compiles")
 
 
 def run_checks(spec: ModelSpec, device: str, block_size: int = 16,

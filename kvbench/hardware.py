@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvbench import __version__
+from kvbench.limits import check_name
 
 
 @dataclass(frozen=True)
@@ -49,6 +50,9 @@ class HardwareSpec:
                 raise ValueError(f"hardware {self.name!r}: {field} must be positive")
         if self.achieved_fraction > 1:
             raise ValueError(f"hardware {self.name!r}: achieved_fraction must be in (0, 1]")
+        if not self.peak_tflops * 1e12 * self.achieved_fraction > 0:  # underflowed to 0
+            raise ValueError(f"hardware {self.name!r}: peak_tflops {self.peak_tflops:g} x "
+                             f"achieved_fraction {self.achieved_fraction:g} is too small a rate")
 
 
 # Nominal figures: PCIe Gen5 x16 moves ~55 GB/s each way in practice, Gen4 ~25; dense bf16 rates
@@ -70,7 +74,7 @@ HARDWARE_FIELDS = tuple(f.name for f in dataclasses.fields(HardwareSpec)
 
 def get_hardware(name: str = "h100-sxm", **overrides: float) -> HardwareSpec:
     """A preset by name with any fields overridden (None values are ignored)."""
-    if name not in HARDWARE:
+    if check_name("hardware", name) not in HARDWARE:
         raise ValueError(f"unknown hardware {name!r}; presets: {', '.join(HARDWARE)}")
     unknown = set(overrides) - set(HARDWARE_FIELDS)
     if unknown:

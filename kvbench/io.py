@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import os
 import secrets
+import tempfile
+import time
 from pathlib import Path
 
 
@@ -29,3 +31,33 @@ def write_atomic(path: str | os.PathLike, text: str | bytes) -> Path:
         tmp.unlink(missing_ok=True)
         raise
     return path
+
+
+def check_writable(path: str | os.PathLike) -> Path:
+    """OSError naming `path` unless a file can be written there now: not a folder, its folder
+    made (if missing) and writable, probed by creating and removing a temp file in it."""
+    path = Path(path)
+    if path.is_dir():
+        raise OSError(f"cannot write {path}: it is a folder")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, probe = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        os.close(fd)
+        os.unlink(probe)
+    except OSError as exc:
+        raise OSError(f"cannot write {path}: {exc.strerror or exc}") from None
+    return path
+
+
+def remove_stale_temp_files(paths: list[Path], older_than_s: float) -> list[Path]:
+    """Remove the `write_atomic` temp files among `paths` last modified more than
+    `older_than_s` ago (a killed writer's: a live write renames its file within seconds)."""
+    removed = []
+    for tmp in paths:
+        try:
+            if time.time() - tmp.stat().st_mtime > older_than_s:
+                tmp.unlink()
+                removed.append(tmp)
+        except FileNotFoundError:
+            pass
+    return removed

@@ -15,6 +15,8 @@ from pathlib import Path
 
 from rich.table import Table
 
+from kvbench.limits import MAX_MODEL_DIM, check_name
+
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "fp8": 1}
 DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half": "float16",
                  "float": "float32", "float8": "fp8", "float8_e4m3fn": "fp8"}
@@ -22,7 +24,8 @@ DTYPE_ALIASES = {"fp32": "float32", "fp16": "float16", "bf16": "bfloat16", "half
 
 def canonical_dtype(dtype: str) -> str:
     """Map 'bf16', 'fp16', 'float32', ... to one of DTYPE_BYTES's names, or raise ValueError."""
-    name = DTYPE_ALIASES.get(str(dtype).lower(), str(dtype).lower())
+    name = check_name("dtype", dtype).lower()
+    name = DTYPE_ALIASES.get(name, name)
     if name not in DTYPE_BYTES:
         raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPE_BYTES)}")
     return name
@@ -44,13 +47,16 @@ class ModelSpec:
     tp: int = 1
 
     def __post_init__(self) -> None:
+        if not isinstance(self.name, str) or not self.name:
+            raise ValueError(f"model name must be a non-empty string, got {self.name!r}")
         object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
         for field in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim",
                       "intermediate_size", "vocab_size", "tp"):
             value = getattr(self, field)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise ValueError(f"model {self.name!r}: {field} must be a positive integer, "
-                                 f"got {value!r}")
+            if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= \
+                    MAX_MODEL_DIM:
+                raise ValueError(f"model {self.name!r}: {field} must be an integer from 1 to "
+                                 f"{MAX_MODEL_DIM}, got {value!r}")
         if self.num_heads % self.num_kv_heads:
             raise ValueError(f"model {self.name!r}: num_heads ({self.num_heads}) must be a "
                              f"multiple of num_kv_heads ({self.num_kv_heads})")
@@ -126,11 +132,16 @@ MODELS: dict[str, ModelSpec] = {
 
 def get_model(name: str, dtype: str | None = None, tp: int = 1) -> ModelSpec:
     """A preset by name, optionally in another dtype or split over `tp` GPUs."""
-    if name not in MODELS:
+    if check_name("model", name) not in MODELS:
         raise ValueError(f"unknown model {name!r}; presets: {', '.join(MODELS)} "
                          "(or pass a Hugging Face config.json)")
     spec = MODELS[name]
     return dataclasses.replace(spec, dtype=dtype or spec.dtype, tp=tp)
+
+
+HF_REQUIRED = ("num_hidden_layers", "hidden_size", "num_attention_heads", "intermediate_size",
+               "vocab_size")
+HF_OPTIONAL = ("num_key_value_heads", "head_dim")
 
 
 def from_hf_config(path: str | Path, dtype: str | None = None, tp: int = 1) -> ModelSpec:
@@ -138,24 +149,42 @@ def from_hf_config(path: str | Path, dtype: str | None = None, tp: int = 1) -> M
     path = Path(path)
     try:
         cfg = json.loads(path.read_text())
-    except (OSError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"cannot read model config {path}: {exc}") from None
-    missing = [k for k in ("num_hidden_layers", "hidden_size", "num_attention_heads",
-                           "intermediate_size", "vocab_size") if k not in cfg]
+    except RecursionError:
+        raise ValueError(f"cannot read model config {path}: JSON nested too deeply") from None
+    if not isinstance(cfg, dict):
+        raise ValueError(f"model config {path}: expected a JSON object, got "
+                         f"{type(cfg).__name__}")
+    missing = [k for k in HF_REQUIRED if k not in cfg]
     if missing:
         raise ValueError(f"model config {path}: missing key(s) {', '.join(missing)}")
-    heads = cfg["num_attention_heads"]
+    given = {k: cfg[k] for k in (*HF_REQUIRED, *HF_OPTIONAL) if cfg.get(k) is not None}
+    for key, value in given.items():
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"model config {path}: {key} must be a positive integer, got "
+                             f"{value!r}")
+    heads, hidden = given["num_attention_heads"], given["hidden_size"]
+    if "head_dim" not in given and hidden % heads:
+        raise ValueError(f"model config {path}: hidden_size {hidden} is not a multiple of "
+                         f"num_attention_heads {heads}; give head_dim")
+    name = cfg.get("_name_or_path") or cfg.get("model_type") or path.parent.name or "custom"
+    dtype = dtype or cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16"
+    for key, value in (("name", name), ("dtype", dtype)):
+        if not isinstance(value, str):
+            raise ValueError(f"model config {path}: the model's {key} must be a string, got "
+                             f"{value!r}")
     return ModelSpec(
-        name=cfg.get("_name_or_path") or cfg.get("model_type") or path.parent.name or "custom",
-        num_layers=cfg["num_hidden_layers"],
-        hidden_size=cfg["hidden_size"],
+        name=name,
+        num_layers=given["num_hidden_layers"],
+        hidden_size=hidden,
         num_heads=heads,
-        num_kv_heads=cfg.get("num_key_value_heads") or heads,
-        head_dim=cfg.get("head_dim") or cfg["hidden_size"] // heads,
-        intermediate_size=cfg["intermediate_size"],
-        vocab_size=cfg["vocab_size"],
+        num_kv_heads=given.get("num_key_value_heads", heads),
+        head_dim=given.get("head_dim", hidden // heads),
+        intermediate_size=given["intermediate_size"],
+        vocab_size=given["vocab_size"],
         # transformers >= 4.56 writes "dtype"; older versions wrote "torch_dtype".
-        dtype=dtype or cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16",
+        dtype=dtype,
         tp=tp,
     )
 

@@ -15,12 +15,20 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from kvbench import __version__
 from kvbench.costmodel import COEFFICIENT_KEYS, CostModel, DecodeModel
 from kvbench.hardware import HardwareSpec, get_hardware
 from kvbench.io import write_atomic
+from kvbench.limits import MAX_TOKENS
 from kvbench.models import ModelSpec, get_model
 
 SCHEMA = "kvbench.profile"
@@ -115,6 +123,11 @@ class ModelInfo(Strict):
     dtype: str
     tp: int = Field(default=1, ge=1)
 
+    @model_validator(mode="after")
+    def _consistent(self) -> ModelInfo:
+        self.spec()  # the shape rules of ModelSpec (heads a multiple of KV heads, the dtype)
+        return self
+
     def spec(self) -> ModelSpec:
         return ModelSpec(**self.model_dump())
 
@@ -176,9 +189,10 @@ def now_iso() -> str:
 def analytic_profile(model: ModelSpec, hw: HardwareSpec, block_size: int = 16,
                      max_tokens: int = 131072) -> Profile:
     """A profile computed from datasheet figures, not measured (source 'analytic')."""
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"block_size must be a positive integer (tokens per KV block), "
-                         f"got {block_size!r}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) \
+            or not 1 <= block_size <= MAX_TOKENS:
+        raise ValueError(f"block_size must be a positive integer up to {MAX_TOKENS} (tokens per "
+                         f"KV block), got {block_size!r}")
     costs = CostModel.analytic(model, hw, block_size)
     decode = DecodeModel.analytic(model, hw)
     fit = FitQuality(min_tokens=1, max_tokens=max_tokens)
@@ -193,7 +207,8 @@ def analytic_profile(model: ModelSpec, hw: HardwareSpec, block_size: int = 16,
     )
 
 
-def _problems(exc: ValidationError) -> str:
+def problems(exc: ValidationError) -> str:
+    """A pydantic error's problems on one line: `where: what; where: what`."""
     lines = []
     for err in exc.errors():
         where = ".".join(str(p) for p in err["loc"]) or "(top level)"
@@ -220,19 +235,23 @@ def parse(data: Any, origin: str = "profile") -> Profile:
     try:
         return Profile.model_validate(data)
     except ValidationError as exc:
-        raise ProfileError(f"{origin}: {_problems(exc)}") from None
+        raise ProfileError(f"{origin}: {problems(exc)}") from None
 
 
 def load(path: str | os.PathLike) -> Profile:
     path = Path(path)
     try:
-        text = path.read_text()
+        text = path.read_text(encoding="utf-8")
     except OSError as exc:
         raise ProfileError(f"cannot read profile {path}: {exc.strerror or exc}") from None
+    except UnicodeDecodeError as exc:
+        raise ProfileError(f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})") from None
     try:
         data = json.loads(text, parse_constant=lambda c: math.nan)
     except json.JSONDecodeError as exc:
         raise ProfileError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
+    except RecursionError:
+        raise ProfileError(f"{path}: not valid JSON for a profile (nested too deeply)") from None
     return parse(data, origin=str(path))
 
 
@@ -241,13 +260,15 @@ def save(profile: Profile, path: str | os.PathLike) -> Path:
 
 
 def resolve(path: str | os.PathLike | None, model: str | None, hardware: str = "h100-sxm",
-            block_size: int = 16, dtype: str | None = None, tp: int = 1, force: bool = False,
-            **hw_overrides) -> Profile:
+            block_size: int | None = None, dtype: str | None = None, tp: int | None = None,
+            force: bool = False, **hw_overrides) -> Profile:
     """The profile a command prices with: the file at `path` (checked against `model` when both
-    are given), or an analytic one for a model preset on a hardware preset. `hw_overrides`
-    (hardware fields; None means not given) apply to analytic costs only."""
+    are given), or an analytic one for a model preset on a hardware preset. `block_size`
+    (default 16), `dtype`, `tp` (default 1) and `hw_overrides` (hardware fields) shape analytic
+    costs only: None means not given, and giving one with `path` is an error."""
     if path is not None:
-        given = [k for k, v in hw_overrides.items() if v is not None]
+        shape = {"block_size": block_size, "dtype": dtype, "tp": tp, **hw_overrides}
+        given = [k for k, v in shape.items() if v is not None]
         if given:
             raise ValueError(f"--{given[0].replace('_', '-')} sets analytic costs (--model "
                              "without --profile); a profile carries its own measured costs")
@@ -256,8 +277,9 @@ def resolve(path: str | os.PathLike | None, model: str | None, hardware: str = "
         return prof
     if model is None:
         raise ValueError("give --profile PATH or --model NAME (see `kvbench models`)")
-    return analytic_profile(get_model(model, dtype=dtype, tp=tp),
-                            get_hardware(hardware, **hw_overrides), block_size=block_size)
+    return analytic_profile(get_model(model, dtype=dtype, tp=1 if tp is None else tp),
+                            get_hardware(hardware, **hw_overrides),
+                            block_size=16 if block_size is None else block_size)
 
 
 def extrapolation_warning(profile: Profile, token_counts: list[int]) -> str | None:

@@ -32,7 +32,8 @@ def latest_baselines(bench_dir: Path) -> dict[str, dict]:
 
 
 def load_profiles(profile_dir: Path) -> dict[str, list[tuple[Path, Profile]]]:
-    """slug -> measured profiles (samples files and unreadable files are skipped)."""
+    """slug -> measured profiles (samples files, unreadable files and profiles that missed
+    their quality bar are skipped)."""
     by_slug = defaultdict(list)
     for path in sorted(profile_dir.glob("*.json")):
         if path.name.endswith(".samples.json"):
@@ -41,6 +42,8 @@ def load_profiles(profile_dir: Path) -> dict[str, list[tuple[Path, Profile]]]:
             prof = load(path)
         except ProfileError:
             continue
+        if prof.extra.get("quality", {}).get("passed") is False:
+            continue  # missed its quality bar (`kvbench calibrate` wrote it as .rejected.json)
         by_slug[fingerprint_slug(prof.environment)].append((path, prof))
     return by_slug
 

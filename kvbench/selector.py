@@ -11,6 +11,8 @@ picks the cheaper; exactly equal costs choose swap. `config` is one of:
   override: `h2d_gbps`, `d2h_gbps`, `transfer_latency_ms`, `peak_tflops`, `achieved_fraction`,
   `hbm_gbps`, `block_copy_overhead_ms`, `launch_overhead_ms`;
 * a profile: a `kvbench.profile.Profile` or the path of a profile JSON.
+
+Token counts are integers from 0 to `kvbench.limits.MAX_TOKENS` (2**31).
 """
 
 from __future__ import annotations
@@ -30,11 +32,11 @@ from kvbench.costmodel import (
     unknown_key_message,
 )
 from kvbench.hardware import HARDWARE_FIELDS, get_hardware
+from kvbench.limits import MAX_COST_MS, MAX_TOKENS
 from kvbench.models import get_model
 
 ANALYTIC_KEYS = ("model", "hardware", "dtype", "tp", "block_size") + HARDWARE_FIELDS
 INT_TYPES = (int, np.integer)
-INT64_MAX = int(np.iinfo(np.int64).max)
 STRATEGY_NAMES = np.array(["recompute", "swap"], dtype=object)  # indexed by use_swap
 
 
@@ -71,70 +73,59 @@ def _first_bad_index(mask: np.ndarray) -> int:
     return int(np.flatnonzero(mask)[0])
 
 
+def _token_count(i: int, value: Any) -> int:
+    """One token count checked on its own (the slow path, for lists with odd elements)."""
+    if isinstance(value, (bool, np.bool_)):
+        raise TypeError(f"request {i}: token count must be an integer, got bool {value!r}")
+    if isinstance(value, numbers.Real) and not isinstance(value, INT_TYPES):
+        value = float(value)
+        if not math.isfinite(value) or value != int(value):
+            raise ValueError(f"request {i}: token count must be a non-negative integer, got "
+                             f"{value!r}")
+    elif not isinstance(value, INT_TYPES):
+        raise TypeError(f"request {i}: token count must be an integer, got "
+                        f"{type(value).__name__} {value!r}")
+    value = int(value)
+    if value < 0:
+        raise ValueError(f"request {i}: token count must be non-negative, got {value}")
+    if value > MAX_TOKENS:
+        raise ValueError(f"request {i}: token count {value} is too large (at most {MAX_TOKENS})")
+    return value
+
+
 def validate_token_counts(token_counts: Any) -> np.ndarray:
-    """Return token counts as an int64 array, or raise naming the first bad request index."""
-    if isinstance(token_counts, np.ndarray) and token_counts.dtype.kind == "O" \
-            and token_counts.ndim == 1:
-        token_counts = token_counts.tolist()  # Python objects: check them one by one below
+    """Token counts as an int64 array, each from 0 to `MAX_TOKENS`, or raise naming the first
+    bad request index (TypeError for a value that is not a number, else ValueError)."""
     if isinstance(token_counts, np.ndarray):
-        arr = token_counts
-    elif isinstance(token_counts, (list, tuple)):
-        kinds = set(map(type, token_counts))  # C-speed pass; the slow scan runs only on error
-        if not all(issubclass(t, INT_TYPES) and not issubclass(t, (bool, np.bool_))
-                   for t in kinds):
-            for i, value in enumerate(token_counts):
-                if isinstance(value, (bool, np.bool_)):
-                    raise TypeError(f"request {i}: token count must be an integer, got bool "
-                                    f"{value!r}")
-                if isinstance(value, numbers.Real) and not isinstance(value, INT_TYPES):
-                    value = float(value)
-                    if not math.isfinite(value) or value != int(value):
-                        raise ValueError(f"request {i}: token count must be a non-negative "
-                                         f"integer, got {value!r}")
-                elif not isinstance(value, INT_TYPES):
-                    raise TypeError(f"request {i}: token count must be an integer, got "
-                                    f"{type(value).__name__} {value!r}")
-        try:
-            arr = np.asarray(token_counts) if token_counts else np.zeros(0, dtype=np.int64)
-        except OverflowError:  # ints beyond 64 bits: find and name the first one below
-            arr = np.array(token_counts, dtype=object)
-    else:
+        if token_counts.ndim != 1:
+            raise ValueError(f"token_counts must be one-dimensional, got shape "
+                             f"{token_counts.shape}")
+        if token_counts.dtype.kind not in "iuf":  # bool, object, strings: value by value
+            token_counts = token_counts.tolist()
+    elif not isinstance(token_counts, (list, tuple)):
         raise TypeError("token_counts must be a list, tuple or numpy array of integers, got "
                         f"{type(token_counts).__name__}")
-    if arr.ndim != 1:
-        raise ValueError(f"token_counts must be one-dimensional, got shape {arr.shape}")
-    if arr.dtype.kind == "b":
-        raise TypeError("request 0: token count must be an integer, got bool")
+    if isinstance(token_counts, np.ndarray):
+        arr = token_counts
+    elif all(t is int or issubclass(t, np.signedinteger)
+             for t in set(map(type, token_counts))):  # C-speed pass for the usual list of ints
+        try:
+            arr = np.asarray(token_counts, dtype=np.int64)
+        except OverflowError:
+            arr = np.array([_token_count(i, v) for i, v in enumerate(token_counts)],
+                           dtype=np.int64)
+    else:
+        arr = np.array([_token_count(i, v) for i, v in enumerate(token_counts)], dtype=np.int64)
     if arr.dtype.kind == "f":
         bad = ~np.isfinite(arr) | (arr != np.floor(arr))
         if bad.any():
             i = _first_bad_index(bad)
             raise ValueError(f"request {i}: token count must be a non-negative integer, got "
                              f"{arr[i]!r}")
-    elif arr.dtype.kind not in "iu":
-        values = arr.tolist()
-        i = next((i for i, v in enumerate(values) if not isinstance(v, int)
-                  or isinstance(v, bool)), None)
-        if i is not None:
-            raise TypeError(f"request {i}: token count must be an integer, got {values[i]!r}")
-        # Python ints that numpy kept as objects: one of them fits no 64-bit dtype.
-        i = next((i for i, v in enumerate(values) if not 0 <= v <= INT64_MAX), None)
-        if i is not None and values[i] < 0:
-            raise ValueError(f"request {i}: token count must be non-negative, got {values[i]}")
-        if i is not None:
-            raise ValueError(f"request {i}: token count {values[i]} is too large (at most "
-                             f"{INT64_MAX})")
-        arr = np.array(values, dtype=np.int64)
-    if arr.dtype.kind in "if" and (arr < 0).any():
-        i = _first_bad_index(arr < 0)
-        raise ValueError(f"request {i}: token count must be non-negative, got {arr[i]}")
-    # uint64 above 2**63 - 1 and floats from 2**63 on would wrap around in the int64 cast.
-    if arr.dtype.kind in "uf":
-        too_large = arr > np.uint64(INT64_MAX) if arr.dtype.kind == "u" else arr >= 2.0 ** 63
-        if too_large.any():
-            i = _first_bad_index(too_large)
-            raise ValueError(f"request {i}: token count {arr[i]} is too large (at most "
-                             f"{INT64_MAX})")
+    bad = (arr < 0) | (arr > MAX_TOKENS)
+    if bad.any():
+        i = _first_bad_index(bad)
+        _token_count(i, arr[i].item())  # raises, naming the request
     return arr.astype(np.int64, copy=False)
 
 
@@ -148,7 +139,15 @@ def select_preemption_strategy(token_counts: Any, config: Any) -> dict:
     """
     n = validate_token_counts(token_counts)
     costs = cost_model_from(config)
-    swap, recompute, use_swap = costs.price(n)
+    with np.errstate(over="ignore", invalid="ignore"):  # overflow is reported just below
+        swap, recompute, use_swap = costs.price(n)
+    for name, cost in (("swap", swap), ("recompute", recompute)):
+        beyond = ~(cost <= MAX_COST_MS)  # inf and NaN included
+        if beyond.any():
+            i = _first_bad_index(beyond)
+            raise ValueError(f"request {i}: {name} cost overflows at {n[i]} tokens ({cost[i]:.3g}"
+                             f" ms, beyond {MAX_COST_MS:g} ms); the cost coefficients are out of "
+                             "range")
     chosen = np.where(use_swap, swap, recompute)
     return {
         "strategies": STRATEGY_NAMES[use_swap.view(np.int8)].tolist(),

@@ -1,4 +1,4 @@
-"""Shared test setup: markers that skip cleanly where a test cannot run.
+"""Shared test setup: markers that skip cleanly where a test cannot run, and `run_cli`.
 
 `gpu` (registered in pyproject.toml): skipped without a CUDA GPU, and under TRITON_INTERPRET=1
 (these tests run the compiled kernels at real sizes: `pytest -m gpu` without the interpreter).
@@ -8,7 +8,11 @@ TRITON_INTERPRET=1 (`make test` sets it).
 (`make test-vllm` runs them in .venv-vllm).
 """
 
+import io
 import os
+import sys
+from contextlib import redirect_stderr, redirect_stdout
+from unittest import mock
 
 import pytest
 import torch
@@ -35,3 +39,23 @@ def pytest_collection_modifyitems(config, items):
         for marker, reason in skips.items():
             if reason and marker in item.keywords:
                 item.add_marker(pytest.mark.skip(reason=reason))
+
+
+def _run_cli(*args: str) -> tuple[int, str, str]:
+    """`kvbench ARGS` through the console entry point, in process: (exit code, stdout, stderr)."""
+    from kvbench import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    with redirect_stdout(out), redirect_stderr(err), mock.patch.object(sys, "argv",
+                                                                        ["kvbench", *args]):
+        try:
+            cli.main()
+        except SystemExit as exc:
+            code = exc.code
+    return code, out.getvalue(), err.getvalue()
+
+
+@pytest.fixture(scope="session")
+def run_cli():
+    """The console entry point as a function (session-scoped: usable inside hypothesis tests)."""
+    return _run_cli

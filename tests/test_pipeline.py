@@ -16,6 +16,7 @@ from kvbench.calibration.pipeline import (
     calibration_summary,
     default_profile_path,
     geometric_sizes,
+    samples_path,
 )
 from kvbench.cli import app
 from kvbench.hardware import device_slug
@@ -23,7 +24,8 @@ from kvbench.profile import load, save
 from kvbench.selector import select_preemption_strategy
 
 ROOT = Path(__file__).resolve().parents[1]
-TINY_PLAN = {"swap": (16, 2048, 6), "prefill": (16, 512, 6), "decode": ([1, 4, 8], [32, 128])}
+TINY_PLAN = {"swap": (16, 2048, 6), "prefill": (16, 512, 6), "decode": ([1, 4, 8], [32, 128]),
+             "budget_s": {"swap": 0.2, "prefill": 0.2}}
 runner = CliRunner()
 
 
@@ -44,6 +46,7 @@ def test_pipeline_builds_a_measured_profile(tiny_run, tmp_path):
     assert set(prof.extra["swap_impls"]) == {"torch", "per_block"}
     assert prof.extra["ceiling_gbps"]["out"] > 0
     assert prof.swap.fit.max_tokens == 2048 and prof.recompute.fit.max_tokens == 512
+    assert prof.swap.ms_per_token == 0  # whole blocks are copied: the fit prices blocks
     for fit in (prof.swap.fit, prof.recompute.fit):
         assert fit.r2 is not None and fit.heldout_mape is not None
     # the recompute measurement is L layers (each with its attention) plus the LM head
@@ -57,7 +60,8 @@ def test_pipeline_builds_a_measured_profile(tiny_run, tmp_path):
 
 def test_run_writes_profile_samples_and_plot(tiny_run, tmp_path):
     paths = tiny_run.write(tmp_path / "sub" / "p.json")
-    assert [p.name for p in paths] == ["p.json", "p.samples.json", "p.png"]
+    digest = tiny_run.profile.extra["samples_sha256"]
+    assert [p.name for p in paths] == ["p.json", f"p.{digest[:16]}.samples.json", "p.png"]
     assert load(paths[0]) == tiny_run.profile
     assert json.loads(paths[1].read_text()) == json.loads(json.dumps(tiny_run.samples))
     assert paths[2].read_bytes()[:4] == b"\x89PNG"
@@ -103,14 +107,15 @@ def test_cli_calibrate_writes_profile_samples_and_plot(tmp_path, monkeypatch):
     monkeypatch.setitem(pipeline.PLANS, ("cpu", True), TINY_PLAN)
     out = tmp_path / "prof.json"
     res = runner.invoke(app, ["calibrate", "--device", "cpu", "--model", "tiny", "--quick",
-                              "--out", str(out)])
+                              "--out", str(out), "--force"])
     assert res.exit_code == 0, res.output
     assert "crossover_tokens" in res.stdout and "R²" in res.stdout
     assert load(out).model.name == "tiny"
-    assert json.loads(out.with_suffix(".samples.json").read_text())["swap_out"]
+    samples = samples_path(out, load(out))
+    assert json.loads(samples.read_text())["swap_out"]
     assert out.with_suffix(".png").read_bytes()[:4] == b"\x89PNG"
     assert res.stdout.splitlines() == calibration_summary(
-        load(out), [out, out.with_suffix(".samples.json"), out.with_suffix(".png")])
+        load(out), [out, samples, out.with_suffix(".png")])
     res = runner.invoke(app, ["select", "100", "--profile", str(out), "--model", "llama-3-8b"])
     assert res.exit_code == 2 and "profile is for model 'tiny'" in res.stderr
     res = runner.invoke(app, ["select", "100", "--profile", str(out), "--model", "llama-3-8b",

@@ -15,6 +15,7 @@ from hypothesis import strategies as st
 
 from kvbench.costmodel import CostModel
 from kvbench.hardware import get_hardware
+from kvbench.limits import MAX_TOKENS
 from kvbench.models import get_model
 from kvbench.profile import analytic_profile, save
 from kvbench.reference import preemption_costs_ref
@@ -315,11 +316,10 @@ def test_token_counts_must_be_one_dimensional():
         select_preemption_strategy(np.array([[1, 2]]), CONFIG)
 
 
-def test_largest_int64_is_accepted():
-    big = 2**63 - 1
-    result = select_preemption_strategy([big], CONFIG)
+def test_largest_token_count_is_accepted():
+    result = select_preemption_strategy([MAX_TOKENS], CONFIG)
     assert result["strategies"] == ["swap"]
-    assert result["swap_costs_ms"][0] > 1e16
+    assert result["swap_costs_ms"][0] > 1e7
 
 
 # --- bad configs -------------------------------------------------------------------------------

@@ -287,7 +287,7 @@ def test_profile_without_decode_uses_the_analytic_decode_model():
 @pytest.mark.parametrize("field, value, message", [
     ("admission", "fifo", "unknown admission policy 'fifo'"),
     ("predictor", "orcale", "did you mean 'oracle'"),
-    ("gpu_blocks", 0, "gpu_blocks must be at least 1"),
+    ("gpu_blocks", 0, "gpu_blocks must be an integer from 1"),
     ("headroom_fraction", 1.0, "headroom_fraction"),
     ("history_quantile", 0.0, "history_quantile"),
 ])

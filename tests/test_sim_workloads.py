@@ -61,8 +61,8 @@ def test_plain_schema_max_tokens_and_overrides(tmp_path):
 
 
 @pytest.mark.parametrize("text, message", [
-    (AZURE.replace("879", "8x9"), "line 4, column ContextTokens: '8x9' is not an integer >= 1"),
-    (AZURE.replace(",55", ",0"), "line 4, column GeneratedTokens: '0' is not an integer >= 1"),
+    (AZURE.replace("879", "8x9"), "line 4, column ContextTokens: '8x9' is not an integer from 1"),
+    (AZURE.replace(",55", ",0"), "line 4, column GeneratedTokens: '0' is not an integer from 1"),
     (AZURE.replace("18:15:50", "18:15:5O"), "line 3, column TIMESTAMP: '2023-11-16 18:15:5O"),
     (AZURE.replace(",16\n", "\n"), "line 5: expected 3 fields"),
     (AZURE.replace(",16\n", ",16,9\n"), "line 5: expected 3 fields"),
@@ -118,7 +118,7 @@ def test_synthetic_spec_parsing():
     for text, message in (("rate=fast", "rate='fast' is not a valid float"),
                           ("speed=3", "'speed=3' is not KEY=VALUE"),
                           ("arrivals=uniform", "poisson or gamma"),
-                          ("long-output=1.5", "long-output must be in"),
+                          ("long-output=1.5", "long-output must be at most 1"),
                           ("long-output-tokens=4000", "max-tokens (2048) must be at least")):
         with pytest.raises(WorkloadError, match=message.replace("(", r"\(").replace(")", r"\)")):
             parse_synthetic_spec(text)

@@ -8,20 +8,40 @@ impl and records the others. The CUDA plans have not yet run on a GPU (none lent
 
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 import torch
+from pydantic import ValidationError
 
 from kvbench import __version__
 from kvbench.calibration import fitting
+from kvbench.calibration.decoder import torch_dtype
+from kvbench.calibration.memory import MIN_POINTS, MemoryPlan, MemoryPlanError, fit_plan
 from kvbench.calibration.plot import plot_profile
-from kvbench.calibration.sweeps import OnPoint, decode_sweep, prefill_sweep, swap_sweep
+from kvbench.calibration.schedule import (
+    Point,
+    busy_reason,
+    interleave,
+    machine_check,
+    recording,
+)
+from kvbench.calibration.sweeps import (
+    OnPoint,
+    Sweep,
+    decode_sweep,
+    is_out_of_memory,
+    prefill_sweep,
+    swap_sweep,
+)
 from kvbench.costmodel import CostModel
 from kvbench.hardware import device_slug, fingerprint, slugify
-from kvbench.io import write_atomic
+from kvbench.io import check_writable, remove_stale_temp_files, write_atomic
+from kvbench.limits import MAX_TOKENS
 from kvbench.models import ModelSpec, from_hf_config, get_model
 from kvbench.ops.kv_copy import copy_impls
 from kvbench.profile import (
@@ -30,17 +50,23 @@ from kvbench.profile import (
     Measurements,
     ModelInfo,
     Profile,
+    ProfileError,
     RecomputeSection,
     SwapSection,
     crossover_line,
     fit_line,
     formula_lines,
+    load,
     now_iso,
+    problems,
     round_trip_ceiling_gbps,
     save,
 )
 
 MAX_HELDOUT_MAPE = 0.10
+QUALITY_FITS = ("swap", "recompute")  # held-out error within MAX_HELDOUT_MAPE, or rejected
+MAX_DRIFT = 0.10  # reference workload before vs after: more is a warning
+STALE_TEMP_S = 60.0  # a temp file this old beside a profile is a killed write's, not a live one
 DEFAULT_MODEL = {"cuda": "llama-3-8b", "cpu": "qwen2.5-0.5b"}
 
 
@@ -48,20 +74,25 @@ def geometric_sizes(lo: int, hi: int, count: int) -> list[int]:
     return sorted({int(round(x)) for x in np.geomspace(lo, hi, count)})
 
 
-# (lo, hi, count) of the token sweeps and the decode grid, per device and mode.
+# (lo, hi, count) of the token sweeps, the decode grid, and the seconds the interleaved rounds of
+# the swap and prefill points may take (`kvbench.calibration.schedule`), per device and mode.
 PLANS = {
     ("cpu", True): dict(swap=(16, 16384, 10), per_block_max_tokens=4096,
                         prefill=(32, 2048, 9),
-                        decode=([1, 4, 16, 32], [256, 1024])),
+                        decode=([1, 4, 16, 32], [256, 1024]),
+                        budget_s={"swap": 4.0, "prefill": 8.0}),
     ("cpu", False): dict(swap=(16, 65536, 14), per_block_max_tokens=16384,
                          prefill=(32, 8192, 13),
-                         decode=([1, 2, 4, 8, 16, 32, 64], [256, 1024, 4096])),
+                         decode=([1, 2, 4, 8, 16, 32, 64], [256, 1024, 4096]),
+                         budget_s={"swap": 15.0, "prefill": 40.0}),
     ("cuda", True): dict(swap=(16, 16384, 10), per_block_max_tokens=4096,
                          prefill=(128, 16384, 9),
-                         decode=([1, 8, 32, 128], [512, 4096])),
+                         decode=([1, 8, 32, 128], [512, 4096]),
+                         budget_s={"swap": 2.0, "prefill": 2.0}),
     ("cuda", False): dict(swap=(16, 65536, 14), per_block_max_tokens=8192,
                           prefill=(128, 32768, 13),
-                          decode=([1, 4, 16, 64, 128, 256], [512, 2048, 8192])),
+                          decode=([1, 4, 16, 64, 128, 256], [512, 2048, 8192]),
+                          budget_s={"swap": 5.0, "prefill": 5.0}),
 }
 
 
@@ -73,7 +104,7 @@ def calibration_model(device: str, model: str | None = None, config_json: str | 
         raise ValueError("give either --model or --config-json, not both")
     if config_json is not None:
         return from_hf_config(config_json, dtype=dtype)
-    return get_model(model or DEFAULT_MODEL[device], dtype=dtype)
+    return get_model(DEFAULT_MODEL[device] if model is None else model, dtype=dtype)
 
 
 def default_profile_path(device: str, spec: ModelSpec) -> Path:
@@ -81,20 +112,96 @@ def default_profile_path(device: str, spec: ModelSpec) -> Path:
     return Path("results/profiles") / f"{device_slug(device)}-{slugify(spec.name)}.json"
 
 
+def check_inputs(spec: ModelSpec, path: str | Path) -> Path:
+    """Everything a calibration is given, checked before it measures anything: the model fits
+    the profile's schema, its dtype can be timed, and the profile, its samples and its plot can
+    be written at `path` (the folder is made). Returns `path`."""
+    try:
+        ModelInfo(**spec.to_dict())
+    except ValidationError as exc:
+        raise ValueError(f"model {spec.name!r}: {problems(exc)}") from None
+    torch_dtype(spec)
+    path = Path(path)
+    for target in (path, path.with_suffix(".png")):
+        check_writable(target)
+    return path
+
+
+def calibration_plan(spec: ModelSpec, device: str, block_size: int = 16, quick: bool = False,
+                     plan: dict | None = None, available: dict[str, int] | None = None,
+                     ) -> MemoryPlan:
+    """The sizes of `PLANS[(device, quick)]` (`plan` overrides them, same keys) that fit in
+    memory (`kvbench.calibration.memory`): MemoryPlanError, one line, if too few fit."""
+    if not 1 <= block_size <= MAX_TOKENS:
+        raise ValueError(f"block size must be from 1 to {MAX_TOKENS} tokens, got {block_size}")
+    plan = {**PLANS[(device, quick)], **(plan or {})}
+    batches, contexts = plan["decode"]
+    memory_plan = fit_plan(spec, device, block_size, geometric_sizes(*plan["swap"]),
+                           geometric_sizes(*plan["prefill"]), batches, contexts, available)
+    memory_plan.per_block_max_tokens = plan.get("per_block_max_tokens")
+    return memory_plan
+
+
+def rejected_path(path: str | Path) -> Path:
+    """Where a profile that missed its quality bar goes instead of `path`: beside it."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.rejected.json")
+
+
+def samples_path(path: str | Path, profile: Profile) -> Path:
+    """Where the raw samples of the profile at `path` are: named by their content hash, which
+    the profile records, so a profile never names samples that are not its own."""
+    path = Path(path)
+    return path.with_name(f"{path.stem}.{profile.extra['samples_sha256'][:16]}.samples.json")
+
+
 @dataclass
 class CalibrationRun:
     profile: Profile
-    samples: dict
+    samples_json: str  # the raw samples, serialized; the profile records their sha256
     warnings: list[str] = field(default_factory=list)
+    failures: list[str] = field(default_factory=list)  # of the quality bar: see QUALITY_FITS
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
+
+    @property
+    def samples(self) -> dict:
+        return json.loads(self.samples_json)
 
     def write(self, path: str | Path) -> list[Path]:
-        """The profile at `path`, its raw samples (.samples.json) and its plot (.png), each
-        written atomically; returns the three paths, profile first."""
+        """The samples (`samples_path`), then the profile at `path`, then its plot (.png), each
+        written atomically; returns the three paths, profile first.
+
+        The samples file is new (its name is its content hash) and in place before the profile
+        that names it replaces the old one: a reader sees the old pair or the new pair, never a
+        mix. Afterwards samples no profile names, and temp files an interrupted write left
+        (older than `STALE_TEMP_S`), are removed."""
         path = Path(path)
-        samples = write_atomic(path.with_suffix(".samples.json"),
-                               json.dumps(self.samples, indent=1))
+        samples = write_atomic(samples_path(path, self.profile), self.samples_json)
         save(self.profile, path)
-        return [path, samples, plot_profile(self.profile, path.with_suffix(".png"))]
+        plot = plot_profile(self.profile, path.with_suffix(".png"))
+        remove_stale_files(path)
+        return [path, samples, plot]
+
+
+def remove_stale_files(path: Path) -> None:
+    """Beside the profile at `path`: samples files it does not name (an older profile's, or a
+    write interrupted before its profile), and temp files older than `STALE_TEMP_S`."""
+    try:
+        keep = samples_path(path, load(path)).name
+    except (ProfileError, KeyError):
+        return  # not a profile this version wrote: leave its folder alone
+    stem = re.escape(path.stem)
+    samples = re.compile(rf"{stem}(\.[0-9a-f]{{16}})?\.samples\.json")
+    ours = re.compile(rf"\.({re.escape(path.name)}|{stem}\.png|{stem}\.[0-9a-f]{{16}}"
+                      rf"\.samples\.json)\.[0-9a-f]+\.tmp")
+    for stale in path.parent.iterdir():
+        if samples.fullmatch(stale.name) and stale.name != keep:
+            stale.unlink(missing_ok=True)
+    remove_stale_temp_files([p for p in path.parent.iterdir() if ours.fullmatch(p.name)],
+                            STALE_TEMP_S)
 
 
 def _fit_quality(fit: fitting.Fit, sizes: list[int]) -> FitQuality:
@@ -108,50 +215,115 @@ def _measurements(sizes, latency_ms, spread_ms, heldout) -> Measurements:
                         spread_ms=np.asarray(spread_ms).tolist(), heldout=heldout.tolist())
 
 
+def _sweep(phase: str, run):
+    """Run one sweep; an out-of-memory error before its first point (weights, swap space) is
+    reported in one line, as the end of that sweep."""
+    try:
+        return run()
+    except Exception as exc:  # noqa: BLE001 - only out-of-memory is the machine's limit
+        if not is_out_of_memory(exc):
+            raise
+        raise MemoryPlanError(f"{phase} sweep ran out of memory before its first point "
+                              f"({str(exc).splitlines()[0]}); free memory or pick a "
+                              "smaller model") from None
+
+
+def _points_of(points: list[Point], *sweeps: Sweep) -> list[Point]:
+    """The recorded points whose timings these sweeps hold (not, e.g., the copy ceiling's or
+    the LM head's, which the sweeps turned into numbers already)."""
+    held = {id(t) for sweep in sweeps for t in sweep.timings}
+    return [p for p in points if id(p[2]) in held]
+
+
+def _enough_points(phase: str, count: int, stopped: str | None) -> None:
+    if count < MIN_POINTS[phase]:
+        raise MemoryPlanError(f"{phase} sweep ended early ({stopped}) after {count} points; "
+                              f"{MIN_POINTS[phase]} are needed to fit: free memory or pick a "
+                              "smaller model")
+
+
 def calibrate(spec: ModelSpec, device: str, block_size: int = 16, quick: bool = False,
               on_point: OnPoint = lambda phase, text: None, seed: int = 0,
-              plan: dict | None = None) -> CalibrationRun:
+              plan: dict | None = None, memory_plan: MemoryPlan | None = None) -> CalibrationRun:
     """Measure swap, prefill and decode on `device` for `spec`, fit, and return the profile.
 
-    `plan` overrides the sizes of `PLANS[(device, quick)]` (same keys)."""
-    plan = {**PLANS[(device, quick)], **(plan or {})}
+    `memory_plan` gives the sizes (default: `calibration_plan(spec, device, block_size, quick,
+    plan)`). A sweep that still runs out of memory ends there and the profile records why; one
+    left with too few points to fit is a MemoryPlanError."""
+    if memory_plan is None:
+        memory_plan = calibration_plan(spec, device, block_size, quick, plan)
+    budget_s = {**PLANS[(device, quick)], **(plan or {})}["budget_s"]
     torch.manual_seed(seed)
+    machine = {"before": machine_check(device)}
     impls = tuple(i for i in copy_impls(device) if device == "cuda" or i != "triton")
-    swap = swap_sweep(spec, device, block_size, geometric_sizes(*plan["swap"]), impls,
-                      on_point, seed, per_block_max_tokens=plan.get("per_block_max_tokens"))
+    with recording() as points:
+        swap = _sweep("swap", lambda: swap_sweep(
+            spec, device, block_size, memory_plan.swap_sizes, impls, on_point, seed,
+            per_block_max_tokens=memory_plan.per_block_max_tokens))
     # The profile takes the impl fastest over the sizes every impl ran (per_block may stop early),
-    # among those that covered the whole sweep.
+    # among those that covered the whole sweep, by the first look; its points are then measured
+    # in interleaved rounds.
     counts = {impl: len(swap.out[impl].sizes) for impl in impls}
     common = min(counts.values())
     full = [impl for impl in impls if counts[impl] == max(counts.values())]
     best = min(full, key=lambda impl: float(swap.round_trip_ms(impl)[:common].sum()))
+    schedule = {"swap": interleave(_points_of(points, swap.out[best], swap.into[best]),
+                                   budget_s["swap"], seed).to_dict()}
+    del points  # the swap space: freed before the prefill weights arrive
     swap_sizes = swap.out[best].sizes
+    _enough_points("swap", len(swap_sizes), swap.out[best].stopped)
     swap_ms = swap.round_trip_ms(best)
     swap_spread = swap.out[best].spread_ms + swap.into[best].spread_ms
     swap_held = fitting.holdout_mask(len(swap_sizes))
-    swap_fit = fitting.fit_nnls(fitting.swap_design(swap_sizes, block_size), swap_ms, swap_held)
+    # The sweep copies whole blocks: its time is a function of ceil(n / block_size) alone, so
+    # the per-token column (n, nearly collinear with it) is left out; swap_ms_per_token is 0.
+    swap_fit = fitting.fit_nnls(fitting.swap_design(swap_sizes, block_size)[:, [0, 2]], swap_ms,
+                                swap_held)
 
-    prefill = prefill_sweep(spec, device, geometric_sizes(*plan["prefill"]), on_point, seed)
+    with recording() as points:
+        prefill = _sweep("prefill", lambda: prefill_sweep(
+            spec, device, memory_plan.prefill_sizes, on_point, seed))
+    schedule["prefill"] = interleave(_points_of(points, prefill.layer, prefill.attention),
+                                     budget_s["prefill"], seed).to_dict()
+    del points
+    _enough_points("prefill", len(prefill.sizes), prefill.layer.stopped)
     pre_held = fitting.holdout_mask(len(prefill.sizes))
     pre_fit = fitting.fit_nnls(fitting.recompute_design(prefill.sizes), prefill.total_ms,
                                pre_held)
     attn_fit = fitting.fit_nnls(fitting.recompute_design(prefill.attention.sizes),
                                 prefill.attention.median_ms)
 
-    batches, contexts = plan["decode"]
-    decode = decode_sweep(spec, device, batches, contexts, on_point, seed)
+    batches, contexts = memory_plan.decode_batches, memory_plan.decode_contexts
+    decode = _sweep("decode", lambda: decode_sweep(spec, device, batches, contexts, on_point,
+                                                    seed))
+    _enough_points("decode", len(decode.step_ms), decode.stopped)
+    machine["after"] = machine_check(device)
+    machine["drift"] = machine["after"]["reference_ms"] / machine["before"]["reference_ms"] - 1
     dec_held = fitting.holdout_mask(len(decode.step_ms), every=3)
     dec_fit = fitting.fit_nnls(fitting.decode_design(decode.batch_size, decode.context_tokens),
                                decode.step_ms, dec_held)
 
-    (s0, s1, s2), (r0, r1, r2) = swap_fit.coefficients, pre_fit.coefficients
+    samples_json = json.dumps({"swap_out": {i: s.to_dict() for i, s in swap.out.items()},
+                               "swap_in": {i: s.to_dict() for i, s in swap.into.items()},
+                               "prefill_layer": prefill.layer.to_dict(),
+                               "attention": prefill.attention.to_dict(),
+                               "decode": decode.__dict__}, indent=1)
+    (s0, s2), s1, (r0, r1, r2) = swap_fit.coefficients, 0.0, pre_fit.coefficients
     costs = CostModel(swap_fixed_ms=s0, swap_ms_per_token=s1, swap_ms_per_block=s2,
                       block_size=block_size, recompute_fixed_ms=r0, recompute_ms_per_token=r1,
                       recompute_ms_per_token_sq=r2)
-    warnings = [f"{name} held-out error {100 * fit.heldout_mape:.1f}% exceeds "
-                f"{100 * MAX_HELDOUT_MAPE:.0f}%"
-                for name, fit in (("swap", swap_fit), ("recompute", pre_fit), ("decode", dec_fit))
-                if fit.heldout_mape is not None and fit.heldout_mape > MAX_HELDOUT_MAPE]
+    misses = {name: f"{name} held-out error {100 * fit.heldout_mape:.1f}% exceeds "
+                    f"{100 * MAX_HELDOUT_MAPE:.0f}%"
+              for name, fit in (("swap", swap_fit), ("recompute", pre_fit), ("decode", dec_fit))
+              if fit.heldout_mape is not None and fit.heldout_mape > MAX_HELDOUT_MAPE}
+    failures = [misses[name] for name in QUALITY_FITS if name in misses]
+    warnings = [text for name, text in misses.items() if name not in QUALITY_FITS]
+    warnings += [f"the machine was busy {when} calibrating ({reason})"
+                 for when in ("before", "after") if (reason := busy_reason(machine[when]))]
+    if abs(machine["drift"]) > MAX_DRIFT:
+        warnings.append(f"the reference workload ran {100 * abs(machine['drift']):.0f}% "
+                        f"{'slower' if machine['drift'] > 0 else 'faster'} after calibrating than "
+                        "before: the machine changed under the measurement")
     stopped = {"swap": swap.out[best].stopped, "prefill": prefill.layer.stopped,
                "decode": decode.stopped}
     profile = Profile(
@@ -196,14 +368,15 @@ def calibrate(spec: ModelSpec, device: str, block_size: int = 16, quick: bool = 
                               "step_ms": decode.step_ms, "heldout": dec_held.tolist()},
             "stopped": {k: v for k, v in stopped.items() if v},
             "warnings": warnings,
+            "quality": {"max_heldout_mape": MAX_HELDOUT_MAPE, "fits": list(QUALITY_FITS),
+                        "passed": not failures, "failures": failures},
+            "memory_plan": memory_plan.to_dict(),
+            "schedule": schedule,
+            "machine": machine,
+            "samples_sha256": hashlib.sha256(samples_json.encode()).hexdigest(),
         },
     )
-    samples = {"swap_out": {i: s.to_dict() for i, s in swap.out.items()},
-               "swap_in": {i: s.to_dict() for i, s in swap.into.items()},
-               "prefill_layer": prefill.layer.to_dict(),
-               "attention": prefill.attention.to_dict(),
-               "decode": decode.__dict__}
-    return CalibrationRun(profile, samples, warnings)
+    return CalibrationRun(profile, samples_json, warnings, failures)
 
 
 def calibration_summary(profile: Profile, paths: list[Path]) -> list[str]:
@@ -230,4 +403,20 @@ def calibration_summary(profile: Profile, paths: list[Path]) -> list[str]:
         lines.append(f"  {impl:9} peak achieved {best:.1f} GB/s round trip "
                      f"({100 * share:.0f}% of ceiling)")
     lines.append(crossover_line(profile))
+    if "machine" in x:
+        lines.append(machine_line(x["machine"], x["schedule"]))
     return lines + [f"note: sweep ended early: {reason}" for reason in x["stopped"].values()]
+
+
+def machine_line(machine: dict, schedule: dict) -> str:
+    """How quiet the machine was (reference workload before and after, load) and how the swap
+    and prefill points were measured (interleaved rounds, worst spread left)."""
+    before, after = machine["before"], machine["after"]
+    load = "" if before["load_1m"] is None else (
+        f", load {before['load_1m']:.1f} -> {after['load_1m']:.1f} on {before['cpu_count']} "
+        "cores")
+    rounds = ", ".join(f"{phase} {s['rounds']} rounds (worst spread "
+                       f"{100 * s['max_rel_spread']:.0f}%)" for phase, s in schedule.items())
+    return (f"machine: reference {before['reference_ms']:.2f} ms ±{100 * before['rel_spread']:.0f}%"
+            f" before, {after['reference_ms']:.2f} ms ±{100 * after['rel_spread']:.0f}% after "
+            f"({100 * machine['drift']:+.0f}%{load}); interleaved: {rounds}")

@@ -69,9 +69,13 @@ class Sweep:
                 "samples_ms": [t.samples_ms for t in self.timings], "stopped": self.stopped}
 
 
+OOM_MESSAGES = ("out of memory", "can't allocate memory", "not enough memory",
+                "cannot allocate memory")  # CUDA's, then torch's CPU allocator's (errno 12)
+
+
 def is_out_of_memory(exc: BaseException) -> bool:
     return isinstance(exc, (MemoryError, torch.OutOfMemoryError)) or (
-        isinstance(exc, RuntimeError) and "out of memory" in str(exc).lower())
+        isinstance(exc, RuntimeError) and any(m in str(exc).lower() for m in OOM_MESSAGES))
 
 
 def free_memory(device: str) -> None:

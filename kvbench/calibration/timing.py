@@ -3,15 +3,24 @@
 GPU work is timed with CUDA events around each call (device time, no host sync in the loop);
 CPU work with `time.perf_counter`. A point whose relative spread (IQR / median) is over
 `max_rel_spread` is measured again with more repetitions, once, and keeps the tighter run.
+
+While a list is set in `RECORDER` (`kvbench.calibration.schedule.recording`), `measure` takes a
+first look only (warm-up and `FIRST_LOOK_REPS` samples) and appends the point to the list; the
+scheduler then takes the point's samples interleaved with the other points'.
 """
 
 from __future__ import annotations
 
 import time
+import types
 from collections.abc import Callable
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 
 import numpy as np
+
+FIRST_LOOK_REPS = 3
+RECORDER: ContextVar[list | None] = ContextVar("kvbench_timing_recorder", default=None)
 
 
 @dataclass
@@ -72,6 +81,8 @@ def measure(fn: Callable[[], object], device: str, *, warmup: int = 2, reps: int
     the run takes about that long (never below 3).
     """
     sampler = _cuda_samples if device == "cuda" else _cpu_samples
+    if (recorder := RECORDER.get()) is not None:
+        reps, max_rel_spread = min(reps, FIRST_LOOK_REPS), np.inf
     warm = sampler(fn, warmup)
     if budget_ms is not None and warm:
         reps = max(3, min(reps, int(budget_ms / max(min(warm), 1e-6))))
@@ -80,4 +91,28 @@ def measure(fn: Callable[[], object], device: str, *, warmup: int = 2, reps: int
         again = Timing(sampler(fn, 2 * reps))
         if again.rel_spread < timing.rel_spread:
             timing = again
+    if recorder is not None:
+        recorder.append((bound_now(fn), device, timing))
     return timing
+
+
+def bound_now(fn: Callable[[], object]) -> Callable[[], object]:
+    """`fn` with its free variables bound to their current values.
+
+    The sweeps build their timed closures inside loops (`lambda: layer.prefill(x, ...)` reads
+    `x` when called): called later, such a closure would see the loop's last values. A copy
+    whose cells hold today's values behaves as the call `measure` just timed."""
+    cells = getattr(fn, "__closure__", None)
+    if not cells:
+        return fn
+    frozen = tuple(types.CellType(cell.cell_contents) if _filled(cell) else cell
+                   for cell in cells)
+    return types.FunctionType(fn.__code__, fn.__globals__, fn.__name__, fn.__defaults__, frozen)
+
+
+def _filled(cell) -> bool:
+    try:
+        cell.cell_contents  # noqa: B018 - an empty cell raises
+    except ValueError:
+        return False
+    return True

@@ -170,6 +170,8 @@ def _check_inputs(q, k, v, cu_seqlens, out) -> list[int] | None:
 
 def _torch_attention(q, k, v, seqs, causal, sm_scale, out) -> None:
     group = q.shape[1] // k.shape[1]
+    if sm_scale <= 0:  # SDPA's causal mask times a scale <= 0 is NaN (-inf·0): move the sign to q
+        q, sm_scale = (-q, -sm_scale) if sm_scale else (torch.zeros_like(q), 1.0)
     for start, stop in pairwise(seqs.starts):  # one SDPA call per sequence
         if stop == start:
             continue

@@ -8,14 +8,26 @@ import difflib
 import inspect
 from dataclasses import dataclass
 
+import numpy as np
+
 from kvbench.costmodel import CostModel, DecodeModel
 from kvbench.hardware import get_hardware
+from kvbench.limits import (
+    MAX_BLOCKS,
+    MAX_COST_MS,
+    MAX_MEMORY_GIB,
+    MAX_TOKENS,
+    check_finite,
+    check_name,
+)
 from kvbench.models import ModelSpec, get_model
 from kvbench.profile import Profile
 from kvbench.sim.engines import ENGINES, RULE_FIELDS, EngineRules
 from kvbench.sim.policies import ADMISSION, PREEMPTIONS, VICTIMS
 from kvbench.sim.predictors import PREDICTORS
 from kvbench.sim.steptime import parse_step_time
+
+MAX_NOISE_SIGMA = 10.0  # a log-normal factor of e^10 (22,000) either way is noise enough
 
 REGISTRIES = {"admission": ADMISSION, "victim": VICTIMS, "preemption": PREEMPTIONS,
               "predictor": PREDICTORS}
@@ -60,7 +72,7 @@ class SimConfig:
 
     def __post_init__(self) -> None:
         for axis, registry in REGISTRIES.items():
-            name = getattr(self, axis)
+            name = check_name(axis, getattr(self, axis))
             if name not in registry:
                 hint = difflib.get_close_matches(str(name), registry, n=1)
                 raise ValueError(f"unknown {axis} {'' if axis == 'predictor' else 'policy '}"
@@ -70,27 +82,27 @@ class SimConfig:
         if self.engine not in ENGINES:
             raise ValueError(f"unknown engine {self.engine!r}; choose from {', '.join(ENGINES)}")
         for field in ("block_size", "history_window", "livelock_steps", "long_output_tokens"):
-            if getattr(self, field) < 1:
-                raise ValueError(f"{field} must be at least 1, got {getattr(self, field)}")
-        for field in ("gpu_blocks", "max_num_seqs", "max_num_batched_tokens", "max_model_len"):
-            if getattr(self, field) is not None and getattr(self, field) < 1:
-                raise ValueError(f"{field} must be at least 1, got {getattr(self, field)}")
-        if self.watermark is not None and not 0 <= self.watermark < 1:
-            raise ValueError(f"watermark must be in [0, 1), got {self.watermark}")
-        for field in ("cpu_swap_blocks", "max_long_requests"):
-            value = getattr(self, field)
-            if value is not None and value < 0:
-                raise ValueError(f"{field} must be non-negative, got {value}")
-        if self.gpu_memory_gib is not None and self.gpu_memory_gib <= 0:
-            raise ValueError(f"gpu_memory_gib must be positive, got {self.gpu_memory_gib}")
-        for field in ("cpu_swap_gib", "noise_sigma", "protect_steps"):
-            if getattr(self, field) < 0:
-                raise ValueError(f"{field} must be non-negative, got {getattr(self, field)}")
+            check_int(field, getattr(self, field), 1, MAX_TOKENS)
+        for field, low, high in (("gpu_blocks", 1, MAX_BLOCKS), ("cpu_swap_blocks", 0, MAX_BLOCKS),
+                                 ("max_long_requests", 0, MAX_BLOCKS),
+                                 ("max_num_seqs", 1, MAX_TOKENS),
+                                 ("max_num_batched_tokens", 1, MAX_TOKENS),
+                                 ("max_model_len", 1, MAX_TOKENS)):
+            if getattr(self, field) is not None:
+                check_int(field, getattr(self, field), low, high)
+        if self.watermark is not None:
+            check_finite("watermark", self.watermark, low=0, high=0.99)
+        check_int("protect_steps", self.protect_steps, 0, MAX_TOKENS)
+        if self.gpu_memory_gib is not None:
+            check_finite("gpu_memory_gib", self.gpu_memory_gib, positive=True,
+                         high=MAX_MEMORY_GIB)
+        check_finite("cpu_swap_gib", self.cpu_swap_gib, low=0, high=MAX_MEMORY_GIB)
+        check_finite("noise_sigma", self.noise_sigma, low=0, high=MAX_NOISE_SIGMA)
         for field in ("gpu_memory_utilization", "history_quantile"):
-            if not 0 < getattr(self, field) <= 1:
+            if not 0 < check_finite(field, getattr(self, field), high=1):
                 raise ValueError(f"{field} must be in (0, 1], got {getattr(self, field)}")
         parse_step_time(self.step_time)
-        if not 0 <= self.headroom_fraction < 1:
+        if not 0 <= check_finite("headroom_fraction", self.headroom_fraction) < 1:
             raise ValueError(f"headroom_fraction must be in [0, 1), got {self.headroom_fraction}")
 
     @property
@@ -114,6 +126,13 @@ class SimConfig:
                 if name in SIM_CONFIG_FIELDS}
 
 
+def check_int(name: str, value, low: int, high: int) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
+            or not low <= value <= high:
+        raise ValueError(f"{name} must be an integer from {low} to {high}, got {value!r}")
+    return int(value)
+
+
 SIM_CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(SimConfig))
 
 
@@ -126,6 +145,16 @@ class SimCosts:
     costs: CostModel
     decode: DecodeModel
     source: str
+
+    def __post_init__(self) -> None:
+        """Costs that price any request (up to MAX_TOKENS) below MAX_COST_MS: a run's clock, a
+        sum of such steps, stays finite."""
+        n = MAX_TOKENS
+        for what, ms in (("swap", self.costs.swap_ms(n)), ("recompute", self.costs.recompute_ms(n)),
+                         ("decode", self.decode.step_ms(n, n))):
+            if not ms <= MAX_COST_MS:
+                raise ValueError(f"{self.source} costs: a {what} of {n} tokens costs {ms:.3g} ms, "
+                                 f"beyond {MAX_COST_MS:g} ms: the coefficients are out of range")
 
     @classmethod
     def from_profile(cls, profile: Profile, hardware: str = "h100-sxm") -> SimCosts:

@@ -233,15 +233,16 @@ class Simulator:
         elif not self.in_flight:
             if self.next_arrival >= n:
                 return False
-            self.now_s = float(req.arrival_s[self.next_arrival])
-            return True
+            arrival_s = float(req.arrival_s[self.next_arrival])
+            # The guard counts iterations: a jump that does not move the clock on (a NaN time)
+            # generates no token either.
+            self.iterations_without_token += not arrival_s > self.now_s
+            self.now_s = arrival_s
+            return self._below_livelock_limit()
         batch = self.in_flight.pop()
         self.now_s = max(self.now_s, batch.end_s)
         self._process_output(batch)
-        if self.iterations_without_token >= self.config.livelock_steps:
-            self._report_livelock()
-            return False
-        return True
+        return self._below_livelock_limit()
 
     def result(self) -> SimResult:
         timeline = np.array(self.timeline, dtype=np.float64).reshape(-1, 3)
@@ -301,8 +302,15 @@ class Simulator:
         req.state[ids] = WAITING
         self.waiting.extend(ids.tolist())
 
+    def _below_livelock_limit(self) -> bool:
+        if self.iterations_without_token < self.config.livelock_steps:
+            return True
+        self._report_livelock()
+        return False
+
     def _report_livelock(self) -> None:
-        stuck = int(self.running[0]) if self.running.size else int(self.waiting[0])
+        stuck = (int(self.running[0]) if self.running.size else
+                 int(self.waiting[0]) if self.waiting else self.next_arrival)
         req = self.requests
         self.livelock = {
             "step": self.steps, "time_s": self.now_s, "request_id": stuck,

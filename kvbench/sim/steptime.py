@@ -17,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from kvbench.costmodel import CostModel, DecodeModel
+from kvbench.limits import MAX_COST_MS, MAX_TOKENS
 
 _LINEAR = re.compile(r"^linear:(?P<fixed>[0-9.eE+-]+)ms\+(?P<per_token>[0-9.eE+-]+)ms/token$")
 _CONSTANT = re.compile(r"^constant:(?P<fixed>[0-9.eE+-]+)ms$")
@@ -72,6 +73,9 @@ def parse_step_time(text: str) -> LinearStepTime | None:
                          ) from None
     if not (np.isfinite(fixed) and np.isfinite(per_token)) or fixed < 0 or per_token < 0:
         raise ValueError(f"step time {text!r}: times must be finite and non-negative")
+    if fixed + per_token * MAX_TOKENS > MAX_COST_MS:
+        raise ValueError(f"step time {text!r}: a step of {MAX_TOKENS} tokens would take more "
+                         f"than {MAX_COST_MS:g} ms")
     if fixed == 0 and per_token == 0:
         raise ValueError(f"step time {text!r}: a step must take some time")
     return LinearStepTime(fixed, per_token)

@@ -77,7 +77,7 @@ def sim_inputs(trace: str | Path | None = None, synthetic: str | None = None,
     workload = load_workload(trace, synthetic, 1.0 if rate_scale is None else rate_scale,
                              num_requests, max_tokens, seed)
     costs = (SimCosts.from_profile(load(profile), hardware) if profile is not None
-             else SimCosts.analytic(model or SimConfig.model, hardware))
+             else SimCosts.analytic(SimConfig.model if model is None else model, hardware))
     return workload, SimConfig(model=costs.model.name, hardware=hardware,
                                block_size=costs.costs.block_size, seed=seed, **config), costs
 

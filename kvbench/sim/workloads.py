@@ -12,6 +12,8 @@ Two CSV schemas are read, recognised by their header:
 * plain: `arrival_s, prompt_tokens, output_tokens` and optionally `max_tokens`.
 
 `rate_scale` divides the time axis (2.0 replays the trace twice as fast: twice the load).
+Token counts lie between 1 and `kvbench.limits.MAX_TOKENS`, arrival times are finite (a NaN
+time would pass every ordering check and stall the simulator's clock).
 """
 
 from __future__ import annotations
@@ -23,12 +25,18 @@ from pathlib import Path
 
 import numpy as np
 
+from kvbench.limits import MAX_TOKENS, check_finite
+
 AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
 PLAIN_COLUMNS = ("arrival_s", "prompt_tokens", "output_tokens")
 # Shipped with the package (CC BY 4.0, see kvbench/data/traces/README.md), so an installed
 # kvbench finds it wherever it runs.
 AZURE_CONV_TRACE = (Path(__file__).resolve().parents[1] / "data" / "traces"
                     / "azure_llm_2023_conv.csv")
+MAX_SYNTHETIC_REQUESTS = 10_000_000  # ~2 GB of per-request state in the simulator
+MIN_CV, MAX_CV = 1e-3, 100.0  # gamma shape 1/cv² from 1e6 (a metronome) to 1e-4 (one burst)
+# Lengths are drawn up to 3/2 of their mean: means up to 2/3 of MAX_TOKENS keep them within it.
+SPEC_MAXIMA = {"num_requests": MAX_SYNTHETIC_REQUESTS, "max_tokens": MAX_TOKENS}
 
 
 class WorkloadError(ValueError):
@@ -51,6 +59,9 @@ class Workload:
                                     f"{getattr(self, field).size} entries, arrival_s has {n}")
         if n == 0:
             raise WorkloadError(f"workload {self.name}: no requests")
+        if not np.isfinite(self.arrival_s).all():
+            raise WorkloadError(f"workload {self.name}: arrival times must be finite (request "
+                                f"{np.flatnonzero(~np.isfinite(self.arrival_s))[0]})")
         if np.any(np.diff(self.arrival_s) < 0):
             raise WorkloadError(f"workload {self.name}: arrivals must be sorted")
         if np.any(self.prompt_tokens < 1) or np.any(self.output_tokens < 1):
@@ -58,6 +69,9 @@ class Workload:
                                 "and one output token")
         if np.any(self.max_tokens < self.output_tokens):
             raise WorkloadError(f"workload {self.name}: max_tokens below output_tokens")
+        for field in ("prompt_tokens", "max_tokens"):
+            if np.any(getattr(self, field) > MAX_TOKENS):
+                raise WorkloadError(f"workload {self.name}: {field} above {MAX_TOKENS}")
 
     @property
     def num_requests(self) -> int:
@@ -127,14 +141,16 @@ class SyntheticSpec:
                                 f"{self.arrivals!r}")
         for field in ("num_requests", "short_prompt_tokens", "long_prompt_tokens",
                       "short_output_tokens", "long_output_tokens", "max_tokens"):
-            if getattr(self, field) < 1:
-                raise WorkloadError(f"synthetic: {SPEC_KEYS_BY_FIELD[field]} must be at least 1")
-        for field in ("rate_per_s", "cv"):
-            if not getattr(self, field) > 0:
-                raise WorkloadError(f"synthetic: {SPEC_KEYS_BY_FIELD[field]} must be positive")
+            value, high = getattr(self, field), SPEC_MAXIMA.get(field, MAX_TOKENS * 2 // 3)
+            if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
+                    or not 1 <= value <= high:
+                raise WorkloadError(f"synthetic: {SPEC_KEYS_BY_FIELD[field]} must be an integer "
+                                    f"from 1 to {high}, got {value!r}")
+        check_finite("synthetic: rate", self.rate_per_s, positive=True, error=WorkloadError)
+        check_finite("synthetic: cv", self.cv, low=MIN_CV, high=MAX_CV, error=WorkloadError)
         for field in ("long_prompt_fraction", "long_output_fraction"):
-            if not 0 <= getattr(self, field) <= 1:
-                raise WorkloadError(f"synthetic: {SPEC_KEYS_BY_FIELD[field]} must be in [0, 1]")
+            check_finite(f"synthetic: {SPEC_KEYS_BY_FIELD[field]}", getattr(self, field), low=0,
+                         high=1, error=WorkloadError)
         longest = (3 * max(self.short_output_tokens, self.long_output_tokens) + 1) // 2
         if self.max_tokens < longest:
             raise WorkloadError(f"synthetic: max-tokens ({self.max_tokens}) must be at least the "
@@ -187,6 +203,9 @@ def synthetic(spec: SyntheticSpec, seed: int = 0) -> Workload:
     else:  # gamma with mean 1/rate and coefficient of variation cv: shape 1/cv², scale cv²/rate
         gaps = rng.gamma(1.0 / spec.cv**2, spec.cv**2 / spec.rate_per_s, n)
     arrival_s = np.cumsum(gaps)
+    if not np.isfinite(arrival_s[-1]):
+        raise WorkloadError(f"synthetic: rate {spec.rate_per_s:g}/s puts arrival times beyond "
+                            "the float range")
     prompt = _lengths(rng, n, spec.long_prompt_fraction, spec.short_prompt_tokens,
                       spec.long_prompt_tokens)
     output = _lengths(rng, n, spec.long_output_fraction, spec.short_output_tokens,
@@ -217,7 +236,7 @@ COLUMN_KINDS = {  # column -> (fast numpy dtype, per-value parser, what a good v
                   "a timestamp like 2023-11-16 18:15:46.6805900"),
     "arrival_s": (np.float64, _parse_seconds, "a finite number of seconds"),
 }
-INT_KIND = (np.int64, int, "an integer >= 1")
+INT_KIND = (np.int64, int, f"an integer from 1 to {MAX_TOKENS}")
 
 
 def _column(path: Path, rows: list[dict], lines: list[int], column: str) -> np.ndarray:
@@ -229,7 +248,7 @@ def _column(path: Path, rows: list[dict], lines: list[int], column: str) -> np.n
         if column == "TIMESTAMP":
             arr = (arr - arr.min()).astype(np.int64) / 1e9 if not np.isnat(arr).any() else None
         if arr is not None and (np.isfinite(arr).all() if arr.dtype.kind == "f" else
-                                (arr >= 1).all()):
+                                ((arr >= 1) & (arr <= MAX_TOKENS)).all()):
             return arr
     except (ValueError, TypeError, OverflowError):
         pass
@@ -237,7 +256,7 @@ def _column(path: Path, rows: list[dict], lines: list[int], column: str) -> np.n
     for text, line in zip(values, lines):
         try:
             value = parse(text)
-            if dtype is np.int64 and value < 1:
+            if dtype is np.int64 and not 1 <= value <= MAX_TOKENS:
                 raise ValueError(text)
         except (ValueError, TypeError, OverflowError):
             raise WorkloadError(f"{path}: line {line}, column {column}: {text!r} is not "
@@ -254,8 +273,8 @@ def read_trace(path: str | Path, rate_scale: float = 1.0, num_requests: int | No
     plain schema's `max_tokens` column is used if present, else the trace's longest output.
     """
     path = Path(path)
-    if not rate_scale > 0:
-        raise WorkloadError(f"rate scale must be positive, got {rate_scale}")
+    check_rate_scale(rate_scale)
+    check_max_tokens(max_tokens)
     try:
         with path.open(newline="") as fh:
             reader = csv.DictReader(fh)
@@ -289,7 +308,8 @@ def read_trace(path: str | Path, rate_scale: float = 1.0, num_requests: int | No
     if not rows:
         raise WorkloadError(f"{path}: no requests in the trace")
     time_col, prompt_col, output_col = columns
-    arrival_s = _column(path, rows, lines, time_col) / rate_scale
+    with np.errstate(over="ignore"):  # times beyond the float range are rejected by Workload
+        arrival_s = _column(path, rows, lines, time_col) / rate_scale
     prompt = _column(path, rows, lines, prompt_col)
     output = _column(path, rows, lines, output_col)
     limit = None
@@ -305,14 +325,23 @@ def read_trace(path: str | Path, rate_scale: float = 1.0, num_requests: int | No
     return _workload(f"{path.name}{scale}", arrival_s, prompt, output, limit)
 
 
+def check_rate_scale(rate_scale: float) -> None:
+    check_finite("rate scale", rate_scale, positive=True, error=WorkloadError)
+
+
+def check_max_tokens(max_tokens: int | None) -> None:
+    if max_tokens is not None and not 1 <= max_tokens <= MAX_TOKENS:
+        raise WorkloadError(f"max tokens must be an integer from 1 to {MAX_TOKENS}, got "
+                            f"{max_tokens}")
+
+
 def load_workload(trace: str | Path | None = None, synthetic_spec: str | None = None,
                   rate_scale: float = 1.0, num_requests: int | None = None,
                   max_tokens: int | None = None, seed: int = 0) -> Workload:
     """A trace (`read_trace`) or a synthetic mix (`parse_synthetic_spec`), exactly one."""
     if (trace is None) == (synthetic_spec is None):
         raise WorkloadError("give either a trace CSV or a synthetic spec (exactly one)")
-    if not rate_scale > 0:
-        raise WorkloadError(f"rate scale must be positive, got {rate_scale}")
+    check_rate_scale(rate_scale)
     if trace is not None:
         return read_trace(trace, rate_scale, num_requests, max_tokens)
     spec = parse_synthetic_spec(synthetic_spec)

@@ -1,0 +1,136 @@
+"""When each calibration point is measured: interleaved rounds in a shuffled order, within a time
+budget, and a check that the machine is quiet before and after.
+
+A sweep that measures size after size, in increasing order, turns any drift or interference
+(another process starting, a frequency change, the page cache filling) into an error that grows
+with the size: exactly what a fit reads as a coefficient. So inside `recording()` each sweep only
+takes a first look at its points (`kvbench.calibration.timing`), and `interleave` then measures
+all of a phase's points again, one call each per round, every round in a new random order:
+interference lands on random sizes and averages out as noise instead of biasing the slope. The
+rounds' samples replace the first look. While the budget lasts, the points whose relative spread
+is still above `MAX_REL_SPREAD` get more rounds of their own.
+
+`machine_check` times a fixed reference workload and reads the load average; the pipeline runs
+it before and after, and the profile records both (with the drift between them).
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from kvbench.calibration.timing import RECORDER, Timing, measure, synchronize
+
+Point = tuple[Callable[[], object], str, Timing]  # what `measure` registers: fn, device, timing
+MIN_ROUNDS, MAX_ROUNDS = 3, 30
+MAX_REL_SPREAD = 0.05  # IQR / median above which a point gets more samples
+BUSY_LOAD_PER_CORE = 0.5  # load average per core from which the machine counts as busy
+BUSY_REL_SPREAD = 0.10  # the reference workload's spread from which it counts as busy
+
+
+@contextmanager
+def recording() -> Iterator[list[Point]]:
+    """Collect the points every `measure` call inside registers (after a first look at each)."""
+    points: list[Point] = []
+    token = RECORDER.set(points)
+    try:
+        yield points
+    finally:
+        RECORDER.reset(token)
+
+
+def _one_call_ms(fn: Callable[[], object], device: str) -> float:
+    if device == "cuda":
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        end.synchronize()
+        return start.elapsed_time(end)
+    start = time.perf_counter()
+    fn()
+    return (time.perf_counter() - start) * 1e3
+
+
+@dataclass
+class ScheduleReport:
+    """What `interleave` did for one phase."""
+
+    points: int
+    rounds: int
+    extra_samples: int  # taken for points whose spread stayed high
+    seconds: float
+    max_rel_spread: float  # the worst point's IQR / median at the end
+
+    def to_dict(self) -> dict:
+        return self.__dict__.copy()
+
+
+def interleave(points: list[Point], budget_s: float, seed: int = 0) -> ScheduleReport:
+    """Measure every point again in shuffled rounds (one call per point per round) and make the
+    rounds' samples each point's samples.
+
+    Rounds: as many as fit in `budget_s` by the first look's medians, within [MIN_ROUNDS,
+    MAX_ROUNDS]. Then, while time is left, the point with the highest relative spread above
+    `MAX_REL_SPREAD` gets another few samples (in a round of its own, still cold: each sweep's
+    function rotates through its own buffers and weights).
+    """
+    start = time.perf_counter()
+    if not points:
+        return ScheduleReport(0, 0, 0, 0.0, 0.0)
+    rng = np.random.default_rng(seed)
+    round_ms = sum(timing.median_ms for _, _, timing in points)
+    rounds = int(np.clip(budget_s * 1e3 / max(round_ms, 1e-6), MIN_ROUNDS, MAX_ROUNDS))
+    samples: list[list[float]] = [[] for _ in points]
+    for _ in range(rounds):
+        for i in rng.permutation(len(points)).tolist():
+            fn, device, _ = points[i]
+            samples[i].append(_one_call_ms(fn, device))
+    extra = 0
+    while time.perf_counter() - start < budget_s:
+        spreads = [Timing(s).rel_spread for s in samples]
+        worst = int(np.argmax(spreads))
+        if spreads[worst] <= MAX_REL_SPREAD:
+            break
+        fn, device, _ = points[worst]
+        samples[worst] += [_one_call_ms(fn, device) for _ in range(MIN_ROUNDS)]
+        extra += MIN_ROUNDS
+    for (_, _, timing), taken in zip(points, samples):
+        timing.samples_ms[:] = taken
+    return ScheduleReport(len(points), rounds, extra, time.perf_counter() - start,
+                          max(Timing(s).rel_spread for s in samples))
+
+
+def machine_check(device: str) -> dict:
+    """A fixed reference workload on `device` (a 32 MiB copy and a 512² matrix product) timed
+    15 times: median ms and relative spread, with the 1-minute load average and core count."""
+    gen = torch.Generator().manual_seed(0)
+    src = torch.randn(8 * 2**20, generator=gen).to(device)
+    dst = torch.empty_like(src)
+    a = torch.randn(512, 512, generator=gen).to(device)
+
+    def reference():
+        dst.copy_(src)
+        return a @ a
+
+    timing = measure(reference, device, warmup=3, reps=15, max_rel_spread=np.inf)
+    synchronize(device)
+    load = os.getloadavg()[0] if hasattr(os, "getloadavg") else None
+    return {"reference_ms": timing.median_ms, "rel_spread": timing.rel_spread,
+            "load_1m": load, "cpu_count": os.cpu_count()}
+
+
+def busy_reason(check: dict) -> str | None:
+    """Why a `machine_check` says the machine was not quiet, or None."""
+    reasons = []
+    if check["load_1m"] is not None and check["load_1m"] > BUSY_LOAD_PER_CORE * check["cpu_count"]:
+        reasons.append(f"load {check['load_1m']:.1f} on {check['cpu_count']} cores")
+    if check["rel_spread"] > BUSY_REL_SPREAD:
+        reasons.append(f"reference workload spread {100 * check['rel_spread']:.0f}%")
+    return ", ".join(reasons) or None

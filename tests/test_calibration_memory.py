@@ -1,0 +1,198 @@
+"""Issue 13, defect 1: the calibration's memory plan (kvbench.calibration.memory), refusal before
+any allocation, and out-of-memory errors that still happen (the CPU allocator's included)."""
+
+from __future__ import annotations
+
+import json
+import resource
+from pathlib import Path
+
+import pytest
+
+from kvbench.calibration import memory, pipeline, sweeps
+from kvbench.calibration.memory import (
+    GIB,
+    MemoryPlanError,
+    decode_bytes,
+    fit_plan,
+    prefill_bytes,
+    swap_bytes,
+)
+from kvbench.calibration.sweeps import is_out_of_memory
+from kvbench.models import ModelSpec, get_model
+
+CPU_OOM = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
+           "memory: you tried to allocate 17179869184 bytes. Error code 12 (Cannot allocate "
+           "memory)")
+TINY_PLAN = {"swap": (16, 2048, 6), "prefill": (16, 512, 6), "decode": ([1, 4, 8], [32, 128]),
+             "budget_s": {"swap": 0.2, "prefill": 0.2}}
+# The issue's two configs: hidden 65536 x 200 layers, and a 120-layer one whose full plan wanted
+# a 16.1 GB cache and an 8.05 GB host buffer on a 24 GB machine.
+HUGE = {"num_hidden_layers": 200, "hidden_size": 65536, "num_attention_heads": 64,
+        "intermediate_size": 262144, "vocab_size": 32000}
+BIG = ModelSpec("big-120", 120, 8192, 64, 64, 128, 28672, 32000)
+
+
+@pytest.mark.parametrize("exc, oom", [
+    (RuntimeError(CPU_OOM), True),
+    (RuntimeError("DefaultCPUAllocator: not enough memory: you tried to allocate 1 bytes"), True),
+    (RuntimeError("CUDA out of memory. Tried to allocate 2.00 GiB"), True),
+    (MemoryError(), True),
+    (RuntimeError("shape mismatch"), False),
+    (ValueError("can't allocate memory"), False),
+])
+def test_out_of_memory_is_recognised_on_cpu_too(exc, oom):
+    """Defect 1: torch's CPU allocator says "can't allocate memory", not "out of memory"."""
+    assert is_out_of_memory(exc) is oom
+
+
+def test_huge_config_is_refused_from_the_estimate(tmp_path, run_cli, monkeypatch):
+    """Defect 1: hidden 65536 x 200 layers ended in a traceback after 11 s of allocating; now
+    the estimate refuses it in one line before any sweep allocates."""
+    def never(*args, **kwargs):
+        raise AssertionError("a sweep started")
+
+    for name in ("swap_sweep", "prefill_sweep", "decode_sweep"):
+        monkeypatch.setattr(pipeline, name, never)
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(HUGE))
+    peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    code, out, err = run_cli("calibrate", "--device", "cpu", "--config-json", str(config),
+                             "--out", str(tmp_path / "p.json"))
+    assert code == 2 and out == ""
+    assert err.startswith("error: not enough memory to calibrate ") and err.count("\n") == 1
+    assert "swap needs" in err and "GiB usable of" in err
+    grown_kib = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before
+    assert grown_kib < 2**20  # nothing near the GiBs the plan needs was allocated
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["config.json"]
+
+
+def test_plan_shrinks_to_what_fits():
+    """Defect 1: the 120-layer config's plan (16.1 GB cache + 8.05 GB host buffer) grew past
+    18 GB of RSS on a 24 GB machine; the plan keeps the sizes that fit and says what it dropped."""
+    plan = pipeline.PLANS[("cpu", False)]
+    available = {"host": 24 * GIB, "device": 24 * GIB}
+    args = (BIG, "cpu", 16, pipeline.geometric_sizes(*plan["swap"]),
+            pipeline.geometric_sizes(*plan["prefill"]), *plan["decode"])
+    fitted = fit_plan(*args, available=available)
+    usable = memory.USABLE_FRACTION * 24 * GIB
+    assert len(fitted.swap_sizes) >= memory.MIN_POINTS["swap"]
+    assert sum(swap_bytes(BIG, 16, fitted.swap_sizes[-1]).values()) <= usable
+    assert fitted.swap_sizes[-1] < 2048 < pipeline.geometric_sizes(*plan["swap"])[-1]
+    assert prefill_bytes(BIG, fitted.prefill_sizes[-1]) <= usable
+    assert decode_bytes(BIG, fitted.decode_batches[-1], fitted.decode_contexts[-1]) <= usable
+    assert fitted.notes[0].startswith("swap: sizes from ") and "GiB usable" in fitted.notes[0]
+    assert fit_plan(*args, available={"host": 2000 * GIB, "device": 2000 * GIB}).notes == []
+    with pytest.raises(MemoryPlanError, match="not enough memory .* 0.40 GiB usable of 0.50"):
+        fit_plan(*args, available={"host": GIB // 2, "device": GIB // 2})
+
+
+def test_cuda_plan_counts_gpu_and_host_separately():
+    """On CUDA the cache is on the GPU and the swap space in RAM: each side has its budget."""
+    spec = get_model("llama-3-8b")
+    sizes = pipeline.geometric_sizes(16, 65536, 14)
+    small_gpu = fit_plan(spec, "cuda", 16, sizes, [128, 256, 512, 1024, 2048], [1, 2], [512, 1024],
+                         available={"host": 512 * GIB, "device": 20 * GIB})
+    small_ram = fit_plan(spec, "cuda", 16, sizes, [128, 256, 512, 1024, 2048], [1, 2], [512, 1024],
+                         available={"host": 10 * GIB, "device": 80 * GIB})
+    assert swap_bytes(spec, 16, small_gpu.swap_sizes[-1])["device"] <= 16 * GIB
+    assert swap_bytes(spec, 16, small_ram.swap_sizes[-1])["host"] <= 8 * GIB
+    assert small_ram.swap_sizes[-1] != small_gpu.swap_sizes[-1]
+
+
+def _reset_peak_rss() -> bool:
+    try:
+        Path("/proc/self/clear_refs").write_text("5")  # resets VmHWM (Linux 4.0+)
+        return True
+    except OSError:
+        return False
+
+
+def _rss_bytes(field: str) -> int:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    raise KeyError(field)
+
+
+@pytest.mark.skipif(not _reset_peak_rss(), reason="needs Linux's resettable peak RSS")
+@pytest.mark.parametrize("phase", ["swap", "prefill", "decode"])
+def test_estimates_bound_the_measured_peaks(phase):
+    """Each phase's estimate is at least the peak RSS its sweep reaches (one point each)."""
+    spec = ModelSpec("mid", 4, 512, 8, 2, 64, 1536, 32000, dtype="bfloat16")
+    quiet = lambda phase, text: None  # noqa: E731
+    runs = {"swap": (lambda: sweeps.swap_sweep(spec, "cpu", 16, [4096], ("torch",), quiet),
+                     sum(swap_bytes(spec, 16, 4096).values())),
+            "prefill": (lambda: sweeps.prefill_sweep(spec, "cpu", [2048], quiet),
+                        prefill_bytes(spec, 2048)),
+            "decode": (lambda: sweeps.decode_sweep(spec, "cpu", [16], [2048], quiet),
+                       decode_bytes(spec, 16, 2048))}
+    run, estimate = runs[phase]
+    _reset_peak_rss()
+    base = _rss_bytes("VmRSS")
+    run()
+    peak = _rss_bytes("VmHWM") - base
+    assert 0 < peak <= estimate, (peak / GIB, estimate / GIB)
+
+
+def test_weights_out_of_memory_ends_the_run_in_one_line(tmp_path, run_cli, monkeypatch):
+    """Defect 1: `cold_layers` and the LM head allocated outside any guard; an allocator failure
+    there is now one line (exit 2), and nothing is written."""
+    def no_memory(*args, **kwargs):
+        raise RuntimeError(CPU_OOM)
+
+    monkeypatch.setitem(pipeline.PLANS, ("cpu", True), TINY_PLAN)
+    monkeypatch.setattr(sweeps, "LMHead", no_memory)
+    out = tmp_path / "p.json"
+    code, stdout, err = run_cli("calibrate", "--device", "cpu", "--model", "tiny", "--quick",
+                                "--out", str(out))
+    assert code == 2 and stdout == "" and "Traceback" not in err
+    errors = [line for line in err.splitlines() if line.startswith("error:")]
+    assert errors == [err.splitlines()[-1]] and errors[0].startswith(
+        "error: prefill sweep ran out of memory before its first point ([enforce fail")
+    assert not out.exists()
+
+
+def test_out_of_memory_during_a_sweep_ends_it_and_is_recorded(monkeypatch):
+    """Defect 1: an out-of-memory error that still happens (the CPU allocator's message) ends
+    that sweep at that size; the profile records it and fits the points before it."""
+    real_hidden, real_cache = sweeps.random_hidden, sweeps.allocate_kv_cache
+
+    def hidden(num_tokens, *args):
+        if num_tokens >= 512:
+            raise RuntimeError(CPU_OOM)
+        return real_hidden(num_tokens, *args)
+
+    def cache(num_layers, num_blocks, *args):
+        if num_blocks * 8 >= 2 * 2048:  # the pool for the largest swap size
+            raise RuntimeError(CPU_OOM)
+        return real_cache(num_layers, num_blocks, *args)
+
+    monkeypatch.setattr(sweeps, "random_hidden", hidden)
+    monkeypatch.setattr(sweeps, "allocate_kv_cache", cache)
+    plan = {**TINY_PLAN, "prefill": (16, 512, 7), "swap": (16, 2048, 7)}
+    run = pipeline.calibrate(pipeline.calibration_model("cpu", "tiny"), "cpu", block_size=8,
+                             quick=True, plan=plan)
+    stopped = run.profile.extra["stopped"]
+    assert stopped["prefill"] == "out of memory at 512 tokens"
+    assert stopped["swap"] == "out of memory allocating 2048 tokens"
+    assert run.profile.recompute.fit.max_tokens < 512 and run.profile.swap.fit.max_tokens < 2048
+    lines = pipeline.calibration_summary(run.profile, [Path("p.json")] * 3)
+    assert "note: sweep ended early: out of memory at 512 tokens" in lines
+
+
+def test_too_few_points_left_is_one_line(monkeypatch):
+    """An out-of-memory error that leaves fewer points than a fit needs is a MemoryPlanError
+    (one line through the CLI), not a fitting error."""
+    real_hidden = sweeps.random_hidden
+
+    def hidden(num_tokens, *args):
+        if num_tokens >= 64:
+            raise RuntimeError(CPU_OOM)
+        return real_hidden(num_tokens, *args)
+
+    monkeypatch.setattr(sweeps, "random_hidden", hidden)
+    with pytest.raises(MemoryPlanError, match=r"prefill sweep ended early \(out of memory at "
+                                              r"\d+ tokens\) after \d points; 5 are needed"):
+        pipeline.calibrate(pipeline.calibration_model("cpu", "tiny"), "cpu", block_size=8,
+                           quick=True, plan=TINY_PLAN)
