@@ -106,6 +106,12 @@ class ModelSpec:
         """Causal attention FLOPs of a prompt of n tokens, all layers: 2·n²·H·d·L / tp."""
         return self.attention_flops_per_token_sq * num_tokens * num_tokens
 
+    def chunk_flops(self, start_tokens, end_tokens):
+        """FLOPs of computing positions [start, end) with the KV of the first `start` in the
+        cache: linear·(end - start) + attention·(end² - start²) (ints or arrays; no LM head)."""
+        return (self.linear_flops_per_token * (end_tokens - start_tokens)
+                + self.attention_flops_per_token_sq * (end_tokens**2 - start_tokens**2))
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -140,13 +146,20 @@ def from_hf_config(path: str | Path, dtype: str | None = None, tp: int = 1) -> M
         cfg = json.loads(path.read_text())
     except (OSError, json.JSONDecodeError) as exc:
         raise ValueError(f"cannot read model config {path}: {exc}") from None
+    return from_hf_dict(cfg, str(path), path.parent.name, dtype, tp)
+
+
+def from_hf_dict(cfg: dict, origin: str, default_name: str = "custom", dtype: str | None = None,
+                 tp: int = 1) -> ModelSpec:
+    """A Hugging Face config as a dict (a config.json's content, or a loaded config's
+    `to_dict()`); `origin` names it in errors."""
     missing = [k for k in ("num_hidden_layers", "hidden_size", "num_attention_heads",
                            "intermediate_size", "vocab_size") if k not in cfg]
     if missing:
-        raise ValueError(f"model config {path}: missing key(s) {', '.join(missing)}")
+        raise ValueError(f"model config {origin}: missing key(s) {', '.join(missing)}")
     heads = cfg["num_attention_heads"]
     return ModelSpec(
-        name=cfg.get("_name_or_path") or cfg.get("model_type") or path.parent.name or "custom",
+        name=cfg.get("_name_or_path") or cfg.get("model_type") or default_name or "custom",
         num_layers=cfg["num_hidden_layers"],
         hidden_size=cfg["hidden_size"],
         num_heads=heads,
