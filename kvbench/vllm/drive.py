@@ -58,7 +58,7 @@ from vllm.v1.outputs import ModelRunnerOutput  # noqa: E402
 from vllm.v1.request import Request  # noqa: E402
 from vllm.v1.structured_output import StructuredOutputManager  # noqa: E402
 
-TINY_MODEL = Path(__file__).resolve().parent / "tiny_model"
+TINY_MODEL = Path(__file__).resolve().parent / "tiny_llama"
 
 
 class DriveError(ValueError):
