@@ -80,7 +80,10 @@ class Recorder:
         self.catching_up: dict[str, RequestRecord] = {}
         self.columns = {name: array("d") for name in COLUMNS}
         self.path = path
-        self.file = open(path, "w", buffering=1) if path is not None else None  # noqa: SIM115
+        self.file = None
+        if path is not None:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self.file = open(path, "w", buffering=1)  # noqa: SIM115 (closed by close())
 
     def add(self, request_id: str, prompt_tokens: int, max_tokens: int, predicted: int,
             arrival_time: float) -> RequestRecord:
