@@ -564,6 +564,59 @@ def doctor_cmd(
         raise typer.Exit(1)
 
 
+@app.command("replay")
+def replay_cmd(
+    trace: Optional[Path] = SIM_TRACE,
+    num_requests: Optional[int] = SIM_NUM_REQUESTS,
+    rate_scale: float = typer.Option(1.0, help="Replay the trace this many times faster."),
+    policies: Optional[str] = typer.Option(None, help="Comma-separated admission/victim/"
+                                           "recompute/predictor (default: five)."),
+    model: Optional[Path] = typer.Option(None, help="Folder with a config.json; dummy weights "
+                                         "(default: kvbench's tiny Llama)."),
+    num_gpu_blocks: int = typer.Option(..., min=2, help="KV blocks (vLLM's "
+                                       "--num-gpu-blocks-override)."),
+    block_size: int = typer.Option(32, min=1, help="Tokens per block (CPU: multiple of 32)."),
+    max_num_seqs: int = typer.Option(128, min=1, help="Running requests at most."),
+    max_num_batched_tokens: int = typer.Option(2048, min=1, help="Tokens per step at most."),
+    prefix_caching: bool = typer.Option(True, "--prefix-caching/--no-prefix-caching",
+                                        help="vLLM's prefix caching."),
+    profile: Optional[Path] = SIM_PROFILE,
+    hardware: str = SIM_HARDWARE,
+    seed: int = SIM_SEED,
+    out_dir: Optional[Path] = typer.Option(None, "--out", help="Default: results/replay/"
+                                           "<device>-<model>."),
+    as_json: bool = SIM_JSON,
+) -> None:
+    """Replay a trace through a real vLLM engine: vLLM's scheduler, then each kvbench policy."""
+    import shlex
+
+    from kvbench.sim.study import parse_policies
+    from kvbench.sim.workloads import AZURE_CONV_TRACE, load_workload
+    from kvbench.vllm import unavailable_reason
+
+    if reason := unavailable_reason():
+        raise ValueError(f"kvbench replay {reason}")
+    from kvbench.vllm.replay import REPLAY_POLICIES, EngineSettings, default_out_dir, replay
+
+    workload = load_workload(trace or AZURE_CONV_TRACE, None, rate_scale, num_requests, None,
+                             seed)
+    settings = EngineSettings(num_gpu_blocks, block_size, max_num_seqs, max_num_batched_tokens,
+                              prefix_caching, seed=seed, **({"model": model} if model else {}))
+    out_dir = out_dir or default_out_dir(settings)
+    with _sim_progress("replay", "requests") as progress:
+        task = progress.add_task("replay", total=workload.num_requests)
+        result = replay(workload, settings, parse_policies(policies) if policies else
+                        REPLAY_POLICIES, out_dir / "records", profile, hardware,
+                        progress=lambda label, done: progress.update(task, completed=done))
+    result.write(out_dir, shlex.join(["kvbench", *sys.argv[1:]]))
+    if as_json:
+        print(json.dumps(result.document()))
+        return
+    for table in result.tables():
+        out.print(table)
+    out.print(f"wrote: {out_dir}/replay.json, replay.md, records/")
+
+
 def main() -> None:
     """Console entry: usage mistakes print one line too (exit 2), not a usage box."""
     try:

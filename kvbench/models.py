@@ -112,6 +112,12 @@ class ModelSpec:
         """Causal attention FLOPs of a prompt of n tokens, all layers: 2·n²·H·d·L / tp."""
         return self.attention_flops_per_token_sq * num_tokens * num_tokens
 
+    def chunk_flops(self, start_tokens, end_tokens):
+        """FLOPs of computing positions [start, end) with the KV of the first `start` in the
+        cache: linear·(end - start) + attention·(end² - start²) (ints or arrays; no LM head)."""
+        return (self.linear_flops_per_token * (end_tokens - start_tokens)
+                + self.attention_flops_per_token_sq * (end_tokens**2 - start_tokens**2))
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -153,26 +159,33 @@ def from_hf_config(path: str | Path, dtype: str | None = None, tp: int = 1) -> M
         raise ValueError(f"cannot read model config {path}: {exc}") from None
     except RecursionError:
         raise ValueError(f"cannot read model config {path}: JSON nested too deeply") from None
+    return from_hf_dict(cfg, str(path), path.parent.name, dtype, tp)
+
+
+def from_hf_dict(cfg: dict, origin: str, default_name: str = "custom", dtype: str | None = None,
+                 tp: int = 1) -> ModelSpec:
+    """A Hugging Face config as a dict (a config.json's content, or a loaded config's
+    `to_dict()`); `origin` names it in errors."""
     if not isinstance(cfg, dict):
-        raise ValueError(f"model config {path}: expected a JSON object, got "
+        raise ValueError(f"model config {origin}: expected a JSON object, got "
                          f"{type(cfg).__name__}")
     missing = [k for k in HF_REQUIRED if k not in cfg]
     if missing:
-        raise ValueError(f"model config {path}: missing key(s) {', '.join(missing)}")
+        raise ValueError(f"model config {origin}: missing key(s) {', '.join(missing)}")
     given = {k: cfg[k] for k in (*HF_REQUIRED, *HF_OPTIONAL) if cfg.get(k) is not None}
     for key, value in given.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"model config {path}: {key} must be a positive integer, got "
+            raise ValueError(f"model config {origin}: {key} must be a positive integer, got "
                              f"{value!r}")
     heads, hidden = given["num_attention_heads"], given["hidden_size"]
     if "head_dim" not in given and hidden % heads:
-        raise ValueError(f"model config {path}: hidden_size {hidden} is not a multiple of "
+        raise ValueError(f"model config {origin}: hidden_size {hidden} is not a multiple of "
                          f"num_attention_heads {heads}; give head_dim")
-    name = cfg.get("_name_or_path") or cfg.get("model_type") or path.parent.name or "custom"
+    name = cfg.get("_name_or_path") or cfg.get("model_type") or default_name or "custom"
     dtype = dtype or cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16"
     for key, value in (("name", name), ("dtype", dtype)):
         if not isinstance(value, str):
-            raise ValueError(f"model config {path}: the model's {key} must be a string, got "
+            raise ValueError(f"model config {origin}: the model's {key} must be a string, got "
                              f"{value!r}")
     return ModelSpec(
         name=name,

@@ -15,6 +15,7 @@ import pytest
 from rich.console import Console
 from typer.testing import CliRunner
 
+from kvbench.calibration.pipeline import samples_path
 from kvbench.cli import app
 from kvbench.cluster import import_ray
 from kvbench.fleet import FleetEvent, calibrate_fleet, results_table, without_commit
@@ -80,8 +81,8 @@ def test_fleet_calibration_survives_a_lost_node_and_skips_current_profiles(clust
     assert result.path.name == f"{result.device_slug}-qwen2-5-0-5b.json"
     assert without_commit(profile.environment) == without_commit(fingerprint("cpu"))
     assert profile.source == "measured" and profile.config["quick"] is True
-    for suffix in (".samples.json", ".png"):
-        assert result.path.with_suffix(suffix).stat().st_size > 0
+    for written in (samples_path(result.path, profile), result.path.with_suffix(".png")):
+        assert written.stat().st_size > 0
     references = sorted(p for p in REFERENCE_PROFILES.glob("cpu-*.json")
                         if not p.name.endswith(".samples.json"))
     assert references, f"no CPU profile from `kvbench calibrate` in {REFERENCE_PROFILES}"

@@ -568,8 +568,7 @@ class Simulator:
             redo = redo_end > p_start
             if redo.any():
                 r_ids, r_start, r_end = p_ids[redo], p_start[redo], redo_end[redo]
-                redo_flops = (model.linear_flops_per_token * (r_end - r_start)
-                              + model.attention_flops_per_token_sq * (r_end**2 - r_start**2))
+                redo_flops = model.chunk_flops(r_start, r_end)
                 req.recompute_tokens[r_ids] += r_end - r_start
                 req.wasted_flops[r_ids] += redo_flops
                 self.recompute_flops += float(redo_flops.sum())

@@ -72,7 +72,8 @@ def request_metrics(result: SimResult) -> dict[str, np.ndarray]:
     }
 
 
-def _stats(name: str, values: np.ndarray) -> dict[str, float | None]:
+def latency_stats(name: str, values: np.ndarray) -> dict[str, float | None]:
+    """Mean and percentiles of the finite values: `ttft_s` -> ttft_mean_s, ttft_p50_s, ..."""
     values = values[np.isfinite(values)]
     stem, unit = name.rsplit("_", 1)
     if not values.size:
@@ -132,7 +133,7 @@ def summarize(result: SimResult) -> dict:
         "steps": result.steps,
     }
     for name in LATENCIES:
-        summary.update(_stats(name, per_request[name][done]))
+        summary.update(latency_stats(name, per_request[name][done]))
     summary["livelock"] = result.livelock
     summary["rejections"] = dict(list(req.reject_reason.items())[:10])
     return summary

@@ -145,15 +145,34 @@ def comparison_rows(summaries: list[dict]) -> list[dict]:
 
 def comparison_table(results: list[SimResult], summaries: list[dict]) -> Table:
     """The comparison for a terminal: `comparison_rows` under short headers, 4 digits."""
-    table = Table(title=f"{results[0].workload['name']} · {results[0].model} · "
-                        f"{summaries[0]['gpu_blocks']} GPU blocks")
+    return summary_table(summaries, f"{results[0].workload['name']} · {results[0].model} · "
+                                    f"{summaries[0]['gpu_blocks']} GPU blocks")
+
+
+def summary_table(summaries: list[dict], title: str) -> Table:
+    """`comparison_rows` of any summaries with the table's keys (a simulation's, a replay's)."""
+    table = Table(title=title)
     for column, header in TABLE_COLUMNS.items():
         table.add_column(header, justify="left" if column == "policy" else "right",
                          no_wrap=True)
     for row in comparison_rows(summaries):
-        table.add_row(*("n/a" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
-                        for v in row.values()))
+        table.add_row(*table_cells(row.values()))
     return table
+
+
+def summary_markdown(summaries: list[dict]) -> str:
+    """The same table in Markdown (for results/ and README)."""
+    lines = ["| " + " | ".join(TABLE_COLUMNS.values()) + " |",
+             "|" + "---|" * len(TABLE_COLUMNS)]
+    lines += ["| " + " | ".join(table_cells(row.values())) + " |"
+              for row in comparison_rows(summaries)]
+    return "\n".join(lines) + "\n"
+
+
+def table_cells(values) -> list[str]:
+    """A table row's cells: 4 significant digits, n/a for a missing value."""
+    return ["n/a" if v is None else f"{v:.4g}" if isinstance(v, float) else str(v)
+            for v in values]
 
 
 def write_comparison(results: list[SimResult], summaries: list[dict], out_dir: str | Path,

@@ -14,7 +14,7 @@ import numpy as np
 
 from kvbench.sim.workloads import Workload, WorkloadError
 
-VOCAB_SIZE = 32000  # the tiny model config's vocabulary (kvbench/vllm/tiny_model)
+VOCAB_SIZE = 32000  # the tiny model config's vocabulary (kvbench/vllm/tiny_llama)
 
 
 @dataclass(frozen=True)

