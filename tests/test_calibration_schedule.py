@@ -52,15 +52,19 @@ def test_rounds_fill_the_budget_and_stop_at_it():
 
 
 def test_noisy_points_get_more_samples_within_the_budget(monkeypatch):
-    """A point whose spread stays high is measured again while time is left."""
+    """A point whose spread stays high is measured again while time is left, at most doubling
+    its samples; a steady point is not."""
     rng = np.random.default_rng(0)
-    times = iter(np.abs(rng.normal(1.0, 0.5, 10_000)).tolist())
-    monkeypatch.setattr(schedule, "_one_call_ms", lambda fn, device: next(times))
-    points = recorded([1, 2], [])
+    noise = iter(np.abs(rng.normal(1.0, 0.5, 10_000)).tolist())
+    monkeypatch.setattr(schedule, "_one_call_ms",
+                        lambda fn, device: next(noise) if fn() == "noisy" else 1.0)
+    with recording() as points:
+        for kind in ("noisy", "steady"):
+            measure(lambda: kind, "cpu", warmup=0, reps=3)
     report = interleave(points, budget_s=0.05)
-    assert report.extra_samples > 0
-    assert sum(len(t.samples_ms) for _, _, t in points) == 2 * report.rounds + \
-        report.extra_samples
+    noisy, steady = (len(t.samples_ms) for _, _, t in points)
+    assert steady == report.rounds and noisy == 2 * report.rounds
+    assert report.extra_samples == report.rounds
 
 
 def test_machine_check_and_busy_reason():
