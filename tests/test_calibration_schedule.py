@@ -71,11 +71,16 @@ def test_machine_check_and_busy_reason():
     check = machine_check("cpu")
     assert check["reference_ms"] > 0 and check["rel_spread"] >= 0
     assert check["cpu_count"] >= 1
-    quiet = {"reference_ms": 1.0, "rel_spread": 0.02, "load_1m": 0.3, "cpu_count": 2}
+    assert check["threads"] >= 1
+    assert (check["parallel_speedup"] is None) == (check["threads"] == 1)
+    quiet = {"reference_ms": 1.0, "rel_spread": 0.02, "load_1m": 0.3, "cpu_count": 2,
+             "threads": 2, "parallel_speedup": 1.8}
     assert busy_reason(quiet) is None
     assert busy_reason({**quiet, "load_1m": 5.1}) == "load 5.1 on 2 cores"
     assert busy_reason({**quiet, "rel_spread": 0.3}) == "reference workload spread 30%"
-    assert busy_reason({**quiet, "load_1m": None}) is None
+    assert busy_reason({**quiet, "parallel_speedup": 0.4}) == (
+        "2 threads ran it only 0.4x as fast as one: other processes hold the cores")
+    assert busy_reason({**quiet, "load_1m": None, "parallel_speedup": None}) is None
 
 
 @pytest.mark.parametrize("failing, exit_code", [(True, 1), (False, 0)])
