@@ -52,26 +52,35 @@ def test_rounds_fill_the_budget_and_stop_at_it():
 
 
 def test_noisy_points_get_more_samples_within_the_budget(monkeypatch):
-    """A point whose spread stays high is measured again while time is left."""
+    """A point whose spread stays high is measured again while time is left, at most doubling
+    its samples; a steady point is not."""
     rng = np.random.default_rng(0)
-    times = iter(np.abs(rng.normal(1.0, 0.5, 10_000)).tolist())
-    monkeypatch.setattr(schedule, "_one_call_ms", lambda fn, device: next(times))
-    points = recorded([1, 2], [])
+    noise = iter(np.abs(rng.normal(1.0, 0.5, 10_000)).tolist())
+    monkeypatch.setattr(schedule, "_one_call_ms",
+                        lambda fn, device: next(noise) if fn() == "noisy" else 1.0)
+    with recording() as points:
+        for kind in ("noisy", "steady"):
+            measure(lambda: kind, "cpu", warmup=0, reps=3)
     report = interleave(points, budget_s=0.05)
-    assert report.extra_samples > 0
-    assert sum(len(t.samples_ms) for _, _, t in points) == 2 * report.rounds + \
-        report.extra_samples
+    noisy, steady = (len(t.samples_ms) for _, _, t in points)
+    assert steady == report.rounds and noisy == 2 * report.rounds
+    assert report.extra_samples == report.rounds
 
 
 def test_machine_check_and_busy_reason():
     check = machine_check("cpu")
     assert check["reference_ms"] > 0 and check["rel_spread"] >= 0
     assert check["cpu_count"] >= 1
-    quiet = {"reference_ms": 1.0, "rel_spread": 0.02, "load_1m": 0.3, "cpu_count": 2}
+    assert check["threads"] >= 1
+    assert (check["parallel_speedup"] is None) == (check["threads"] == 1)
+    quiet = {"reference_ms": 1.0, "rel_spread": 0.02, "load_1m": 0.3, "cpu_count": 2,
+             "threads": 2, "parallel_speedup": 1.8}
     assert busy_reason(quiet) is None
     assert busy_reason({**quiet, "load_1m": 5.1}) == "load 5.1 on 2 cores"
     assert busy_reason({**quiet, "rel_spread": 0.3}) == "reference workload spread 30%"
-    assert busy_reason({**quiet, "load_1m": None}) is None
+    assert busy_reason({**quiet, "parallel_speedup": 0.4}) == (
+        "2 threads ran it only 0.4x as fast as one: other processes hold the cores")
+    assert busy_reason({**quiet, "load_1m": None, "parallel_speedup": None}) is None
 
 
 @pytest.mark.parametrize("failing, exit_code", [(True, 1), (False, 0)])

@@ -417,6 +417,9 @@ def machine_line(machine: dict, schedule: dict) -> str:
         "cores")
     rounds = ", ".join(f"{phase} {s['rounds']} rounds (worst spread "
                        f"{100 * s['max_rel_spread']:.0f}%)" for phase, s in schedule.items())
+    speedup = "".join(f", {c['threads']} threads {c['parallel_speedup']:.1f}x one {when}"
+                      for when, c in (("before", before), ("after", after))
+                      if c.get("parallel_speedup") is not None)
     return (f"machine: reference {before['reference_ms']:.2f} ms ±{100 * before['rel_spread']:.0f}%"
             f" before, {after['reference_ms']:.2f} ms ±{100 * after['rel_spread']:.0f}% after "
-            f"({100 * machine['drift']:+.0f}%{load}); interleaved: {rounds}")
+            f"({100 * machine['drift']:+.0f}%{load}{speedup}); interleaved: {rounds}")
