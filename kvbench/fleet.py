@@ -216,9 +216,10 @@ def calibrate_fleet(specs: list[ModelSpec], device: str = "cuda", address: str =
                                         f"{job.result.path} (--force measures again)"))
                     continue
                 job.tried.append(node.node_id)
-        # Progress flows back to the caller's node, which outlives any other.
+        # Progress flows back to the caller's node, which outlives any other: pinned there
+        # (hard), so losing a worker node never takes the queue with it.
         progress = Queue(actor_options={"num_cpus": 0, "scheduling_strategy": _pinned(
-            ray.get_runtime_context().get_node_id(), soft=True)})
+            ray.get_runtime_context().get_node_id(), soft=False)})
         task = ray.remote(calibrate_on_node)
         nodes = {n.node_id: n for members in types.values() for n in members}
         pending = {}
