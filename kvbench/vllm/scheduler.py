@@ -105,12 +105,14 @@ class KvbenchScheduler(Scheduler):
             f"vllm ({options.label})", "model": model.name, "costs": costs_source,
             "block_size": self.block_size,
             "num_gpu_blocks": self.kv_cache_manager.block_pool.num_gpu_blocks})
-        policy = options.policy
-        predictor = PREDICTORS[policy.predictor]
-        self._predictor = predictor(**policy.knobs(predictor))
+        # The policies plan with predicted output lengths; vLLM's own decisions need none.
+        self._predictor = None
         self._num_added = 0
         self._victim_mark: tuple | None = None  # (request, its own priority)
         if not options.is_vllm_default:
+            policy = options.policy
+            predictor = PREDICTORS[policy.predictor]
+            self._predictor = predictor(**policy.knobs(predictor))
             self._install_policies(policy)
         logger.info("kvbench scheduler: %s, costs %s, records %s", options.label,
                     costs_source, options.records or "off")
@@ -125,13 +127,14 @@ class KvbenchScheduler(Scheduler):
             self._record_arrival(request)
 
     def _record_arrival(self, request) -> None:
-        params = request.sampling_params
-        hint = (params.extra_args or {}).get(OUTPUT_TOKENS_HINT) if params is not None else None
-        max_tokens = request.max_tokens
-        predicted = int(self._predictor.predict(
-            np.array([self._num_added]), np.array([request.num_prompt_tokens]),
-            np.array([max_tokens]), np.array([hint or max_tokens]))[0])
-        self._num_added += 1
+        max_tokens, predicted = request.max_tokens, None
+        if self._predictor is not None:
+            params = request.sampling_params
+            hint = (params.extra_args or {}).get(OUTPUT_TOKENS_HINT) if params else None
+            predicted = int(self._predictor.predict(
+                np.array([self._num_added]), np.array([request.num_prompt_tokens]),
+                np.array([max_tokens]), np.array([hint or max_tokens]))[0])
+            self._num_added += 1
         self.kvbench_recorder.add(request.request_id, request.num_prompt_tokens, max_tokens,
                                   predicted, request.arrival_time)
 
@@ -158,7 +161,7 @@ class KvbenchScheduler(Scheduler):
     def _free_request(self, request, delay_free_blocks: bool = False):
         line = self.kvbench_recorder.finished(request.request_id, request.num_output_tokens,
                                               request.num_computed_tokens, request.status.name)
-        if line is not None:
+        if line is not None and self._predictor is not None:
             self._predictor.observe(np.array([line["prompt_tokens"]]),
                                     np.array([line["output_tokens"]]))
         return super()._free_request(request, delay_free_blocks)
@@ -186,7 +189,7 @@ class KvbenchScheduler(Scheduler):
             self.policy = SchedulingPolicy.PRIORITY  # only the preemption path reads it now
         manager = self.kv_cache_manager
         self._allocate_slots = manager.allocate_slots
-        self._block_ids = manager.get_block_ids
+        self._blocks_of = manager.coordinator.get_blocks  # per KV cache group; one here
         self._usable_blocks = manager.block_pool.num_gpu_blocks - 1  # less the null block
         manager.allocate_slots = self._allocate_slots_with_policies
 
@@ -227,7 +230,7 @@ class KvbenchScheduler(Scheduler):
             while generated >= record.prediction and record.prediction < r.max_tokens:
                 record.prediction = min(2 * record.prediction, r.max_tokens)
             rows.append((r.num_computed_tokens, r.num_tokens,
-                         len(self._block_ids(r.request_id)[0]) if blocks else 0,
+                         len(self._blocks_of(r.request_id)[0]) if blocks else 0,
                          max(record.prediction - generated, 1),
                          r.num_prompt_tokens + r.max_tokens))
         return Requests(*np.array(rows, dtype=np.int64).reshape(-1, 5).T)
