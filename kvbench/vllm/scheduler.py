@@ -52,7 +52,7 @@ from kvbench.sim.view import Requests, StateView
 from kvbench.vllm.instrument import Recorder
 from kvbench.vllm.options import OUTPUT_TOKENS_HINT, PluginError, PluginOptions
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("vllm.kvbench")  # under vLLM's logger: its handler and level
 SHAPE_FIELDS = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim",
                 "intermediate_size", "vocab_size")
 
@@ -61,7 +61,10 @@ def model_spec(vllm_config) -> ModelSpec:
     """The served model's shape, from vLLM's model config (KV in the cache's dtype)."""
     model_config = vllm_config.model_config
     cache_dtype = vllm_config.cache_config.cache_dtype
-    dtype = str(model_config.dtype).removeprefix("torch.") if cache_dtype == "auto" else cache_dtype
+    if cache_dtype == "auto":
+        dtype = str(model_config.dtype).removeprefix("torch.")
+    else:  # fp8, fp8_e4m3, fp8_e5m2, ...: one byte
+        dtype = "fp8" if cache_dtype.startswith("fp8") else cache_dtype
     return from_hf_dict(model_config.hf_text_config.to_dict(), model_config.model,
                         model_config.model, canonical_dtype(dtype),
                         vllm_config.parallel_config.tensor_parallel_size)
