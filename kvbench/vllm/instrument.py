@@ -9,7 +9,8 @@ the same summary from the lines at any time.
 A line (units in the names; vLLM's own request id, e.g. "17-5e0f6a1b" for request "17"):
 
 * `prompt_tokens`, `max_tokens`, `output_tokens`, `predicted_output_tokens` (the predictor's
-  guess on arrival), `finish_reason`, `arrival_time`, `finish_time` (seconds since the epoch);
+  guess on arrival; null under vLLM's own policies, which predict nothing), `finish_reason`,
+  `arrival_time`, `finish_time` (seconds since the epoch);
 * `num_preemptions`, `preemption_frequency` (preemptions per output token, as the simulator);
 * `recompute_tokens`: positions whose KV a preemption dropped and that were computed again
   (on re-admission the prefix cache may give some back: those are not recomputed), counted
@@ -53,7 +54,7 @@ class RequestRecord:
     request_id: str
     prompt_tokens: int
     max_tokens: int
-    predicted_output_tokens: int
+    predicted_output_tokens: int | None
     arrival_time: float
     prediction: int  # the prediction the policies plan with, revised as the request outlives it
     prefix_hit_tokens: int | None = None  # None until first admitted
@@ -85,10 +86,11 @@ class Recorder:
             path.parent.mkdir(parents=True, exist_ok=True)
             self.file = open(path, "w", buffering=1)  # noqa: SIM115 (closed by close())
 
-    def add(self, request_id: str, prompt_tokens: int, max_tokens: int, predicted: int,
+    def add(self, request_id: str, prompt_tokens: int, max_tokens: int, predicted: int | None,
             arrival_time: float) -> RequestRecord:
+        """A new request; `predicted` output tokens when a policy plans with predictions."""
         record = RequestRecord(request_id, prompt_tokens, max_tokens, predicted, arrival_time,
-                               prediction=predicted)
+                               prediction=predicted or max_tokens)
         self.open[request_id] = record
         return record
 

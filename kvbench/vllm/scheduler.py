@@ -52,7 +52,7 @@ from kvbench.sim.view import Requests, StateView
 from kvbench.vllm.instrument import Recorder
 from kvbench.vllm.options import OUTPUT_TOKENS_HINT, PluginError, PluginOptions
 
-logger = logging.getLogger(__name__)
+logger = logging.getLogger("vllm.kvbench")  # under vLLM's logger: its handler and level
 SHAPE_FIELDS = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim",
                 "intermediate_size", "vocab_size")
 
@@ -61,7 +61,10 @@ def model_spec(vllm_config) -> ModelSpec:
     """The served model's shape, from vLLM's model config (KV in the cache's dtype)."""
     model_config = vllm_config.model_config
     cache_dtype = vllm_config.cache_config.cache_dtype
-    dtype = str(model_config.dtype).removeprefix("torch.") if cache_dtype == "auto" else cache_dtype
+    if cache_dtype == "auto":
+        dtype = str(model_config.dtype).removeprefix("torch.")
+    else:  # fp8, fp8_e4m3, fp8_e5m2, ...: one byte
+        dtype = "fp8" if cache_dtype.startswith("fp8") else cache_dtype
     return from_hf_dict(model_config.hf_text_config.to_dict(), model_config.model,
                         model_config.model, canonical_dtype(dtype),
                         vllm_config.parallel_config.tensor_parallel_size)
@@ -105,12 +108,14 @@ class KvbenchScheduler(Scheduler):
             f"vllm ({options.label})", "model": model.name, "costs": costs_source,
             "block_size": self.block_size,
             "num_gpu_blocks": self.kv_cache_manager.block_pool.num_gpu_blocks})
-        policy = options.policy
-        predictor = PREDICTORS[policy.predictor]
-        self._predictor = predictor(**policy.knobs(predictor))
+        # The policies plan with predicted output lengths; vLLM's own decisions need none.
+        self._predictor = None
         self._num_added = 0
         self._victim_mark: tuple | None = None  # (request, its own priority)
         if not options.is_vllm_default:
+            policy = options.policy
+            predictor = PREDICTORS[policy.predictor]
+            self._predictor = predictor(**policy.knobs(predictor))
             self._install_policies(policy)
         logger.info("kvbench scheduler: %s, costs %s, records %s", options.label,
                     costs_source, options.records or "off")
@@ -125,13 +130,14 @@ class KvbenchScheduler(Scheduler):
             self._record_arrival(request)
 
     def _record_arrival(self, request) -> None:
-        params = request.sampling_params
-        hint = (params.extra_args or {}).get(OUTPUT_TOKENS_HINT) if params is not None else None
-        max_tokens = request.max_tokens
-        predicted = int(self._predictor.predict(
-            np.array([self._num_added]), np.array([request.num_prompt_tokens]),
-            np.array([max_tokens]), np.array([hint or max_tokens]))[0])
-        self._num_added += 1
+        max_tokens, predicted = request.max_tokens, None
+        if self._predictor is not None:
+            params = request.sampling_params
+            hint = (params.extra_args or {}).get(OUTPUT_TOKENS_HINT) if params else None
+            predicted = int(self._predictor.predict(
+                np.array([self._num_added]), np.array([request.num_prompt_tokens]),
+                np.array([max_tokens]), np.array([hint or max_tokens]))[0])
+            self._num_added += 1
         self.kvbench_recorder.add(request.request_id, request.num_prompt_tokens, max_tokens,
                                   predicted, request.arrival_time)
 
@@ -158,7 +164,7 @@ class KvbenchScheduler(Scheduler):
     def _free_request(self, request, delay_free_blocks: bool = False):
         line = self.kvbench_recorder.finished(request.request_id, request.num_output_tokens,
                                               request.num_computed_tokens, request.status.name)
-        if line is not None:
+        if line is not None and self._predictor is not None:
             self._predictor.observe(np.array([line["prompt_tokens"]]),
                                     np.array([line["output_tokens"]]))
         return super()._free_request(request, delay_free_blocks)
@@ -186,7 +192,7 @@ class KvbenchScheduler(Scheduler):
             self.policy = SchedulingPolicy.PRIORITY  # only the preemption path reads it now
         manager = self.kv_cache_manager
         self._allocate_slots = manager.allocate_slots
-        self._block_ids = manager.get_block_ids
+        self._blocks_of = manager.coordinator.get_blocks  # per KV cache group; one here
         self._usable_blocks = manager.block_pool.num_gpu_blocks - 1  # less the null block
         manager.allocate_slots = self._allocate_slots_with_policies
 
@@ -227,7 +233,7 @@ class KvbenchScheduler(Scheduler):
             while generated >= record.prediction and record.prediction < r.max_tokens:
                 record.prediction = min(2 * record.prediction, r.max_tokens)
             rows.append((r.num_computed_tokens, r.num_tokens,
-                         len(self._block_ids(r.request_id)[0]) if blocks else 0,
+                         len(self._blocks_of(r.request_id)[0]) if blocks else 0,
                          max(record.prediction - generated, 1),
                          r.num_prompt_tokens + r.max_tokens))
         return Requests(*np.array(rows, dtype=np.int64).reshape(-1, 5).T)
