@@ -5,7 +5,7 @@ VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: setup calibrate test test-gpu bench bench-check bench-save bench-compare report clean
+.PHONY: setup calibrate stability test test-gpu bench bench-check bench-save bench-compare report clean
 
 setup: $(STAMP)
 
@@ -19,6 +19,11 @@ $(STAMP): pyproject.toml
 
 calibrate: $(STAMP)
 	$(BIN)/kvbench calibrate
+
+# Five `kvbench calibrate --device cpu --quick` runs and the spread of what they fit (a quiet
+# machine: the load column says how busy it was).
+stability: $(STAMP)
+	$(BIN)/python benchmarks/stability.py
 
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q
