@@ -76,7 +76,8 @@ def reference(spec_path, tmp_path_factory) -> tuple[Path, list[dict]]:
 @pytest.fixture(scope="module")
 def local_ray():
     ray = import_ray(loopback=True)
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False, logging_level="warning")
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False,
+             logging_level="warning")  # a private instance, whatever else runs here
     yield ray
     ray.shutdown()
 
