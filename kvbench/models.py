@@ -155,7 +155,9 @@ def from_hf_config(path: str | Path, dtype: str | None = None, tp: int = 1) -> M
     path = Path(path)
     try:
         cfg = json.loads(path.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except OSError as exc:
+        raise ValueError(f"cannot read model config {path}: {exc.strerror or exc}") from None
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ValueError(f"cannot read model config {path}: {exc}") from None
     except RecursionError:
         raise ValueError(f"cannot read model config {path}: JSON nested too deeply") from None

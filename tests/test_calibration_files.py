@@ -57,6 +57,8 @@ def test_bad_output_path_is_refused_before_measuring(tmp_path, run_cli, no_sweep
     line = one_error(run_cli, "calibrate", "--device", "cpu", "--model", "tiny", "--out",
                      target)
     assert line.startswith(f"error: cannot write {target}")
+    if out == "file/p.json":
+        assert line.endswith(f"{tmp_path / 'file'} is a file, not a folder")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["file", "folder"]
     assert not list((tmp_path / "folder").iterdir())
 

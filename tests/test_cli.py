@@ -156,7 +156,7 @@ def test_select_hardware_flags_reach_the_cost_model():
     (["select", "1", "--model", "llama-9"], "unknown model 'llama-9'"),
     (["select", "1", "--model", "tiny", "--hardware", "tpu"], "unknown hardware 'tpu'"),
     (["select", "1", "--model", "tiny", "--dtype", "int3"], "unknown dtype 'int3'"),
-    (["select", "1", "--model", "tiny", "--tp", "0"], "tp must be an integer from 1"),
+    (["select", "1", "--model", "tiny", "--tp", "0"], "tp must be an integer from 1 to"),
     (["select", "1", "--model", "tiny", "--block-size", "0"], "block_size must be a positive"),
     (["select", "1", "--model", "tiny", "--achieved-fraction", "1.5"], "achieved_fraction"),
     (["select", "1", "--model", "tiny", "--peak-tflops", "-1"], "peak_tflops"),

@@ -9,8 +9,8 @@ h = hidden size, qd = Hq·d and kd = Hkv·d per GPU, I = intermediate size per G
 * weights (prefill and decode each hold their own): `cold_layer_count` decoder layers, the LM
   head (h·V·b), and the float32 copy of the largest matrix while it is drawn;
 * prefill of n tokens: the weights plus n·(24·h + b·(6·h + 12·qd + 10·kd + 4·I)) bytes of
-  activations (float32 norms, projections, rotary, the attention's copies, the MLP), twice over
-  for the allocator's slack;
+  activations (float32 norms, projections, rotary, the attention's copies, the MLP), twice over:
+  the allocator's slack, and the inputs every size keeps for the interleaved rounds;
 * decode of B sequences at context T: the weights plus the K and V caches (2·B·T·kd·b, and the
   float32 draw of one), and the scores (B·Hq·T·(2·b + 12)).
 
@@ -26,7 +26,6 @@ tests/test_calibration_memory.py.
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass, field
 
@@ -73,7 +72,7 @@ def _dims(spec: ModelSpec) -> tuple[int, int, int, int, int]:
 
 def swap_bytes(spec: ModelSpec, block_size: int, num_tokens: int) -> dict[str, int]:
     """Peak of the swap phase whose largest request has `num_tokens` tokens."""
-    cache = 2 * math.ceil(num_tokens / block_size) * block_size * int(spec.kv_bytes_per_token)
+    cache = 2 * -(-num_tokens // block_size) * block_size * int(spec.kv_bytes_per_token)
     host = cache // 2
     return {"device": cache + host + SLACK_BYTES, "host": host}  # ceiling buffer: host's size
 

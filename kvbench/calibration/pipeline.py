@@ -1,9 +1,14 @@
 """`kvbench calibrate`: sweep, fit, and build the measured profile.
 
 Phases: swap copies (every impl, plus the contiguous-copy ceiling), prefill (one layer of the
-model's shape × num_layers + LM head, attention alone beside it), decode steps. Each fit holds
-out a share of the sizes and reports R² and held-out error; the profile uses the fastest copy
-impl and records the others. The CUDA plans have not yet run on a GPU (none lent so far).
+model's shape × num_layers + LM head, attention alone beside it), decode steps. Before anything
+is allocated the inputs and the output path are checked (`check_inputs`) and the sizes are fitted
+to free memory (`calibration_plan`, kvbench/calibration/memory.py); the swap and prefill points
+are measured again in interleaved rounds and the machine is checked before and after
+(kvbench/calibration/schedule.py). Each fit holds out a share of the sizes and reports R² and
+held-out error; a swap or recompute fit over `MAX_HELDOUT_MAPE` fails the profile's quality bar.
+The profile uses the fastest copy impl and records the others. The CUDA plans have not yet run
+on a GPU (none lent so far).
 """
 
 from __future__ import annotations
@@ -114,8 +119,8 @@ def default_profile_path(device: str, spec: ModelSpec) -> Path:
 
 def check_inputs(spec: ModelSpec, path: str | Path) -> Path:
     """Everything a calibration is given, checked before it measures anything: the model fits
-    the profile's schema, its dtype can be timed, and the profile, its samples and its plot can
-    be written at `path` (the folder is made). Returns `path`."""
+    the profile's schema, its dtype can be timed, and the profile and its plot can be written at
+    `path` (the folder is made; the samples go beside them). Returns `path`."""
     try:
         ModelInfo(**spec.to_dict())
     except ValidationError as exc:
