@@ -16,8 +16,8 @@ recomputed (positions a request computes again below the furthest it had reached
 FLOPs. The plugin's own per-request records (JSON lines) are kept beside them and must agree.
 
 Then the simulator runs the same trace, engine settings (vLLM 0.32's rules, async scheduling
-off as on vLLM's CPU platform) and policies, with a step time fitted to the steps vLLM's
-scheduler ran (`linear:<a>ms+<b>ms/token`, least squares), so the two can be set side by side.
+off as on vLLM's CPU platform) and policies, with a step time fitted to every step the engines
+ran (`linear:<a>ms+<b>ms/token`, see `fit_step_time`), so the two can be set side by side.
 """
 
 from __future__ import annotations
@@ -83,6 +83,7 @@ REPLAY_POLICIES = (
     "future-kv/cost-aware/recompute/history",
 )
 LATENCIES = ("ttft_s", "tpot_ms", "e2e_s")
+HUBER_SCALE_MS = 1.0  # step times within this of the fit count as squares (fit_step_time)
 
 
 @dataclass(frozen=True)
@@ -99,6 +100,15 @@ class EngineSettings:
     # less is free); the KV cache itself is num_gpu_blocks.
     gpu_memory_utilization: float = 0.1
     seed: int = 0
+
+    def __post_init__(self) -> None:
+        model = Path(self.model)
+        if model.name == "config.json":  # the file itself: vLLM takes its folder
+            model = model.parent
+        if not (model / "config.json").is_file():
+            raise ValueError(f"model {self.model}: no config.json there; give the folder of a "
+                             "Hugging Face config.json")
+        object.__setattr__(self, "model", model)
 
     def model_spec(self) -> ModelSpec:
         return from_hf_config(self.model / "config.json")
@@ -214,6 +224,7 @@ class EngineRun:
     step_tokens: np.ndarray  # ... and that batch's tokens
     records: Path | None
     wall_s: float
+    load_average: tuple[float, float]  # this machine's 1-minute load at the start and end
 
 
 def run_engine(workload: Workload, tokens: TokenIds, settings: EngineSettings, label: str,
@@ -222,6 +233,7 @@ def run_engine(workload: Workload, tokens: TokenIds, settings: EngineSettings, l
     """Replay `workload` through a fresh engine: vLLM's scheduler (`options` None) or the
     kvbench scheduler with `options`."""
     max_model_len = settings.max_model_len(workload)
+    load_start = os.getloadavg()[0]
     engine = LLMEngine.from_engine_args(settings.engine_args(max_model_len, options))
     try:
         executor = engine.engine_core.engine_core.model_executor
@@ -268,7 +280,8 @@ def run_engine(workload: Workload, tokens: TokenIds, settings: EngineSettings, l
         gc.collect()
     return EngineRun(label, observer.log.build(), first_token_s, finish_s, observer,
                      np.array(step_s), np.array(step_tokens, dtype=np.int64),
-                     options.records if options is not None else None, wall_s)
+                     options.records if options is not None else None, wall_s,
+                     (load_start, os.getloadavg()[0]))
 
 
 def run_summary(run: EngineRun, workload: Workload, model: ModelSpec) -> dict:
@@ -291,6 +304,9 @@ def run_summary(run: EngineRun, workload: Workload, model: ModelSpec) -> dict:
         "throughput_tokens_per_s": float(n[done].sum()) / makespan_s if makespan_s else 0.0,
         "useful_utilization": None,  # a real engine's busy time is not split by cause
         "steps": run.log.num_steps, "makespan_s": makespan_s, "wall_s": run.wall_s,
+        "step_ms_median": float(np.median(run.step_s)) * 1e3 if run.step_s.size else None,
+        "step_ms_mean": float(np.mean(run.step_s)) * 1e3 if run.step_s.size else None,
+        "load_average": run.load_average,
     }
     for name, values in zip(LATENCIES, (ttft_s, tpot_ms, e2e_s)):
         summary.update(latency_stats(name, values[done]))
@@ -300,16 +316,22 @@ def run_summary(run: EngineRun, workload: Workload, model: ModelSpec) -> dict:
     return summary
 
 
-def fit_step_time(run: EngineRun) -> str:
-    """The steps of `run` as the simulator's `linear:<a>ms+<b>ms/token` (non-negative least
-    squares of each step's wall time on its batch's tokens)."""
-    from scipy.optimize import nnls
+def fit_step_time(runs: list[EngineRun]) -> str:
+    """The steps of all `runs` as the simulator's `linear:<a>ms+<b>ms/token`: each step's wall
+    time on its batch's tokens, non-negative, with a Huber loss (residuals beyond
+    `HUBER_SCALE_MS` count linearly), so that the few steps another process on the machine
+    stalled do not set the typical step."""
+    from scipy.optimize import least_squares
 
-    if np.unique(run.step_tokens).size < 2:
-        raise ValueError(f"{run.label}: {run.step_tokens.size} steps of one batch size; a step "
-                         "time needs at least two sizes (more requests)")
-    design = np.column_stack([np.ones(run.step_tokens.size), run.step_tokens])
-    (fixed_ms, per_token_ms), _ = nnls(design, run.step_s * 1e3)
+    tokens = np.concatenate([run.step_tokens for run in runs])
+    step_ms = np.concatenate([run.step_s for run in runs]) * 1e3
+    if np.unique(tokens).size < 2:
+        raise ValueError(f"{tokens.size} steps of one batch size; a step time needs at least "
+                         "two sizes (more requests)")
+    fit = least_squares(lambda p: p[0] + p[1] * tokens - step_ms, x0=[np.median(step_ms), 0.0],
+                        bounds=([0.0, 0.0], [np.inf, np.inf]), loss="huber",
+                        f_scale=HUBER_SCALE_MS)
+    fixed_ms, per_token_ms = fit.x
     return f"linear:{fixed_ms:.6g}ms+{per_token_ms:.6g}ms/token"
 
 
@@ -337,7 +359,6 @@ class ReplayResult:
     replayed: list[dict]
     simulated: list[dict]
     differences: list[str | None]
-    load_average: tuple[float, float]  # 1-minute load average at the start and at the end
 
     def gap_rows(self) -> list[dict]:
         rows = []
@@ -368,7 +389,7 @@ class ReplayResult:
     def document(self) -> dict:
         return {"workload": self.workload, "settings": {
                     **dataclasses.asdict(self.settings), "model": str(self.settings.model)},
-                "step_time": self.step_time, "load_average": self.load_average,
+                "step_time": self.step_time,
                 "replayed": self.replayed, "simulated": self.simulated,
                 "gap": self.gap_rows()}
 
@@ -378,10 +399,14 @@ class ReplayResult:
         gap += ["| " + " | ".join(table_cells(row.values())) + " |" for row in self.gap_rows()]
         return "\n".join([
             f"# Replay: {self.title()}", "", "```", command, "```", "",
-            f"Load average (1 min) at start / end: {self.load_average[0]:.1f} / "
-            f"{self.load_average[1]:.1f}.", "", "## Replayed in vLLM", "",
-            summary_markdown(self.replayed), "## Simulated (step time "
-            f"`{self.step_time}`, fitted to the vLLM row's steps)", "",
+            "## Replayed in vLLM", "", summary_markdown(self.replayed),
+            "Engine step, median / mean ms (this machine's 1-minute load average at the start "
+            "and end of the run; a mean far above the median means some steps stalled): "
+            + "; ".join(f"{row['policy']} {row['step_ms_median']:.3g} / "
+                        f"{row['step_ms_mean']:.3g} ({row['load_average'][0]:.1f}, "
+                        f"{row['load_average'][1]:.1f})" for row in self.replayed) + ".", "",
+            "## Simulated (step time "
+            f"`{self.step_time}`, fitted to every replayed step)", "",
             summary_markdown(self.simulated), "## Replay vs simulator", "", *gap, ""])
 
     def write(self, out_dir: Path, command: str) -> list[Path]:
@@ -425,12 +450,11 @@ def replay(workload: Workload, settings: EngineSettings, policies: list[str] | t
     model = settings.model_spec()
     max_model_len = settings.max_model_len(workload)
     tokens = random_token_ids(workload, settings.seed, vocab_size=model.vocab_size)
-    load_start = os.getloadavg()[0]
     runs = []
     for label, option in [(VLLM_ROW, None), *zip(policies, options)]:
         report = (lambda done, label=label: progress(label, done)) if progress else None
         runs.append(run_engine(workload, tokens, settings, label, option, report))
-    step_time = fit_step_time(runs[0])
+    step_time = fit_step_time(runs)
     costs, source = preemption_costs(PluginOptions.parse(
         {"profile": profile, "hardware": hardware}), model, settings.block_size)
     sim_costs = SimCosts(model, costs, DecodeModel.analytic(model, get_hardware(hardware)),
@@ -445,4 +469,4 @@ def replay(workload: Workload, settings: EngineSettings, policies: list[str] | t
         simulated.append(summarize(result) | {"policy": run.label})
         differences.append(first_difference(_canonical(run.log), _canonical(result.step_log)))
     return ReplayResult(workload.describe(), settings, step_time, replayed, simulated,
-                        differences, (load_start, os.getloadavg()[0]))
+                        differences)
