@@ -8,9 +8,11 @@ that misses the quality bar is kept for the statistics). Printed: per run the wa
 load average before it, the exit code, both held-out errors and the coefficients; then, for each
 number, the spread over the runs as (max - min) / median, and the predicted swap and recompute
 costs at a few lengths (the fits' split between coefficients can move while their predictions
-agree). The issue-13 goal is checked at the end: every held-out error <= 10% and every spread
-<= 10%. A script, not a test: it measures this machine, which may be shared (the load column
-says how busy it was).
+agree), and the machine check's reference workload before and after each run (a fixed matrix
+product: its spread is the machine's own, which no fit can remove). The issue-13 goal is
+checked at the end: every held-out error <= 10% and every coefficient's spread <= 10%. A
+script, not a test: it measures this machine, which may be shared (the load column says how
+busy it was).
 """
 
 from __future__ import annotations
@@ -24,11 +26,11 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
+from kvbench.hardware import fingerprint
+from kvbench.io import write_atomic
+from kvbench.report import STABILITY_COEFFICIENTS as COEFFICIENTS
+from kvbench.report import stability_markdown
 
-GOAL = 0.10
-COEFFICIENTS = {"swap": ("fixed_ms", "ms_per_token", "ms_per_block"),
-                "recompute": ("fixed_ms", "ms_per_token", "ms_per_token_sq")}
 PREDICT_AT = (64, 1024, 8192)
 
 
@@ -53,21 +55,18 @@ def run_once(out: Path, model: str | None, extra: list[str]) -> dict:
     for n in PREDICT_AT:
         row[f"swap_ms({n})"] = float(costs.swap_ms(n))
         row[f"recompute_ms({n})"] = float(costs.recompute_ms(n))
-    row["machine"] = profile["extra"].get("machine")
+    machine = profile["extra"]["machine"]
+    for when in ("before", "after"):
+        row[f"machine.{when}.reference_ms"] = machine[when]["reference_ms"]
     return row
-
-
-def spread(values: np.ndarray) -> float:
-    """(max - min) / median; 0 for a number that is 0 in every run."""
-    median = float(np.median(values))
-    return 0.0 if np.ptp(values) == 0 else float(np.ptp(values) / abs(median)) if median else np.inf
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=5)
     parser.add_argument("--model", default=None, help="default: calibrate's (qwen2.5-0.5b)")
-    parser.add_argument("--save", type=Path, help="also write the runs and spreads as JSON")
+    parser.add_argument("--save", type=Path, help="also write the runs as JSON (`kvbench report` "
+                        "renders a *-stability.json into README)")
     parser.add_argument("extra", nargs="*", help="more `kvbench calibrate` options, after --")
     args = parser.parse_args()
     rows = []
@@ -78,27 +77,12 @@ def main() -> None:
             print(f"run {i + 1}: {r['wall_s']:.0f} s, load {r['load_before']:.2f} before; "
                   f"held-out swap {100 * r['swap_heldout']:.1f}%, recompute "
                   f"{100 * r['recompute_heldout']:.1f}%", flush=True)
-    numbers = [k for k in rows[0] if k not in ("exit", "machine", "wall_s", "load_before")]
-    print(f"\n{'number':26} {'min':>12} {'median':>12} {'max':>12} {'spread':>8}")
-    spreads = {}
-    for key in numbers:
-        values = np.array([r[key] for r in rows], dtype=float)
-        spreads[key] = spread(values)
-        print(f"{key:26} {values.min():12.6g} {np.median(values):12.6g} {values.max():12.6g} "
-              f"{100 * spreads[key]:7.1f}%")
-    heldout_ok = all(r[f"{p}_heldout"] <= GOAL for r in rows for p in COEFFICIENTS)
-    coefficients = [f"{p}.{k}" for p, keys in COEFFICIENTS.items() for k in keys]
-    coef_ok = all(spreads[k] <= GOAL for k in coefficients)
-    predict_ok = all(spreads[k] <= GOAL for k in numbers if k.endswith(")"))
-    walls = ", ".join(f"{r['wall_s']:.0f} s" for r in rows)
-    loads = ", ".join(f"{r['load_before']:.2f}" for r in rows)
-    print(f"\nwall time per run: {walls}; load before each: {loads}")
-    print(f"goal (issue 13): held-out <= {100 * GOAL:.0f}% in every run: "
-          f"{'yes' if heldout_ok else 'NO'}; coefficients within {100 * GOAL:.0f}%: "
-          f"{'yes' if coef_ok else 'NO'}; predicted costs within {100 * GOAL:.0f}%: "
-          f"{'yes' if predict_ok else 'NO'}")
+    data = {"command": " ".join(["kvbench calibrate --device cpu --quick",
+                                 *(["--model", args.model] if args.model else []), *args.extra]),
+            "machine": fingerprint("cpu"), "runs": rows}
+    print("\n" + "\n".join(stability_markdown(data)))
     if args.save:
-        args.save.write_text(json.dumps({"runs": rows, "spreads": spreads}, indent=1))
+        write_atomic(args.save, json.dumps(data, indent=1))
 
 
 if __name__ == "__main__":

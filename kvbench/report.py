@@ -14,6 +14,8 @@ import re
 from collections import defaultdict
 from pathlib import Path
 
+import numpy as np
+
 from kvbench.hardware import fingerprint_slug
 from kvbench.io import write_atomic
 from kvbench.profile import Profile, ProfileError, load, round_trip_ceiling_gbps
@@ -231,6 +233,43 @@ def sweep_markdown(path: Path) -> list[str]:
     return lines[:-1]
 
 
+STABILITY_GOAL = 0.10  # issue 13: held-out error and run-to-run spread, each at most this
+STABILITY_COEFFICIENTS = {"swap": ("fixed_ms", "ms_per_token", "ms_per_block"),
+                          "recompute": ("fixed_ms", "ms_per_token", "ms_per_token_sq")}
+
+
+def spread(values) -> float:
+    """(max - min) / median; 0 for a number that is the same in every run."""
+    values = np.asarray(values, dtype=np.float64)
+    median = float(np.median(values))
+    return 0.0 if np.ptp(values) == 0 else float(np.ptp(values) / abs(median)) if median else np.inf
+
+
+def stability_markdown(data: dict) -> list[str]:
+    """benchmarks/stability.py's runs (`--save`): each number's min, median, max and spread over
+    the runs, and the issue-13 goal's verdicts."""
+    runs, goal = data["runs"], STABILITY_GOAL
+    numbers = [k for k in runs[0] if k not in ("exit", "wall_s", "load_before")]
+    spreads = {k: spread([r[k] for r in runs]) for k in numbers}
+    body = [[f"`{k}`", *(_fmt(f(np.array([r[k] for r in runs]))) for f in (np.min, np.median,
+                                                                        np.max)),
+             f"{100 * spreads[k]:.1f}%"] for k in numbers]
+    heldout_ok = all(r[f"{p}_heldout"] <= goal for r in runs for p in STABILITY_COEFFICIENTS)
+    coef_ok = all(spreads[f"{p}.{k}"] <= goal for p, keys in STABILITY_COEFFICIENTS.items()
+                  for k in keys)
+    machine = data["machine"]
+    yes = {True: "yes", False: "**no**"}
+    walls = ", ".join(f"{r['wall_s']:.0f}" for r in runs)
+    loads = ", ".join(f"{r['load_before']:.2f}" for r in runs)
+    return [f"{len(runs)} runs of `{data['command']}` on {machine['cpu_model']} "
+            f"({machine['cpu_count']} cores), kvbench {machine.get('kvbench')} "
+            f"({machine.get('commit')}); wall time {walls} s; load average before each {loads}",
+            "",
+            *_table(["number", "min", "median", "max", "spread"], body)[:-1], "",
+            f"Held-out error at most {100 * goal:.0f}% in every run: {yes[heldout_ok]}; "
+            f"coefficients within {100 * goal:.0f}% of each other: {yes[coef_ok]}."]
+
+
 def render_source(root: Path, source: str) -> list[str]:
     path = root / source
     if path.name == "compare.json":
@@ -241,8 +280,10 @@ def render_source(root: Path, source: str) -> list[str]:
         from kvbench.sim.sweep import scale_markdown
 
         return scale_markdown(json.loads(path.read_text())).split("\n")
-    raise ValueError(f"README block names {source}: only compare.json, sweep.csv and "
-                     "*-sweep-scale.json render")
+    if path.name.endswith("-stability.json"):
+        return stability_markdown(json.loads(path.read_text()))
+    raise ValueError(f"README block names {source}: only compare.json, sweep.csv, "
+                     "*-sweep-scale.json and *-stability.json render")
 
 
 def update_readme(readme: str | Path, root: str | Path = ".") -> Path:

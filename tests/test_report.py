@@ -10,7 +10,7 @@ from kvbench.cli import app
 from kvbench.hardware import fingerprint_slug, get_hardware
 from kvbench.models import get_model
 from kvbench.profile import analytic_profile, save
-from kvbench.report import build_report
+from kvbench.report import build_report, stability_markdown
 
 BENCH = {
     "datetime": "2026-11-21T12:00:00", "commit_info": {"id": "abcdef123456"},
@@ -78,3 +78,20 @@ def test_readme_result_blocks_are_regenerated_from_committed_results(tmp_path):
     copy.write_text(readme)
     update_readme(copy, root)
     assert copy.read_text() == readme, "README.md is stale: run `kvbench report`"
+
+
+def test_stability_table_gives_the_goal_verdicts():
+    def run(fixed_ms, heldout):
+        return {"wall_s": 30.0, "load_before": 0.5, "exit": 0, "swap_heldout": heldout,
+                "swap.fixed_ms": fixed_ms, "swap.ms_per_token": 0.0, "swap.ms_per_block": 0.1,
+                "recompute_heldout": 0.02, "recompute.fixed_ms": 100.0,
+                "recompute.ms_per_token": 1.0, "recompute.ms_per_token_sq": 1e-4}
+
+    data = {"command": "kvbench calibrate --device cpu --quick",
+            "machine": {"cpu_model": "a CPU", "cpu_count": 2}}
+    steady = stability_markdown({**data, "runs": [run(0.40, 0.01), run(0.41, 0.02)]})
+    assert steady[-1].endswith("every run: yes; coefficients within 10% of each other: yes.")
+    assert "| `swap.fixed_ms` | 0.4 | 0.405 | 0.41 | 2.5% |" in steady
+    moved = stability_markdown({**data, "runs": [run(0.30, 0.01), run(0.40, 0.11)]})
+    assert moved[-1] == ("Held-out error at most 10% in every run: **no**; coefficients within "
+                         "10% of each other: **no**.")
