@@ -139,8 +139,9 @@ def _events_csr(log: StepLog, name: str, num_steps: int) -> np.ndarray:
     return np.searchsorted(getattr(log, f"{name}_step"), np.arange(num_steps + 1))
 
 
-def first_difference(a: StepLog, b: StepLog) -> str | None:
-    """None if the two logs agree step for step, else one line on the first step that differs."""
+def first_difference(a: StepLog, b: StepLog, times: bool = True) -> str | None:
+    """None if the two logs agree step for step, else one line on the first step that differs
+    (`times=False`: in what they schedule, whenever each step started)."""
     n = min(a.num_steps, b.num_steps)
     candidates = {}
     step = _first_csr_difference(a.batch_offsets, (a.batch_request, a.batch_tokens),
@@ -156,7 +157,7 @@ def first_difference(a: StepLog, b: StepLog) -> str | None:
             candidates[name] = step
     times_differ = np.flatnonzero(~np.isclose(a.time_s[:n], b.time_s[:n], rtol=1e-12,
                                               atol=1e-9))
-    if times_differ.size:
+    if times and times_differ.size:
         candidates["time"] = int(times_differ[0])
     if not candidates:
         if a.num_steps == b.num_steps:

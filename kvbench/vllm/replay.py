@@ -336,8 +336,7 @@ def fit_step_time(runs: list[EngineRun]) -> str:
 
 
 def _canonical(log: StepLog) -> StepLog:
-    """The schedule without the clock, events in request order within a step (the executor
-    sees preemptions as a set)."""
+    """Events in request order within a step (the executor sees preemptions as a set)."""
     columns = {}
     for name in ("preempted", "finished", "cached"):
         step, request = getattr(log, f"{name}_step"), getattr(log, f"{name}_request")
@@ -345,7 +344,7 @@ def _canonical(log: StepLog) -> StepLog:
         columns |= {f"{name}_step": step[order], f"{name}_request": request[order]}
         if name == "cached":
             columns["cached_tokens"] = log.cached_tokens[order]
-    return dataclasses.replace(log, time_s=np.zeros_like(log.time_s), **columns)
+    return dataclasses.replace(log, **columns)
 
 
 @dataclass
@@ -467,6 +466,7 @@ def replay(workload: Workload, settings: EngineSettings, policies: list[str] | t
                            record=True).run()
         replayed.append(run_summary(run, workload, model))
         simulated.append(summarize(result) | {"policy": run.label})
-        differences.append(first_difference(_canonical(run.log), _canonical(result.step_log)))
+        differences.append(first_difference(_canonical(run.log), _canonical(result.step_log),
+                                            times=False))
     return ReplayResult(workload.describe(), settings, step_time, replayed, simulated,
                         differences)
