@@ -433,8 +433,8 @@ class Simulator:
         self.requests.gpu_blocks[ids] += new_blocks
         if self.pool.caching:
             some = np.flatnonzero(new_blocks)
-            if some.size:
-                self.pool.allocate_many(ids[some].tolist(), new_blocks[some].tolist())
+            for i, k in zip(ids[some].tolist(), new_blocks[some].tolist()):
+                self.pool.allocate(i, k)
         else:
             self.pool.allocate(-1, int(new_blocks.sum()))
 
@@ -768,8 +768,8 @@ class Simulator:
                                                   new[new > 0])
         steps = np.repeat(first, new[new > 0]) + offsets * bs
         order = np.lexsort((pos, steps))
-        self.requests.gpu_blocks[run] += new
-        self.pool.allocate_many(run[pos[order]].tolist(), [1] * pos.size)
+        for i in run[pos[order]].tolist():
+            self._allocate_one(i, 1)
 
 
 def simulate(workload: Workload, config: SimConfig = SimConfig(), costs: SimCosts | None = None,
