@@ -282,8 +282,12 @@ def render_source(root: Path, source: str) -> list[str]:
         return scale_markdown(json.loads(path.read_text())).split("\n")
     if path.name.endswith("-stability.json"):
         return stability_markdown(json.loads(path.read_text()))
+    if path.name == "replay.json":
+        from kvbench.vllm.replay_table import replay_markdown
+
+        return replay_markdown(json.loads(path.read_text()))
     raise ValueError(f"README block names {source}: only compare.json, sweep.csv, "
-                     "*-sweep-scale.json and *-stability.json render")
+                     "*-sweep-scale.json, *-stability.json and replay.json render")
 
 
 def update_readme(readme: str | Path, root: str | Path = ".") -> Path:

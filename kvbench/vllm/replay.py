@@ -56,12 +56,7 @@ from kvbench.sim.config import SimConfig, SimCosts  # noqa: E402
 from kvbench.sim.engine import Simulator  # noqa: E402
 from kvbench.sim.metrics import latency_stats, summarize  # noqa: E402
 from kvbench.sim.steplog import StepLog, StepLogBuilder, first_difference  # noqa: E402
-from kvbench.sim.study import (  # noqa: E402
-    parse_policy,
-    summary_markdown,
-    summary_table,
-    table_cells,
-)
+from kvbench.sim.study import parse_policy, summary_table, table_cells  # noqa: E402
 from kvbench.sim.tokens import TokenIds, random_token_ids  # noqa: E402
 from kvbench.sim.workloads import Workload  # noqa: E402
 from kvbench.vllm.differential import same_requests  # noqa: E402
@@ -72,6 +67,7 @@ from kvbench.vllm.options import (  # noqa: E402
     OUTPUT_TOKENS_HINT,
     PluginOptions,
 )
+from kvbench.vllm.replay_table import replay_markdown, replay_title  # noqa: E402
 from kvbench.vllm.scheduler import KvbenchScheduler, preemption_costs  # noqa: E402
 
 VLLM_ROW = "vllm"  # vLLM's own scheduler class, no plugin
@@ -369,12 +365,6 @@ class ReplayResult:
             rows.append(row | {"first_difference": difference or "none"})
         return rows
 
-    def title(self) -> str:
-        s = self.settings
-        return (f"{self.workload['name']} ({self.workload['num_requests']} requests) · "
-                f"{s.model.name} · {s.num_gpu_blocks} blocks of {s.block_size} · "
-                f"{s.max_num_seqs} seqs / {s.max_num_batched_tokens} tokens")
-
     def tables(self) -> list[Table]:
         gap = Table(title=f"replay vs simulator (step time {self.step_time})")
         for column in ("policy", "preempt replay", "preempt sim", "TTFT50 replay",
@@ -385,33 +375,20 @@ class ReplayResult:
         return [summary_table(self.replayed, f"replayed in vLLM · {self.title()}"),
                 summary_table(self.simulated, f"simulated · {self.title()}"), gap]
 
-    def document(self) -> dict:
-        return {"workload": self.workload, "settings": {
+    def title(self) -> str:
+        return replay_title(self.document())
+
+    def document(self, command: str = "") -> dict:
+        return {"command": command, "workload": self.workload, "settings": {
                     **dataclasses.asdict(self.settings), "model": str(self.settings.model)},
                 "step_time": self.step_time,
                 "replayed": self.replayed, "simulated": self.simulated,
                 "gap": self.gap_rows()}
 
-    def markdown(self, command: str) -> str:
-        gap = ["| policy | preemptions replay | sim | TTFT p50 s replay | sim | TTFT p99 s "
-               "replay | sim | first step where the schedules part |", "|" + "---|" * 8]
-        gap += ["| " + " | ".join(table_cells(row.values())) + " |" for row in self.gap_rows()]
-        return "\n".join([
-            f"# Replay: {self.title()}", "", "```", command, "```", "",
-            "## Replayed in vLLM", "", summary_markdown(self.replayed),
-            "Engine step, median / mean ms (this machine's 1-minute load average at the start "
-            "and end of the run; a mean far above the median means some steps stalled): "
-            + "; ".join(f"{row['policy']} {row['step_ms_median']:.3g} / "
-                        f"{row['step_ms_mean']:.3g} ({row['load_average'][0]:.1f}, "
-                        f"{row['load_average'][1]:.1f})" for row in self.replayed) + ".", "",
-            "## Simulated (step time "
-            f"`{self.step_time}`, fitted to every replayed step)", "",
-            summary_markdown(self.simulated), "## Replay vs simulator", "", *gap, ""])
-
     def write(self, out_dir: Path, command: str) -> list[Path]:
-        return [write_atomic(out_dir / "replay.json",
-                             json.dumps(self.document(), indent=1) + "\n"),
-                write_atomic(out_dir / "replay.md", self.markdown(command))]
+        document = self.document(command)
+        return [write_atomic(out_dir / "replay.json", json.dumps(document, indent=1) + "\n"),
+                write_atomic(out_dir / "replay.md", "\n".join(replay_markdown(document)) + "\n")]
 
 
 def default_out_dir(settings: EngineSettings) -> Path:

@@ -1,0 +1,34 @@
+"""`kvbench replay`'s report from its document (replay.json), without importing vLLM: the replay
+writes it to replay.md, and `kvbench report` renders the committed one into README."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from kvbench.sim.study import summary_markdown, table_cells
+
+
+def replay_title(document: dict) -> str:
+    s, workload = document["settings"], document["workload"]
+    return (f"{workload['name']} ({workload['num_requests']} requests) · "
+            f"{Path(s['model']).name} · {s['num_gpu_blocks']} blocks of {s['block_size']} · "
+            f"{s['max_num_seqs']} seqs / {s['max_num_batched_tokens']} tokens")
+
+
+def replay_markdown(document: dict) -> list[str]:
+    """The replayed and the simulated tables, the engine's step times, and the two side by side
+    with the first step where their schedules part."""
+    gap = ["| policy | preemptions replay | sim | TTFT p50 s replay | sim | TTFT p99 s "
+           "replay | sim | first step where the schedules part |", "|" + "---|" * 8]
+    gap += ["| " + " | ".join(table_cells(row.values())) + " |" for row in document["gap"]]
+    steps = "; ".join(f"{row['policy']} {row['step_ms_median']:.3g} / {row['step_ms_mean']:.3g} "
+                      f"({row['load_average'][0]:.1f}, {row['load_average'][1]:.1f})"
+                      for row in document["replayed"])
+    return [f"Replay: {replay_title(document)}", "", "```", document["command"], "```", "",
+            "**Replayed in vLLM**", "", *summary_markdown(document["replayed"]).splitlines(),
+            "", "Engine step, median / mean ms (this machine's 1-minute load average at the start "
+            "and end of the run; a mean far above the median means some steps stalled): "
+            f"{steps}.", "",
+            f"**Simulated** (step time `{document['step_time']}`, fitted to every replayed step)",
+            "", *summary_markdown(document["simulated"]).splitlines(), "",
+            "**Replay vs simulator**", "", *gap]
