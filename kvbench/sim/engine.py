@@ -339,10 +339,11 @@ class Simulator:
         self.max_kv_blocks_used = max(self.max_kv_blocks_used, used)
         return self._launch(ids, tokens)
 
-    def _wanted_tokens(self, run: np.ndarray) -> np.ndarray:
-        """Tokens each running request asks for (vLLM scheduler.py:660-719)."""
+    def _wanted_tokens(self, run: np.ndarray, computed: np.ndarray) -> np.ndarray:
+        """Tokens each running request asks for (vLLM scheduler.py:660-719); `computed` is
+        theirs."""
         req = self.requests
-        computed, placeholders = req.computed_tokens[run], req.placeholders[run]
+        placeholders = req.placeholders[run]
         want = req.known_tokens(run) + placeholders - computed
         if self.rules.async_scheduling:  # its step in flight yields its last token: skip it
             last = (placeholders > 0) & (computed + 2 - placeholders
@@ -376,20 +377,24 @@ class Simulator:
         if not run.size:
             return run, run, budget, False
         computed = req.computed_tokens[run]
-        want = self._wanted_tokens(run)
-        if int(want.sum()) <= budget:
+        want = self._wanted_tokens(run, computed)
+        total = int(want.sum())
+        if total <= budget:
             tokens = want
         else:  # vLLM gives each request what is left of the budget, in order
             tokens = np.clip(budget - (np.cumsum(want) - want), 0, want)
+            total = int(tokens.sum())
         need = cdiv(computed + tokens, bs) - req.gpu_blocks[run]  # >= 0: blocks = cdiv(computed)
-        cum_need = np.cumsum(need)
-        if cum_need[-1] <= self.free_gpu_blocks:  # the common case: everything fits
+        if int(need.sum()) <= self.free_gpu_blocks:  # the common case: everything fits
             self._allocate(run, need)
+            if tokens.all():
+                self._cache_blocks(run, computed + tokens)
+                return run, tokens, budget - total, False
             scheduled = tokens > 0
             self._cache_blocks(run[scheduled], computed[scheduled] + tokens[scheduled])
-            return run[scheduled], tokens[scheduled], budget - int(tokens.sum()), False
+            return run[scheduled], tokens[scheduled], budget - total, False
         # Requests before `first` fit; from `first` on, request by request with preemption.
-        first = int(np.searchsorted(cum_need, self.free_gpu_blocks, side="right"))
+        first = int(np.searchsorted(np.cumsum(need), self.free_gpu_blocks, side="right"))
         self._allocate(run[:first], need[:first])
         head = tokens[:first] > 0
         self._cache_blocks(run[:first][head], computed[:first][head] + tokens[:first][head])
@@ -551,10 +556,9 @@ class Simulator:
         req, model = self.requests, self.model
         start = req.computed_tokens[ids]
         end = start + tokens
-        generated = req.generated_tokens[ids]
-        placeholders = req.placeholders[ids]
-        samples = end == req.prompt_tokens[ids] + generated + placeholders
-        decode = samples & (tokens == 1) & (generated + placeholders > 0)
+        output = req.generated_tokens[ids] + req.placeholders[ids]
+        samples = end == req.prompt_tokens[ids] + output
+        decode = samples & (tokens == 1) & (output > 0)
         num_decode = int(np.count_nonzero(decode))
         executed = bool(ids.size)
         step_ms = self.step_swap_ms
@@ -573,8 +577,9 @@ class Simulator:
                 req.wasted_flops[r_ids] += redo_flops
                 self.recompute_flops += float(redo_flops.sum())
                 self.recompute_ms += float(self.step_time.prefill_ms(r_start, r_end).sum())
-        if num_decode:
-            step_ms += self.step_time.decode_ms(num_decode, float(end[decode].mean()))
+        if num_decode:  # mean context: an exact integer sum over the count, as numpy's mean
+            context = end if num_decode == ids.size else end[decode]
+            step_ms += self.step_time.decode_ms(num_decode, int(context.sum()) / num_decode)
         start_s = self.now_s
         if executed:
             step_ms += self.step_time.fixed_ms

@@ -9,9 +9,10 @@ tokens are computed the step samples one new token. A recompute preemption drops
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 
-from kvbench.sim.view import Requests
 from kvbench.sim.workloads import Workload
 
 PENDING, WAITING, RUNNING, SWAPPED, FINISHED, REJECTED = range(6)
@@ -62,9 +63,43 @@ class RequestTable:
         """Tokens still to generate by the prediction, at least 1 for an unfinished request."""
         return np.maximum(self.predicted_output_tokens[ids] - self.generated_tokens[ids], 1)
 
-    def view(self, ids: np.ndarray) -> Requests:
+    def view(self, ids: np.ndarray) -> TableRows:
         """The policies' view of requests `ids`, in that order."""
-        return Requests(computed_tokens=self.computed_tokens[ids],
-                        known_tokens=self.known_tokens(ids), blocks=self.gpu_blocks[ids],
-                        predicted_remaining=self.predicted_remaining_tokens(ids),
-                        max_total_tokens=self.prompt_tokens[ids] + self.max_tokens[ids])
+        return TableRows(self, ids)
+
+
+class TableRows:
+    """The `Requests` (kvbench/sim/view.py) of some rows of a `RequestTable`, each column read
+    when a policy first asks for it: the simulator builds one per admission check and victim
+    choice, and most policies read two of the five columns. Used right away, before the table
+    changes."""
+
+    def __init__(self, table: RequestTable, ids: np.ndarray) -> None:
+        self.table, self.ids = table, ids
+
+    @property
+    def size(self) -> int:
+        return self.ids.size
+
+    @functools.cached_property
+    def computed_tokens(self) -> np.ndarray:
+        return self.table.computed_tokens[self.ids]
+
+    @functools.cached_property
+    def known_tokens(self) -> np.ndarray:
+        return self.table.known_tokens(self.ids)
+
+    @functools.cached_property
+    def blocks(self) -> np.ndarray:
+        return self.table.gpu_blocks[self.ids]
+
+    @functools.cached_property
+    def predicted_remaining(self) -> np.ndarray:
+        return self.table.predicted_remaining_tokens(self.ids)
+
+    @functools.cached_property
+    def max_total_tokens(self) -> np.ndarray:
+        return self.table.prompt_tokens[self.ids] + self.table.max_tokens[self.ids]
+
+    def append(self, other: TableRows) -> TableRows:
+        return TableRows(self.table, np.concatenate([self.ids, other.ids]))
