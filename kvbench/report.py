@@ -270,6 +270,36 @@ def stability_markdown(data: dict) -> list[str]:
             f"coefficients within {100 * goal:.0f}% of each other: {yes[coef_ok]}."]
 
 
+BENCH_COLUMNS = {  # extra_info key: (column, format); a row shows the ones it has
+    "wall_s": ("wall s", ".1f"), "num_steps": ("steps", "d"), "steps": ("steps", "d"),
+    "steps_per_wall_s": ("steps/s", ".0f"), "num_preemptions": ("preemptions", "d"),
+    "preemptions": ("preemptions", "d"), "speedup": ("simulator speed-up", ".2f"),
+    "vllm_ms_per_step_median": ("vLLM ms/step", ".4f"),
+    "kvbench_us_per_step_median": ("kvbench µs/step", ".2f"),
+    "overhead_pct": ("overhead %", ".2f"),
+}
+
+
+def bench_extra_markdown(data: dict) -> list[str]:
+    """A pytest-benchmark JSON (`--benchmark-json`) as a table of its rows' extra_info numbers
+    (`BENCH_COLUMNS`): the benchmarks that record what they measured there."""
+    rows = [(b["name"], b["extra_info"]) for b in data["benchmarks"]]
+    keys = [k for k in BENCH_COLUMNS if any(k in extra for _, extra in rows)]
+    labels = list(dict.fromkeys(BENCH_COLUMNS[k][0] for k in keys))
+    body = []
+    for name, extra in rows:
+        cells = dict.fromkeys(labels, "–")
+        for k in keys:
+            if k in extra:
+                label, spec = BENCH_COLUMNS[k]
+                cells[label] = format(extra[k], spec)
+        body.append([f"`{name}`", *cells.values()])
+    commit = data.get("commit_info", {}).get("id", "")[:7]
+    cpu = data.get("machine_info", {}).get("cpu", {}).get("brand_raw", "?")
+    return [f"{cpu}, commit {commit}, {data.get('datetime', '')[:16]}", "",
+            *_table(["benchmark", *labels], body)[:-1]]
+
+
 def render_source(root: Path, source: str) -> list[str]:
     path = root / source
     if path.name == "compare.json":
@@ -286,8 +316,11 @@ def render_source(root: Path, source: str) -> list[str]:
         from kvbench.vllm.replay_table import replay_markdown
 
         return replay_markdown(json.loads(path.read_text()))
+    if path.suffix == ".json" and "benchmarks" in (data := json.loads(path.read_text())):
+        return bench_extra_markdown(data)
     raise ValueError(f"README block names {source}: only compare.json, sweep.csv, "
-                     "*-sweep-scale.json, *-stability.json and replay.json render")
+                     "*-sweep-scale.json, *-stability.json, replay.json and pytest-benchmark "
+                     "JSON render")
 
 
 def update_readme(readme: str | Path, root: str | Path = ".") -> Path:
