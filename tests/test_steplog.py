@@ -75,6 +75,15 @@ def test_first_difference_in_events_and_length():
     assert "step 0 " in first_difference(a, d)
 
 
+def test_schedules_compare_without_their_clocks_and_report_both_times():
+    later = [(t + 0.5, batch) for t, batch in STEPS]
+    assert first_difference(make_log("a", STEPS), make_log("b", later)).startswith("step 0 ")
+    assert first_difference(make_log("a", STEPS), make_log("b", later), times=False) is None
+    changed = later[:2] + [(later[2][0], [(0, 1)])] + later[3:]
+    line = first_difference(make_log("a", STEPS), make_log("b", changed), times=False)
+    assert line.startswith("step 2 (a at 0.040000 s, b at 0.540000 s): ")
+
+
 def test_a_large_log_compares_fast_and_finds_a_late_change():
     rng = np.random.default_rng(0)
     steps = [(0.02 * s, [(int(r), 1) for r in rng.permutation(200)[:150]])
