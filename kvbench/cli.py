@@ -608,9 +608,10 @@ def replay_cmd(
         result = replay(workload, settings, parse_policies(policies) if policies else
                         REPLAY_POLICIES, out_dir / "records", profile, hardware,
                         progress=lambda label, done: progress.update(task, completed=done))
-    result.write(out_dir, shlex.join(["kvbench", *sys.argv[1:]]))
+    command = shlex.join(["kvbench", *sys.argv[1:]])
+    result.write(out_dir, command)
     if as_json:
-        print(json.dumps(result.document()))
+        print(json.dumps(result.document(command)))
         return
     for table in result.tables():
         out.print(table)

@@ -168,7 +168,10 @@ class DecodeModel:
     d2_ms_per_seq_token: float
 
     def step_ms(self, batch_size, mean_context):
-        b = np.asarray(batch_size, dtype=np.float64)
+        """ms of a step (batch_size and mean_context: numbers or arrays); plain numbers stay
+        Python floats, as the simulator prices a step this way once per step."""
+        b = (float(batch_size) if isinstance(batch_size, int | float)
+             else np.asarray(batch_size, dtype=np.float64))
         return self.d0_ms + self.d1_ms_per_seq * b + self.d2_ms_per_seq_token * b * mean_context
 
     @classmethod

@@ -387,12 +387,11 @@ class Simulator:
         need = cdiv(computed + tokens, bs) - req.gpu_blocks[run]  # >= 0: blocks = cdiv(computed)
         if int(need.sum()) <= self.free_gpu_blocks:  # the common case: everything fits
             self._allocate(run, need)
-            if tokens.all():
-                self._cache_blocks(run, computed + tokens)
-                return run, tokens, budget - total, False
-            scheduled = tokens > 0
-            self._cache_blocks(run[scheduled], computed[scheduled] + tokens[scheduled])
-            return run[scheduled], tokens[scheduled], budget - total, False
+            if not tokens.all():  # leave out the requests with nothing to compute
+                scheduled = tokens > 0
+                run, computed, tokens = run[scheduled], computed[scheduled], tokens[scheduled]
+            self._cache_blocks(run, computed + tokens)
+            return run, tokens, budget - total, False
         # Requests before `first` fit; from `first` on, request by request with preemption.
         first = int(np.searchsorted(np.cumsum(need), self.free_gpu_blocks, side="right"))
         self._allocate(run[:first], need[:first])

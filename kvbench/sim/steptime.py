@@ -36,9 +36,7 @@ class CostStepTime:
         return self.costs.recompute_ms(end) - self.costs.recompute_ms(start)
 
     def decode_ms(self, num_decode: int, mean_context: float) -> float:
-        d = self.decode  # DecodeModel.step_ms in plain floats: the same sums, once per step
-        return (d.d0_ms + d.d1_ms_per_seq * float(num_decode)
-                + d.d2_ms_per_seq_token * float(num_decode) * mean_context)
+        return float(self.decode.step_ms(num_decode, mean_context))
 
     def decode_steps_ms(self, batch: int, mean_contexts: np.ndarray) -> np.ndarray:
         """Consecutive decode-only steps of `batch` requests at these mean contexts."""

@@ -372,11 +372,9 @@ class ReplayResult:
             gap.add_column(column, justify="left" if column == "policy" else "right")
         for row in self.gap_rows():
             gap.add_row(*table_cells(list(row.values())[:-1]))
-        return [summary_table(self.replayed, f"replayed in vLLM · {self.title()}"),
-                summary_table(self.simulated, f"simulated · {self.title()}"), gap]
-
-    def title(self) -> str:
-        return replay_title(self.document())
+        title = replay_title(self.document())
+        return [summary_table(self.replayed, f"replayed in vLLM · {title}"),
+                summary_table(self.simulated, f"simulated · {title}"), gap]
 
     def document(self, command: str = "") -> dict:
         return {"command": command, "workload": self.workload, "settings": {
