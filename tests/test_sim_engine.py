@@ -19,6 +19,8 @@ from kvbench.sim.engines import ENGINES
 from kvbench.sim.policies import ADMISSION, PREEMPTIONS, VICTIMS
 from kvbench.sim.predictors import PREDICTORS
 from kvbench.sim.requests import FINISHED, REJECTED, RUNNING, SWAPPED, WAITING, cdiv
+from kvbench.sim.steplog import first_difference
+from kvbench.sim.tokens import TokenIds, random_token_ids
 
 PROFILE = analytic_profile(get_model("llama-2-7b"), get_hardware("h100-sxm"))
 COSTS = SimCosts.from_profile(PROFILE)
@@ -135,23 +137,50 @@ def test_same_seed_same_result():
                               first.requests.predicted_output_tokens)
 
 
-@pytest.mark.parametrize("policy", ["fcfs/lifo/recompute/oracle", "future-kv/lcf/swap/history",
-                                    "fcfs/cost-aware/selector/noisy"])
-def test_decode_fast_path_matches_step_by_step(policy, monkeypatch):
-    """Skipping plain decode steps in one go changes nothing but the timeline's resolution."""
+def shared_prefix_tokens(work: Workload, seed: int = 0) -> TokenIds:
+    """Random token ids where every third request starts with request 0's first 64 tokens."""
+    ids = random_token_ids(work, seed)
+    flat = ids.flat.copy()
+    common = ids.prompt(0)[:64]
+    for i in range(3, work.num_requests, 3):
+        start = ids.offsets[i]
+        k = min(common.size, int(work.prompt_tokens[i]))
+        flat[start:start + k] = common[:k]
+    return TokenIds(ids.offsets, flat, ids.output_token)
+
+
+@pytest.mark.parametrize("policy,engine,shared", [
+    ("fcfs/lifo/recompute/oracle", "vllm-0.32", False),
+    ("fcfs/lifo/recompute/oracle", "vllm-0.32", True),
+    ("reserve-max/lifo/recompute/max", "vllm-0.32", False),
+    ("future-kv/lcf/swap/history", "vllm-0.32", False),
+    ("future-kv/cost-aware/selector/noisy", "vllm-0.32", True),
+    ("fcfs/cost-aware/selector/noisy", "vllm-legacy", False),
+    ("future-kv/lifo/recompute/oracle", "vllm-legacy", False),
+])
+def test_decode_fast_path_matches_step_by_step(policy, engine, shared, monkeypatch):
+    """Skipping plain decode steps in one go (with requests waiting or not) changes nothing
+    but the timeline's resolution: the same steps, batches, preemptions, hits and finishes at
+    the same times, and the same summary."""
     admission, victim, preemption, predictor = policy.split("/")
     config = SimConfig(admission=admission, victim=victim, preemption=preemption,
-                       predictor=predictor, gpu_blocks=250, cpu_swap_blocks=30)
+                       predictor=predictor, gpu_blocks=250, cpu_swap_blocks=30, engine=engine)
     work = random_workload(2, 150)
-    fast = summarize(simulate(work, config, COSTS))
+    tokens = shared_prefix_tokens(work) if shared else None
+    fast_sim = Simulator(work, config, COSTS, tokens=tokens, record=True)
+    fast = fast_sim.run()
+    if config.rules.prefix_caching:
+        assert fast_sim.private_prefixes is not shared
     monkeypatch.setattr(Simulator, "_skip_decode_steps", lambda self: False)
-    slow = summarize(simulate(work, config, COSTS))
-    assert fast["steps"] == slow["steps"] and fast["preemptions"] == slow["preemptions"]
-    for key, value in slow.items():
+    slow = Simulator(work, config, COSTS, tokens=tokens, record=True).run()
+    assert first_difference(fast.step_log, slow.step_log) is None
+    fast_summary, slow_summary = summarize(fast), summarize(slow)
+    for key, value in slow_summary.items():
         if isinstance(value, float):
-            assert fast[key] == pytest.approx(value, rel=1e-9), key
+            assert fast_summary[key] == pytest.approx(value, rel=1e-9), key
         else:
-            assert fast[key] == value, key
+            assert fast_summary[key] == value, key
+    assert fast_summary["preemptions"] > 0 or admission != "fcfs"
 
 
 def test_fcfs_preempts_under_pressure_and_future_kv_does_not():

@@ -61,6 +61,24 @@ class PrefixHashes:
             hashes = self._cache[request] = (ends ^ lengths).tolist()
         return hashes
 
+    def first_blocks_distinct(self) -> bool:
+        """Whether no two requests' first blocks hash alike: then, as hashes chain, no request
+        holds a block with another's hash."""
+        bs, tokens = self.block_size, self.tokens
+        lengths = np.diff(tokens.offsets)
+        full = np.flatnonzero(lengths + self.output_tokens >= bs)  # the others fill no block
+        if not full.size:
+            return True
+        position = np.arange(bs)
+        from_prompt = position < lengths[full, None]
+        rows = np.where(from_prompt,
+                        tokens.flat[np.minimum(tokens.offsets[full, None] + position,
+                                               tokens.flat.size - 1)],
+                        tokens.output_token[full, None]).astype(np.uint64)
+        with np.errstate(over="ignore"):
+            first = (rows * self._powers[:bs]).sum(axis=1, dtype=np.uint64)
+        return np.unique(first).size == full.size
+
     def forget(self, request: int) -> None:
         """Drop a finished request's hashes (its blocks keep theirs)."""
         self._cache.pop(request, None)

@@ -170,6 +170,8 @@ class Simulator:
             hashes = PrefixHashes(tokens, self.requests.output_tokens, self.block_size)
             self.pool: CountingPool | PrefixCachePool = PrefixCachePool(self.usable_blocks,
                                                                          hashes)
+            # No request can find another's blocks: hits are its own, kept since a preemption.
+            self.private_prefixes = hashes.first_blocks_distinct()
         else:
             self.pool = CountingPool(self.usable_blocks)
         self.admits_all = ADMISSION[config.admission] is admit_fcfs  # no view to build
@@ -223,7 +225,7 @@ class Simulator:
         if self.next_arrival < n and req.arrival_s[self.next_arrival] <= self.now_s:
             self._enqueue_arrivals()
         if self.running.size or self.waiting:
-            if not self.waiting and self._skip_decode_steps() and self.next_arrival < n \
+            if self._skip_decode_steps() and self.next_arrival < n \
                     and req.arrival_s[self.next_arrival] <= self.now_s:
                 self._enqueue_arrivals()
             executed = self._schedule()
@@ -496,34 +498,51 @@ class Simulator:
         self.waiting.appendleft(victim)
         self.step_preempted.append(victim)
 
+    def _fit(self, i: int, budget: int, free: int) -> tuple[list[int], int, int, int] | None:
+        """Whether waiting request `i` fits the cache with `free` blocks free and `budget` tokens
+        left: its prefix-cache hits, computed tokens after them, tokens to schedule and new
+        blocks; None if it does not fit."""
+        req, cfg, bs, pool = self.requests, self.config, self.block_size, self.pool
+        computed = int(req.computed_tokens[i])
+        known = int(req.known_tokens(i))
+        hits = self._hits(i)
+        computed += len(hits) * bs
+        want = known - computed
+        if want > budget and not cfg.chunked_prefill:
+            return None
+        num_tokens = min(want, budget)
+        in_queue = pool.num_evictable(hits) if hits else 0
+        extra = in_queue + (self.watermark_blocks if self.running.size else 0)
+        if self.rules.full_prompt_admission:
+            whole = known if cfg.max_model_len is None else min(known, cfg.max_model_len)
+            if cdiv(whole, bs) - len(hits) + extra > free:
+                return None
+        blocks = cdiv(computed + num_tokens, bs) - len(hits)
+        if blocks + extra > free:
+            return None
+        return hits, computed, num_tokens, blocks
+
+    def _hits(self, i: int) -> list[int]:
+        """The prefix-cache blocks waiting request `i` would start with."""
+        req = self.requests
+        if not self.pool.caching or req.computed_tokens[i]:
+            return []
+        return self.pool.lookup(i, int(req.known_tokens(i)))
+
+    def _policy_admits(self, i: int) -> bool:
+        return not self.running.size or self.admits_all or bool(self.admit(
+            self.view(self.running), self.requests.view(np.array([i]))))
+
     def _admit_waiting(self, budget: int) -> tuple[list[int], list[int]]:
-        req, cfg, rules, bs, pool = self.requests, self.config, self.rules, self.block_size, \
-            self.pool
+        req, bs, pool = self.requests, self.block_size, self.pool
         ids: list[int] = []
         tokens: list[int] = []
-        while self.waiting and budget > 0 and self.running.size < rules.max_num_seqs:
+        while self.waiting and budget > 0 and self.running.size < self.rules.max_num_seqs:
             i = self.waiting[0]
-            computed = int(req.computed_tokens[i])
-            known = int(req.known_tokens(i))
-            hits = pool.lookup(i, known) if pool.caching and computed == 0 else []
-            computed += len(hits) * bs
-            want = known - computed
-            if want > budget and not cfg.chunked_prefill:
+            fit = self._fit(i, budget, self.free_gpu_blocks)
+            if fit is None or not self._policy_admits(i):
                 break
-            num_tokens = min(want, budget)
-            in_queue = pool.num_evictable(hits) if hits else 0
-            extra = in_queue + (self.watermark_blocks if self.running.size else 0)
-            free = self.free_gpu_blocks
-            if rules.full_prompt_admission:
-                whole = known if cfg.max_model_len is None else min(known, cfg.max_model_len)
-                if cdiv(whole, bs) - len(hits) + extra > free:
-                    break
-            blocks = cdiv(computed + num_tokens, bs) - len(hits)
-            if blocks + extra > free:
-                break
-            if self.running.size and not self.admits_all and not self.admit(
-                    self.view(self.running), req.view(np.array([i]))):
-                break
+            hits, computed, num_tokens, blocks = fit
             self.waiting.popleft()
             if req.state[i] == SWAPPED:
                 self.free_cpu_blocks += int(req.cpu_blocks[i])
@@ -667,50 +686,85 @@ class Simulator:
     def _skip_decode_steps(self) -> bool:
         """Run the coming steps at once while they are all plain decode steps; True if any ran.
 
-        With the waiting queue empty and every running request decoding, the next steps only
-        grow each request by one token, until the first of: an arrival, a request's last token,
-        a request outliving its prediction, or a block that does not fit. Those steps are
-        applied together: the clock advanced step by step exactly as `step` would, blocks taken
-        from the free queue in the same order (step, then running order), the prefix cache
-        registering the same blocks. Under async scheduling the step in flight is part of the
-        run: its output arrives first, and the last skipped step is left in flight.
+        With every running request decoding and no request admitted, the next steps only grow
+        each request by one token, until the first of: an arrival while none waits, a request's
+        last token, a request outliving its prediction, a block that does not fit, or the head
+        of the waiting queue being admitted. Those steps are applied together: the clock
+        advanced step by step exactly as `step` would, arrivals queued when `step` would queue
+        them, blocks taken from the free queue in the same order (step, then running order), the
+        prefix cache registering the same blocks. Under async scheduling the step in flight is
+        part of the run: its output arrives first, and the last skipped step is left in flight.
+
+        The head's admission is checked at every step as `_admit_waiting` would, with the state
+        of that step (`_head_admitted`). Its prefix-cache hits must stay what they are: no block
+        of the run may evict one of them, and no running request may register one of its
+        hashes, which only a request with the same first block can (`private_prefixes`).
         """
-        req, run, bs = self.requests, self.running, self.block_size
-        asynchronous = self.rules.async_scheduling
-        if not run.size or run.size > self.rules.max_num_batched_tokens:
+        req, run, bs, rules = self.requests, self.running, self.block_size, self.rules
+        asynchronous = rules.async_scheduling
+        if not run.size or run.size > rules.max_num_batched_tokens:
+            return False
+        head = self.waiting[0] if self.waiting else None
+        if head is not None and self.pool.caching and not self.private_prefixes:
+            return False
+        if asynchronous:  # one decode step of exactly these requests in flight
+            if len(self.in_flight) != 1 or self.in_flight[0].ids.size != run.size \
+                    or not np.array_equal(self.in_flight[0].ids, run):
+                return False
+        elif self.in_flight:
+            return False
+        generated = req.generated_tokens[run]
+        if not generated.all():
             return False
         computed = req.computed_tokens[run]
-        generated = req.generated_tokens[run]
         known = req.prompt_tokens[run] + generated
-        if asynchronous:  # one decode step of exactly these requests in flight
-            if len(self.in_flight) != 1 or (req.placeholders[run] != 1).any() \
-                    or (computed != known).any() or self.in_flight[0].ids.size != run.size:
+        if asynchronous:
+            if (req.placeholders[run] != 1).any() or (computed != known).any():
                 return False
-        elif self.in_flight or (computed != known - 1).any():
-            return False
-        if not (generated > 0).all():
+        elif (computed != known - 1).any():
             return False
         limit = min(int((req.output_tokens[run] - generated).min()),
                     int((req.predicted_output_tokens[run] - generated).min())) - 1
         if limit < 2:
             return False
-        held = int(req.gpu_blocks[run].sum())
-
-        def new_blocks(num_steps: int) -> int:
-            return int(cdiv(computed + num_steps, bs).sum()) - held
-
-        if new_blocks(limit) > self.free_gpu_blocks:  # the largest step count whose blocks fit
-            low, high = 0, limit
-            while low < high:
-                mid = (low + high + 1) // 2
-                if new_blocks(mid) <= self.free_gpu_blocks:
-                    low = mid
-                else:
-                    high = mid - 1
-            limit = low
-            if limit < 2:
-                return False
+        # Step s takes a block for each request whose s-th token starts one: computed + s is a
+        # multiple of the block size (each holds cdiv(computed) blocks).
+        new_per_step = np.bincount(computed % bs, minlength=bs)[-np.arange(limit) % bs]
+        taken = np.cumsum(new_per_step)  # blocks taken by the end of each step's scheduling
+        free = self.free_gpu_blocks
+        limit = int(np.searchsorted(taken, free, side="right"))  # steps whose blocks fit
+        held = req.gpu_blocks[run]
         batch = run.size
+        budget = rules.max_num_batched_tokens - batch
+        check_head = head is not None and budget > 0 and batch < rules.max_num_seqs
+        if check_head and self.pool.caching and self.pool.num_evictable(self._hits(head)):
+            # evict none of the head's hits
+            limit = min(limit, int(np.searchsorted(taken, self.pool.num_unhashed_free,
+                                                   side="right")))
+        if limit < 2:
+            return False
+        free_after = (free - taken[:limit]).tolist()
+        shown = False  # whether the policy was shown a later step's state
+
+        def head_admitted(step: int) -> bool:
+            """Whether `_admit_waiting` admits the head in this step of the run, as the state
+            would be then; False from the first step it does not fit for good (fewer blocks
+            free each step, the same hits)."""
+            nonlocal check_head, shown
+            if self._fit(head, budget, free_after[step]) is None:
+                check_head = False
+                return False
+            if self.admits_all:
+                return True
+            if step:
+                req.computed_tokens[run] = computed + step
+                req.generated_tokens[run] = generated + step
+                req.gpu_blocks[run] = cdiv(computed + step + 1, bs)
+                shown = True
+            return self._policy_admits(head)
+
+        if check_head and head_admitted(0):
+            return False
         total = int(computed.sum())
         means = (total + batch * np.arange(1, limit + 1)) / batch
         next_arrival_s = (float(req.arrival_s[self.next_arrival])
@@ -720,8 +774,15 @@ class Simulator:
         num_steps = 0
         step_starts = []
         for step_ms in self.step_time.decode_steps_ms(batch, means).tolist():
-            if num_steps and next_arrival_s <= self.now_s:
-                break
+            if num_steps:
+                if next_arrival_s <= self.now_s:
+                    if head is None:
+                        break
+                    self._enqueue_arrivals()  # behind the head: it changes nothing of the run
+                    next_arrival_s = (float(req.arrival_s[self.next_arrival])
+                                      if self.next_arrival < req.size else np.inf)
+                if check_head and head_admitted(num_steps):
+                    break
             self.busy_ms += step_ms
             if asynchronous:  # this step runs after the one in flight; that one's output lands
                 step_starts.append(self.gpu_free_s)
@@ -733,6 +794,10 @@ class Simulator:
                 self.now_s += step_ms / 1e3
                 self.gpu_free_s = self.now_s
             num_steps += 1
+        if shown:
+            req.computed_tokens[run] = computed
+            req.generated_tokens[run] = generated
+            req.gpu_blocks[run] = held
         end = computed + num_steps
         self._allocate_decode_run(run, computed, num_steps)
         req.computed_tokens[run] = end
