@@ -727,31 +727,18 @@ class Simulator:
                     int((req.predicted_output_tokens[run] - generated).min())) - 1
         if limit < 2:
             return False
-        # Step s takes a block for each request whose s-th token starts one: computed + s is a
-        # multiple of the block size (each holds cdiv(computed) blocks).
-        new_per_step = np.bincount(computed % bs, minlength=bs)[-np.arange(limit) % bs]
-        taken = np.cumsum(new_per_step)  # blocks taken by the end of each step's scheduling
-        free = self.free_gpu_blocks
-        limit = int(np.searchsorted(taken, free, side="right"))  # steps whose blocks fit
-        held = req.gpu_blocks[run]
         batch = run.size
         budget = rules.max_num_batched_tokens - batch
         check_head = head is not None and budget > 0 and batch < rules.max_num_seqs
-        if check_head and self.pool.caching and self.pool.num_evictable(self._hits(head)):
-            # evict none of the head's hits
-            limit = min(limit, int(np.searchsorted(taken, self.pool.num_unhashed_free,
-                                                   side="right")))
-        if limit < 2:
-            return False
-        free_after = (free - taken[:limit]).tolist()
+        held = req.gpu_blocks[run]
         shown = False  # whether the policy was shown a later step's state
 
-        def head_admitted(step: int) -> bool:
-            """Whether `_admit_waiting` admits the head in this step of the run, as the state
-            would be then; False from the first step it does not fit for good (fewer blocks
-            free each step, the same hits)."""
+        def head_admitted(step: int, free: int) -> bool:
+            """Whether `_admit_waiting` admits the head in this step of the run (`free` blocks
+            free then), as the state would be then; False from the first step it does not fit
+            for good (fewer blocks free each step, the same hits)."""
             nonlocal check_head, shown
-            if self._fit(head, budget, free_after[step]) is None:
+            if self._fit(head, budget, free) is None:
                 check_head = False
                 return False
             if self.admits_all:
@@ -763,8 +750,21 @@ class Simulator:
                 shown = True
             return self._policy_admits(head)
 
-        if check_head and head_admitted(0):
+        # Step s takes a block for each request whose s-th token starts one: computed + s is a
+        # multiple of the block size (each holds cdiv(computed) blocks).
+        position = computed % bs
+        free = self.free_gpu_blocks
+        if check_head and head_admitted(0, free - int(np.count_nonzero(position == 0))):
             return False
+        taken = np.cumsum(np.bincount(position, minlength=bs)[-np.arange(limit) % bs])
+        limit = int(np.searchsorted(taken, free, side="right"))  # steps whose blocks fit
+        if check_head and self.pool.caching and self.pool.num_evictable(self._hits(head)):
+            # evict none of the head's hits
+            limit = min(limit, int(np.searchsorted(taken, self.pool.num_unhashed_free,
+                                                   side="right")))
+        if limit < 2:
+            return False
+        free_after = (free - taken[:limit]).tolist()
         total = int(computed.sum())
         means = (total + batch * np.arange(1, limit + 1)) / batch
         next_arrival_s = (float(req.arrival_s[self.next_arrival])
@@ -781,7 +781,7 @@ class Simulator:
                     self._enqueue_arrivals()  # behind the head: it changes nothing of the run
                     next_arrival_s = (float(req.arrival_s[self.next_arrival])
                                       if self.next_arrival < req.size else np.inf)
-                if check_head and head_admitted(num_steps):
+                if check_head and head_admitted(num_steps, free_after[num_steps]):
                     break
             self.busy_ms += step_ms
             if asynchronous:  # this step runs after the one in flight; that one's output lands
