@@ -19,6 +19,8 @@ from kvbench.sim.engines import ENGINES
 from kvbench.sim.policies import ADMISSION, PREEMPTIONS, VICTIMS
 from kvbench.sim.predictors import PREDICTORS
 from kvbench.sim.requests import FINISHED, REJECTED, RUNNING, SWAPPED, WAITING, cdiv
+from kvbench.sim.blocks import PrefixCachePool, PrefixHashes
+from kvbench.sim.private_blocks import PrivatePrefixPool
 from kvbench.sim.steplog import first_difference
 from kvbench.sim.tokens import TokenIds, random_token_ids
 
@@ -181,6 +183,35 @@ def test_decode_fast_path_matches_step_by_step(policy, engine, shared, monkeypat
         else:
             assert fast_summary[key] == value, key
     assert fast_summary["preemptions"] > 0 or admission != "fcfs"
+
+
+@pytest.mark.parametrize("seed,policy,overrides", [
+    (3, "fcfs/lifo/recompute/oracle", {}),
+    (4, "fcfs/lcf/recompute/oracle", {"async_scheduling": False}),
+    (5, "fcfs/cost-aware/swap/noisy", {"cpu_swap_blocks": 60}),
+    (6, "fcfs/cost-aware/selector/history", {"max_num_batched_tokens": 256}),
+    (7, "fcfs/lifo/recompute/oracle", {"full_prompt_admission": False, "max_num_seqs": 24}),
+    (8, "fcfs/lifo/recompute/max", {"max_model_len": 900, "watermark": 0.05}),
+])
+def test_private_prefix_pool_schedules_as_the_block_pool(seed, policy, overrides, monkeypatch):
+    """With prompts that share no first block the simulator keeps the cache as counts and
+    named preempted blocks (PrivatePrefixPool); the full block pool schedules the same steps,
+    preemptions, prefix-cache hits and finishes at the same times."""
+    admission, victim, preemption, predictor = policy.split("/")
+    config = SimConfig(admission=admission, victim=victim, preemption=preemption,
+                       predictor=predictor, gpu_blocks=180, **overrides)
+    work = random_workload(seed, 160)
+    private = Simulator(work, config, COSTS, record=True)
+    assert isinstance(private.pool, PrivatePrefixPool)
+    fast = private.run()
+    monkeypatch.setattr(PrefixHashes, "first_blocks_distinct", lambda self: False)
+    full = Simulator(work, config, COSTS, record=True)
+    assert type(full.pool) is PrefixCachePool
+    slow = full.run()
+    assert first_difference(fast.step_log, slow.step_log) is None
+    assert summarize(fast) == summarize(slow)
+    assert fast.step_log.num_preemptions > 0
+    assert fast.step_log.prefix_hit_tokens > 0 or preemption != "recompute"
 
 
 def test_fcfs_preempts_under_pressure_and_future_kv_does_not():

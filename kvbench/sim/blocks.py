@@ -94,6 +94,7 @@ class CountingPool:
     """Free blocks by number only (no prefix caching: freed blocks keep nothing)."""
 
     caching = False
+    tracks_blocks = False
 
     def __init__(self, num_blocks: int) -> None:
         self.num_free = num_blocks
@@ -101,7 +102,8 @@ class CountingPool:
     def allocate(self, request: int, num_blocks: int) -> None:
         self.num_free -= num_blocks
 
-    def free(self, request: int, num_blocks: int) -> None:
+    def free(self, request: int, num_blocks: int, registered: int = 0,
+             reusable: bool = False) -> None:
         self.num_free += num_blocks
 
 
@@ -110,6 +112,7 @@ class PrefixCachePool:
     are `blocks[r]` in order; the engine tracks how many of them are registered."""
 
     caching = True
+    tracks_blocks = True  # which block each request holds, allocated in order
 
     def __init__(self, num_blocks: int, hashes: PrefixHashes) -> None:
         self.hashes = hashes
@@ -163,8 +166,10 @@ class PrefixCachePool:
         if others is not None and not others:
             del self.duplicates[block_hash]
 
-    def free(self, request: int, num_blocks: int) -> None:
-        """Free all of `request`'s blocks (`num_blocks` of them), tail block first."""
+    def free(self, request: int, num_blocks: int, registered: int = 0,
+             reusable: bool = False) -> None:
+        """Free all of `request`'s blocks (`num_blocks` of them), tail block first (the pool
+        knows which are registered, and lets any request find them)."""
         blocks = self.blocks.pop(request, [])
         if self.extra_refs:  # blocks still shared with another request stay
             blocks = [block for block in blocks if not self._unref(block)]

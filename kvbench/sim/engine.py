@@ -66,6 +66,7 @@ from kvbench.sim.blocks import CountingPool, PrefixCachePool, PrefixHashes
 from kvbench.sim.config import SimConfig, SimCosts
 from kvbench.sim.policies import ADMISSION, PREEMPTIONS, VICTIMS, admit_fcfs
 from kvbench.sim.predictors import PREDICTORS
+from kvbench.sim.private_blocks import PrivatePrefixPool
 from kvbench.sim.requests import (
     FINISHED,
     REJECTED,
@@ -168,10 +169,10 @@ class Simulator:
             tokens = tokens if tokens is not None else random_token_ids(workload, config.seed)
             tokens.check(workload)
             hashes = PrefixHashes(tokens, self.requests.output_tokens, self.block_size)
-            self.pool: CountingPool | PrefixCachePool = PrefixCachePool(self.usable_blocks,
-                                                                         hashes)
             # No request can find another's blocks: hits are its own, kept since a preemption.
             self.private_prefixes = hashes.first_blocks_distinct()
+            pool = PrivatePrefixPool if self.private_prefixes else PrefixCachePool
+            self.pool: CountingPool | PrefixCachePool = pool(self.usable_blocks, hashes)
         else:
             self.pool = CountingPool(self.usable_blocks)
         self.admits_all = ADMISSION[config.admission] is admit_fcfs  # no view to build
@@ -437,7 +438,7 @@ class Simulator:
     def _allocate(self, ids: np.ndarray, new_blocks: np.ndarray) -> None:
         """Give each request its new blocks, in order (the order blocks leave the free queue)."""
         self.requests.gpu_blocks[ids] += new_blocks
-        if self.pool.caching:
+        if self.pool.tracks_blocks:
             some = np.flatnonzero(new_blocks)
             for i, k in zip(ids[some].tolist(), new_blocks[some].tolist()):
                 self.pool.allocate(i, k)
@@ -455,7 +456,8 @@ class Simulator:
             req = self.requests
             full = min(upto_tokens, int(req.known_tokens(i))) // self.block_size
             if full > req.cached_blocks[i]:
-                self.pool.cache_blocks(i, int(req.cached_blocks[i]), full)
+                if self.pool.tracks_blocks:
+                    self.pool.cache_blocks(i, int(req.cached_blocks[i]), full)
                 req.cached_blocks[i] = full
 
     def _cache_blocks(self, ids: np.ndarray, upto_tokens: np.ndarray) -> None:
@@ -465,14 +467,17 @@ class Simulator:
             return
         req = self.requests
         full = np.minimum(upto_tokens, req.known_tokens(ids)) // self.block_size
+        if not self.pool.tracks_blocks:  # counts only
+            req.cached_blocks[ids] = np.maximum(full, req.cached_blocks[ids])
+            return
         grow = full > req.cached_blocks[ids]
         for i, upto in zip(ids[grow].tolist(), full[grow].tolist()):
             self.pool.cache_blocks(i, int(req.cached_blocks[i]), upto)
         req.cached_blocks[ids[grow]] = full[grow]
 
-    def _free_blocks(self, i: int) -> None:
+    def _free_blocks(self, i: int, preempted: bool = False) -> None:
         req = self.requests
-        self.pool.free(i, int(req.gpu_blocks[i]))
+        self.pool.free(i, int(req.gpu_blocks[i]), int(req.cached_blocks[i]), preempted)
         req.gpu_blocks[i] = 0
         req.cached_blocks[i] = 0
 
@@ -492,7 +497,7 @@ class Simulator:
                                                       computed)
             req.computed_tokens[victim] = 0
             req.state[victim] = WAITING
-        self._free_blocks(victim)
+        self._free_blocks(victim, preempted=True)
         req.placeholders[victim] = 0  # an output in flight arrives stale (scheduler.py:1600)
         req.num_preemptions[victim] += 1
         self.waiting.appendleft(victim)
@@ -827,7 +832,7 @@ class Simulator:
         """Blocks for `num_steps` decode steps of `run`: in step order, then running order."""
         bs = self.block_size
         new = cdiv(computed + num_steps, bs) - self.requests.gpu_blocks[run]
-        if not self.pool.caching:
+        if not self.pool.tracks_blocks:
             self._allocate(run, new)
             return
         # Request p needs a new block at step s when computed_p + s - 1 is a multiple of bs.
