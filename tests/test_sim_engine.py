@@ -15,12 +15,12 @@ from kvbench.hardware import get_hardware
 from kvbench.models import get_model
 from kvbench.profile import analytic_profile
 from kvbench.sim import SimConfig, SimCosts, Simulator, Workload, simulate, summarize
+from kvbench.sim.blocks import PrefixCachePool, PrefixHashes
 from kvbench.sim.engines import ENGINES
 from kvbench.sim.policies import ADMISSION, PREEMPTIONS, VICTIMS
 from kvbench.sim.predictors import PREDICTORS
-from kvbench.sim.requests import FINISHED, REJECTED, RUNNING, SWAPPED, WAITING, cdiv
-from kvbench.sim.blocks import PrefixCachePool, PrefixHashes
 from kvbench.sim.private_blocks import PrivatePrefixPool
+from kvbench.sim.requests import FINISHED, REJECTED, RUNNING, SWAPPED, WAITING, cdiv
 from kvbench.sim.steplog import first_difference
 from kvbench.sim.tokens import TokenIds, random_token_ids
 
