@@ -16,6 +16,8 @@ computed again, for its logits); hit blocks found in the free queue leave it whe
 Blocks without a hash are interchangeable, so the pool only counts them; a block gets an id
 when it is handed out and keeps it while it holds a hash. Hashes chain over all tokens before
 and in the block (`PrefixHashes`), so equal hash means equal token prefix, across requests too.
+`PrivatePrefixPool` (kvbench/sim/private_blocks.py) keeps the same queue with fewer names when
+no request can find another's blocks.
 """
 
 from __future__ import annotations

@@ -47,9 +47,11 @@ hardware preset's. With the null block one of them holds no KV. CPU swap space:
 front with the reason; `max_model_len` rejects longer prompts and caps generation. If no
 token is generated for `livelock_steps` iterations the run stops and reports the stuck request.
 
-Speed: while the waiting queue is empty and every running request decodes, the steps up to
-the next event are applied at once (`_skip_decode_steps`), with the same arithmetic and the
-same block allocations in the same order.
+Speed: while every running request decodes and no waiting request would be admitted, the
+steps up to the next event are applied at once (`_skip_decode_steps`), with the same arithmetic
+and the same block allocations in the same order. When no two prompts share a first block (the
+default random prompts) the prefix cache is kept as counts plus the blocks preemptions freed
+(`PrivatePrefixPool`), which schedules exactly as the full block pool (`PrefixCachePool`).
 """
 
 from __future__ import annotations
