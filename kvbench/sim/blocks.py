@@ -203,7 +203,11 @@ class PrefixCachePool:
     def cache_blocks(self, request: int, start: int, end: int) -> None:
         """Register `request`'s full blocks start..end-1 (none registered yet) under their
         hashes."""
-        hashes, blocks = self.hashes.of(request), self.blocks[request]
+        self._register(self.blocks[request], self.hashes.of(request), start, end)
+
+    def _register(self, blocks: list[int], hashes: list[int], start: int, end: int) -> None:
+        """Enter blocks[start:end] under hashes[start:end]; a hash already cached keeps the
+        block registered first, later ones wait as duplicates."""
         block_hash_of, cached = self.block_hash, self.cached
         if end - start >= BULK:
             hashes, blocks = hashes[start:end], blocks[start:end]

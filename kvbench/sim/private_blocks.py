@@ -99,15 +99,7 @@ class PrivatePrefixPool(PrefixCachePool):
         first = self._next_id
         self._next_id += registered - len(named)
         blocks = named + list(range(first, self._next_id))
-        hashes = self.hashes.of(request)
-        block_hash, cached = self.block_hash, self.cached
-        for j in range(len(named), registered):
-            block, block_hash_j = blocks[j], hashes[j]
-            block_hash[block] = block_hash_j
-            if block_hash_j in cached:
-                self.duplicates.setdefault(block_hash_j, []).append(block)
-            else:
-                cached[block_hash_j] = block
+        self._register(blocks, self.hashes.of(request), len(named), registered)
         run = _Run(registered, deque(reversed(blocks)))  # freed tail first
         self.run_of.update(dict.fromkeys(blocks, run))
         self.queue.append(run)
