@@ -176,6 +176,7 @@ class Simulator:
             pool = PrivatePrefixPool if self.private_prefixes else PrefixCachePool
             self.pool: CountingPool | PrefixCachePool = pool(self.usable_blocks, hashes)
         else:
+            self.private_prefixes = True  # nothing is found again
             self.pool = CountingPool(self.usable_blocks)
         self.admits_all = ADMISSION[config.admission] is admit_fcfs  # no view to build
         predictor = PREDICTORS[config.predictor]
@@ -712,7 +713,7 @@ class Simulator:
         if not run.size or run.size > rules.max_num_batched_tokens:
             return False
         head = self.waiting[0] if self.waiting else None
-        if head is not None and self.pool.caching and not self.private_prefixes:
+        if head is not None and not self.private_prefixes:
             return False
         if asynchronous:  # one decode step of exactly these requests in flight
             if len(self.in_flight) != 1 or self.in_flight[0].ids.size != run.size \
