@@ -22,20 +22,14 @@ no request can find another's blocks.
 
 from __future__ import annotations
 
-from collections import OrderedDict, deque
+from collections import OrderedDict
 
 import numpy as np
 
 from kvbench.sim.tokens import TokenIds
 
-BULK = 8  # blocks from which an operation runs at C speed (map, dict.update) instead of a loop
 _HASH_BASE = np.uint64(0x9E3779B97F4A7C15)  # odd: powers never vanish modulo 2**64
 _LENGTH_MIX = np.uint64(0xC2B2AE3D27D4EB4F)
-
-
-def _consume(calls) -> None:
-    """Run an iterator of calls (a `map`) at C speed, dropping their results."""
-    deque(calls, maxlen=0)
 
 
 class PrefixHashes:
@@ -138,22 +132,14 @@ class PrefixCachePool:
         self.num_unhashed_free -= fresh
         held.extend(range(self._next_id, self._next_id + fresh))
         self._next_id += fresh
-        evict = num_blocks - fresh
-        popitem = self.hashed_free.popitem  # evict the least recently freed cached blocks
-        if self.duplicates or evict < BULK:
-            block_hash_of, cached, duplicates = self.block_hash, self.cached, self.duplicates
-            for _ in range(evict):
-                block, block_hash = popitem(last=False)
-                if duplicates:
-                    self._uncache(block, block_hash)
-                else:  # the common case: one block per hash
-                    del block_hash_of[block], cached[block_hash]
-                held.append(block)
-            return
-        evicted, hashes = zip(*[popitem(last=False) for _ in range(evict)])
-        held.extend(evicted)
-        _consume(map(self.block_hash.__delitem__, evicted))
-        _consume(map(self.cached.__delitem__, hashes))
+        popitem, block_hash_of, cached = self.hashed_free.popitem, self.block_hash, self.cached
+        for _ in range(num_blocks - fresh):  # evict the least recently freed cached block
+            block, block_hash = popitem(last=False)
+            if self.duplicates:
+                self._uncache(block, block_hash)
+            else:  # the common case: one block per hash
+                del block_hash_of[block], cached[block_hash]
+            held.append(block)
 
     def _uncache(self, block: int, block_hash: int) -> None:
         del self.block_hash[block]
@@ -175,19 +161,13 @@ class PrefixCachePool:
         blocks = self.blocks.pop(request, [])
         if self.extra_refs:  # blocks still shared with another request stay
             blocks = [block for block in blocks if not self._unref(block)]
-        block_hash_of = self.block_hash
-        if len(blocks) < BULK:
-            hashed_free = self.hashed_free
-            for block in reversed(blocks):
-                block_hash = block_hash_of.get(block)
-                if block_hash is None:
-                    self.num_unhashed_free += 1
-                else:
-                    hashed_free[block] = block_hash
-            return
-        hashed = [block for block in reversed(blocks) if block in block_hash_of]
-        self.num_unhashed_free += len(blocks) - len(hashed)
-        self.hashed_free.update(zip(hashed, map(block_hash_of.__getitem__, hashed)))
+        block_hash_of, hashed_free = self.block_hash, self.hashed_free
+        for block in reversed(blocks):
+            block_hash = block_hash_of.get(block)
+            if block_hash is None:
+                self.num_unhashed_free += 1
+            else:
+                hashed_free[block] = block_hash
 
     def _unref(self, block: int) -> bool:
         """Drop one of a shared block's extra references; False if it had none."""
@@ -209,13 +189,6 @@ class PrefixCachePool:
         """Enter blocks[start:end] under hashes[start:end]; a hash already cached keeps the
         block registered first, later ones wait as duplicates."""
         block_hash_of, cached = self.block_hash, self.cached
-        if end - start >= BULK:
-            hashes, blocks = hashes[start:end], blocks[start:end]
-            block_hash_of.update(zip(blocks, hashes))
-            if cached.keys().isdisjoint(hashes):  # the common case: hashes new to the cache
-                cached.update(zip(hashes, blocks))
-                return
-            start, end = 0, len(blocks)
         for j in range(start, end):
             block, block_hash = blocks[j], hashes[j]
             block_hash_of[block] = block_hash

@@ -308,6 +308,10 @@ class Simulator:
         req.state[ids] = WAITING
         self.waiting.extend(ids.tolist())
 
+    def _next_arrival_s(self) -> float:
+        req = self.requests
+        return float(req.arrival_s[self.next_arrival]) if self.next_arrival < req.size else np.inf
+
     def _below_livelock_limit(self) -> bool:
         if self.iterations_without_token < self.config.livelock_steps:
             return True
@@ -704,7 +708,7 @@ class Simulator:
         part of the run: its output arrives first, and the last skipped step is left in flight.
 
         The head's admission is checked at every step as `_admit_waiting` would, with the state
-        of that step (`_head_admitted`). Its prefix-cache hits must stay what they are: no block
+        of that step (`head_admitted`). Its prefix-cache hits must stay what they are: no block
         of the run may evict one of them, and no running request may register one of its
         hashes, which only a request with the same first block can (`private_prefixes`).
         """
@@ -766,8 +770,8 @@ class Simulator:
             return False
         taken = np.cumsum(np.bincount(position, minlength=bs)[-np.arange(limit) % bs])
         limit = int(np.searchsorted(taken, free, side="right"))  # steps whose blocks fit
-        if check_head and self.pool.caching and self.pool.num_evictable(self._hits(head)):
-            # evict none of the head's hits
+        hits = self._hits(head) if check_head else []
+        if hits and self.pool.num_evictable(hits):  # evict none of the head's hits
             limit = min(limit, int(np.searchsorted(taken, self.pool.num_unhashed_free,
                                                    side="right")))
         if limit < 2:
@@ -775,8 +779,7 @@ class Simulator:
         free_after = (free - taken[:limit]).tolist()
         total = int(computed.sum())
         means = (total + batch * np.arange(1, limit + 1)) / batch
-        next_arrival_s = (float(req.arrival_s[self.next_arrival])
-                          if self.next_arrival < req.size else np.inf)
+        next_arrival_s = self._next_arrival_s()
         if asynchronous:  # its output is the first to land in the run
             self.in_flight.pop()
         num_steps = 0
@@ -787,8 +790,7 @@ class Simulator:
                     if head is None:
                         break
                     self._enqueue_arrivals()  # behind the head: it changes nothing of the run
-                    next_arrival_s = (float(req.arrival_s[self.next_arrival])
-                                      if self.next_arrival < req.size else np.inf)
+                    next_arrival_s = self._next_arrival_s()
                 if check_head and head_admitted(num_steps, free_after[num_steps]):
                     break
             self.busy_ms += step_ms

@@ -40,7 +40,8 @@ class PrivatePrefixPool(PrefixCachePool):
     """See the module docstring. Same interface as `PrefixCachePool`; `free` is told how many
     of the request's first blocks are registered and whether it may come back (a preemption)."""
 
-    tracks_blocks = False  # allocations by number; registration happens in `free`
+    tracks_blocks = False  # allocations by number, nothing registered while it runs: `free`
+    # registers what a preemption frees
 
     def __init__(self, num_blocks: int, hashes: PrefixHashes) -> None:
         super().__init__(num_blocks, hashes)
@@ -104,9 +105,6 @@ class PrivatePrefixPool(PrefixCachePool):
         self.run_of.update(dict.fromkeys(blocks, run))
         self.queue.append(run)
         self.preempted.add(request)
-
-    def cache_blocks(self, request: int, start: int, end: int) -> None:
-        """Nothing to do while it runs: `free` registers what a preemption frees."""
 
     def lookup(self, request: int, num_tokens: int) -> list[int]:
         if request not in self.preempted:
