@@ -719,14 +719,19 @@ class Simulator:
         head = self.waiting[0] if self.waiting else None
         if head is not None and not self.private_prefixes:
             return False
-        if asynchronous:  # one decode step of exactly these requests in flight
-            if len(self.in_flight) != 1 or self.in_flight[0].ids.size != run.size \
-                    or not np.array_equal(self.in_flight[0].ids, run):
+        if asynchronous:  # one decode step of these requests in flight, and of finished ones
+            if len(self.in_flight) != 1:
+                return False
+            flying = self.in_flight[0].ids
+            if flying.size != run.size:  # a finished request's output is dropped when it lands
+                flying = flying[req.state[flying] != FINISHED]
+            if not np.array_equal(flying, run):
                 return False
         elif self.in_flight:
             return False
         generated = req.generated_tokens[run]
-        if not generated.all():
+        first_token = run[generated == 0]  # async: a prompt's last chunk in flight
+        if first_token.size and not asynchronous:
             return False
         computed = req.computed_tokens[run]
         known = req.prompt_tokens[run] + generated
@@ -735,8 +740,22 @@ class Simulator:
                 return False
         elif (computed != known - 1).any():
             return False
-        limit = min(int((req.output_tokens[run] - generated).min()),
-                    int((req.predicted_output_tokens[run] - generated).min())) - 1
+        # Outputs that land in the run: up to the one finishing the first requests to end (as
+        # the last to land), if the step before schedules them as a plain decode: under async
+        # vLLM skips a request whose last token is in flight at its length limit.
+        left = req.output_tokens[run] - generated
+        limit = int(left.min())
+        if asynchronous:
+            ending = left == limit
+            length = req.prompt_tokens[run][ending] + req.output_tokens[run][ending]
+            cap = req.prompt_tokens[run][ending] + req.max_tokens[run][ending]
+            if self.config.max_model_len is not None:
+                cap = np.minimum(cap, self.config.max_model_len)
+            limit -= bool((length >= cap).any())
+        predicted = req.predicted_output_tokens[run]
+        outlives = predicted < req.output_tokens[run]  # at the landing that reaches the prediction
+        if outlives.any():
+            limit = min(limit, int((predicted - generated)[outlives].min()) - 1)
         if limit < 2:
             return False
         batch = run.size
@@ -799,6 +818,8 @@ class Simulator:
                 ended = self.gpu_free_s
                 self.gpu_free_s += step_ms / 1e3
                 self.now_s = max(self.now_s, ended)
+                if not num_steps:
+                    req.first_token_s[first_token] = self.now_s
             else:
                 step_starts.append(self.now_s)
                 self.now_s += step_ms / 1e3
@@ -822,15 +843,17 @@ class Simulator:
         self.iterations_without_token = 0
         used = self.usable_blocks - self.free_gpu_blocks
         self.max_kv_blocks_used = max(self.max_kv_blocks_used, used)
-        self.timeline.append((self.now_s, used, batch))
-        last_step = None
+        log_steps = [None] * num_steps
         if self.log is not None:
             ones = [1] * batch
-            for start_s in step_starts:
-                last_step = self.log.add_step(start_s, run.tolist(), ones)
+            log_steps = [self.log.add_step(start_s, run.tolist(), ones) for start_s in step_starts]
         if asynchronous:
             self.in_flight.appendleft(Batch(run, np.ones(batch, dtype=bool), self.gpu_free_s,
-                                            last_step))
+                                            log_steps[-1]))
+        finished = run[left == num_steps]  # by the last output landed
+        if finished.size:
+            self._finish(finished, log_steps[-1 - asynchronous])
+        self.timeline.append((self.now_s, used, self.running.size))
         return True
 
     def _allocate_decode_run(self, run: np.ndarray, computed: np.ndarray, num_steps: int) -> None:
