@@ -151,31 +151,49 @@ def shared_prefix_tokens(work: Workload, seed: int = 0) -> TokenIds:
     return TokenIds(ids.offsets, flat, ids.output_token)
 
 
-@pytest.mark.parametrize("policy,engine,shared", [
-    ("fcfs/lifo/recompute/oracle", "vllm-0.32", False),
-    ("fcfs/lifo/recompute/oracle", "vllm-0.32", True),
-    ("reserve-max/lifo/recompute/max", "vllm-0.32", False),
-    ("future-kv/lcf/swap/history", "vllm-0.32", False),
-    ("future-kv/cost-aware/selector/noisy", "vllm-0.32", True),
-    ("fcfs/cost-aware/selector/noisy", "vllm-legacy", False),
-    ("future-kv/lifo/recompute/oracle", "vllm-legacy", False),
+def length_limited_workload(seed: int, n: int) -> Workload:
+    """`random_workload`, but every other request stops at its max_tokens."""
+    work = random_workload(seed, n)
+    max_tokens = work.max_tokens.copy()
+    max_tokens[::2] = work.output_tokens[::2]
+    return workload(work.arrival_s, work.prompt_tokens, work.output_tokens, max_tokens)
+
+
+@pytest.mark.parametrize("policy,engine,shared,limits", [
+    ("fcfs/lifo/recompute/oracle", "vllm-0.32", False, False),
+    ("fcfs/lifo/recompute/oracle", "vllm-0.32", True, False),
+    ("fcfs/lifo/recompute/oracle", "vllm-0.32", False, True),
+    ("reserve-max/lifo/recompute/max", "vllm-0.32", False, False),
+    ("future-kv/lcf/swap/history", "vllm-0.32", False, False),
+    ("future-kv/cost-aware/selector/noisy", "vllm-0.32", True, False),
+    ("future-kv/lifo/recompute/history", "vllm-0.32", False, True),
+    ("fcfs/cost-aware/selector/noisy", "vllm-legacy", False, False),
+    ("future-kv/lifo/recompute/oracle", "vllm-legacy", False, False),
+    ("fcfs/lifo/recompute/oracle", "vllm-legacy", False, True),
 ])
-def test_decode_fast_path_matches_step_by_step(policy, engine, shared, monkeypatch):
+def test_decode_fast_path_matches_step_by_step(policy, engine, shared, limits, monkeypatch):
     """Skipping plain decode steps in one go (with requests waiting or not) changes nothing
     but the timeline's resolution: the same steps, batches, preemptions, hits and finishes at
-    the same times, and the same summary."""
+    the same times, and the same summary. `limits`: half the requests stop at max_tokens, the
+    rest may at max_model_len (under async, vLLM schedules neither's last token)."""
     admission, victim, preemption, predictor = policy.split("/")
     config = SimConfig(admission=admission, victim=victim, preemption=preemption,
-                       predictor=predictor, gpu_blocks=250, cpu_swap_blocks=30, engine=engine)
-    work = random_workload(2, 150)
+                       predictor=predictor, gpu_blocks=250, cpu_swap_blocks=30, engine=engine,
+                       max_model_len=1200 if limits else None)
+    work = length_limited_workload(2, 150) if limits else random_workload(2, 150)
     tokens = shared_prefix_tokens(work) if shared else None
     fast_sim = Simulator(work, config, COSTS, tokens=tokens, record=True)
     fast = fast_sim.run()
     if config.rules.prefix_caching:
         assert fast_sim.private_prefixes is not shared
+    if limits:
+        assert fast_sim.stops_at_limit.sum() > work.num_requests // 2
     monkeypatch.setattr(Simulator, "_skip_decode_steps", lambda self: False)
     slow = Simulator(work, config, COSTS, tokens=tokens, record=True).run()
     assert first_difference(fast.step_log, slow.step_log) is None
+    for column in ("first_token_s", "finish_s", "prefix_hit_tokens", "recompute_tokens"):
+        np.testing.assert_array_equal(getattr(fast.requests, column),
+                                      getattr(slow.requests, column), err_msg=column)
     fast_summary, slow_summary = summarize(fast), summarize(slow)
     for key, value in slow_summary.items():
         if isinstance(value, float):

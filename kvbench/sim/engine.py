@@ -203,6 +203,12 @@ class Simulator:
         self.timeline: list[tuple[float, int, int]] = []
         self.log = StepLogBuilder(engine=f"kvbench {rules.name}") if record else None
         self._reject_impossible()
+        # The request ends at its length limit (max_tokens or max_model_len): under async
+        # scheduling vLLM skips it while its last token is in flight (`_wanted_tokens`).
+        req = self.requests
+        self.stops_at_limit = (req.prompt_tokens + req.output_tokens
+                               >= np.minimum(req.prompt_tokens + req.max_tokens,
+                                             config.max_model_len or np.iinfo(np.int64).max))
         self.num_done = len(self.requests.reject_reason)  # finished or rejected
 
     @property
@@ -302,7 +308,8 @@ class Simulator:
         end = int(np.searchsorted(req.arrival_s, self.now_s, side="right"))
         ids = np.arange(self.next_arrival, end)
         self.next_arrival = end
-        ids = ids[req.state[ids] != REJECTED]
+        if req.reject_reason:
+            ids = ids[req.state[ids] != REJECTED]
         req.predicted_output_tokens[ids] = self.predictor.predict(
             ids, req.prompt_tokens[ids], req.max_tokens[ids], req.output_tokens[ids])
         req.state[ids] = WAITING
@@ -723,40 +730,35 @@ class Simulator:
             if len(self.in_flight) != 1:
                 return False
             flying = self.in_flight[0].ids
-            if flying.size != run.size:  # a finished request's output is dropped when it lands
-                flying = flying[req.state[flying] != FINISHED]
-            if not np.array_equal(flying, run):
-                return False
+            if flying is not run:  # (the running array is replaced, never changed in place)
+                if flying.size != run.size:  # a finished request's output is dropped on landing
+                    flying = flying[req.state[flying] != FINISHED]
+                if flying.size != run.size or flying.tobytes() != run.tobytes():
+                    return False
         elif self.in_flight:
             return False
         generated = req.generated_tokens[run]
-        first_token = run[generated == 0]  # async: a prompt's last chunk in flight
-        if first_token.size and not asynchronous:
-            return False
         computed = req.computed_tokens[run]
         known = req.prompt_tokens[run] + generated
-        if asynchronous:
-            if (req.placeholders[run] != 1).any() or (computed != known).any():
+        if asynchronous:  # each has its next token in flight (a first one: its prompt's last chunk)
+            if np.count_nonzero((computed != known) | (req.placeholders[run] != 1)):
                 return False
-        elif (computed != known - 1).any():
+            first_token = run[generated == 0]
+        elif np.count_nonzero(computed != known - 1) or np.count_nonzero(generated) < run.size:
             return False
         # Outputs that land in the run: up to the one finishing the first requests to end (as
         # the last to land), if the step before schedules them as a plain decode: under async
         # vLLM skips a request whose last token is in flight at its length limit.
-        left = req.output_tokens[run] - generated
-        limit = int(left.min())
-        if asynchronous:
-            ending = left == limit
-            length = req.prompt_tokens[run][ending] + req.output_tokens[run][ending]
-            cap = req.prompt_tokens[run][ending] + req.max_tokens[run][ending]
-            if self.config.max_model_len is not None:
-                cap = np.minimum(cap, self.config.max_model_len)
-            limit -= bool((length >= cap).any())
+        output = req.output_tokens[run]
+        left = output - generated
+        landings = limit = int(left.min())
+        if asynchronous and np.count_nonzero(self.stops_at_limit[run[left == limit]]):
+            limit -= 1
         predicted = req.predicted_output_tokens[run]
-        outlives = predicted < req.output_tokens[run]  # at the landing that reaches the prediction
-        if outlives.any():
+        outlives = predicted < output  # at the landing that reaches the prediction
+        if np.count_nonzero(outlives):
             limit = min(limit, int((predicted - generated)[outlives].min()) - 1)
-        if limit < 2:
+        if limit < 1:
             return False
         batch = run.size
         budget = rules.max_num_batched_tokens - batch
@@ -793,14 +795,15 @@ class Simulator:
         if hits and self.pool.num_evictable(hits):  # evict none of the head's hits
             limit = min(limit, int(np.searchsorted(taken, self.pool.num_unhashed_free,
                                                    side="right")))
-        if limit < 2:
+        if limit < 1:
             return False
         free_after = (free - taken[:limit]).tolist()
         total = int(computed.sum())
         means = (total + batch * np.arange(1, limit + 1)) / batch
         next_arrival_s = self._next_arrival_s()
+        landed_log_steps = []  # of the steps whose outputs land in the run, in order
         if asynchronous:  # its output is the first to land in the run
-            self.in_flight.pop()
+            landed_log_steps.append(self.in_flight.pop().log_step)
         num_steps = 0
         step_starts = []
         for step_ms in self.step_time.decode_steps_ms(batch, means).tolist():
@@ -826,19 +829,18 @@ class Simulator:
                 self.gpu_free_s = self.now_s
             num_steps += 1
         if shown:
-            req.computed_tokens[run] = computed
-            req.generated_tokens[run] = generated
             req.gpu_blocks[run] = held
         end = computed + num_steps
         self._allocate_decode_run(run, computed, num_steps)
         req.computed_tokens[run] = end
-        req.generated_tokens[run] += num_steps
+        req.generated_tokens[run] = generated + num_steps
         self._cache_blocks(run, end - int(asynchronous))
         model = self.model
         per_token_flops = model.linear_flops_per_token + model.lm_head_flops
-        attention_flops = model.attention_flops_per_token_sq * float(
-            (end * end - computed * computed).sum())
-        self.flops += batch * num_steps * per_token_flops + attention_flops
+        # sum((c + n)^2 - c^2) over the batch, as an exact integer
+        squares = 2 * num_steps * total + batch * num_steps * num_steps
+        self.flops += (batch * num_steps * per_token_flops
+                       + model.attention_flops_per_token_sq * float(squares))
         self.steps += num_steps
         self.iterations_without_token = 0
         used = self.usable_blocks - self.free_gpu_blocks
@@ -850,9 +852,8 @@ class Simulator:
         if asynchronous:
             self.in_flight.appendleft(Batch(run, np.ones(batch, dtype=bool), self.gpu_free_s,
                                             log_steps[-1]))
-        finished = run[left == num_steps]  # by the last output landed
-        if finished.size:
-            self._finish(finished, log_steps[-1 - asynchronous])
+        if num_steps == landings:  # the last output landed finishes requests
+            self._finish(run[left == num_steps], (landed_log_steps + log_steps)[num_steps - 1])
         self.timeline.append((self.now_s, used, self.running.size))
         return True
 

@@ -80,10 +80,10 @@ class HistoryPredictor(OraclePredictor):
         return self.cached[bucket]
 
     def predict(self, ids, prompt_tokens, max_tokens, output_tokens):
-        buckets = self.bucket(prompt_tokens).tolist()
-        guess = np.array([self._quantile(b) or 0.0 for b in buckets], dtype=np.float64)
-        return np.where(guess > 0, np.clip(np.rint(guess).astype(np.int64), 1, max_tokens),
-                        max_tokens)
+        # Arrivals come a few at a time: plain floats (round() rounds half to even, as np.rint).
+        guess = [self._quantile(b) for b in self.bucket(prompt_tokens).tolist()]
+        return np.array([min(max(round(g), 1), m) if g else m
+                         for g, m in zip(guess, max_tokens.tolist())], dtype=np.int64)
 
     def observe(self, prompt_tokens, output_tokens):
         for bucket, output in zip(self.bucket(prompt_tokens).tolist(), output_tokens.tolist()):

@@ -9,8 +9,6 @@ tokens are computed the step samples one new token. A recompute preemption drops
 
 from __future__ import annotations
 
-import functools
-
 import numpy as np
 
 from kvbench.sim.workloads import Workload
@@ -74,32 +72,28 @@ class TableRows:
     choice, and most policies read two of the five columns. Used right away, before the table
     changes."""
 
+    COLUMNS = {
+        "computed_tokens": lambda table, ids: table.computed_tokens[ids],
+        "known_tokens": RequestTable.known_tokens,
+        "blocks": lambda table, ids: table.gpu_blocks[ids],
+        "predicted_remaining": RequestTable.predicted_remaining_tokens,
+        "max_total_tokens": lambda table, ids: table.prompt_tokens[ids] + table.max_tokens[ids],
+    }
+
     def __init__(self, table: RequestTable, ids: np.ndarray) -> None:
         self.table, self.ids = table, ids
+
+    def __getattr__(self, name: str) -> np.ndarray:
+        """A column, read on first use and kept (later reads find the attribute)."""
+        if name not in self.COLUMNS:
+            raise AttributeError(name)
+        column = self.COLUMNS[name](self.table, self.ids)
+        setattr(self, name, column)
+        return column
 
     @property
     def size(self) -> int:
         return self.ids.size
-
-    @functools.cached_property
-    def computed_tokens(self) -> np.ndarray:
-        return self.table.computed_tokens[self.ids]
-
-    @functools.cached_property
-    def known_tokens(self) -> np.ndarray:
-        return self.table.known_tokens(self.ids)
-
-    @functools.cached_property
-    def blocks(self) -> np.ndarray:
-        return self.table.gpu_blocks[self.ids]
-
-    @functools.cached_property
-    def predicted_remaining(self) -> np.ndarray:
-        return self.table.predicted_remaining_tokens(self.ids)
-
-    @functools.cached_property
-    def max_total_tokens(self) -> np.ndarray:
-        return self.table.prompt_tokens[self.ids] + self.table.max_tokens[self.ids]
 
     def append(self, other: TableRows) -> TableRows:
         return TableRows(self.table, np.concatenate([self.ids, other.ids]))
