@@ -191,7 +191,8 @@ def test_decode_fast_path_matches_step_by_step(policy, engine, shared, limits, m
     monkeypatch.setattr(Simulator, "_skip_decode_steps", lambda self: False)
     slow = Simulator(work, config, COSTS, tokens=tokens, record=True).run()
     assert first_difference(fast.step_log, slow.step_log) is None
-    for column in ("first_token_s", "finish_s", "prefix_hit_tokens", "recompute_tokens"):
+    for column in ("first_token_s", "finish_s", "prefix_hit_tokens", "recompute_tokens",
+                   "predicted_output_tokens"):
         np.testing.assert_array_equal(getattr(fast.requests, column),
                                       getattr(slow.requests, column), err_msg=column)
     fast_summary, slow_summary = summarize(fast), summarize(slow)

@@ -231,11 +231,13 @@ def test_history_uses_the_prompt_bucket_quantile():
     assert guess() == [short_median, 400]
 
 
-def test_outliving_a_prediction_doubles_it():
+def test_outliving_a_prediction_doubles_it(monkeypatch):
     work = Workload("t", np.zeros(1), np.array([10]), np.array([50]), np.array([60]))
     sim = Simulator(work, SimConfig(predictor="noisy", noise_sigma=0.0, gpu_blocks=100),
                     COSTS)
     sim.predictor.predict = lambda *columns: np.array([4])
+    # One step per call, to see each revision (a run of decode steps may span several).
+    monkeypatch.setattr(Simulator, "_skip_decode_steps", lambda self: False)
     seen = set()
     while sim.step():
         seen.add(int(sim.requests.predicted_output_tokens[0]))

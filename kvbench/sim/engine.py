@@ -235,9 +235,9 @@ class Simulator:
         if self.next_arrival < n and req.arrival_s[self.next_arrival] <= self.now_s:
             self._enqueue_arrivals()
         if self.running.size or self.waiting:
-            if self._skip_decode_steps() and self.next_arrival < n \
-                    and req.arrival_s[self.next_arrival] <= self.now_s:
-                self._enqueue_arrivals()
+            while self._skip_decode_steps():  # runs of steps, each one as `step` would be
+                if self.next_arrival < n and req.arrival_s[self.next_arrival] <= self.now_s:
+                    self._enqueue_arrivals()
             executed = self._schedule()
             if len(self.in_flight) < self.queue_size and (
                     executed or self.running.size or self.waiting):
@@ -754,10 +754,12 @@ class Simulator:
         landings = limit = int(left.min())
         if asynchronous and np.count_nonzero(self.stops_at_limit[run[left == limit]]):
             limit -= 1
+        # Or up to the one that brings requests to their predictions (revised on landing).
         predicted = req.predicted_output_tokens[run]
-        outlives = predicted < output  # at the landing that reaches the prediction
-        if np.count_nonzero(outlives):
-            limit = min(limit, int((predicted - generated)[outlives].min()) - 1)
+        outlives = predicted < output
+        revised = int((predicted - generated)[outlives].min()) if np.count_nonzero(outlives) else 0
+        if revised:
+            limit = min(limit, revised)
         if limit < 1:
             return False
         batch = run.size
@@ -833,7 +835,11 @@ class Simulator:
         end = computed + num_steps
         self._allocate_decode_run(run, computed, num_steps)
         req.computed_tokens[run] = end
-        req.generated_tokens[run] = generated + num_steps
+        req.generated_tokens[run] = generated = generated + num_steps
+        if num_steps == revised:  # as `_process_output` revises them
+            late = outlives & (generated == predicted)
+            req.predicted_output_tokens[run[late]] = np.minimum(2 * generated[late],
+                                                                req.max_tokens[run[late]])
         self._cache_blocks(run, end - int(asynchronous))
         model = self.model
         per_token_flops = model.linear_flops_per_token + model.lm_head_flops

@@ -53,11 +53,11 @@ def future_peak_blocks(known_tokens: np.ndarray, remaining_tokens: np.ndarray,
     finishes, at step r_k, when requests k.. are alive and hold sum_{j>=k}(c_j + r_k) tokens;
     ceil(x / block_size) <= x / block_size + 1 per request bounds their blocks.
     """
-    order = np.argsort(remaining_tokens, kind="stable")
-    remaining = remaining_tokens[order]
-    alive = np.arange(remaining.size, 0, -1)
-    suffix_tokens = np.cumsum(known_tokens[order][::-1])[::-1]
-    return float(((suffix_tokens + alive * remaining) / block_size + alive).max())
+    order = remaining_tokens.argsort(kind="stable")
+    alive = np.arange(order.size, 0, -1)
+    suffix_tokens = known_tokens[order][::-1].cumsum()[::-1]
+    # (tokens + alive · block_size) / block_size: one division of an exact integer
+    return float((suffix_tokens + alive * (remaining_tokens[order] + block_size)).max()) / block_size
 
 
 def admit_fcfs(view: SchedulerView, candidate: Requests) -> bool:
