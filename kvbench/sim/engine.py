@@ -370,63 +370,43 @@ class Simulator:
             want = np.minimum(want, self.config.max_model_len - 1 - computed)
         return want
 
-    def _wanted_one(self, i: int) -> int:
-        """`_wanted_tokens` of one request, in plain ints."""
-        req = self.requests
-        computed, placeholders = int(req.computed_tokens[i]), int(req.placeholders[i])
-        if self.rules.async_scheduling and placeholders and computed + 2 - placeholders \
-                >= int(req.prompt_tokens[i]) + int(req.max_tokens[i]):
-            return 0
-        want = int(req.prompt_tokens[i]) + int(req.generated_tokens[i]) + placeholders - computed
-        if self.config.max_model_len is not None:
-            want = min(want, self.config.max_model_len - 1 - computed)
-        return want
-
     def _schedule_running(self) -> tuple[np.ndarray, np.ndarray, int, bool]:
         """Tokens for running requests in order; preempt when a block is missing.
 
         Returns the scheduled ids, their token counts, the token budget left and whether any
         request was preempted.
         """
-        req, bs = self.requests, self.block_size
+        req = self.requests
         budget = self.rules.max_num_batched_tokens
         run = self.running
         if not run.size:
             return run, run, budget, False
         computed = req.computed_tokens[run]
-        want = self._wanted_tokens(run, computed)
-        total = int(want.sum())
-        if total <= budget:
-            tokens = want
-        else:  # vLLM gives each request what is left of the budget, in order
-            tokens = np.clip(budget - (np.cumsum(want) - want), 0, want)
-            total = int(tokens.sum())
-        need = cdiv(computed + tokens, bs) - req.gpu_blocks[run]  # >= 0: blocks = cdiv(computed)
+        tokens, need = self._tokens_and_blocks(run, computed, budget)
         if int(need.sum()) <= self.free_gpu_blocks:  # the common case: everything fits
             self._allocate(run, need)
-            if not tokens.all():  # leave out the requests with nothing to compute
+            budget -= int(tokens.sum())
+            if np.count_nonzero(tokens) < run.size:  # leave out those with nothing to compute
                 scheduled = tokens > 0
                 run, computed, tokens = run[scheduled], computed[scheduled], tokens[scheduled]
             self._cache_blocks(run, computed + tokens)
-            return run, tokens, budget - total, False
-        # Requests before `first` fit; from `first` on, request by request with preemption.
-        first = int(np.searchsorted(np.cumsum(need), self.free_gpu_blocks, side="right"))
-        self._allocate(run[:first], need[:first])
-        head = tokens[:first] > 0
-        self._cache_blocks(run[:first][head], computed[:first][head] + tokens[:first][head])
+            return run, tokens, budget, False
+        # The requests whose blocks fit are scheduled at once, up to one whose blocks do not:
+        # it preempts victims until they do, or is itself the victim. Then on from the next.
         order = run.tolist()
-        done = tokens[:first].tolist()  # tokens of order[:pos] (0: not scheduled)
-        budget -= int(sum(done))
-        pos = first
-        while pos < len(order) and budget > 0:
-            i = order[pos]
-            num_tokens = min(self._wanted_one(i), budget)
-            if num_tokens == 0:
-                done.append(0)
-                pos += 1
-                continue
-            computed_i = int(req.computed_tokens[i])
-            num_new = cdiv(computed_i + num_tokens, bs) - int(req.gpu_blocks[i])
+        done: list[int] = []  # tokens of order[:len(done)] (0: not scheduled)
+        while True:
+            first = int(np.searchsorted(np.cumsum(need), self.free_gpu_blocks, side="right"))
+            fitted = tokens[:first]
+            self._allocate(run[:first], need[:first])
+            some = fitted > 0
+            self._cache_blocks(run[:first][some], computed[:first][some] + fitted[some])
+            done += fitted.tolist()
+            budget -= int(fitted.sum())
+            pos = len(done)
+            if pos == len(order) or budget <= 0:
+                break
+            i, num_tokens, num_new = order[pos], int(tokens[first]), int(need[first])
             while num_new > self.free_gpu_blocks and req.state[i] == RUNNING:
                 view = self.view(np.array(order, dtype=np.int64))
                 at = self.choose_victim(view, self.preemption(view, view.running))
@@ -439,15 +419,28 @@ class Simulator:
             if req.state[i] != RUNNING:  # it was its own victim: stop scheduling this step
                 break
             self._allocate_one(i, num_new)
-            self._cache_one(i, computed_i + num_tokens)
+            self._cache_one(i, int(computed[first]) + num_tokens)
             done.append(num_tokens)
             budget -= num_tokens
-            pos += 1
+            if pos + 1 == len(order) or budget <= 0:
+                break
+            run = np.array(order[pos + 1:], dtype=np.int64)
+            computed = req.computed_tokens[run]
+            tokens, need = self._tokens_and_blocks(run, computed, budget)
         self.running = np.array(order, dtype=np.int64)
         scheduled_tokens = np.array(done, dtype=np.int64)
         scheduled = scheduled_tokens > 0
         return (self.running[:len(done)][scheduled], scheduled_tokens[scheduled], budget,
                 bool(self.step_preempted))
+
+    def _tokens_and_blocks(self, run: np.ndarray, computed: np.ndarray,
+                           budget: int) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens for requests `run` in order within `budget` (vLLM gives each what is left of
+        it), and the new blocks each needs for them (>= 0: each holds cdiv(computed))."""
+        tokens = self._wanted_tokens(run, computed)
+        if int(tokens.sum()) > budget:
+            tokens = np.clip(budget - (np.cumsum(tokens) - tokens), 0, tokens)
+        return tokens, cdiv(computed + tokens, self.block_size) - self.requests.gpu_blocks[run]
 
     def _allocate(self, ids: np.ndarray, new_blocks: np.ndarray) -> None:
         """Give each request its new blocks, in order (the order blocks leave the free queue)."""
@@ -653,26 +646,31 @@ class Simulator:
         req = self.requests
         used = self.usable_blocks - self.free_gpu_blocks
         sampled = batch.ids[batch.samples]
-        sampled = sampled[req.state[sampled] != FINISHED]
+        state = req.state[sampled]
+        if np.count_nonzero(state == FINISHED):
+            live = state != FINISHED
+            sampled, state = sampled[live], state[live]
         if not sampled.size:
             self.iterations_without_token += 1
             self.timeline.append((self.now_s, used, self.running.size))
             return
         self.iterations_without_token = 0
-        req.generated_tokens[sampled] += 1
+        generated = req.generated_tokens[sampled] + 1
+        req.generated_tokens[sampled] = generated
         if self.rules.async_scheduling:
-            running = sampled[req.state[sampled] == RUNNING]
-            req.placeholders[running] -= 1
-            self._cache_blocks(running, req.computed_tokens[running] - req.placeholders[running])
-        generated = req.generated_tokens[sampled]
+            running = state == RUNNING
+            running = sampled if np.count_nonzero(running) == sampled.size else sampled[running]
+            placeholders = req.placeholders[running] - 1
+            req.placeholders[running] = placeholders
+            self._cache_blocks(running, req.computed_tokens[running] - placeholders)
         req.first_token_s[sampled[generated == 1]] = self.now_s
-        outlived = ((generated >= req.predicted_output_tokens[sampled])
-                    & (generated < req.output_tokens[sampled]))
-        if outlived.any():
+        output = req.output_tokens[sampled]
+        outlived = (generated >= req.predicted_output_tokens[sampled]) & (generated < output)
+        if np.count_nonzero(outlived):
             late = sampled[outlived]
-            req.predicted_output_tokens[late] = np.minimum(2 * req.generated_tokens[late],
+            req.predicted_output_tokens[late] = np.minimum(2 * generated[outlived],
                                                            req.max_tokens[late])
-        finished = sampled[generated == req.output_tokens[sampled]]
+        finished = sampled[generated == output]
         if finished.size:
             self._finish(finished, batch.log_step)
         self.timeline.append((self.now_s, used, self.running.size))
@@ -781,16 +779,19 @@ class Simulator:
             if step:
                 req.computed_tokens[run] = computed + step
                 req.generated_tokens[run] = generated + step
-                req.gpu_blocks[run] = cdiv(computed + step + 1, bs)
-                shown = True
+            req.gpu_blocks[run] = cdiv(computed + step + 1, bs)  # with this step's new blocks
+            shown = True
             return self._policy_admits(head)
 
         # Step s takes a block for each request whose s-th token starts one: computed + s is a
         # multiple of the block size (each holds cdiv(computed) blocks).
         position = computed % bs
         free = self.free_gpu_blocks
-        if check_head and head_admitted(0, free - int(np.count_nonzero(position == 0))):
-            return False
+        if check_head:
+            admitted = head_admitted(0, free - int(np.count_nonzero(position == 0)))
+            req.gpu_blocks[run] = held
+            if admitted:
+                return False
         taken = np.cumsum(np.bincount(position, minlength=bs)[-np.arange(limit) % bs])
         limit = int(np.searchsorted(taken, free, side="right"))  # steps whose blocks fit
         hits = self._hits(head) if check_head else []

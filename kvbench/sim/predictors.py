@@ -66,8 +66,9 @@ class HistoryPredictor(OraclePredictor):
         self.new_samples: dict[int, int] = {}  # finished since the cached quantile
 
     @staticmethod
-    def bucket(prompt_tokens: np.ndarray) -> np.ndarray:
-        return np.floor(np.log2(np.maximum(prompt_tokens, 1))).astype(np.int64)
+    def buckets(prompt_tokens: np.ndarray) -> list[int]:
+        """floor(log2(prompt length)), exactly, of a few requests (arrivals or finishes)."""
+        return [max(tokens, 1).bit_length() - 1 for tokens in prompt_tokens.tolist()]
 
     def _quantile(self, bucket: int) -> float | None:
         recent = self.outputs.get(bucket, ())
@@ -81,12 +82,12 @@ class HistoryPredictor(OraclePredictor):
 
     def predict(self, ids, prompt_tokens, max_tokens, output_tokens):
         # Arrivals come a few at a time: plain floats (round() rounds half to even, as np.rint).
-        guess = [self._quantile(b) for b in self.bucket(prompt_tokens).tolist()]
+        guess = [self._quantile(b) for b in self.buckets(prompt_tokens)]
         return np.array([min(max(round(g), 1), m) if g else m
                          for g, m in zip(guess, max_tokens.tolist())], dtype=np.int64)
 
     def observe(self, prompt_tokens, output_tokens):
-        for bucket, output in zip(self.bucket(prompt_tokens).tolist(), output_tokens.tolist()):
+        for bucket, output in zip(self.buckets(prompt_tokens), output_tokens.tolist()):
             for key in (bucket, ALL_BUCKETS):
                 self.outputs.setdefault(key, deque(maxlen=self.window)).append(output)
                 self.new_samples[key] = self.new_samples.get(key, 0) + 1

@@ -33,7 +33,8 @@ class CostStepTime:
     fixed_ms: float = 0.0
 
     def prefill_ms(self, start: np.ndarray, end: np.ndarray) -> np.ndarray:
-        return self.costs.recompute_ms(end) - self.costs.recompute_ms(start)
+        both = self.costs.recompute_ms(np.concatenate([end, start]))  # one pricing of both
+        return both[:end.size] - both[end.size:]
 
     def decode_ms(self, num_decode: int, mean_context: float) -> float:
         return float(self.decode.step_ms(num_decode, mean_context))
