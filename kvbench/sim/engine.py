@@ -71,6 +71,7 @@ from kvbench.sim.predictors import PREDICTORS
 from kvbench.sim.private_blocks import PrivatePrefixPool
 from kvbench.sim.requests import (
     FINISHED,
+    STATIC_COLUMNS,
     REJECTED,
     RUNNING,
     STATE_NAMES,
@@ -269,9 +270,10 @@ class Simulator:
             timeline_running=timeline[:, 2].astype(np.int64), livelock=self.livelock,
             step_log=self.log.build() if self.log else None)
 
-    def view(self, running: np.ndarray) -> StateView:
-        """What the policies see, with `running` (ids in admission order) as the batch."""
-        return StateView(running=self.requests.view(running), block_size=self.block_size,
+    def view(self, running: np.ndarray, reads: set[str] | None = None) -> StateView:
+        """What the policies see, with `running` (ids in admission order) as the batch; `reads`
+        collects the request columns read."""
+        return StateView(running=self.requests.view(running, reads), block_size=self.block_size,
                          num_gpu_blocks=self.usable_blocks, free_cpu_blocks=self.free_cpu_blocks,
                          block_bytes=self.block_bytes, costs=self.costs)
 
@@ -470,10 +472,13 @@ class Simulator:
     def _cache_blocks(self, ids: np.ndarray, upto_tokens: np.ndarray) -> None:
         """Register the full blocks of known tokens among each request's first `upto_tokens`
         (kv_cache_manager.py:606-616; the tokens of a step in flight are not known yet)."""
-        if not self.pool.caching or not ids.size:
-            return
+        if self.pool.caching and ids.size:
+            self._cache_full_blocks(ids, np.minimum(upto_tokens, self.requests.known_tokens(ids))
+                                    // self.block_size)
+
+    def _cache_full_blocks(self, ids: np.ndarray, full: np.ndarray) -> None:
+        """Register each request's first `full` blocks, those not registered yet."""
         req = self.requests
-        full = np.minimum(upto_tokens, req.known_tokens(ids)) // self.block_size
         if not self.pool.tracks_blocks:  # counts only
             req.cached_blocks[ids] = np.maximum(full, req.cached_blocks[ids])
             return
@@ -541,9 +546,11 @@ class Simulator:
             return []
         return self.pool.lookup(i, int(req.known_tokens(i)))
 
-    def _policy_admits(self, i: int) -> bool:
+    def _policy_admits(self, i: int, reads: set[str] | None = None) -> bool:
+        """Whether the admission policy admits waiting request `i` now; `reads` collects the
+        request columns it read."""
         return not self.running.size or self.admits_all or bool(self.admit(
-            self.view(self.running), self.requests.view(np.array([i]))))
+            self.view(self.running, reads), self.requests.view(np.array([i]), reads)))
 
     def _admit_waiting(self, budget: int) -> tuple[list[int], list[int]]:
         req, bs, pool = self.requests, self.block_size, self.pool
@@ -571,7 +578,7 @@ class Simulator:
                 self.step_hits.append((i, len(hits) * bs))
             self._allocate_one(i, blocks)
             self._cache_one(i, computed + num_tokens)
-            self.running = np.append(self.running, i)
+            self.running = np.concatenate((self.running, [i]))
             ids.append(i)
             tokens.append(num_tokens)
             budget -= num_tokens
@@ -765,23 +772,29 @@ class Simulator:
         check_head = head is not None and budget > 0 and batch < rules.max_num_seqs
         held = req.gpu_blocks[run]
         shown = False  # whether the policy was shown a later step's state
+        steady = False  # whether the policy's last verdict holds for the whole run
 
         def head_admitted(step: int, free: int) -> bool:
             """Whether `_admit_waiting` admits the head in this step of the run (`free` blocks
             free then), as the state would be then; False from the first step it does not fit
             for good (fewer blocks free each step, the same hits)."""
-            nonlocal check_head, shown
+            nonlocal check_head, shown, steady
             if self._fit(head, budget, free) is None:
                 check_head = False
                 return False
             if self.admits_all:
                 return True
+            if steady:  # its verdict read nothing a decode step changes: still no
+                return False
             if step:
                 req.computed_tokens[run] = computed + step
                 req.generated_tokens[run] = generated + step
             req.gpu_blocks[run] = cdiv(computed + step + 1, bs)  # with this step's new blocks
             shown = True
-            return self._policy_admits(head)
+            reads: set[str] = set()
+            admitted = self._policy_admits(head, reads)
+            steady = reads <= STATIC_COLUMNS
+            return admitted
 
         # Step s takes a block for each request whose s-th token starts one: computed + s is a
         # multiple of the block size (each holds cdiv(computed) blocks).
@@ -834,14 +847,15 @@ class Simulator:
         if shown:
             req.gpu_blocks[run] = held
         end = computed + num_steps
-        self._allocate_decode_run(run, computed, num_steps)
+        self._allocate_decode_run(run, computed, num_steps, int(taken[num_steps - 1]))
         req.computed_tokens[run] = end
         req.generated_tokens[run] = generated = generated + num_steps
         if num_steps == revised:  # as `_process_output` revises them
             late = outlives & (generated == predicted)
             req.predicted_output_tokens[run[late]] = np.minimum(2 * generated[late],
                                                                 req.max_tokens[run[late]])
-        self._cache_blocks(run, end - int(asynchronous))
+        if self.pool.caching:  # all known but the token in flight under async
+            self._cache_full_blocks(run, (end - asynchronous) // bs)
         model = self.model
         per_token_flops = model.linear_flops_per_token + model.lm_head_flops
         # sum((c + n)^2 - c^2) over the batch, as an exact integer
@@ -864,13 +878,16 @@ class Simulator:
         self.timeline.append((self.now_s, used, self.running.size))
         return True
 
-    def _allocate_decode_run(self, run: np.ndarray, computed: np.ndarray, num_steps: int) -> None:
-        """Blocks for `num_steps` decode steps of `run`: in step order, then running order."""
+    def _allocate_decode_run(self, run: np.ndarray, computed: np.ndarray, num_steps: int,
+                             num_blocks: int) -> None:
+        """Blocks for `num_steps` decode steps of `run` (`num_blocks` in all): in step order,
+        then running order."""
         bs = self.block_size
-        new = cdiv(computed + num_steps, bs) - self.requests.gpu_blocks[run]
-        if not self.pool.tracks_blocks:
-            self._allocate(run, new)
+        if not self.pool.tracks_blocks:  # counts
+            self.requests.gpu_blocks[run] = cdiv(computed + num_steps, bs)
+            self.pool.allocate(-1, num_blocks)
             return
+        new = cdiv(computed + num_steps, bs) - self.requests.gpu_blocks[run]
         # Request p needs a new block at step s when computed_p + s - 1 is a multiple of bs.
         first = (-(computed[new > 0]) % bs) + 1  # step of its first new block
         pos = np.repeat(np.flatnonzero(new > 0), new[new > 0])

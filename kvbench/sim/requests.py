@@ -61,9 +61,15 @@ class RequestTable:
         """Tokens still to generate by the prediction, at least 1 for an unfinished request."""
         return np.maximum(self.predicted_output_tokens[ids] - self.generated_tokens[ids], 1)
 
-    def view(self, ids: np.ndarray) -> TableRows:
-        """The policies' view of requests `ids`, in that order."""
-        return TableRows(self, ids)
+    def view(self, ids: np.ndarray, reads: set[str] | None = None) -> TableRows:
+        """The policies' view of requests `ids`, in that order; `reads` collects the names of
+        the columns read from it."""
+        return TableRows(self, ids, set() if reads is None else reads)
+
+
+# Columns no step changes: a policy that reads only these (and the batch's size) decides the
+# same for as long as the batch and the candidate stay the same.
+STATIC_COLUMNS = frozenset({"max_total_tokens"})
 
 
 class TableRows:
@@ -80,13 +86,14 @@ class TableRows:
         "max_total_tokens": lambda table, ids: table.prompt_tokens[ids] + table.max_tokens[ids],
     }
 
-    def __init__(self, table: RequestTable, ids: np.ndarray) -> None:
-        self.table, self.ids = table, ids
+    def __init__(self, table: RequestTable, ids: np.ndarray, reads: set[str]) -> None:
+        self.table, self.ids, self.reads = table, ids, reads
 
     def __getattr__(self, name: str) -> np.ndarray:
         """A column, read on first use and kept (later reads find the attribute)."""
         if name not in self.COLUMNS:
             raise AttributeError(name)
+        self.reads.add(name)
         column = self.COLUMNS[name](self.table, self.ids)
         setattr(self, name, column)
         return column
@@ -96,4 +103,4 @@ class TableRows:
         return self.ids.size
 
     def append(self, other: TableRows) -> TableRows:
-        return TableRows(self.table, np.concatenate([self.ids, other.ids]))
+        return TableRows(self.table, np.concatenate([self.ids, other.ids]), self.reads)
