@@ -49,14 +49,18 @@ token is generated for `livelock_steps` iterations the run stops and reports the
 
 Speed: while every running request decodes and no waiting request would be admitted, the
 steps up to the next event are applied at once (`_skip_decode_steps`), with the same arithmetic
-and the same block allocations in the same order. When no two prompts share a first block (the
+and the same block allocations in the same order; one run follows another (a request finishing
+or outliving its prediction ends one), so a step is scheduled one by one only when it admits,
+preempts or prefills. When no two prompts share a first block (the
 default random prompts) the prefix cache is kept as counts plus the blocks preemptions freed
 (`PrivatePrefixPool`), which schedules exactly as the full block pool (`PrefixCachePool`).
 """
 
 from __future__ import annotations
 
+import bisect
 import functools
+import itertools
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -71,10 +75,10 @@ from kvbench.sim.predictors import PREDICTORS
 from kvbench.sim.private_blocks import PrivatePrefixPool
 from kvbench.sim.requests import (
     FINISHED,
-    STATIC_COLUMNS,
     REJECTED,
     RUNNING,
     STATE_NAMES,
+    STATIC_COLUMNS,
     SWAPPED,
     WAITING,
     RequestTable,
@@ -711,18 +715,23 @@ class Simulator:
         """Run the coming steps at once while they are all plain decode steps; True if any ran.
 
         With every running request decoding and no request admitted, the next steps only grow
-        each request by one token, until the first of: an arrival while none waits, a request's
-        last token, a request outliving its prediction, a block that does not fit, or the head
-        of the waiting queue being admitted. Those steps are applied together: the clock
-        advanced step by step exactly as `step` would, arrivals queued when `step` would queue
-        them, blocks taken from the free queue in the same order (step, then running order), the
-        prefix cache registering the same blocks. Under async scheduling the step in flight is
-        part of the run: its output arrives first, and the last skipped step is left in flight.
+        each request by one token, until the first of: an arrival while none waits, a block
+        that does not fit, the head of the waiting queue being admitted, or the output landing
+        that finishes requests or brings them to their predictions (the run's last: those
+        requests finish, or their predictions are revised, as `_process_output` does). Those
+        steps are applied together: the clock advanced step by step exactly as `step` would,
+        arrivals queued when `step` would queue them, blocks taken from the free queue in the
+        same order (step, then running order), the prefix cache registering the same blocks.
+        Under async scheduling the step in flight is part of the run: its output lands first
+        (a first token, if it ends a prompt; dropped for a request finished since), and the last
+        skipped step is left in flight. A request finishing at its length limit ends the run one
+        landing earlier: vLLM does not schedule it while its last token is in flight.
 
         The head's admission is checked at every step as `_admit_waiting` would, with the state
-        of that step (`head_admitted`). Its prefix-cache hits must stay what they are: no block
-        of the run may evict one of them, and no running request may register one of its
-        hashes, which only a request with the same first block can (`private_prefixes`).
+        of that step (`head_admitted`); a verdict that read only columns no step changes
+        (`STATIC_COLUMNS`) holds for the run. The head's prefix-cache hits must stay what they
+        are: no block of the run may evict one of them, and no running request may register one
+        of its hashes, which only a request with the same first block can (`private_prefixes`).
         """
         req, run, bs, rules = self.requests, self.running, self.block_size, self.rules
         asynchronous = rules.async_scheduling
@@ -805,15 +814,15 @@ class Simulator:
             req.gpu_blocks[run] = held
             if admitted:
                 return False
-        taken = np.cumsum(np.bincount(position, minlength=bs)[-np.arange(limit) % bs])
-        limit = int(np.searchsorted(taken, free, side="right"))  # steps whose blocks fit
+        starting = np.bincount(position, minlength=bs).tolist()  # blocks at each position
+        taken = list(itertools.accumulate(starting[-step % bs] for step in range(limit)))
+        limit = bisect.bisect_right(taken, free)  # steps whose blocks fit
         hits = self._hits(head) if check_head else []
         if hits and self.pool.num_evictable(hits):  # evict none of the head's hits
-            limit = min(limit, int(np.searchsorted(taken, self.pool.num_unhashed_free,
-                                                   side="right")))
+            limit = min(limit, bisect.bisect_right(taken, self.pool.num_unhashed_free))
         if limit < 1:
             return False
-        free_after = (free - taken[:limit]).tolist()
+        free_after = [free - blocks for blocks in taken[:limit]]
         total = int(computed.sum())
         means = (total + batch * np.arange(1, limit + 1)) / batch
         next_arrival_s = self._next_arrival_s()
@@ -847,7 +856,7 @@ class Simulator:
         if shown:
             req.gpu_blocks[run] = held
         end = computed + num_steps
-        self._allocate_decode_run(run, computed, num_steps, int(taken[num_steps - 1]))
+        self._allocate_decode_run(run, computed, num_steps, taken[num_steps - 1])
         req.computed_tokens[run] = end
         req.generated_tokens[run] = generated = generated + num_steps
         if num_steps == revised:  # as `_process_output` revises them

@@ -57,7 +57,8 @@ def future_peak_blocks(known_tokens: np.ndarray, remaining_tokens: np.ndarray,
     alive = np.arange(order.size, 0, -1)
     suffix_tokens = known_tokens[order][::-1].cumsum()[::-1]
     # (tokens + alive · block_size) / block_size: one division of an exact integer
-    return float((suffix_tokens + alive * (remaining_tokens[order] + block_size)).max()) / block_size
+    peak = (suffix_tokens + alive * (remaining_tokens[order] + block_size)).max()
+    return float(peak) / block_size
 
 
 def admit_fcfs(view: SchedulerView, candidate: Requests) -> bool:
