@@ -161,9 +161,9 @@ def test_no_admission_in_a_step_that_preempted(monkeypatch):
         steps.append({"preempted": out[3], "admission_tried": False})
         return out
 
-    def recording_admit(self, budget):
+    def recording_admit(self, budget, admitted):
         steps[-1]["admission_tried"] = True
-        return admit(self, budget)
+        return admit(self, budget, admitted)
 
     monkeypatch.setattr(Simulator, "_schedule_running", recording_schedule)
     monkeypatch.setattr(Simulator, "_admit_waiting", recording_admit)

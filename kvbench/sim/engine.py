@@ -194,6 +194,7 @@ class Simulator:
         self.now_s = 0.0
         self.gpu_free_s = 0.0  # when the last step launched ends
         self.in_flight: deque[Batch] = deque()
+        self.admitted_head: int | None = None  # see `_admit_waiting`
         self.queue_size = 2 if rules.async_scheduling else 1  # batches in flight at most
         self.free_cpu_blocks = self.num_cpu_blocks
         self.running = EMPTY  # ids in admission order
@@ -354,10 +355,11 @@ class Simulator:
         self.step_hits: list[tuple[int, int]] = []
         ids, tokens, budget, preempted = self._schedule_running()
         if not preempted:
-            new_ids, new_tokens = self._admit_waiting(budget)
+            new_ids, new_tokens = self._admit_waiting(budget, self.admitted_head)
             if new_ids:
                 ids = np.concatenate([ids, np.array(new_ids, dtype=np.int64)])
                 tokens = np.concatenate([tokens, np.array(new_tokens, dtype=np.int64)])
+        self.admitted_head = None
         used = self.usable_blocks - self.free_gpu_blocks
         self.max_kv_blocks_used = max(self.max_kv_blocks_used, used)
         return self._launch(ids, tokens)
@@ -556,14 +558,16 @@ class Simulator:
         return not self.running.size or self.admits_all or bool(self.admit(
             self.view(self.running, reads), self.requests.view(np.array([i]), reads)))
 
-    def _admit_waiting(self, budget: int) -> tuple[list[int], list[int]]:
+    def _admit_waiting(self, budget: int, admitted: int | None) -> tuple[list[int], list[int]]:
+        """Admit waiting requests in order while they fit and the policy agrees (`admitted`: a
+        request the policy has admitted in this very state)."""
         req, bs, pool = self.requests, self.block_size, self.pool
         ids: list[int] = []
         tokens: list[int] = []
         while self.waiting and budget > 0 and self.running.size < self.rules.max_num_seqs:
             i = self.waiting[0]
             fit = self._fit(i, budget, self.free_gpu_blocks)
-            if fit is None or not self._policy_admits(i):
+            if fit is None or (i != admitted and not self._policy_admits(i)):
                 break
             hits, computed, num_tokens, blocks = fit
             self.waiting.popleft()
@@ -812,7 +816,8 @@ class Simulator:
         if check_head:
             admitted = head_admitted(0, free - int(np.count_nonzero(position == 0)))
             req.gpu_blocks[run] = held
-            if admitted:
+            if admitted:  # the step to schedule now admits it: `_admit_waiting` need not ask
+                self.admitted_head = head
                 return False
         starting = np.bincount(position, minlength=bs).tolist()  # blocks at each position
         taken = list(itertools.accumulate(starting[-step % bs] for step in range(limit)))

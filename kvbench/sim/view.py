@@ -7,7 +7,7 @@ adapter) builds the same from its own request objects. A policy never sees the e
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 import numpy as np
 
@@ -65,9 +65,9 @@ class SchedulerView(Protocol):
     def costs(self) -> CostModel: ...
 
 
-@dataclass(frozen=True)
-class StateView:
-    """A plain `SchedulerView`: a snapshot of the fields."""
+class StateView(NamedTuple):
+    """A plain `SchedulerView`: a snapshot of the fields (a tuple: the simulator builds one per
+    policy call)."""
 
     running: Requests
     block_size: int
