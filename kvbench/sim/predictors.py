@@ -45,11 +45,14 @@ class NoisyPredictor(OraclePredictor):
         self.factor = np.zeros(0)
 
     def predict(self, ids, prompt_tokens, max_tokens, output_tokens):
-        if ids.size and ids.max() >= self.factor.size:
-            more = self.rng.normal(0.0, self.sigma, int(ids.max()) + 1 - self.factor.size)
+        needed = int(ids.max()) + 1 if ids.size else 0
+        if needed > self.factor.size:  # draw on, at least doubling: the stream's values in
+            # order, one draw of many being as many draws of one
+            more = self.rng.normal(0.0, self.sigma, max(needed, 2 * self.factor.size)
+                                   - self.factor.size)
             self.factor = np.concatenate([self.factor, np.exp(more)])
         guess = np.rint(output_tokens * self.factor[ids]).astype(np.int64)
-        return np.clip(guess, 1, max_tokens)
+        return np.minimum(np.maximum(guess, 1), max_tokens)
 
 
 class MaxPredictor(OraclePredictor):
