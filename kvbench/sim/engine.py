@@ -882,8 +882,8 @@ class Simulator:
         self.max_kv_blocks_used = max(self.max_kv_blocks_used, used)
         log_steps = [None] * num_steps
         if self.log is not None:
-            ones = [1] * batch
-            log_steps = [self.log.add_step(start_s, run.tolist(), ones) for start_s in step_starts]
+            ids, ones = run.tolist(), [1] * batch
+            log_steps = [self.log.add_step(start_s, ids, ones) for start_s in step_starts]
         if asynchronous:
             self.in_flight.appendleft(Batch(run, np.ones(batch, dtype=bool), self.gpu_free_s,
                                             log_steps[-1]))
