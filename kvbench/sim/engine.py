@@ -213,7 +213,7 @@ class Simulator:
         # scheduling vLLM skips it while its last token is in flight (`_wanted_tokens`).
         req = self.requests
         self.stops_at_limit = (req.prompt_tokens + req.output_tokens
-                               >= np.minimum(req.prompt_tokens + req.max_tokens,
+                               >= np.minimum(req.max_total_tokens,
                                              config.max_model_len or np.iinfo(np.int64).max))
         self.num_done = len(self.requests.reject_reason)  # finished or rejected
 
@@ -372,7 +372,7 @@ class Simulator:
         want = req.known_tokens(run) + placeholders - computed
         if self.rules.async_scheduling:  # its step in flight yields its last token: skip it
             last = (placeholders > 0) & (computed + 2 - placeholders
-                                         >= req.prompt_tokens[run] + req.max_tokens[run])
+                                         >= req.max_total_tokens[run])
             want[last] = 0
         if self.config.max_model_len is not None:  # no position past max_model_len - 1
             want = np.minimum(want, self.config.max_model_len - 1 - computed)
@@ -682,13 +682,16 @@ class Simulator:
         output = req.output_tokens[sampled]
         outlived = (generated >= req.predicted_output_tokens[sampled]) & (generated < output)
         if np.count_nonzero(outlived):
-            late = sampled[outlived]
-            req.predicted_output_tokens[late] = np.minimum(2 * generated[outlived],
-                                                           req.max_tokens[late])
+            self._revise_predictions(sampled[outlived], generated[outlived])
         finished = sampled[generated == output]
         if finished.size:
             self._finish(finished, batch.log_step)
         self.timeline.append((self.now_s, used, self.running.size))
+
+    def _revise_predictions(self, late: np.ndarray, generated: np.ndarray) -> None:
+        """Requests that outlived their predictions: as many tokens again as so far."""
+        req = self.requests
+        req.predicted_output_tokens[late] = np.minimum(2 * generated, req.max_tokens[late])
 
     def _finish(self, finished: np.ndarray, log_step: int | None) -> None:
         req = self.requests
@@ -864,10 +867,9 @@ class Simulator:
         self._allocate_decode_run(run, computed, num_steps, taken[num_steps - 1])
         req.computed_tokens[run] = end
         req.generated_tokens[run] = generated = generated + num_steps
-        if num_steps == revised:  # as `_process_output` revises them
+        if num_steps == revised:  # requests that reached their predictions in the last landing
             late = outlives & (generated == predicted)
-            req.predicted_output_tokens[run[late]] = np.minimum(2 * generated[late],
-                                                                req.max_tokens[run[late]])
+            self._revise_predictions(run[late], generated[late])
         if self.pool.caching:  # all known but the token in flight under async
             self._cache_full_blocks(run, (end - asynchronous) // bs)
         model = self.model

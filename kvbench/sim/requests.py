@@ -32,6 +32,7 @@ class RequestTable:
         self.prompt_tokens = workload.prompt_tokens
         self.output_tokens = workload.output_tokens.copy()  # capped by max_model_len
         self.max_tokens = workload.max_tokens
+        self.max_total_tokens = self.prompt_tokens + self.max_tokens  # the most KV it can need
         self.state = np.full(n, PENDING, dtype=np.int8)
         self.generated_tokens = np.zeros(n, dtype=np.int64)
         self.computed_tokens = np.zeros(n, dtype=np.int64)
@@ -83,7 +84,7 @@ class TableRows:
         "known_tokens": RequestTable.known_tokens,
         "blocks": lambda table, ids: table.gpu_blocks[ids],
         "predicted_remaining": RequestTable.predicted_remaining_tokens,
-        "max_total_tokens": lambda table, ids: table.prompt_tokens[ids] + table.max_tokens[ids],
+        "max_total_tokens": lambda table, ids: table.max_total_tokens[ids],
     }
 
     def __init__(self, table: RequestTable, ids: np.ndarray, reads: set[str]) -> None:
