@@ -44,10 +44,15 @@ test-vllm: $(VLLM_STAMP)
 calibrate: $(STAMP)
 	$(BIN)/kvbench calibrate
 
-# Five `kvbench calibrate --device cpu --quick` runs and the spread of what they fit (a quiet
-# machine: the load column says how busy it was).
+# Five `kvbench calibrate --device cpu --quick` runs, judged by what a user relies on: held-out
+# errors, the selector's decisions, the costs over the machine's speed (a quiet machine: the
+# load column says how busy it was). Saved as results/stability/<machine>-<model>-stability.json,
+# which `kvbench report` renders into the README block that names it.
+STABILITY_MODEL ?= qwen2.5-0.5b
+CPU_SLUG = $(shell $(BIN)/kvbench machine --device cpu --slug)
+STABILITY_JSON = results/stability/$(CPU_SLUG)-$(subst .,-,$(STABILITY_MODEL))-stability.json
 stability: $(STAMP)
-	$(BIN)/python benchmarks/stability.py
+	$(BIN)/python benchmarks/stability.py --model $(STABILITY_MODEL) --save $(STABILITY_JSON)
 
 test: $(STAMP)
 	TRITON_INTERPRET=1 $(BIN)/python -m pytest -q

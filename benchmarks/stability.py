@@ -1,16 +1,17 @@
-"""Run-to-run stability of `kvbench calibrate`: the same command N times, the spread of its fits.
+"""Run-to-run stability of `kvbench calibrate`, judged by what a user relies on.
 
     python benchmarks/stability.py                 # 5 x `kvbench calibrate --device cpu --quick`
     python benchmarks/stability.py --runs 3 --model tiny -- --block-size 32
 
 Each run is a fresh `kvbench calibrate ... --force --out <tmp>/run<i>.json` (--force: a run
-that misses the quality bar is kept for the statistics). Printed: per run the wall time, the
-load average before it, the exit code, both held-out errors and the coefficients; then, for each
-number, the spread over the runs as (max - min) / median, and the predicted swap and recompute
-costs at a few lengths (the fits' split between coefficients can move while their predictions
-agree), and the machine check's reference workload before and after each run (a fixed matrix
-product: its spread is the machine's own, which no fit can remove). The issue-13 goal is
-checked at the end: every held-out error <= 10% and every coefficient's spread <= 10%. A
+that misses the quality bar is kept for the statistics); a run that fails ends the script.
+Printed: per run the wall time, the load average before it and both held-out errors; then, for
+each number (held-out errors, coefficients, predicted costs at a few lengths, and the machine
+check's reference workload before and after each run: a fixed matrix product, whose spread is
+the machine's own), the spread over the runs as (max - min) / median; at the end a verdict per
+criterion of `kvbench.calibration.stability`: (a) every held-out error at most 10%, (b) the
+selector's decision the same in every run at 64 lengths inside the measured range, (c) the
+predicted costs there within 10% across runs once divided by the run's reference workload. A
 script, not a test: it measures this machine, which may be shared (the load column says how
 busy it was).
 """
@@ -26,12 +27,10 @@ import tempfile
 import time
 from pathlib import Path
 
+from kvbench.calibration.stability import run_row
 from kvbench.hardware import fingerprint
 from kvbench.io import write_atomic
-from kvbench.report import STABILITY_COEFFICIENTS as COEFFICIENTS
 from kvbench.report import stability_markdown
-
-PREDICT_AT = (64, 1024, 8192)
 
 
 def run_once(out: Path, model: str | None, extra: list[str]) -> dict:
@@ -44,21 +43,8 @@ def run_once(out: Path, model: str | None, extra: list[str]) -> dict:
     wall_s = time.perf_counter() - start
     if done.returncode != 0:
         sys.exit(f"run failed (exit {done.returncode}): {done.stderr.strip().splitlines()[-1]}")
-    profile = json.loads(done.stdout)
-    row = {"wall_s": wall_s, "load_before": load, "exit": done.returncode}
-    for phase, keys in COEFFICIENTS.items():
-        row[f"{phase}_heldout"] = profile[phase]["fit"]["heldout_mape"]
-        row.update({f"{phase}.{k}": profile[phase][k] for k in keys})
-    from kvbench.profile import parse
-
-    costs = parse(profile).cost_model()
-    for n in PREDICT_AT:
-        row[f"swap_ms({n})"] = float(costs.swap_ms(n))
-        row[f"recompute_ms({n})"] = float(costs.recompute_ms(n))
-    machine = profile["extra"]["machine"]
-    for when in ("before", "after"):
-        row[f"machine.{when}.reference_ms"] = machine[when]["reference_ms"]
-    return row
+    return {"wall_s": wall_s, "load_before": load, "exit": done.returncode,
+            **run_row(json.loads(done.stdout))}
 
 
 def main() -> None:

@@ -15,14 +15,20 @@ from typing import Optional
 
 import typer
 from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TextColumn, TimeElapsedColumn
 from typer.core import TyperGroup
 from typer.exceptions import TyperException
 
 from kvbench import __version__
-from kvbench.hardware import HARDWARE, device_slug, fingerprint, resolve_device
+from kvbench.hardware import (
+    HARDWARE,
+    device_slug,
+    fingerprint,
+    fingerprint_mismatch,
+    resolve_device,
+)
 from kvbench.models import presets_table
 from kvbench.profile import extrapolation_warning, load, resolve, summary_lines
+from kvbench.progress import Reporter
 from kvbench.selector import select_preemption_strategy, selection_table
 
 USER_ERRORS = (ValueError, OSError)
@@ -99,6 +105,8 @@ def select(
                    peak_tflops=peak_tflops, achieved_fraction=achieved_fraction)
     counts = parse_tokens(tokens)
     result = select_preemption_strategy(counts, prof)
+    if warning := fingerprint_mismatch(prof.environment):
+        err.print(f"warning: {warning}")
     if warning := extrapolation_warning(prof, counts):
         err.print(f"warning: {warning}")
     if as_json:
@@ -123,24 +131,6 @@ def profile_show(path: Path = typer.Argument(..., help="Profile JSON.")) -> None
     echo(summary_lines(load(path), path))
 
 
-class PhaseProgress:
-    """One progress line per phase on stderr, showing the latest measured figure."""
-
-    def __init__(self, progress: Progress):
-        self.progress, self.tasks = progress, {}
-
-    def __call__(self, phase: str, text: str) -> None:
-        if phase not in self.tasks:
-            self.tasks[phase] = self.progress.add_task(phase, total=None)
-        self.progress.update(self.tasks[phase], advance=1, description=f"{phase:9} {text}")
-
-
-def progress_bar() -> Progress:
-    return Progress(SpinnerColumn(), TextColumn("{task.description}"),
-                    TextColumn("[{task.completed} points]"), TimeElapsedColumn(), console=err,
-                    transient=False)
-
-
 @app.command("calibrate")
 def calibrate_cmd(
     device: str = typer.Option("auto", help="auto (GPU if present, else CPU), cuda or cpu."),
@@ -148,8 +138,10 @@ def calibrate_cmd(
                                                   "CUDA, qwen2.5-0.5b on CPU)."),
     config_json: Optional[Path] = typer.Option(None, help="Hugging Face config.json instead."),
     block_size: int = typer.Option(16, min=1, help="KV block size in tokens."),
-    dtype: Optional[str] = typer.Option(None, help="dtype (default: the model's)."),
-    quick: bool = typer.Option(False, help="Fewer, smaller sizes (CPU: under a minute)."),
+    dtype: Optional[str] = typer.Option(None, help="dtype (default: the model's; on CPU "
+                                        "float32 where the CPU lacks native bfloat16)."),
+    quick: bool = typer.Option(False, help="Fewer, smaller sizes, planned to take 90 s at "
+                                           "most (a full run: 10 min)."),
     out_path: Optional[Path] = typer.Option(None, "--out", help="Profile path (default "
                                             "results/profiles/<device>-<model>.json)."),
     force: bool = typer.Option(False, help="Write the profile there even if a fit misses the "
@@ -162,24 +154,36 @@ def calibrate_cmd(
     <name>.rejected.json, and the command exits 1 (unless --force)."""
     from kvbench.calibration.pipeline import (
         calibrate,
+        calibration_dtype,
         calibration_model,
         calibration_plan,
         calibration_summary,
         check_inputs,
         default_profile_path,
+        plan_time,
         rejected_path,
     )
 
     dev = resolve_device(device)
     spec = calibration_model(dev, model, config_json, dtype)
-    path = check_inputs(spec, out_path or default_profile_path(dev, spec))
+    path = check_inputs(spec, out_path or default_profile_path(dev, spec))  # before any probe
+    spec, choice = calibration_dtype(spec, dev, explicit=dtype is not None)
     memory_plan = calibration_plan(spec, dev, block_size, quick)
+    time_plan = plan_time(spec, dev, memory_plan, block_size, quick)  # seconds, not minutes
+    if choice is not None:  # said once the plans stand: a refusal above is its one line
+        err.print(f"dtype: {choice.line()}")
+        if choice.warning:
+            err.print(f"warning: {choice.warning}")
     for note in memory_plan.notes:
         err.print(f"note: memory: {note}")
+    for line in time_plan.lines():
+        err.print(f"plan: {line}")
+    err.print(f"plan: memory: {memory_plan.line()}")
     try:
-        with progress_bar() as progress:
+        with Reporter(err, "calibrate", "points") as progress:
             run = calibrate(spec, dev, block_size=block_size, quick=quick,
-                            on_point=PhaseProgress(progress), memory_plan=memory_plan)
+                            on_point=progress.on_point, memory_plan=memory_plan,
+                            time_plan=time_plan, dtype_choice=choice)
     except KeyboardInterrupt:
         err.print(f"interrupted: nothing written; {path} is as it was")
         raise typer.Exit(130) from None
@@ -215,9 +219,10 @@ def validate_cmd(
     from kvbench.calibration.validate import validate
 
     prof, dev = load(profile), resolve_device(device)
-    with progress_bar() as progress:
-        report = validate(prof, dev, count=count, force=force,
-                          on_point=PhaseProgress(progress))
+    with Reporter(err, "validate", "points") as progress:
+        report = validate(prof, dev, count=count, force=force, on_point=progress.on_point)
+    if warning := fingerprint_mismatch(prof.environment, dev):
+        err.print(f"warning: {warning}")
     if as_json:
         print(json.dumps(report.to_dict()))
         return
@@ -281,12 +286,6 @@ def engine_fields(engine, max_num_seqs, max_num_batched_tokens, chunked_prefill,
                 max_model_len=max_model_len, step_time=step_time)
 
 
-def _sim_progress(label: str, unit: str) -> Progress:
-    return Progress(SpinnerColumn(), TextColumn(label),
-                    TextColumn("{task.completed}/{task.total} " + unit), TimeElapsedColumn(),
-                    console=err, transient=True, disable=not err.is_terminal)
-
-
 @app.command("simulate")
 def simulate_cmd(
     trace: Optional[Path] = SIM_TRACE,
@@ -334,6 +333,7 @@ def simulate_cmd(
 
     workload, config, costs = sim_inputs(
         trace, synthetic, profile, model, hardware, rate_scale, num_requests, max_tokens, seed,
+        warn=lambda line: err.print(f"warning: {line}"),
         admission=admission, victim=victim, preemption=preemption, predictor=predictor,
         gpu_blocks=gpu_blocks, gpu_memory_gib=gpu_memory_gib, cpu_swap_gib=cpu_swap_gib,
         headroom_fraction=headroom, max_long_requests=max_long_requests,
@@ -341,10 +341,9 @@ def simulate_cmd(
         **engine_fields(engine, max_num_seqs, max_num_batched_tokens, chunked_prefill,
                         full_prompt_admission, prefix_caching, async_scheduling, null_block,
                         watermark, max_model_len, step_time))
-    with _sim_progress(config.policy_name, "requests") as progress:
-        task = progress.add_task("simulate", total=workload.num_requests)
-        result = simulate(workload, config, costs,
-                          progress=lambda done: progress.update(task, completed=done))
+    with Reporter(err, "simulate", "requests", transient=True) as progress:
+        result = simulate(workload, config, costs, progress=lambda done: progress.count(
+            config.policy_name, done, workload.num_requests))
     summary = metrics.summarize(result)
     if out_dir is not None:
         metrics.write_results(result, out_dir, summary)
@@ -411,16 +410,16 @@ def compare_policies_cmd(
 
     workload, base, costs = sim_inputs(
         trace, synthetic, profile, model, hardware, rate_scale, num_requests, max_tokens, seed,
+        warn=lambda line: err.print(f"warning: {line}"),
         study_default=True, gpu_blocks=gpu_blocks, gpu_memory_gib=gpu_memory_gib,
         cpu_swap_gib=cpu_swap_gib,
         **engine_fields(engine, max_num_seqs, max_num_batched_tokens, chunked_prefill,
                         full_prompt_admission, prefix_caching, async_scheduling, null_block,
                         watermark, max_model_len, step_time))
     names = parse_policies(policies)
-    with _sim_progress("compare-policies", "policies") as progress:
-        task = progress.add_task("compare", total=len(names))
+    with Reporter(err, "compare-policies", "policies", transient=True) as progress:
         results = compare_policies(workload, names, base, costs, jobs,
-                                   progress=lambda done: progress.update(task, completed=done))
+                                   progress=lambda done: progress.count("", done, len(names)))
     summaries = [summarize(r) for r in results]
     write_comparison(results, summaries, out_dir)
     if as_json:
@@ -448,7 +447,8 @@ def machine_cmd(
     device: str = typer.Option("auto", help="auto, cuda or cpu."),
     slug: bool = typer.Option(False, "--slug", help="Print only the file-name-safe name."),
 ) -> None:
-    """Print this machine's fingerprint (device, driver, versions, commit) as JSON."""
+    """Print this machine's fingerprint (device, CPU family/model/stepping and ISA, driver,
+    versions, commit) as JSON."""
     dev = resolve_device(device)
     print(device_slug(dev) if slug else json.dumps(fingerprint(dev), indent=2))
 
@@ -490,6 +490,7 @@ def fleet_calibrate_cmd(
 
     specs = [get_model(m, dtype=dtype) for m in models or [DEFAULT_MODEL.get(device, "")]]
     results = calibrate_fleet(specs, device, address, block_size, quick, out_dir, force,
+                              explicit_dtype=dtype is not None,
                               on_event=lambda event: err.print(event.line()))
     if as_json:
         print(json.dumps([r.to_dict() for r in results]))
@@ -516,11 +517,10 @@ def sweep_cmd(ctx: typer.Context, spec_path: Optional[Path], ray_address: Option
         raise ValueError(f"--{given[0].replace('_', '-')} does not go with --sweep: the spec "
                          "sets the workloads, policies and costs")
     spec = load_spec(spec_path)
-    with _sim_progress("sweep", "cells") as progress:
-        task = progress.add_task("sweep", total=None)
+    with Reporter(err, "sweep", "cells", transient=True) as progress:
 
         def on_cell(done, total, cell, error):
-            progress.update(task, completed=done, total=total)
+            progress.count("", done, total)
             if error:
                 err.print(f"cell failed: {cell.label()}: {error}")
 
@@ -603,11 +603,11 @@ def replay_cmd(
     settings = EngineSettings(num_gpu_blocks, block_size, max_num_seqs, max_num_batched_tokens,
                               prefix_caching, seed=seed, **({"model": model} if model else {}))
     out_dir = out_dir or default_out_dir(settings)
-    with _sim_progress("replay", "requests") as progress:
-        task = progress.add_task("replay", total=workload.num_requests)
+    with Reporter(err, "replay", "requests", transient=True) as progress:
         result = replay(workload, settings, parse_policies(policies) if policies else
                         REPLAY_POLICIES, out_dir / "records", profile, hardware,
-                        progress=lambda label, done: progress.update(task, completed=done))
+                        progress=lambda label, done: progress.count(label, done,
+                                                                    workload.num_requests))
     command = shlex.join(["kvbench", *sys.argv[1:]])
     result.write(out_dir, command)
     if as_json:

@@ -166,37 +166,25 @@ def _gpu() -> list[Check]:
     return checks
 
 
-def calibration_seconds(spec: ModelSpec, device: str, quick: bool = False) -> float:
-    """The sum of the timing budgets of `calibrate(spec, device, quick=quick)`'s points (the
-    repetitions of a point stop at its budget): an estimate from its plan, not a measurement."""
-    from kvbench.calibration.pipeline import PLANS, geometric_sizes
-    from kvbench.ops import copy_impls
-
-    plan = PLANS[(device, quick)]
-    impls = [i for i in copy_impls(device) if device == "cuda" or i != "triton"]
-    swap_points = len(geometric_sizes(*plan["swap"])) * len(impls)
-    batches, contexts = plan["decode"]
-    timed_ms = (2 * 300 * swap_points + (1500 + 500) * len(geometric_sizes(*plan["prefill"]))
-                + (300 + 100) * len(batches) * len(contexts))
-    return timed_ms / 1e3
-
-
 def _calibration(spec: ModelSpec, device: str, block_size: int, quick: bool) -> Check:
     """Does the calibration fit: the very memory plan `kvbench calibrate` checks before it
-    allocates (`kvbench.calibration.memory`), and how long its timed points take."""
+    allocates (`kvbench.calibration.memory`) and the time plan it makes from a second of probes
+    (`kvbench.calibration.timeplan`), in the dtype it would choose."""
     from kvbench.calibration.memory import MemoryPlanError
-    from kvbench.calibration.pipeline import calibration_plan
+    from kvbench.calibration.pipeline import calibration_dtype, calibration_plan, plan_time
+    from kvbench.calibration.timeplan import TimePlanError
 
-    what = f"{spec.name} on {device}{' --quick' if quick else ''}"
+    spec, choice = calibration_dtype(spec, device, explicit=False)
+    what = f"{spec.name} ({spec.dtype}) on {device}{' --quick' if quick else ''}"
     try:
         plan = calibration_plan(spec, device, block_size, quick)
-    except MemoryPlanError as exc:
+        time_plan = plan_time(spec, device, plan, block_size, quick)
+    except (MemoryPlanError, TimePlanError) as exc:
         return Check("calibration", "fail", f"{what}: {exc}")
     notes = f" ({'; '.join(plan.notes)})" if plan.notes else ""
-    return Check("calibration", "ok",
-                 f"{what}: fits in memory{notes}; timed repetitions ≤ "
-                 f"{calibration_seconds(spec, device, quick) / 60:.1f} min (budgets) plus "
-                 "warm-up and first compiles")
+    dtype = f"; dtype {choice.line()}" if choice else ""
+    return Check("calibration", "ok" if time_plan.total_s <= time_plan.budget_s else "warn",
+                 f"{what}: fits in memory{notes}; {'; '.join(time_plan.lines())}{dtype}")
 
 
 def run_checks(spec: ModelSpec, device: str, block_size: int = 16,

@@ -7,7 +7,8 @@ as one task pinned to a node of that type, holding one GPU (cuda) or all of the 
 (cpu: nothing else scheduled by Ray runs beside the measurement); a type's models are spread
 over its nodes. The caller writes each profile to `<out_dir>/<device slug>-<model>.json`, with
 the samples and the plot beside it, as `kvbench calibrate` does; the fingerprint inside is the
-node's. Progress comes back as one event per node, model and phase.
+node's. Progress comes back as events per node, model and phase: one as the phase begins, then
+one at most every `PLAIN_INTERVAL_S` with its latest figure.
 
 A calibration that fails, or whose node disappears, is reported and retried once on another
 live node of the same type; the other profiles are kept. A profile is current, and skipped
@@ -29,11 +30,18 @@ from pathlib import Path
 
 from rich.table import Table
 
-from kvbench.calibration.pipeline import CalibrationRun, calibrate
+from kvbench.calibration.pipeline import (
+    CalibrationRun,
+    calibrate,
+    calibration_dtype,
+    calibration_plan,
+    plan_time,
+)
 from kvbench.cluster import LOCAL, ClusterError, connect
 from kvbench.hardware import fingerprint, fingerprint_slug, slugify
 from kvbench.models import ModelSpec
 from kvbench.profile import ModelInfo, ProfileError, load
+from kvbench.progress import PLAIN_INTERVAL_S
 
 PROBE_TIMEOUT_S = 120.0  # a node whose fingerprint takes longer (GPU busy, node lost) is left out
 POLL_S = 0.5  # how often progress is collected while calibrations run
@@ -106,24 +114,35 @@ def is_current(path: Path, environment: dict, spec: ModelSpec, block_size: int,
         prof = load(path)
     except ProfileError:
         return False
-    return (prof.source == "measured" and prof.model == ModelInfo(**spec.to_dict())
+    asked = prof.extra.get("dtype_choice", {}).get("asked", prof.dtype)  # before the CPU's pick
+    return (prof.source == "measured"
+            and prof.model.model_copy(update={"dtype": asked}) == ModelInfo(**spec.to_dict())
             and prof.config.get("block_size") == block_size and prof.config.get("quick") == quick
             and without_commit(prof.environment) == without_commit(environment))
 
 
 def calibrate_on_node(spec: ModelSpec, device: str, block_size: int, quick: bool,
-                      plan: dict | None, progress, node: str) -> CalibrationRun:
-    """The Ray task: `calibrate`, sending (node, model, phase, text) to the `progress` queue
-    when a phase begins."""
-    phases = set()
+                      plan: dict | None, explicit_dtype: bool, progress, node: str
+                      ) -> CalibrationRun:
+    """The Ray task: `calibrate` as `kvbench calibrate` runs it (this node's native dtype unless
+    `explicit_dtype`, sizes cut to the time plan), sending (node, model, phase, text) to the
+    `progress` queue when a phase begins, then at most every PLAIN_INTERVAL_S."""
+    sent_s: dict[str, float] = {}  # when each phase last sent
 
-    def on_point(phase: str, text: str) -> None:
-        if phase not in phases:
-            phases.add(phase)
+    def on_point(phase: str, text: str, start: bool = False) -> None:
+        if phase not in sent_s or time.monotonic() - sent_s[phase] >= PLAIN_INTERVAL_S:
+            sent_s[phase] = time.monotonic()
             progress.put((node, spec.name, phase, text))
 
+    spec, choice = calibration_dtype(spec, device, explicit_dtype)
+    if choice is not None:
+        progress.put((node, spec.name, "dtype", choice.line()))
+    memory_plan = calibration_plan(spec, device, block_size, quick, plan)
+    time_plan = plan_time(spec, device, memory_plan, block_size, quick, plan)
+    progress.put((node, spec.name, "plan", "; ".join(time_plan.lines())))
     return calibrate(spec, device, block_size=block_size, quick=quick, on_point=on_point,
-                     plan=plan)
+                     plan=plan, memory_plan=memory_plan, time_plan=time_plan,
+                     dtype_choice=choice)
 
 
 def _pinned(node_id: str, soft: bool = False):
@@ -187,12 +206,13 @@ class _Job:
 def calibrate_fleet(specs: list[ModelSpec], device: str = "cuda", address: str = LOCAL,
                     block_size: int = 16, quick: bool = False,
                     out_dir: str | Path = Path("results/profiles"), force: bool = False,
-                    plan: dict | None = None,
+                    plan: dict | None = None, explicit_dtype: bool = False,
                     on_event: Callable[[FleetEvent], None] = lambda event: None,
                     ) -> list[FleetResult]:
     """Calibrate every model on every device type of the cluster at `address` (see
     `kvbench.cluster`); results per device type, then model. `plan` overrides the sweep sizes
-    as in `kvbench.calibration.pipeline.calibrate`."""
+    as in `kvbench.calibration.pipeline.calibrate`; each CPU node calibrates in its native dtype
+    unless `explicit_dtype` (the specs' dtype was asked for)."""
     if device not in ("cuda", "cpu"):
         raise ValueError(f"unknown device {device!r}; use cuda (every node with a GPU) or cpu")
     out_dir = Path(out_dir)
@@ -230,7 +250,7 @@ def calibrate_fleet(specs: list[ModelSpec], device: str = "cuda", address: str =
                           else {"num_cpus": node.num_cpus})
             ref = task.options(scheduling_strategy=_pinned(node.node_id), max_retries=0,
                                **resources).remote(job.spec, device, block_size, quick, plan,
-                                                   progress, node.label)
+                                                   explicit_dtype, progress, node.label)
             pending[ref] = job
             job.started = time.perf_counter()
             on_event(FleetEvent(node.label, job.spec.name, "start",

@@ -98,15 +98,50 @@ def resolve_device(device: str = "auto") -> str:
 
 
 @functools.lru_cache(maxsize=1)
-def cpu_model() -> str:
+def proc_cpuinfo() -> dict[str, str]:
+    """The first processor's fields in /proc/cpuinfo ({} where there is none, e.g. off Linux)."""
     try:
         text = Path("/proc/cpuinfo").read_text()
-        match = re.search(r"^model name\s*:\s*(.+)$", text, re.MULTILINE)
-        if match:
-            return match.group(1).strip()
     except OSError:
-        pass
-    return platform.processor() or platform.machine()
+        return {}
+    lines = text.split("\n\n", 1)[0].splitlines()
+    return {key.strip(): value.strip() for key, _, value in (line.partition(":") for line in lines)}
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_model() -> str:
+    return proc_cpuinfo().get("model name") or platform.processor() or platform.machine()
+
+
+# The instruction sets that change a CPU's numbers, best first: AMX and AVX512-BF16 run bfloat16
+# matrix products natively, without them torch emulates bfloat16 (tens of times slower).
+ISA_LEVELS = {"amx": "AMX", "avx512_bf16": "AVX512-BF16", "avx512": "AVX-512", "avx2": "AVX2"}
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_info() -> dict:
+    """This machine's CPU: vendor, family, model and stepping as /proc/cpuinfo gives them (None
+    where it gives none, e.g. off Linux), and `isa`: which of `ISA_LEVELS` torch reports, and
+    `capability`, the instruction set ATen's kernels dispatch to ('AVX512', 'AVX2', 'DEFAULT'),
+    and whether oneDNN may run bfloat16 and float16 products natively (`onednn_*`)."""
+    import torch
+
+    fields = proc_cpuinfo()
+
+    def number(key: str) -> int | None:
+        return int(fields[key]) if fields.get(key, "").isdigit() else None
+
+    return {"vendor": fields.get("vendor_id"), "family": number("cpu family"),
+            "model": number("model"), "stepping": number("stepping"),
+            "isa": {"amx": torch.cpu._is_amx_tile_supported(),
+                    "avx512_bf16": torch.cpu._is_avx512_bf16_supported(),
+                    "avx512": torch.cpu._is_avx512_supported(),
+                    "avx2": torch.cpu._is_avx2_supported(),
+                    "amx_fp16": torch.cpu._is_amx_fp16_supported(),
+                    "capability": torch.backends.cpu.get_cpu_capability(),
+                    # what oneDNN may use (ONEDNN_MAX_CPU_ISA can forbid what the CPU has)
+                    "onednn_bf16": bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+                    "onednn_fp16": bool(torch.ops.mkldnn._is_mkldnn_fp16_supported())}}
 
 
 def device_name(device: str) -> str:
@@ -121,20 +156,101 @@ def slugify(text: str) -> str:
     return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")
 
 
+def recorded_isa(env: dict) -> dict:
+    """A fingerprint's `cpu.isa` (`cpu_info`), {} where it has none (an older fingerprint)."""
+    cpu = env.get("cpu")
+    isa = cpu.get("isa") if isinstance(cpu, dict) else None
+    return isa if isinstance(isa, dict) else {}
+
+
+def isa_level(env: dict) -> str | None:
+    """The best of `ISA_LEVELS` a fingerprint's CPU has (None: none of them, or not recorded)."""
+    return next((f for f in ISA_LEVELS if recorded_isa(env).get(f)), None)
+
+
 def fingerprint_slug(env: dict) -> str:
     """Short file-name-safe machine name from a fingerprint: 'nvidia-h100-80gb-hbm3' for a GPU,
-    'cpu-<model>-<cores>c' for a CPU, the device name for an analytic profile."""
+    'cpu-<model>-f<family>m<model>s<stepping>-<best ISA level or baseline>-<cores>c' for a CPU
+    (e.g. 'cpu-amd-epyc-f25m17s1-avx512bf16-2c'; 'cpu-<model>-<cores>c' from a fingerprint that
+    predates `cpu_info`), the device name for an analytic profile."""
     if env.get("device") != "cpu":
         return slugify(str(env.get("device_name")))
     model = re.sub(r"\((r|tm)\)|cpu|processor|@.*$", "", str(env.get("cpu_model")),
                    flags=re.IGNORECASE)
-    return f"cpu-{slugify(model)}-{env.get('cpu_count')}c"
+    cpu = env.get("cpu")
+    if not isinstance(cpu, dict):
+        return slugify(f"cpu-{model}-{env.get('cpu_count')}c")
+    numbers = [cpu.get(k) for k in ("family", "model", "stepping")]
+    fms = "f{}m{}s{}".format(*numbers) if None not in numbers else ""
+    level = (isa_level(env) or "baseline").replace("_", "")
+    return slugify(f"cpu-{model}-{fms}-{level}-{env.get('cpu_count')}c")
+
+
+def machine_identity(device: str) -> dict:
+    """What tells this machine's `device` apart (the part of `fingerprint` that slugs and
+    mismatch warnings compare): the device's name and the host CPU (model, cores, `cpu_info`),
+    which a GPU's swaps go through too."""
+    return {"device": device, "device_name": device_name(device), "cpu_model": cpu_model(),
+            "cpu_count": os.cpu_count(), "cpu": cpu_info()}
 
 
 def device_slug(device: str) -> str:
     """`fingerprint_slug` of this machine's `device`."""
-    return fingerprint_slug({"device": device, "device_name": device_name(device),
-                             "cpu_model": cpu_model(), "cpu_count": os.cpu_count()})
+    return fingerprint_slug(machine_identity(device))
+
+
+def hardware_text(env: dict, isa_differs: tuple[str, ...] = ()) -> str:
+    """A fingerprint's hardware in words: a GPU's name, or a CPU's cores, model name, family,
+    model, stepping and best ISA level; of the `isa_differs` keys, the features it lacks ('no X')
+    and its ATen capability."""
+    if env.get("device") != "cpu":
+        return str(env.get("device_name"))
+    text, cpu, isa = str(env.get("cpu_model")), env.get("cpu"), recorded_isa(env)
+    if isinstance(cpu, dict) and cpu.get("family") is not None:
+        text += f" family {cpu['family']} model {cpu.get('model')} stepping {cpu.get('stepping')}"
+    if isa:
+        level = isa_level(env)
+        features = [ISA_LEVELS[level] if level else "no AVX2"]
+        features += [f"no {ISA_LEVELS[f]}" for f in isa_differs if f in ISA_LEVELS
+                     and not isa.get(f)]
+        features += [f"ATen {isa.get('capability')}"] if "capability" in isa_differs else []
+        features += [f"oneDNN {'with' if isa.get(k) else 'without'} {k[-4:]}" for k in
+                     ("onednn_bf16", "onednn_fp16") if k in isa_differs]
+        text += f" ({', '.join(dict.fromkeys(features))})"
+    return f"{env.get('cpu_count')}-core {text}"
+
+
+def fingerprint_mismatch(environment: dict, device: str | None = None) -> str | None:
+    """One line saying that a measured profile's `environment` names other hardware than this
+    machine's `device` (default: the kind the profile was measured on), None where they match
+    or the profile is analytic (measured nowhere).
+
+    A CUDA profile is compared by GPU name. A CPU profile by model name, cores and `cpu_info`
+    (vendor, family, model, stepping, ISA), all of which move its costs. A CPU fingerprint from
+    before kvbench recorded `cpu_info` is compared by what it has, model name and cores: where
+    those match it passes (nothing it holds shows a difference), where they differ the line also
+    says that its fingerprint is incomplete."""
+    import torch
+
+    measured_on = environment.get("device")
+    if measured_on not in ("cpu", "cuda"):
+        return None
+    device = device or measured_on
+    if device == "cuda" and not torch.cuda.is_available():
+        return (f"profile measured on {hardware_text(environment)}, this machine has no CUDA "
+                "GPU: its costs may not hold here")
+    here = machine_identity(device)
+    older = measured_on == "cpu" and not isinstance(environment.get("cpu"), dict)
+    compared = ("device_name",) if device == "cuda" else \
+        ("cpu_model", "cpu_count") + (() if older else ("cpu",))
+    if device == measured_on and all(environment.get(k) == here[k] for k in compared):
+        return None
+    theirs_isa = recorded_isa(environment)
+    isa_differs = tuple(k for k in here["cpu"]["isa"] if theirs_isa
+                        and theirs_isa.get(k) != here["cpu"]["isa"][k])
+    note = " (an older fingerprint, without CPU family, model and ISA)" if older else ""
+    return (f"profile measured on {hardware_text(environment, isa_differs)}{note}, this machine "
+            f"is {hardware_text(here, isa_differs)}: its costs may not hold here")
 
 
 def git_commit() -> str | None:
@@ -147,7 +263,8 @@ def git_commit() -> str | None:
 
 
 def fingerprint(device: str) -> dict:
-    """Where a measurement was taken: device, driver/CUDA, library versions, commit."""
+    """Where a measurement was taken: device, host CPU (`machine_identity`), driver/CUDA,
+    library versions, commit."""
     import torch
 
     try:
@@ -157,10 +274,7 @@ def fingerprint(device: str) -> dict:
     except ImportError:
         triton_version = None
     info = {
-        "device": device,
-        "device_name": device_name(device),
-        "cpu_model": cpu_model(),
-        "cpu_count": os.cpu_count(),
+        **machine_identity(device),
         "python": platform.python_version(),
         "torch": torch.__version__,
         "triton": triton_version,

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kvbench.calibration import stability
 from kvbench.hardware import fingerprint_slug
 from kvbench.io import write_atomic
 from kvbench.profile import Profile, ProfileError, load, round_trip_ceiling_gbps
@@ -233,41 +234,46 @@ def sweep_markdown(path: Path) -> list[str]:
     return lines[:-1]
 
 
-STABILITY_GOAL = 0.10  # issue 13: held-out error and run-to-run spread, each at most this
-STABILITY_COEFFICIENTS = {"swap": ("fixed_ms", "ms_per_token", "ms_per_block"),
-                          "recompute": ("fixed_ms", "ms_per_token", "ms_per_token_sq")}
-
-
-def spread(values) -> float:
-    """(max - min) / median; 0 for a number that is the same in every run."""
-    values = np.asarray(values, dtype=np.float64)
-    median = float(np.median(values))
-    return 0.0 if np.ptp(values) == 0 else float(np.ptp(values) / abs(median)) if median else np.inf
-
-
 def stability_markdown(data: dict) -> list[str]:
     """benchmarks/stability.py's runs (`--save`): each number's min, median, max and spread over
-    the runs, and the issue-13 goal's verdicts."""
-    runs, goal = data["runs"], STABILITY_GOAL
-    numbers = [k for k in runs[0] if k not in ("exit", "wall_s", "load_before")]
-    spreads = {k: spread([r[k] for r in runs]) for k in numbers}
+    the runs, then the verdicts of `kvbench.calibration.stability.judge`, one per criterion."""
+    runs, goal = data["runs"], f"{100 * stability.GOAL:.0f}%"
+    numbers = [k for k, v in runs[0].items()
+               if k not in ("exit", "wall_s", "load_before") and not isinstance(v, dict)]
     body = [[f"`{k}`", *(_fmt(f(np.array([r[k] for r in runs]))) for f in (np.min, np.median,
                                                                         np.max)),
-             f"{100 * spreads[k]:.1f}%"] for k in numbers]
-    heldout_ok = all(r[f"{p}_heldout"] <= goal for r in runs for p in STABILITY_COEFFICIENTS)
-    coef_ok = all(spreads[f"{p}.{k}"] <= goal for p, keys in STABILITY_COEFFICIENTS.items()
-                  for k in keys)
+             f"{100 * stability.spread([r[k] for r in runs]):.1f}%"] for k in numbers]
+    judged = stability.judge(runs)
     machine = data["machine"]
-    yes = {True: "yes", False: "**no**"}
+    met = {True: "met", False: "**not met**"}
     walls = ", ".join(f"{r['wall_s']:.0f}" for r in runs)
     loads = ", ".join(f"{r['load_before']:.2f}" for r in runs)
-    return [f"{len(runs)} runs of `{data['command']}` on {machine['cpu_model']} "
-            f"({machine['cpu_count']} cores), kvbench {machine.get('kvbench')} "
-            f"({machine.get('commit')}); wall time {walls} s; load average before each {loads}",
-            "",
-            *_table(["number", "min", "median", "max", "spread"], body)[:-1], "",
-            f"Held-out error at most {100 * goal:.0f}% in every run: {yes[heldout_ok]}; "
-            f"coefficients within {100 * goal:.0f}% of each other: {yes[coef_ok]}."]
+    heldout = judged.heldout_worst
+    lines = [f"{len(runs)} runs of `{data['command']}` on {machine['cpu_model']} "
+             f"({machine['cpu_count']} cores), kvbench {machine.get('kvbench')} "
+             f"({machine.get('commit')}); wall time {walls} s; load average before each {loads}",
+             "",
+             *_table(["number", "min", "median", "max", "spread"], body)[:-1], "",
+             f"- (a) held-out error at most {goal} in every run: {met[judged.heldout_ok]} "
+             f"(worst: swap {100 * heldout['swap']:.1f}%, recompute "
+             f"{100 * heldout['recompute']:.1f}%)"]
+    if judged.lengths is None:
+        return lines + ["- (b) decisions and (c) costs per machine speed: not judged, these runs "
+                        "predate them (no `costs` per run); re-run `benchmarks/stability.py "
+                        "--save` to judge them"]
+    lengths, differ_at = judged.lengths, judged.differ_at
+    differ = f"; they differ at {', '.join(map(str, differ_at))} tokens" if differ_at else ""
+    per_speed, raw = judged.spread_per_speed, judged.spread_raw
+    return lines + [
+        f"- (b) the selector's decision the same in every run at {len(lengths)} log-spaced "
+        f"lengths from {lengths[0]} to {lengths[-1]} tokens (inside every run's measured range): "
+        f"{met[judged.decisions_ok]} ({len(lengths) - len(differ_at)} of {len(lengths)} "
+        f"agree{differ})",
+        f"- (c) predicted costs at those lengths within {goal} across runs, each divided by its "
+        f"run's reference workload (mean of before and after): {met[judged.costs_ok]} (worst "
+        f"spread over lengths: swap {100 * per_speed['swap']:.1f}%, recompute "
+        f"{100 * per_speed['recompute']:.1f}%; undivided: swap {100 * raw['swap']:.1f}%, "
+        f"recompute {100 * raw['recompute']:.1f}%)"]
 
 
 BENCH_COLUMNS = {  # extra_info key: (column, format); a row shows the ones it has

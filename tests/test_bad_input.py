@@ -77,9 +77,58 @@ def test_non_finite_synthetic_parameters_are_rejected(spec, fragment, one_error_
 def test_arrivals_overflowing_under_a_rate_scale_are_rejected(tmp_path, one_error_line):
     """Defect 2: arrivals near 1e308 with a rate scale below 1 became inf, then NaN."""
     path = write(tmp_path, PLAIN + "0,10,5\n1e308,10,5\n")
-    with pytest.raises(WorkloadError, match="arrival times must be finite"):
+    with pytest.raises(WorkloadError, match="span more than 1e[+]09 s .* rate scale 0.1"):
         read_trace(path, rate_scale=0.1)
-    one_error_line(["simulate", "--trace", str(path), "--rate-scale", "0.1"], "finite")
+    one_error_line(["simulate", "--trace", str(path), "--rate-scale", "0.1"], "rate scale 0.1")
+
+
+@pytest.mark.filterwarnings("error")  # a numpy RuntimeWarning fails the test
+@pytest.mark.parametrize("rows, scale, fragment", [
+    ("-1e308,10,5\n1e308,10,5\n", "1", "arrivals from '-1e308' (line 2) to '1e308' (line 3)"),
+    ("0,10,5\n1.7e308,10,5\n", "1", "arrivals from '0' (line 2) to '1.7e308' (line 3)"),
+    ("1.7e308,10,5\n1e308,10,5\n", "0.5", "arrivals from '1e308' (line 3) to '1.7e308' (line 2)"),
+    ("0,10,5\n1,10,5\n", "1e-320", "arrivals from '0' (line 2) to '1' (line 3)"),
+])
+def test_arrivals_beyond_the_float_range_are_one_error_line(tmp_path, one_error_line, rows,
+                                                            scale, fragment):
+    """Issue 20, item 7: arrivals near 1e308 printed numpy's RuntimeWarning (overflow in the
+    subtraction of the first arrival) above the error line, or ran (0 and 1.7e308 s: steps lost
+    in rounding, latencies wrong). Now one line naming the rows, before numpy subtracts."""
+    path = write(tmp_path, PLAIN + rows)
+    one_error_line(["simulate", "--trace", str(path), "--rate-scale", scale],
+                   f"column arrival_s: {fragment}")
+
+
+@pytest.mark.filterwarnings("error")
+@pytest.mark.parametrize("args, fragment", [
+    (["--synthetic", "requests=100,rate=1e-307"], "arrival times beyond 1e+09 s"),
+    (["--synthetic", "requests=5,rate=1e308", "--rate-scale", "10"],
+     "rate 1e+308/s scaled by 10 leaves the float range"),
+])
+def test_synthetic_arrivals_beyond_the_float_range(args, fragment, one_error_line):
+    """Issue 20, item 7: 100 gaps of ~1e307 s overflowed numpy's cumsum (a RuntimeWarning); a
+    rate scaled to inf was reported as "rate must be a finite number, got inf"."""
+    one_error_line(["simulate", *args], fragment)
+
+
+@pytest.mark.parametrize("stamps, fragment", [
+    (("1680-01-01 00:00:00", "2261-01-01 00:00:00"), "span more than 1e+09 s"),
+    (("2023-01-01 00:00:00", "1500-01-01 00:00:00"),
+     "line 3, column TIMESTAMP: '1500-01-01 00:00:00' is not a timestamp"),
+])
+def test_azure_timestamps_do_not_wrap_around(tmp_path, stamps, fragment, one_error_line):
+    """Issue 20, item 7: nanoseconds in int64 wrapped silently: 581 years apart came out 2.5
+    years apart, the earlier arriving last; the year 1500 was read as 2084."""
+    path = write(tmp_path, "TIMESTAMP,ContextTokens,GeneratedTokens\n"
+                 + "".join(f"{stamp},10,5\n" for stamp in stamps))
+    one_error_line(["simulate", "--trace", str(path)], fragment)
+
+
+def test_arrival_rate_of_a_tiny_span_is_not_infinite(tmp_path):
+    """Issue 20, item 7: two arrivals 5e-324 s apart gave an arrival rate of inf, written as
+    `Infinity` (not JSON) in summary.json."""
+    work = read_trace(write(tmp_path, PLAIN + "0,10,5\n5e-324,10,5\n"))
+    assert work.describe()["arrival_rate_per_s"] is None
 
 
 @pytest.mark.parametrize("scale", [math.inf, math.nan])

@@ -1,10 +1,16 @@
 """Issue 13, defect 1: the calibration's memory plan (kvbench.calibration.memory), refusal before
-any allocation, and out-of-memory errors that still happen (the CPU allocator's included)."""
+any allocation, and out-of-memory errors that still happen (the CPU allocator's included).
+Issue 20, item 7: no calibration grows past the plan it prints."""
 
 from __future__ import annotations
 
 import json
+import os
+import re
 import resource
+import subprocess
+import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -31,6 +37,20 @@ TINY_PLAN = {"swap": (16, 2048, 6), "prefill": (16, 512, 6), "decode": ([1, 4, 8
 HUGE = {"num_hidden_layers": 200, "hidden_size": 65536, "num_attention_heads": 64,
         "intermediate_size": 262144, "vocab_size": 32000}
 BIG = ModelSpec("big-120", 120, 8192, 64, 64, 128, 28672, 32000)
+MID = ModelSpec("mid", 4, 512, 8, 2, 64, 1536, 32000, dtype="bfloat16")
+# Its weights dominate its prefill: the LM head's float32 draw (0.76 GiB) beside its bfloat16
+# copy. Drawn, then divided out of place, it took a second float32 copy: past the estimate.
+HEAD_HEAVY = ModelSpec("head-heavy", 2, 1024, 8, 8, 128, 1024, 200_000, dtype="bfloat16")
+# Inputs that grew a calibration past its plan, or past any machine's memory (issue 20, item 7).
+OFFENDERS = {
+    # 2.4 GiB a layer: drawing the weights peaked 8.4 GiB above the start, the plan said 7.9
+    "wide-mlp": {"num_hidden_layers": 2, "hidden_size": 1024, "num_attention_heads": 8,
+                 "intermediate_size": 400_000, "vocab_size": 1000},
+    # a 100B-parameter model: its prefill's smallest points need 26 GiB
+    "100b": {"num_hidden_layers": 96, "hidden_size": 12288, "num_attention_heads": 96,
+             "num_key_value_heads": 8, "intermediate_size": 49152, "vocab_size": 256000},
+}
+CHILD_LIMIT_BYTES = 4 * GIB
 
 
 @pytest.mark.parametrize("exc, oom", [
@@ -116,23 +136,83 @@ def _rss_bytes(field: str) -> int:
 
 
 @pytest.mark.skipif(not _reset_peak_rss(), reason="needs Linux's resettable peak RSS")
-@pytest.mark.parametrize("phase", ["swap", "prefill", "decode"])
-def test_estimates_bound_the_measured_peaks(phase):
+# The swap space over glibc's 32 MiB mmap threshold: fresh pages, not heap earlier tests freed.
+@pytest.mark.parametrize("phase, spec, size", [("swap", MID, 32768), ("prefill", MID, 2048),
+                                               ("decode", MID, 2048), ("prefill", HEAD_HEAVY, 16)])
+def test_estimates_bound_the_measured_peaks(phase, spec, size):
     """Each phase's estimate is at least the peak RSS its sweep reaches (one point each)."""
-    spec = ModelSpec("mid", 4, 512, 8, 2, 64, 1536, 32000, dtype="bfloat16")
-    quiet = lambda phase, text: None  # noqa: E731
-    runs = {"swap": (lambda: sweeps.swap_sweep(spec, "cpu", 16, [4096], ("torch",), quiet),
-                     sum(swap_bytes(spec, 16, 4096).values())),
-            "prefill": (lambda: sweeps.prefill_sweep(spec, "cpu", [2048], quiet),
-                        prefill_bytes(spec, 2048)),
-            "decode": (lambda: sweeps.decode_sweep(spec, "cpu", [16], [2048], quiet),
-                       decode_bytes(spec, 16, 2048))}
+    quiet = lambda phase, text, start=False: None  # noqa: E731
+    runs = {"swap": (lambda: sweeps.swap_sweep(spec, "cpu", 16, [size], ("torch",), quiet),
+                     sum(swap_bytes(spec, 16, size).values())),
+            "prefill": (lambda: sweeps.prefill_sweep(spec, "cpu", [size], quiet),
+                        prefill_bytes(spec, size)),
+            "decode": (lambda: sweeps.decode_sweep(spec, "cpu", [16], [size], quiet),
+                       decode_bytes(spec, 16, size))}
     run, estimate = runs[phase]
     _reset_peak_rss()
     base = _rss_bytes("VmRSS")
     run()
     peak = _rss_bytes("VmHWM") - base
     assert 0 < peak <= estimate, (peak / GIB, estimate / GIB)
+
+
+def test_the_printed_peak_adds_the_resident_memory():
+    """The plan's line says the most RAM the process will hold: what it held when planning (the
+    interpreter, torch) plus its largest phase; on CUDA the GPU's peak beside it."""
+    sizes = ([16, 32, 64, 128, 256], [16, 32, 64, 128, 256], [1, 2], [32, 64])
+    plan = fit_plan(MID, "cpu", 16, *sizes, available={"host": 8 * GIB, "device": 8 * GIB})
+    largest = max(sum(need.values()) for need in plan.need_bytes.values())
+    assert 0 < plan.resident_bytes <= _rss_bytes("VmRSS")
+    assert plan.peak_bytes() == {"host": plan.resident_bytes + largest}
+    assert plan.line() == (f"RAM {memory.gib(largest + plan.resident_bytes)} at most (prefill, "
+                           f"{memory.gib(plan.resident_bytes)} held before); 6.40 GiB usable of "
+                           "8.00 GiB free RAM")
+    cuda = fit_plan(MID, "cuda", 16, *sizes, available={"host": 8 * GIB, "device": 8 * GIB})
+    assert cuda.peak_bytes() == {
+        "device": max(need["device"] for need in cuda.need_bytes.values()),
+        "host": cuda.resident_bytes + cuda.need_bytes["swap"]["host"]}
+    assert cuda.line().startswith("GPU ") and ", RAM " in cuda.line()
+
+
+def _run_child(args: list[str], tmp_path: Path, timeout_s: float = 120
+               ) -> tuple[int, str, str, int]:
+    """`kvbench ARGS` in a child process under an address-space limit of CHILD_LIMIT_BYTES (one
+    torch thread, so its stacks and arenas stay small): (exit code, stdout, stderr, the child's
+    own peak RSS in bytes, from wait4)."""
+    def limit():
+        resource.setrlimit(resource.RLIMIT_AS, (CHILD_LIMIT_BYTES, CHILD_LIMIT_BYTES))
+
+    out, err = tmp_path / "stdout", tmp_path / "stderr"
+    with out.open("w") as out_fh, err.open("w") as err_fh:
+        child = subprocess.Popen([sys.executable, "-m", "kvbench.cli", *args], stdout=out_fh,
+                                 stderr=err_fh, preexec_fn=limit,
+                                 env={**os.environ, "OMP_NUM_THREADS": "1"})
+    deadline = time.monotonic() + timeout_s
+    while not (waited := os.wait4(child.pid, os.WNOHANG))[0]:
+        if time.monotonic() > deadline:
+            child.kill()
+        time.sleep(0.05)
+    child.returncode = os.waitstatus_to_exitcode(waited[1])
+    return child.returncode, out.read_text(), err.read_text(), waited[2].ru_maxrss * 1024
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="needs Linux's /proc")
+@pytest.mark.parametrize("name", OFFENDERS)
+def test_offenders_are_refused_in_one_line_before_allocating(tmp_path, name):
+    """Issue 20, item 7: a calibration past the machine's memory is refused by its plan, in one
+    line, before any weights or caches exist. The child's address-space limit (`ulimit -v`) is
+    what the plan sees as free, so the refusal does not depend on this machine's RAM."""
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps(OFFENDERS[name]))
+    code, out, err, peak_bytes = _run_child(
+        ["calibrate", "--device", "cpu", "--quick", "--config-json", str(config), "--out",
+         str(tmp_path / "p.json")], tmp_path)
+    assert code == 2 and out == "" and err.count("\n") == 1, err
+    assert err.startswith("error: not enough memory to calibrate "), err
+    free_gib = float(re.search(r"of ([\d.]+) GiB free RAM", err).group(1))
+    assert free_gib < CHILD_LIMIT_BYTES / GIB  # the limit, not the machine's RAM
+    assert peak_bytes < GIB, peak_bytes / GIB  # the interpreter, torch, the dtype probe
+    assert not (tmp_path / "p.json").exists()
 
 
 def test_weights_out_of_memory_ends_the_run_in_one_line(tmp_path, run_cli, monkeypatch):

@@ -25,10 +25,16 @@ def test_cpu_machine_is_ready_for_a_small_model_and_says_what_it_skipped():
     assert doctor.ready(list(checks.values()))
 
 
-def test_calibration_time_follows_the_plan():
-    full = doctor.calibration_seconds(get_model("llama-3-8b"), "cuda")
-    quick = doctor.calibration_seconds(get_model("llama-3-8b"), "cuda", quick=True)
-    assert 0 < quick < full
+def test_the_calibration_check_is_the_time_plan(monkeypatch):
+    """doctor sizes the calibration with calibrate's own time plan: a model it would refuse
+    fails the check, in one line."""
+    from kvbench.calibration import timeplan
+
+    check = doctor._calibration(get_model("tiny"), "cpu", 16, True)
+    assert check.status == "ok" and "budget for --quick" in check.detail
+    monkeypatch.setattr(timeplan, "REFUSE_S", {True: 0.0, False: 0.0})
+    check = doctor._calibration(get_model("tiny"), "cpu", 16, True)
+    assert check.status == "fail" and "would take about" in check.detail
 
 
 def test_a_calibration_that_cannot_fit_is_refused(monkeypatch):
@@ -39,7 +45,7 @@ def test_a_calibration_that_cannot_fit_is_refused(monkeypatch):
                         lambda device: {"host": 64 * 2**20, "device": 64 * 2**20})
     spec = get_model("qwen2.5-7b")
     check = doctor._calibration(spec, "cpu", 16, False)
-    assert check.status == "fail" and check.detail.startswith("qwen2.5-7b on cpu: ")
+    assert check.status == "fail" and check.detail.startswith("qwen2.5-7b (")
     result = CliRunner().invoke(app, ["calibrate", "--device", "cpu", "--model", "qwen2.5-7b"])
     assert result.exit_code == 2 and result.output.startswith("error: ")
     assert len(result.output.strip().splitlines()) == 1

@@ -1,9 +1,10 @@
 """Issue 13: a hypothesis fuzz of the command line and the library entry points.
 
 For every generated command line, through the console entry point (`run_cli`, in process):
-no traceback; each call ends within `CALL_LIMIT_S` (an alarm interrupts a hang); exit 0 with
-output (strict JSON for --json: no NaN or Infinity) or exit 2 with exactly one `error:` line
-and nothing on stdout. The library entry points return or raise ValueError/TypeError with a
+no traceback, no RuntimeWarning (made an error here: pytest would capture what a user sees
+above the output); each call ends within `CALL_LIMIT_S` (an alarm interrupts a hang); exit 0
+with output (strict JSON for --json: no NaN or Infinity) or exit 2 with exactly one `error:`
+line and nothing on stdout. The library entry points return or raise ValueError/TypeError with a
 one-line message, nothing else. Inputs mix good values with the hostile ones that broke these
 promises before (inf, nan, 1e-320, 2**63, empty names, nested or binary files) and stay small
 enough that a valid run takes well under a second: the fuzz is about inputs, not scale.
@@ -38,6 +39,7 @@ from kvbench.sim.config import SimConfig
 from kvbench.sim.engine import simulate
 from kvbench.sim.workloads import WorkloadError, load_workload
 
+pytestmark = pytest.mark.filterwarnings("error::RuntimeWarning")
 CALL_LIMIT_S = 20
 NOT_A_NUMBER = re.compile(r"\b(inf|infinity|nan)\b", re.IGNORECASE)
 EXAMPLES = int(os.environ.get("FUZZ_EXAMPLES", "60"))
@@ -131,6 +133,7 @@ def files(tmp_path_factory):
               "infinite-arrival.csv": "arrival_s,prompt_tokens,output_tokens\n0,40,5\ninf,3,3\n",
               "big.csv": f"arrival_s,prompt_tokens,output_tokens\n0,{2**63 - 1},5\n",
               "far.csv": "arrival_s,prompt_tokens,output_tokens\n0,40,5\n1e308,10,5\n",
+              "span.csv": "arrival_s,prompt_tokens,output_tokens\n-1e308,40,5\n1e308,10,5\n",
               "header.csv": "a,b,c\n1,2,3\n"}
     for name, content in traces.items():
         (root / name).write_text(content)
@@ -206,8 +209,8 @@ SYNTHETIC = st.dictionaries(st.sampled_from(sorted(SPEC_VALUES)), st.just(None),
 ).map(lambda items: ",".join(("requests=20",) + items))
 
 
-TRACE_FILES = ("trace.csv", "infinite-arrival.csv", "big.csv", "far.csv", "header.csv", "missing",
-               "binary.json")
+TRACE_FILES = ("trace.csv", "infinite-arrival.csv", "big.csv", "far.csv", "span.csv", "header.csv",
+               "missing", "binary.json")
 
 
 def sim_args(files, command: str, out_dir, source: str | None = None,

@@ -35,9 +35,13 @@ def test_machine_prints_the_fingerprint_as_json():
     result = runner.invoke(app, ["machine", "--device", "cpu"])
     assert result.exit_code == 0, result.output
     info = json.loads(result.stdout)
-    assert set(info) == {"device", "device_name", "cpu_model", "cpu_count", "python", "torch",
-                         "triton", "kvbench", "commit", "cuda", "driver"}
+    assert set(info) == {"device", "device_name", "cpu_model", "cpu_count", "cpu", "python",
+                         "torch", "triton", "kvbench", "commit", "cuda", "driver"}
     assert info["device"] == "cpu" and info["cpu_count"] == os.cpu_count()
+    assert set(info["cpu"]) == {"vendor", "family", "model", "stepping", "isa"}
+    assert set(info["cpu"]["isa"]) == {"amx", "avx512_bf16", "avx512", "avx2", "amx_fp16",
+                                       "capability", "onednn_bf16", "onednn_fp16"}
+    assert info["cpu"]["isa"]["capability"] == torch.backends.cpu.get_cpu_capability()
     assert info["kvbench"] == __version__ and info["torch"] == torch.__version__
     assert info["device_name"].endswith(f"({os.cpu_count()} cores)")
 

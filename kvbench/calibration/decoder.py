@@ -28,6 +28,15 @@ def torch_dtype(spec: ModelSpec) -> torch.dtype:
     return TORCH_DTYPES[spec.dtype]
 
 
+def random_weight(shape: tuple[int, ...], fan_in: int, device, dtype: torch.dtype,
+                  generator: torch.Generator) -> torch.Tensor:
+    """Standard normal values over sqrt(fan_in), drawn in float32 on the host and scaled in
+    place: the only copy beside the result is that one float32 draw, as the memory plan counts
+    (kvbench/calibration/memory.py)."""
+    w = torch.randn(*shape, generator=generator, dtype=torch.float32)
+    return w.div_(math.sqrt(fan_in)).to(device=device, dtype=dtype)
+
+
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
     xf = x.float()
     return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)).to(x.dtype) * weight
@@ -58,8 +67,7 @@ class DecoderLayer:
         self.hq, self.hkv, self.d = hq, hkv, d
 
         def rand(*shape, fan_in):
-            w = torch.randn(*shape, generator=generator, dtype=torch.float32) / math.sqrt(fan_in)
-            return w.to(device=device, dtype=dtype)
+            return random_weight(shape, fan_in, device, dtype, generator)
 
         self.norm_attn = 1 + 0.1 * rand(h, fan_in=1)
         self.norm_mlp = 1 + 0.1 * rand(h, fan_in=1)
@@ -103,8 +111,7 @@ class LMHead:
         dtype = torch_dtype(spec)
         h = spec.hidden_size
         self.norm = torch.ones(h, device=device, dtype=dtype)
-        self.weight = (torch.randn(h, spec.vocab_size // spec.tp, generator=generator)
-                       / math.sqrt(h)).to(device=device, dtype=dtype)
+        self.weight = random_weight((h, spec.vocab_size // spec.tp), h, device, dtype, generator)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return rms_norm(x, self.norm) @ self.weight

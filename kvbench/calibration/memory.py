@@ -4,10 +4,11 @@ Each phase's peak is estimated from the model's shape (b = bytes per element of 
 h = hidden size, qd = Hq·d and kd = Hkv·d per GPU, I = intermediate size per GPU):
 
 * swap: the KV cache of 2·ceil(n_max / block_size) blocks (n_max·2·kv_bytes_per_token rounded up
-  to blocks) on the device, the host swap space of half of it (pinned on CUDA), and a device
-  buffer of the swap space's size for the contiguous-copy ceiling;
+  to blocks) on the device and the host swap space of half of it (pinned on CUDA); the
+  contiguous-copy ceiling copies between the two, with no buffer of its own;
 * weights (prefill and decode each hold their own): `cold_layer_count` decoder layers, the LM
-  head (h·V·b), and the float32 copy of the largest matrix while it is drawn;
+  head (h·V·b), and the float32 draw of the largest matrix beside its copy in the dtype
+  (`kvbench.calibration.decoder.random_weight` scales the draw in place: no second one);
 * prefill of n tokens: the weights plus n·(24·h + b·(6·h + 12·qd + 10·kd + 4·I)) bytes of
   activations (float32 norms, projections, rotary, the attention's copies, the MLP), twice over:
   the allocator's slack, and the inputs every size keeps for the interleaved rounds;
@@ -16,17 +17,21 @@ h = hidden size, qd = Hq·d and kd = Hkv·d per GPU, I = intermediate size per G
 
 Each phase adds `SLACK_BYTES` for what the formulas leave out (allocator caches, index tensors).
 
-On CPU every byte is RAM: `available_bytes` reads MemAvailable from /proc/meminfo. On CUDA the
-device side is the GPU's free memory (`torch.cuda.mem_get_info`) and the host side RAM. A plan may
-use `USABLE_FRACTION` of what is available. `fit_plan` drops the largest sizes of a phase until
-its peak fits, and refuses (`MemoryPlanError`, one line saying what fits) when a phase keeps
-fewer points than its fit needs. The estimates are upper bounds checked against measured peaks in
-tests/test_calibration_memory.py.
+On CPU every byte is RAM: `available_bytes` reads MemAvailable from /proc/meminfo, or less where
+an address-space limit (`ulimit -v`) leaves this process less. On CUDA the device side is the
+GPU's free memory (`torch.cuda.mem_get_info`) and the host side RAM. A plan may use
+`USABLE_FRACTION` of what is available. `fit_plan` drops the largest sizes of a phase until its
+peak fits, and refuses (`MemoryPlanError`, one line saying what fits) when a phase keeps fewer
+points than its fit needs. The process's resident memory when it plans (interpreter, torch) is
+already spent: a phase's peak RSS is that plus the phase's estimate (`MemoryPlan.peak_bytes`,
+the line `kvbench calibrate` prints). The estimates are upper bounds checked against measured
+peaks in tests/test_calibration_memory.py.
 """
 
 from __future__ import annotations
 
 import os
+import resource
 from dataclasses import dataclass, field
 
 from kvbench.calibration.sweeps import cold_layer_count
@@ -53,15 +58,33 @@ def available_bytes(device: str) -> dict[str, int]:
 
 
 def _mem_available() -> int:
-    """MemAvailable (Linux: RAM the kernel can hand out without swapping), else free pages."""
+    """MemAvailable (Linux: RAM the kernel can hand out without swapping), else free pages; at
+    most what this process's address-space limit (RLIMIT_AS, `ulimit -v`) leaves it."""
+    free = _kib_field("/proc/meminfo", "MemAvailable")
+    if free is None:
+        free = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    limit = resource.getrlimit(resource.RLIMIT_AS)[0]
+    mapped = _kib_field("/proc/self/status", "VmSize")
+    if limit != resource.RLIM_INFINITY and mapped is not None:
+        free = min(free, max(limit - mapped, 0))
+    return free
+
+
+def resident_bytes() -> int:
+    """This process's resident memory now (VmRSS; 0 where /proc is missing)."""
+    return _kib_field("/proc/self/status", "VmRSS") or 0
+
+
+def _kib_field(path: str, name: str) -> int | None:
+    """A `name: N kB` line of a /proc file, in bytes; None if the file or line is missing."""
     try:
-        with open("/proc/meminfo") as fh:
+        with open(path) as fh:
             for line in fh:
-                if line.startswith("MemAvailable:"):
+                if line.startswith(name + ":"):
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    return None
 
 
 def _dims(spec: ModelSpec) -> tuple[int, int, int, int, int]:
@@ -74,7 +97,7 @@ def swap_bytes(spec: ModelSpec, block_size: int, num_tokens: int) -> dict[str, i
     """Peak of the swap phase whose largest request has `num_tokens` tokens."""
     cache = 2 * -(-num_tokens // block_size) * block_size * int(spec.kv_bytes_per_token)
     host = cache // 2
-    return {"device": cache + host + SLACK_BYTES, "host": host}  # ceiling buffer: host's size
+    return {"device": cache + SLACK_BYTES, "host": host}
 
 
 def weight_bytes(spec: ModelSpec) -> int:
@@ -110,12 +133,38 @@ class MemoryPlan:
     available: dict[str, int]
     notes: list[str] = field(default_factory=list)
     per_block_max_tokens: int | None = None  # the per-block copy's last size (slow baseline)
+    device: str = "cpu"
+    resident_bytes: int = 0  # what the process held when it planned: every phase adds to it
+
+    def _need(self, phase: str, side: str) -> int:
+        """A phase's need on `side`; on CPU both sides are RAM, one pool (as `Budget.fits`)."""
+        need = self.need_bytes[phase]
+        return need.get(side, 0) if self.device == "cuda" else sum(need.values())
+
+    def peak_bytes(self) -> dict[str, int]:
+        """The most each side holds at once: its largest phase, on the host on top of the
+        resident memory (on CPU only the host: the RAM)."""
+        sides = ("device", "host") if self.device == "cuda" else ("host",)
+        return {side: max(self._need(phase, side) for phase in self.need_bytes)
+                + (self.resident_bytes if side == "host" else 0) for side in sides}
+
+    def line(self) -> str:
+        """What `kvbench calibrate` prints: each side's peak, the phase reaching it, the budget."""
+        peaks = []
+        for side, peak in self.peak_bytes().items():
+            phase = max(self.need_bytes, key=lambda p: self._need(p, side))
+            held = f", {gib(self.resident_bytes)} held before" if side == "host" else ""
+            peaks.append(f"{'GPU' if side == 'device' else 'RAM'} {gib(peak)} at most "
+                         f"({phase}{held})")
+        return f"{', '.join(peaks)}; {Budget(self.device, self.available).describe()}"
 
     def to_dict(self) -> dict:
         return {"available_gib": {k: v / GIB for k, v in self.available.items()},
                 "usable_fraction": USABLE_FRACTION,
                 "need_gib": {phase: {k: v / GIB for k, v in need.items()}
                              for phase, need in self.need_bytes.items()},
+                "resident_gib": self.resident_bytes / GIB,
+                "peak_gib": {k: v / GIB for k, v in self.peak_bytes().items()},
                 "notes": self.notes}
 
 
@@ -184,4 +233,5 @@ def fit_plan(spec: ModelSpec, device: str, block_size: int, swap_sizes: list[int
         need_bytes={"swap": needs["swap"](kept["swap"][-1]),
                     "prefill": needs["prefill"](kept["prefill"][-1]),
                     "decode": needs["decode"]((batches[-1], contexts[-1]))},
-        available=budget.available, notes=notes)
+        available=budget.available, notes=notes, device=device,
+        resident_bytes=resident_bytes())

@@ -13,6 +13,7 @@ on a GPU (none lent so far).
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import re
@@ -26,6 +27,7 @@ from pydantic import ValidationError
 from kvbench import __version__
 from kvbench.calibration import fitting
 from kvbench.calibration.decoder import torch_dtype
+from kvbench.calibration.dtype import DtypeChoice, choose_cpu_dtype
 from kvbench.calibration.memory import MIN_POINTS, MemoryPlan, MemoryPlanError, fit_plan
 from kvbench.calibration.plot import plot_profile
 from kvbench.calibration.schedule import (
@@ -43,6 +45,7 @@ from kvbench.calibration.sweeps import (
     prefill_sweep,
     swap_sweep,
 )
+from kvbench.calibration.timeplan import PhaseClock, TimePlan, fit_budget
 from kvbench.costmodel import CostModel
 from kvbench.hardware import device_slug, fingerprint, slugify
 from kvbench.io import check_writable, remove_stale_temp_files, write_atomic
@@ -147,6 +150,30 @@ def calibration_plan(spec: ModelSpec, device: str, block_size: int = 16, quick: 
     return memory_plan
 
 
+def calibration_dtype(spec: ModelSpec, device: str, explicit: bool
+                      ) -> tuple[ModelSpec, DtypeChoice | None]:
+    """On CPU, `spec` in the dtype this CPU runs natively unless `explicit` (kvbench/calibration/
+    dtype.py), and why; on CUDA `spec` as it is."""
+    if device != "cpu":
+        return spec, None
+    choice = choose_cpu_dtype(spec, explicit)
+    return dataclasses.replace(spec, dtype=choice.dtype), choice
+
+
+def swap_impls(device: str) -> tuple[str, ...]:
+    """The copy impls the swap sweep times (Triton only compiled, on CUDA)."""
+    return tuple(i for i in copy_impls(device) if device == "cuda" or i != "triton")
+
+
+def plan_time(spec: ModelSpec, device: str, memory_plan: MemoryPlan, block_size: int = 16,
+              quick: bool = False, plan: dict | None = None) -> TimePlan:
+    """The memory plan's sizes cut to the time budget (kvbench/calibration/timeplan.py), from a
+    second of probes; TimePlanError (one line) when even the smallest plan takes too long."""
+    interleave_s = {**PLANS[(device, quick)], **(plan or {})}["budget_s"]
+    return fit_budget(spec, device, block_size, memory_plan, interleave_s, quick,
+                      swap_impls(device))
+
+
 def rejected_path(path: str | Path) -> Path:
     """Where a profile that missed its quality bar goes instead of `path`: beside it."""
     path = Path(path)
@@ -248,19 +275,27 @@ def _enough_points(phase: str, count: int, stopped: str | None) -> None:
 
 
 def calibrate(spec: ModelSpec, device: str, block_size: int = 16, quick: bool = False,
-              on_point: OnPoint = lambda phase, text: None, seed: int = 0,
-              plan: dict | None = None, memory_plan: MemoryPlan | None = None) -> CalibrationRun:
+              on_point: OnPoint = lambda phase, text, start=False: None, seed: int = 0,
+              plan: dict | None = None, memory_plan: MemoryPlan | None = None,
+              time_plan: TimePlan | None = None, dtype_choice: DtypeChoice | None = None,
+              ) -> CalibrationRun:
     """Measure swap, prefill and decode on `device` for `spec`, fit, and return the profile.
 
     `memory_plan` gives the sizes (default: `calibration_plan(spec, device, block_size, quick,
-    plan)`). A sweep that still runs out of memory ends there and the profile records why; one
-    left with too few points to fit is a MemoryPlanError."""
+    plan)`), `time_plan` (`plan_time`) the sizes and interleaved budgets that fit a time budget
+    instead; the profile records its estimates beside each phase's measured seconds, and
+    `dtype_choice` (`choose_cpu_dtype`) why the dtype. A sweep that still runs out of memory ends
+    there and the profile records why; one left with too few points to fit is a
+    MemoryPlanError."""
     if memory_plan is None:
         memory_plan = calibration_plan(spec, device, block_size, quick, plan)
     budget_s = {**PLANS[(device, quick)], **(plan or {})}["budget_s"]
+    if time_plan is not None:
+        memory_plan, budget_s = time_plan.memory_plan(memory_plan), time_plan.sizes.interleave_s
     torch.manual_seed(seed)
+    clock = PhaseClock()
     machine = {"before": machine_check(device)}
-    impls = tuple(i for i in copy_impls(device) if device == "cuda" or i != "triton")
+    impls = swap_impls(device)
     with recording() as points:
         swap = _sweep("swap", lambda: swap_sweep(
             spec, device, block_size, memory_plan.swap_sizes, impls, on_point, seed,
@@ -284,6 +319,7 @@ def calibrate(spec: ModelSpec, device: str, block_size: int = 16, quick: bool = 
     # the per-token column (n, nearly collinear with it) is left out; swap_ms_per_token is 0.
     swap_fit = fitting.fit_nnls(fitting.swap_design(swap_sizes, block_size)[:, [0, 2]], swap_ms,
                                 swap_held)
+    clock.lap("swap")
 
     with recording() as points:
         prefill = _sweep("prefill", lambda: prefill_sweep(
@@ -297,11 +333,13 @@ def calibrate(spec: ModelSpec, device: str, block_size: int = 16, quick: bool = 
                                pre_held)
     attn_fit = fitting.fit_nnls(fitting.recompute_design(prefill.attention.sizes),
                                 prefill.attention.median_ms)
+    clock.lap("prefill")
 
     batches, contexts = memory_plan.decode_batches, memory_plan.decode_contexts
     decode = _sweep("decode", lambda: decode_sweep(spec, device, batches, contexts, on_point,
                                                     seed))
     _enough_points("decode", len(decode.step_ms), decode.stopped)
+    clock.lap("decode")
     machine["after"] = machine_check(device)
     machine["drift"] = machine["after"]["reference_ms"] / machine["before"]["reference_ms"] - 1
     dec_held = fitting.holdout_mask(len(decode.step_ms), every=3)
@@ -376,6 +414,9 @@ def calibrate(spec: ModelSpec, device: str, block_size: int = 16, quick: bool = 
             "quality": {"max_heldout_mape": MAX_HELDOUT_MAPE, "fits": list(QUALITY_FITS),
                         "passed": not failures, "failures": failures},
             "memory_plan": memory_plan.to_dict(),
+            "phase_seconds": clock.seconds,
+            **({"time_plan": time_plan.to_dict()} if time_plan else {}),
+            **({"dtype_choice": dtype_choice.to_dict()} if dtype_choice else {}),
             "schedule": schedule,
             "machine": machine,
             "samples_sha256": hashlib.sha256(samples_json.encode()).hexdigest(),
@@ -394,6 +435,8 @@ def calibration_summary(profile: Profile, paths: list[Path]) -> list[str]:
         f"profile: {paths[0]}  (samples {paths[1].name}, plot {paths[2].name})",
         f"device: {profile.environment['device_name']}; model {profile.model.name} "
         f"({profile.dtype}, {profile.model.spec().kv_bytes_per_token:,.0f} KV bytes/token)",
+        *([f"dtype: {DtypeChoice.from_dict(x['dtype_choice']).line()}"]
+          if "dtype_choice" in x else []),
         fit_line("swap fit", s.fit),
         fit_line("recompute fit", profile.recompute.fit),
         f"{swap}   [fastest impl: {s.impl}]",
@@ -408,9 +451,18 @@ def calibration_summary(profile: Profile, paths: list[Path]) -> list[str]:
         lines.append(f"  {impl:9} peak achieved {best:.1f} GB/s round trip "
                      f"({100 * share:.0f}% of ceiling)")
     lines.append(crossover_line(profile))
+    if "time_plan" in x:
+        lines.append(time_line(x["time_plan"]["estimate_s"], x["phase_seconds"]))
     if "machine" in x:
         lines.append(machine_line(x["machine"], x["schedule"]))
     return lines + [f"note: sweep ended early: {reason}" for reason in x["stopped"].values()]
+
+
+def time_line(estimate_s: dict[str, float], measured_s: dict[str, float]) -> str:
+    """Each phase's measured seconds beside the time plan's estimate."""
+    phases = ", ".join(f"{phase} {measured_s[phase]:.0f} s (planned {estimate_s[phase]:.0f})"
+                       for phase in measured_s)
+    return f"time: {phases}"
 
 
 def machine_line(machine: dict, schedule: dict) -> str:

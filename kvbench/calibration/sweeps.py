@@ -2,7 +2,8 @@
 
 Every sweep walks its sizes in increasing order and stops at the first size that runs out of
 memory, recording why; the sizes measured before that stand. `on_point(phase, text)` is called
-after each point with a live figure for the progress display.
+after each point with a live figure for the progress display, and `on_point(phase, text,
+start=True)` as a sweep begins, saying what it will measure (a first point can take minutes).
 
 The CUDA paths (pinned swap space, CUDA-event timing, GPU sizes) have not yet run on a GPU: no
 GPU was lent to this project so far; the CPU paths are what produced the committed profiles.
@@ -13,8 +14,8 @@ from __future__ import annotations
 import itertools
 import math
 import warnings
-from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Protocol
 
 import numpy as np
 import torch
@@ -38,7 +39,11 @@ from kvbench.ops import (
 from kvbench.ops.kv_copy import ACCESS_BYTES, BlockIds, UnalignedCopyWarning, allocate_kv_cache
 from kvbench.ops.prefill_attention import auto_impl as attention_auto_impl
 
-OnPoint = Callable[[str, str], None]
+
+class OnPoint(Protocol):
+    def __call__(self, phase: str, text: str, start: bool = False) -> None: ...
+
+
 MIN_ROTATE, MAX_ROTATE = 8, 256
 COLD_BYTES = 512 * 2**20  # weights rotated through per timed layer: several last-level caches
 
@@ -174,6 +179,8 @@ def swap_sweep(spec: ModelSpec, device: str, block_size: int, lengths: list[int]
             lengths = lengths[:-1]
     if not lengths:
         raise MemoryError("not enough memory for a KV cache of the smallest swap size")
+    on_point("swap", f"{len(lengths)} sizes up to n={lengths[-1]}, {', '.join(impls)}",
+             start=True)
     for n in lengths:
         reqs = swap_requests(spec, cache, host, block_size, n, gen)
         nbytes = reqs[0][1].numel() * host.element_size()
@@ -245,6 +252,7 @@ def prefill_sweep(spec: ModelSpec, device: str, lengths: list[int], on_point: On
                   seed: int = 0) -> PrefillResult:
     """Prefill of n tokens through one layer of the model's shape (× num_layers), the causal
     attention alone, and the LM head for the last token."""
+    on_point("prefill", f"{len(lengths)} sizes up to n={max(lengths)}", start=True)
     gen = torch.Generator().manual_seed(seed)
     layers, head = cold_layers(spec, device, gen), LMHead(spec, device, gen)
     layer_sweep, attn_sweep = Sweep(), Sweep()
@@ -289,6 +297,8 @@ class DecodeResult:
 def decode_sweep(spec: ModelSpec, device: str, batch_sizes: list[int], contexts: list[int],
                  on_point: OnPoint, seed: int = 0) -> DecodeResult:
     """One decode step (one token for each of B sequences at context T): L layers + LM head."""
+    on_point("decode", f"{len(batch_sizes) * len(contexts)} points up to B={max(batch_sizes)} "
+             f"T={max(contexts)}", start=True)
     gen = torch.Generator().manual_seed(seed)
     kv_gen = torch.Generator(device=device).manual_seed(seed)  # K/V made in place, in dtype
     layers, head = cold_layers(spec, device, gen), LMHead(spec, device, gen)

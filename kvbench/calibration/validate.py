@@ -83,6 +83,7 @@ def check_device(profile: Profile, device: str, force: bool = False) -> None:
 def full_prefill_ms(profile: Profile, device: str, sizes: list[int], on_point: OnPoint,
                     seed: int = 1) -> list[float]:
     """Median time of a whole-model prefill (distinct weights per layer) at each size."""
+    on_point("recompute", f"{len(sizes)} sizes up to n={max(sizes)}, whole model", start=True)
     spec = profile.model.spec()
     gen = torch.Generator().manual_seed(seed)
     layers = [DecoderLayer(spec, device, gen) for _ in range(spec.num_layers)]
@@ -105,7 +106,7 @@ def full_prefill_ms(profile: Profile, device: str, sizes: list[int], on_point: O
 
 
 def validate(profile: Profile, device: str, count: int = 6, force: bool = False,
-             on_point: OnPoint = lambda phase, text: None) -> ValidationReport:
+             on_point: OnPoint = lambda phase, text, start=False: None) -> ValidationReport:
     check_device(profile, device, force)
     spec = profile.model.spec()
     common = sorted(set(profile.recompute.measurements.num_tokens)

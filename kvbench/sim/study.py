@@ -25,6 +25,7 @@ from pathlib import Path
 
 from rich.table import Table
 
+from kvbench.hardware import fingerprint_mismatch
 from kvbench.io import write_atomic
 from kvbench.profile import load
 from kvbench.sim.config import SimConfig, SimCosts
@@ -60,7 +61,8 @@ def sim_inputs(trace: str | Path | None = None, synthetic: str | None = None,
                profile: str | Path | None = None, model: str | None = None,
                hardware: str = SimConfig.hardware, rate_scale: float | None = None,
                num_requests: int | None = None, max_tokens: int | None = None, seed: int = 0,
-               study_default: bool = False, **config) -> tuple[Workload, SimConfig, SimCosts]:
+               study_default: bool = False, warn: Callable[[str], None] = lambda line: None,
+               **config) -> tuple[Workload, SimConfig, SimCosts]:
     """The workload, configuration and costs of a run, from the options of `kvbench simulate`
     and `compare-policies`.
 
@@ -68,7 +70,9 @@ def sim_inputs(trace: str | Path | None = None, synthetic: str | None = None,
     the study's (the Azure conversation trace at `STUDY_RATE_SCALE` unless `rate_scale` says
     otherwise). Costs: a profile file, or analytic ones for `model` (default `SimConfig.model`)
     on `hardware`. The configuration takes the costs' model and block size (the swap model prices
-    that block size) and the further SimConfig fields in `config`."""
+    that block size) and the further SimConfig fields in `config`. A measured profile from other
+    hardware than this machine's (`fingerprint_mismatch`) is used, and `warn` gets that line once
+    every input has passed its checks."""
     if profile is not None and model is not None:
         raise ValueError("give either --profile or --model, not both: a profile names its model")
     if study_default and trace is None and synthetic is None:
@@ -76,10 +80,14 @@ def sim_inputs(trace: str | Path | None = None, synthetic: str | None = None,
         rate_scale = STUDY_RATE_SCALE if rate_scale is None else rate_scale
     workload = load_workload(trace, synthetic, 1.0 if rate_scale is None else rate_scale,
                              num_requests, max_tokens, seed)
-    costs = (SimCosts.from_profile(load(profile), hardware) if profile is not None
+    prof = load(profile) if profile is not None else None
+    costs = (SimCosts.from_profile(prof, hardware) if prof is not None
              else SimCosts.analytic(SimConfig.model if model is None else model, hardware))
-    return workload, SimConfig(model=costs.model.name, hardware=hardware,
-                               block_size=costs.costs.block_size, seed=seed, **config), costs
+    sim_config = SimConfig(model=costs.model.name, hardware=hardware,
+                           block_size=costs.costs.block_size, seed=seed, **config)
+    if prof is not None and (warning := fingerprint_mismatch(prof.environment)):
+        warn(warning)
+    return workload, sim_config, costs
 
 
 def parse_policy(text: str, base: SimConfig = SimConfig()) -> SimConfig:

@@ -13,13 +13,17 @@ Two CSV schemas are read, recognised by their header:
 
 `rate_scale` divides the time axis (2.0 replays the trace twice as fast: twice the load).
 Token counts lie between 1 and `kvbench.limits.MAX_TOKENS`, arrival times are finite (a NaN
-time would pass every ordering check and stall the simulator's clock).
+time would pass every ordering check and stall the simulator's clock) and span at most
+`MAX_DURATION_S`: float64 seconds still resolve 0.12 µs there, while at 1e15 s a 10 ms step
+would be lost in rounding. A span is checked in Python floats before numpy subtracts or divides
+arrival times, so a trace beyond it is one error naming its rows, not an overflow warning.
 """
 
 from __future__ import annotations
 
 import csv
 import dataclasses
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -35,6 +39,7 @@ AZURE_CONV_TRACE = (Path(__file__).resolve().parents[1] / "data" / "traces"
                     / "azure_llm_2023_conv.csv")
 MAX_SYNTHETIC_REQUESTS = 10_000_000  # ~2 GB of per-request state in the simulator
 MIN_CV, MAX_CV = 1e-3, 100.0  # gamma shape 1/cv² from 1e6 (a metronome) to 1e-4 (one burst)
+MAX_DURATION_S = 1e9  # about 32 years from the first arrival to the last
 # Lengths are drawn up to 3/2 of their mean: means up to 2/3 of MAX_TOKENS keep them within it.
 SPEC_MAXIMA = {"num_requests": MAX_SYNTHETIC_REQUESTS, "max_tokens": MAX_TOKENS}
 
@@ -64,6 +69,9 @@ class Workload:
                                 f"{np.flatnonzero(~np.isfinite(self.arrival_s))[0]})")
         if np.any(np.diff(self.arrival_s) < 0):
             raise WorkloadError(f"workload {self.name}: arrivals must be sorted")
+        if self.duration_s > MAX_DURATION_S:
+            raise WorkloadError(f"workload {self.name}: arrivals span more than "
+                                f"{MAX_DURATION_S:g} s (about 32 years)")
         if np.any(self.prompt_tokens < 1) or np.any(self.output_tokens < 1):
             raise WorkloadError(f"workload {self.name}: every request needs at least one prompt "
                                 "and one output token")
@@ -79,8 +87,8 @@ class Workload:
 
     @property
     def duration_s(self) -> float:
-        """From the first arrival to the last."""
-        return float(self.arrival_s[-1] - self.arrival_s[0])
+        """From the first arrival to the last (in Python floats: inf, not a numpy overflow)."""
+        return float(self.arrival_s[-1]) - float(self.arrival_s[0])
 
     def subset(self, keep: np.ndarray) -> Workload:
         """The requests where `keep` is true, in order."""
@@ -90,10 +98,10 @@ class Workload:
                                    max_tokens=self.max_tokens[keep])
 
     def describe(self) -> dict:
+        rate_per_s = self.num_requests / self.duration_s if self.duration_s else math.inf
         return {"name": self.name, "num_requests": self.num_requests,
                 "duration_s": self.duration_s,
-                "arrival_rate_per_s": (self.num_requests / self.duration_s if self.duration_s
-                                       else None),
+                "arrival_rate_per_s": rate_per_s if math.isfinite(rate_per_s) else None,
                 "mean_prompt_tokens": float(self.prompt_tokens.mean()),
                 "mean_output_tokens": float(self.output_tokens.mean())}
 
@@ -202,10 +210,11 @@ def synthetic(spec: SyntheticSpec, seed: int = 0) -> Workload:
         gaps = rng.exponential(1.0 / spec.rate_per_s, n)
     else:  # gamma with mean 1/rate and coefficient of variation cv: shape 1/cv², scale cv²/rate
         gaps = rng.gamma(1.0 / spec.cv**2, spec.cv**2 / spec.rate_per_s, n)
-    arrival_s = np.cumsum(gaps)
-    if not np.isfinite(arrival_s[-1]):
+    with np.errstate(over="ignore"):  # a sum beyond the float range is inf: refused below
+        arrival_s = np.cumsum(gaps)
+    if not arrival_s[-1] <= MAX_DURATION_S:
         raise WorkloadError(f"synthetic: rate {spec.rate_per_s:g}/s puts arrival times beyond "
-                            "the float range")
+                            f"{MAX_DURATION_S:g} s (about 32 years); give a higher rate")
     prompt = _lengths(rng, n, spec.long_prompt_fraction, spec.short_prompt_tokens,
                       spec.long_prompt_tokens)
     output = _lengths(rng, n, spec.long_output_fraction, spec.short_output_tokens,
@@ -226,14 +235,15 @@ def _parse_seconds(text: str) -> float:
 
 def _parse_timestamp(text: str) -> float:
     stamp = np.datetime64(text.strip(), "ns")
-    if np.isnat(stamp):
+    # NaT, or a year outside 1678-2261 (nanoseconds in int64), which numpy wraps around silently
+    if np.isnat(stamp) or stamp.astype("datetime64[s]") != np.datetime64(text.strip(), "s"):
         raise ValueError(text)
     return stamp.astype(np.int64) / 1e9
 
 
 COLUMN_KINDS = {  # column -> (fast numpy dtype, per-value parser, what a good value looks like)
     "TIMESTAMP": ("datetime64[ns]", _parse_timestamp,
-                  "a timestamp like 2023-11-16 18:15:46.6805900"),
+                  "a timestamp like 2023-11-16 18:15:46.6805900 (years 1678 to 2261)"),
     "arrival_s": (np.float64, _parse_seconds, "a finite number of seconds"),
 }
 INT_KIND = (np.int64, int, f"an integer from 1 to {MAX_TOKENS}")
@@ -245,8 +255,10 @@ def _column(path: Path, rows: list[dict], lines: list[int], column: str) -> np.n
     values = [row[column] for row in rows]
     try:
         arr = np.array(values, dtype=dtype)
-        if column == "TIMESTAMP":
-            arr = (arr - arr.min()).astype(np.int64) / 1e9 if not np.isnat(arr).any() else None
+        if column == "TIMESTAMP":  # no NaT and no wrapped year (as in _parse_timestamp); then
+            # ns from the first as uint64: a span over 292 years overflows int64, not uint64
+            exact = (arr.astype("datetime64[s]") == np.array(values, "datetime64[s]")).all()
+            arr = (arr - arr.min()).astype(np.int64).view(np.uint64) / 1e9 if exact else None
         if arr is not None and (np.isfinite(arr).all() if arr.dtype.kind == "f" else
                                 ((arr >= 1) & (arr <= MAX_TOKENS)).all()):
             return arr
@@ -308,8 +320,7 @@ def read_trace(path: str | Path, rate_scale: float = 1.0, num_requests: int | No
     if not rows:
         raise WorkloadError(f"{path}: no requests in the trace")
     time_col, prompt_col, output_col = columns
-    with np.errstate(over="ignore"):  # times beyond the float range are rejected by Workload
-        arrival_s = _column(path, rows, lines, time_col) / rate_scale
+    arrival_s = _arrivals(path, rows, lines, time_col, rate_scale)
     prompt = _column(path, rows, lines, prompt_col)
     output = _column(path, rows, lines, output_col)
     limit = None
@@ -323,6 +334,21 @@ def read_trace(path: str | Path, rate_scale: float = 1.0, num_requests: int | No
                                 f"{limit[bad[0]]} is below output_tokens ({output[bad[0]]})")
     scale = f", rate x{rate_scale:g}" if rate_scale != 1 else ""
     return _workload(f"{path.name}{scale}", arrival_s, prompt, output, limit)
+
+
+def _arrivals(path: Path, rows: list[dict], lines: list[int], column: str,
+              rate_scale: float) -> np.ndarray:
+    """The arrival column in seconds from the first arrival, divided by `rate_scale`; a span
+    over MAX_DURATION_S is refused naming its first and last rows."""
+    arrival_s = _column(path, rows, lines, column)
+    first, last = int(arrival_s.argmin()), int(arrival_s.argmax())
+    if not (float(arrival_s[last]) - float(arrival_s[first])) / rate_scale <= MAX_DURATION_S:
+        scaled = f" once divided by the rate scale {rate_scale:g}" if rate_scale != 1 else ""
+        raise WorkloadError(f"{path}: column {column}: arrivals from "
+                            f"{rows[first][column].strip()!r} (line {lines[first]}) to "
+                            f"{rows[last][column].strip()!r} (line {lines[last]}) span more "
+                            f"than {MAX_DURATION_S:g} s (about 32 years){scaled}")
+    return (arrival_s - arrival_s[first]) / rate_scale
 
 
 def check_rate_scale(rate_scale: float) -> None:
@@ -346,6 +372,9 @@ def load_workload(trace: str | Path | None = None, synthetic_spec: str | None = 
         return read_trace(trace, rate_scale, num_requests, max_tokens)
     spec = parse_synthetic_spec(synthetic_spec)
     if rate_scale != 1.0:
+        if not 0 < spec.rate_per_s * rate_scale < math.inf:
+            raise WorkloadError(f"synthetic: rate {spec.rate_per_s:g}/s scaled by "
+                                f"{rate_scale:g} leaves the float range")
         spec = dataclasses.replace(spec, rate_per_s=spec.rate_per_s * rate_scale)
     if num_requests is not None:
         spec = dataclasses.replace(spec, num_requests=num_requests)

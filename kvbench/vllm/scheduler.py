@@ -42,7 +42,7 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import RequestStatus
 
 from kvbench.costmodel import CostModel
-from kvbench.hardware import get_hardware
+from kvbench.hardware import fingerprint_mismatch, get_hardware
 from kvbench.models import ModelSpec, canonical_dtype, from_hf_dict
 from kvbench.profile import load
 from kvbench.sim.config import SimConfig
@@ -72,7 +72,8 @@ def model_spec(vllm_config) -> ModelSpec:
 
 def preemption_costs(options: PluginOptions, model: ModelSpec, block_size: int
                      ) -> tuple[CostModel, str]:
-    """The profile's costs (its model must have the served model's shape), else analytic."""
+    """The profile's costs (its model must have the served model's shape; one warning when it
+    was measured on other hardware than this machine's), else analytic."""
     if options.profile is None:
         return (CostModel.analytic(model, get_hardware(options.hardware), block_size),
                 f"analytic {options.hardware}")
@@ -83,6 +84,8 @@ def preemption_costs(options: PluginOptions, model: ModelSpec, block_size: int
         raise PluginError(f"kvbench: profile {options.profile} is for {theirs.name} "
                           f"({differ[0]} {getattr(theirs, differ[0])}), the served model has "
                           f"{differ[0]} {getattr(model, differ[0])}; calibrate for this model")
+    if warning := fingerprint_mismatch(profile.environment):
+        logger.warning("kvbench: %s", warning)
     return profile.cost_model(), f"{profile.source} {options.profile}"
 
 
