@@ -9,6 +9,7 @@ raises OSError. Anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import json
+import shlex
 import sys
 from pathlib import Path
 from typing import Optional
@@ -223,8 +224,8 @@ def validate_cmd(
         report = validate(prof, dev, count=count, force=force, on_point=progress.on_point)
     if warning := fingerprint_mismatch(prof.environment, dev):
         err.print(f"warning: {warning}")
-    if as_json:
-        print(json.dumps(report.to_dict()))
+    if as_json:  # with the command, so a saved report says how it was made
+        print(json.dumps({**report.to_dict(), "command": shlex.join(["kvbench", *sys.argv[1:]])}))
         return
     out.print(report.table(f"validate {profile} on {dev}"))
     out.print(report.summary_line())
@@ -588,8 +589,6 @@ def replay_cmd(
     as_json: bool = SIM_JSON,
 ) -> None:
     """Replay a trace through a real vLLM engine: vLLM's scheduler, then each kvbench policy."""
-    import shlex
-
     from kvbench.sim.study import parse_policies
     from kvbench.sim.workloads import AZURE_CONV_TRACE, load_workload
     from kvbench.vllm import unavailable_reason

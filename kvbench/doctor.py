@@ -183,7 +183,7 @@ def _calibration(spec: ModelSpec, device: str, block_size: int, quick: bool) -> 
         return Check("calibration", "fail", f"{what}: {exc}")
     notes = f" ({'; '.join(plan.notes)})" if plan.notes else ""
     dtype = f"; dtype {choice.line()}" if choice else ""
-    return Check("calibration", "ok" if time_plan.total_s <= time_plan.budget_s else "warn",
+    return Check("calibration", "ok" if time_plan.fits else "warn",
                  f"{what}: fits in memory{notes}; {'; '.join(time_plan.lines())}{dtype}")
 
 

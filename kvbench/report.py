@@ -306,8 +306,58 @@ def bench_extra_markdown(data: dict) -> list[str]:
             *_table(["benchmark", *labels], body)[:-1]]
 
 
+def calibrate_time_markdown(data: dict) -> list[str]:
+    """benchmarks/calibrate_time.py's runs: wall time against the target, the plan's estimate
+    and each phase's measured seconds beside it, the dtype, the plain progress lines logged."""
+    rows = []
+    for r in data["runs"]:
+        phases = ", ".join(f"{p} {r['measured_s'][p]:.0f} ({r['planned_s'][p]:.0f})"
+                           for p in r["measured_s"])
+        within = "yes" if r["wall_s"] <= r["budget_s"] else "**no**"
+        rows.append([f"`{r['command']}`", r["dtype"], f"{sum(r['planned_s'].values()):.0f}",
+                     phases, f"{r['wall_s']:.0f}", f"{r['budget_s']:.0f}", within,
+                     r["progress_lines"]])
+    cpu = data["machine"]
+    return [f"{cpu['cpu_count']}-core {cpu['cpu_model']} ({fingerprint_slug(cpu)}), kvbench "
+            f"{cpu['kvbench']} ({cpu['commit']})", "",
+            *_table(["command (stderr to a file)", "dtype", "planned s", "phases: measured "
+                     "(planned) s", "wall s", "target s", "within", "progress lines"], rows)[:-1]]
+
+
+def profile_markdown(root: Path, source: str) -> list[str]:
+    """What `kvbench calibrate` printed for the committed profile `source`, from the profile."""
+    from kvbench.calibration.pipeline import calibration_summary, samples_path
+
+    path = Path(source)
+    profile = load(root / path)
+    lines = calibration_summary(profile, [path, samples_path(path, profile),
+                                          path.with_suffix(".png")])
+    return ["```", *lines, "```"]
+
+
+def validate_markdown(data: dict) -> list[str]:
+    """`kvbench validate --json`'s report (its command recorded beside it) as a table."""
+    from kvbench.calibration.validate import ValidationReport
+
+    report = ValidationReport(**{k: data[k] for k in ValidationReport.__dataclass_fields__})
+    rows = [[n, *(f"{v:.3f}" for v in costs), pred, meas] for n, *costs, pred, meas in zip(
+        report.num_tokens, report.swap_predicted_ms, report.swap_measured_ms,
+        report.recompute_predicted_ms, report.recompute_measured_ms, report.predicted_choice,
+        report.measured_choice)]
+    return [f"`{data['command']}`", "",
+            *_table(["tokens", "swap pred ms", "swap meas ms", "recompute pred ms",
+                     "recompute meas ms", "selector", "measured"], rows),
+            report.summary_line()]
+
+
 def render_source(root: Path, source: str) -> list[str]:
     path = root / source
+    if path.parent.name == "calibrate-time":
+        return calibrate_time_markdown(json.loads(path.read_text()))
+    if path.name.endswith(".validate.json"):
+        return validate_markdown(json.loads(path.read_text()))
+    if path.parent.name == "profiles" and path.suffix == ".json":
+        return profile_markdown(root, source)
     if path.name == "compare.json":
         return compare_markdown(path)
     if path.name == "sweep.csv":
@@ -324,9 +374,9 @@ def render_source(root: Path, source: str) -> list[str]:
         return replay_markdown(json.loads(path.read_text()))
     if path.suffix == ".json" and "benchmarks" in (data := json.loads(path.read_text())):
         return bench_extra_markdown(data)
-    raise ValueError(f"README block names {source}: only compare.json, sweep.csv, "
-                     "*-sweep-scale.json, *-stability.json, replay.json and pytest-benchmark "
-                     "JSON render")
+    raise ValueError(f"README block names {source}: only profiles/*.json, *.validate.json, "
+                     "calibrate-time/*.json, compare.json, sweep.csv, *-sweep-scale.json, "
+                     "*-stability.json, replay.json and pytest-benchmark JSON render")
 
 
 def update_readme(readme: str | Path, root: str | Path = ".") -> Path:

@@ -31,7 +31,7 @@ def test_the_calibration_check_is_the_time_plan(monkeypatch):
     from kvbench.calibration import timeplan
 
     check = doctor._calibration(get_model("tiny"), "cpu", 16, True)
-    assert check.status == "ok" and "budget for --quick" in check.detail
+    assert check.status == "ok" and "s target for --quick: " in check.detail
     monkeypatch.setattr(timeplan, "REFUSE_S", {True: 0.0, False: 0.0})
     check = doctor._calibration(get_model("tiny"), "cpu", 16, True)
     assert check.status == "fail" and "would take about" in check.detail
