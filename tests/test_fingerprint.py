@@ -75,12 +75,21 @@ def test_this_machines_slug_is_its_fingerprints(on_zen4):
 
 
 def test_an_older_fingerprint_still_slugs_as_before():
-    """The committed profile predates `cpu_info`: it keeps the name of its file and its
-    benchmark folder."""
-    env = load(ROOT / "results/profiles/cpu-amd-epyc-2c-qwen2-5-0-5b.json").environment
-    assert "cpu" not in env
+    """A fingerprint from before `cpu_info` (the committed benchmark baselines' machines) keeps
+    the name of its folder."""
+    env = {"device": "cpu", "device_name": "AMD EPYC (2 cores)", "cpu_model": "AMD EPYC",
+           "cpu_count": 2}
     assert fingerprint_slug(env) == "cpu-amd-epyc-2c"
     assert (ROOT / "results/benchmarks" / fingerprint_slug(env)).is_dir()
+
+
+def test_the_committed_cpu_profile_names_its_isa():
+    [path] = [p for p in (ROOT / "results/profiles").glob("cpu-*.json")
+              if not p.name.endswith((".samples.json", ".validate.json"))]
+    env = load(path).environment
+    assert path.name == f"{fingerprint_slug(env)}-qwen2-5-0-5b.json"
+    assert set(env["cpu"]) >= {"vendor", "family", "model", "stepping", "isa"}
+    assert {"avx2", "avx512", "avx512_bf16", "amx"} <= set(env["cpu"]["isa"])
 
 
 def test_cpu_info_without_proc_cpuinfo(monkeypatch):
@@ -175,7 +184,8 @@ def test_validate_warns(run_cli, on_zen4, tmp_path, monkeypatch):
     monkeypatch.setattr(validate_module, "validate", lambda *args, **kwargs: report)
     path = profile_file(tmp_path, cpu_env(ZEN3, os.cpu_count()))
     code, out, err = run_cli("validate", "--profile", path, "--device", "cpu", "--json")
-    assert code == 0 and json.loads(out) == report.to_dict()
+    assert code == 0 and json.loads(out) == {**report.to_dict(), "command": "kvbench validate "
+                                              f"--profile {path} --device cpu --json"}
     assert err.count("warning: profile measured on") == 1, err
 
 
