@@ -324,6 +324,15 @@ def calibrate_time_markdown(data: dict) -> list[str]:
                      "(planned) s", "wall s", "target s", "within", "progress lines"], rows)[:-1]]
 
 
+def ci_time_markdown(data: dict) -> list[str]:
+    """benchmarks/ci_time.py's run: `.ci/run` on a fresh clone, each step's minutes."""
+    cpu = data["machine"]
+    rows = [[f"`{s['step']}`", f"{s['seconds'] / 60:.1f}"] for s in data["steps"]]
+    return [f"`{data['command']}` on a fresh clone of {data['commit']}, {cpu['cpu_count']}-core "
+            f"{cpu['cpu_model']} ({fingerprint_slug(cpu)}): **{data['total_s'] / 60:.1f} min** "
+            "in all", "", *_table(["step", "minutes"], rows)[:-1]]
+
+
 def profile_markdown(root: Path, source: str) -> list[str]:
     """What `kvbench calibrate` printed for the committed profile `source`, from the profile."""
     from kvbench.calibration.pipeline import calibration_summary, samples_path
@@ -352,6 +361,8 @@ def validate_markdown(data: dict) -> list[str]:
 
 def render_source(root: Path, source: str) -> list[str]:
     path = root / source
+    if path.parent.name == "ci-time":
+        return ci_time_markdown(json.loads(path.read_text()))
     if path.parent.name == "calibrate-time":
         return calibrate_time_markdown(json.loads(path.read_text()))
     if path.name.endswith(".validate.json"):
@@ -375,8 +386,9 @@ def render_source(root: Path, source: str) -> list[str]:
     if path.suffix == ".json" and "benchmarks" in (data := json.loads(path.read_text())):
         return bench_extra_markdown(data)
     raise ValueError(f"README block names {source}: only profiles/*.json, *.validate.json, "
-                     "calibrate-time/*.json, compare.json, sweep.csv, *-sweep-scale.json, "
-                     "*-stability.json, replay.json and pytest-benchmark JSON render")
+                     "calibrate-time/*.json, ci-time/*.json, compare.json, sweep.csv, "
+                     "*-sweep-scale.json, *-stability.json, replay.json and pytest-benchmark "
+                     "JSON render")
 
 
 def update_readme(readme: str | Path, root: str | Path = ".") -> Path:
