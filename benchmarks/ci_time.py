@@ -3,8 +3,8 @@
     python benchmarks/ci_time.py --avx2-only --save results/ci-time/<slug>.json
 
 The clone is of this repository's HEAD (commit what is to be timed first), with `shared/` beside
-it as CI has it. `bash -x` stamps every command of `.ci/run` with the time it starts
-(`PS4` carries `$EPOCHREALTIME`), so the steps are timed inside the one real run. `--avx2-only`
+it as CI has it. Bash's trace stamps every command of `.ci/run` with the time it starts (`PS4`
+carries `$EPOCHREALTIME`), so the steps are timed inside the one real run. `--avx2-only`
 holds oneDNN, MKL and ATen to AVX2 (benchmarks/calibrate_time.py's `AVX2_ONLY_ENV`), as on a CPU
 without AVX-512 or native bfloat16. `--save` writes the steps as JSON, which `kvbench report`
 renders into README.
@@ -28,7 +28,7 @@ from kvbench.hardware import fingerprint
 from kvbench.io import write_atomic
 
 ROOT = Path(__file__).resolve().parents[1]
-STEP = re.compile(r"^\+ (\d+\.\d+) (make .+)$")
+STEP = re.compile(r"^\++ (\d+\.\d+) (make .+)$")  # `++`: a command of the sourced script
 
 
 def main() -> None:
@@ -47,10 +47,11 @@ def main() -> None:
         log = Path(tmp) / "ci.log"
         start = time.time()
         with open(log, "w") as out:
-            done = subprocess.run(["bash", "-x", ".ci/run"], cwd=clone, stdout=out,
-                                  stderr=subprocess.STDOUT,
-                                  env={**os.environ, **env, "CI": "true",
-                                       "PS4": "+ $EPOCHREALTIME "})
+            # bash takes no PS4 from the environment when run as root: set it, then source
+            # the script with its own name as $0 (its `cd "$(dirname "$0")/.."` needs it).
+            done = subprocess.run(["bash", "-c", "PS4='+ $EPOCHREALTIME '; set -x; . .ci/run",
+                                   ".ci/run"], cwd=clone, stdout=out, stderr=subprocess.STDOUT,
+                                  env={**os.environ, **env, "CI": "true"})
         end = time.time()
         starts = [(float(m[1]), m[2]) for line in log.read_text().splitlines()
                   if (m := STEP.match(line))]
