@@ -104,6 +104,11 @@ PLANS = {
 }
 
 
+def sweep_plan(device: str, quick: bool, plan: dict | None = None) -> dict:
+    """`PLANS[(device, quick)]` with `plan`'s keys overriding it."""
+    return {**PLANS[(device, quick)], **(plan or {})}
+
+
 def calibration_model(device: str, model: str | None = None, config_json: str | Path | None = None,
                       dtype: str | None = None) -> ModelSpec:
     """The model to calibrate: a preset, a local Hugging Face config.json, or the device's
@@ -142,7 +147,7 @@ def calibration_plan(spec: ModelSpec, device: str, block_size: int = 16, quick: 
     memory (`kvbench.calibration.memory`): MemoryPlanError, one line, if too few fit."""
     if not 1 <= block_size <= MAX_TOKENS:
         raise ValueError(f"block size must be from 1 to {MAX_TOKENS} tokens, got {block_size}")
-    plan = {**PLANS[(device, quick)], **(plan or {})}
+    plan = sweep_plan(device, quick, plan)
     batches, contexts = plan["decode"]
     memory_plan = fit_plan(spec, device, block_size, geometric_sizes(*plan["swap"]),
                            geometric_sizes(*plan["prefill"]), batches, contexts, available)
@@ -169,7 +174,7 @@ def plan_time(spec: ModelSpec, device: str, memory_plan: MemoryPlan, block_size:
               quick: bool = False, plan: dict | None = None) -> TimePlan:
     """The memory plan's sizes cut to the time budget (kvbench/calibration/timeplan.py), from a
     second of probes; TimePlanError (one line) when even the smallest plan takes too long."""
-    interleave_s = {**PLANS[(device, quick)], **(plan or {})}["budget_s"]
+    interleave_s = sweep_plan(device, quick, plan)["budget_s"]
     return fit_budget(spec, device, block_size, memory_plan, interleave_s, quick,
                       swap_impls(device))
 
@@ -289,7 +294,7 @@ def calibrate(spec: ModelSpec, device: str, block_size: int = 16, quick: bool = 
     MemoryPlanError."""
     if memory_plan is None:
         memory_plan = calibration_plan(spec, device, block_size, quick, plan)
-    budget_s = {**PLANS[(device, quick)], **(plan or {})}["budget_s"]
+    budget_s = sweep_plan(device, quick, plan)["budget_s"]
     if time_plan is not None:
         memory_plan, budget_s = time_plan.memory_plan(memory_plan), time_plan.sizes.interleave_s
     torch.manual_seed(seed)
