@@ -518,6 +518,9 @@ def sweep_cmd(ctx: typer.Context, spec_path: Optional[Path], ray_address: Option
         raise ValueError(f"--{given[0].replace('_', '-')} does not go with --sweep: the spec "
                          "sets the workloads, policies and costs")
     spec = load_spec(spec_path)
+    if spec.profile is not None and (warning := fingerprint_mismatch(load(spec.profile)
+                                                                     .environment)):
+        err.print(f"warning: {warning}")
     with Reporter(err, "sweep", "cells", transient=True) as progress:
 
         def on_cell(done, total, cell, error):

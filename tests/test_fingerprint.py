@@ -163,6 +163,18 @@ COMMANDS = {
 }
 
 
+def test_a_sweep_warns_once_of_its_profile(run_cli, on_zen4, tmp_path):
+    """`compare-policies --sweep`: the spec names the profile."""
+    profile = profile_file(tmp_path, cpu_env(ZEN3, os.cpu_count()))
+    spec = tmp_path / "sweep.toml"
+    spec.write_text(f'policies = ["fcfs/lifo/recompute/oracle"]\nsynthetic = ["requests=5,'
+                    f'rate=8"]\ngpu_blocks = [200]\nprofile = "{profile}"\n')
+    code, _, err = run_cli("compare-policies", "--sweep", str(spec), "--out",
+                           str(tmp_path / "out"))
+    assert code == 0, err
+    assert err.count("warning: profile measured on") == 1, err
+
+
 @pytest.mark.parametrize("command", COMMANDS)
 @pytest.mark.parametrize(("environment", "warned"), [
     (cpu_env(ZEN3, os.cpu_count()), True), (cpu_env(ZEN4, os.cpu_count()), False),
