@@ -157,11 +157,10 @@ def calibrate_cmd(
         calibrate,
         calibration_dtype,
         calibration_model,
-        calibration_plan,
         calibration_summary,
         check_inputs,
         default_profile_path,
-        plan_time,
+        plan_calibration,
         rejected_path,
     )
 
@@ -169,8 +168,7 @@ def calibrate_cmd(
     spec = calibration_model(dev, model, config_json, dtype)
     path = check_inputs(spec, out_path or default_profile_path(dev, spec))  # before any probe
     spec, choice = calibration_dtype(spec, dev, explicit=dtype is not None)
-    memory_plan = calibration_plan(spec, dev, block_size, quick)
-    time_plan = plan_time(spec, dev, memory_plan, block_size, quick)  # seconds, not minutes
+    memory_plan, time_plan = plan_calibration(spec, dev, block_size, quick)  # seconds of probes
     if choice is not None:  # said once the plans stand: a refusal above is its one line
         err.print(f"dtype: {choice.line()}")
         if choice.warning:

@@ -171,14 +171,13 @@ def _calibration(spec: ModelSpec, device: str, block_size: int, quick: bool) -> 
     allocates (`kvbench.calibration.memory`) and the time plan it makes from a second of probes
     (`kvbench.calibration.timeplan`), in the dtype it would choose."""
     from kvbench.calibration.memory import MemoryPlanError
-    from kvbench.calibration.pipeline import calibration_dtype, calibration_plan, plan_time
+    from kvbench.calibration.pipeline import calibration_dtype, plan_calibration
     from kvbench.calibration.timeplan import TimePlanError
 
     spec, choice = calibration_dtype(spec, device, explicit=False)
     what = f"{spec.name} ({spec.dtype}) on {device}{' --quick' if quick else ''}"
     try:
-        plan = calibration_plan(spec, device, block_size, quick)
-        time_plan = plan_time(spec, device, plan, block_size, quick)
+        plan, time_plan = plan_calibration(spec, device, block_size, quick)
     except (MemoryPlanError, TimePlanError) as exc:
         return Check("calibration", "fail", f"{what}: {exc}")
     notes = f" ({'; '.join(plan.notes)})" if plan.notes else ""

@@ -34,8 +34,7 @@ from kvbench.calibration.pipeline import (
     CalibrationRun,
     calibrate,
     calibration_dtype,
-    calibration_plan,
-    plan_time,
+    plan_calibration,
 )
 from kvbench.cluster import LOCAL, ClusterError, connect
 from kvbench.hardware import fingerprint, fingerprint_slug, slugify
@@ -135,10 +134,9 @@ def calibrate_on_node(spec: ModelSpec, device: str, block_size: int, quick: bool
             progress.put((node, spec.name, phase, text))
 
     spec, choice = calibration_dtype(spec, device, explicit_dtype)
+    memory_plan, time_plan = plan_calibration(spec, device, block_size, quick, plan)
     if choice is not None:
         progress.put((node, spec.name, "dtype", choice.line()))
-    memory_plan = calibration_plan(spec, device, block_size, quick, plan)
-    time_plan = plan_time(spec, device, memory_plan, block_size, quick, plan)
     progress.put((node, spec.name, "plan", "; ".join(time_plan.lines())))
     return calibrate(spec, device, block_size=block_size, quick=quick, on_point=on_point,
                      plan=plan, memory_plan=memory_plan, time_plan=time_plan,

@@ -349,13 +349,7 @@ def validate_markdown(data: dict) -> list[str]:
     from kvbench.calibration.validate import ValidationReport
 
     report = ValidationReport(**{k: data[k] for k in ValidationReport.__dataclass_fields__})
-    rows = [[n, *(f"{v:.3f}" for v in costs), pred, meas] for n, *costs, pred, meas in zip(
-        report.num_tokens, report.swap_predicted_ms, report.swap_measured_ms,
-        report.recompute_predicted_ms, report.recompute_measured_ms, report.predicted_choice,
-        report.measured_choice)]
-    return [f"`{data['command']}`", "",
-            *_table(["tokens", "swap pred ms", "swap meas ms", "recompute pred ms",
-                     "recompute meas ms", "selector", "measured"], rows),
+    return [f"`{data['command']}`", "", *_table(list(report.COLUMNS), report.rows()),
             report.summary_line()]
 
 

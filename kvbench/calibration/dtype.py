@@ -61,10 +61,16 @@ def native_by_isa(dtype: str, isa: dict) -> tuple[bool, str]:
     return False, f"{dtype} has no CPU matrix product"
 
 
+def product_dims(spec: ModelSpec, cap: int = PROBE_DIM) -> tuple[int, int]:
+    """The inner and outer sizes of a probe's product: the model's hidden size and this GPU's
+    share of its intermediate size, each capped at `cap`."""
+    return min(spec.hidden_size, cap), min(spec.intermediate_size // spec.tp, cap)
+
+
 def probe_ms(spec: ModelSpec, dtype: str, reps: int = PROBE_REPS) -> float:
     """Least ms of one [PROBE_ROWS, h] x [h, I] product (h, I: the model's hidden and
     intermediate sizes, each capped at PROBE_DIM) in `dtype`, after PROBE_WARMUP calls."""
-    k, n = min(spec.hidden_size, PROBE_DIM), min(spec.intermediate_size // spec.tp, PROBE_DIM)
+    k, n = product_dims(spec)
     gen = torch.Generator().manual_seed(0)
     a = torch.randn(PROBE_ROWS, k, generator=gen).to(torch_dtype(dtype))
     b = torch.randn(k, n, generator=gen).to(torch_dtype(dtype))
@@ -79,7 +85,7 @@ def probe_ms(spec: ModelSpec, dtype: str, reps: int = PROBE_REPS) -> float:
 
 
 def probe_shape(spec: ModelSpec) -> str:
-    k, n = min(spec.hidden_size, PROBE_DIM), min(spec.intermediate_size // spec.tp, PROBE_DIM)
+    k, n = product_dims(spec)
     return f"{PROBE_ROWS}x{k}·{k}x{n}"
 
 

@@ -179,6 +179,15 @@ def plan_time(spec: ModelSpec, device: str, memory_plan: MemoryPlan, block_size:
                       swap_impls(device))
 
 
+def plan_calibration(spec: ModelSpec, device: str, block_size: int = 16, quick: bool = False,
+                     plan: dict | None = None) -> tuple[MemoryPlan, TimePlan]:
+    """The memory plan and the time plan cut from it, for `spec` in its final dtype, as
+    `kvbench calibrate`, `kvbench doctor` and a fleet node decide them (a second of probes);
+    MemoryPlanError or TimePlanError (one line) for a calibration that cannot run."""
+    memory_plan = calibration_plan(spec, device, block_size, quick, plan)
+    return memory_plan, plan_time(spec, device, memory_plan, block_size, quick, plan)
+
+
 def rejected_path(path: str | Path) -> Path:
     """Where a profile that missed its quality bar goes instead of `path`: beside it."""
     path = Path(path)

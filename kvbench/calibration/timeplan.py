@@ -28,10 +28,11 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from kvbench.calibration.dtype import PROBE_SLOW_MS
+from kvbench.calibration.dtype import PROBE_SLOW_MS, product_dims
 from kvbench.calibration.memory import MIN_POINTS, MemoryPlan
+from kvbench.calibration.schedule import EXTRA_SHARE, MAX_ROUNDS, MIN_ROUNDS
 from kvbench.calibration.sweeps import cold_layer_count, kv_shape
-from kvbench.calibration.timing import measure
+from kvbench.calibration.timing import FIRST_LOOK_REPS, measure
 from kvbench.models import ModelSpec
 from kvbench.ops import prefill_attention, prepare_block_ids, swap_in, swap_out
 from kvbench.ops.dtypes import torch_dtype
@@ -81,7 +82,7 @@ def _ms(fn, device: str, reps: int = 3) -> float:
 def probe(spec: ModelSpec, device: str, block_size: int, impls: tuple[str, ...]) -> Probes:
     """The probes `estimate` prices a plan with (about a second on a CPU)."""
     gen = torch.Generator(device=device).manual_seed(0)
-    k, n = min(spec.hidden_size, PROBE_DIM), min(spec.intermediate_size // spec.tp, PROBE_DIM)
+    k, n = product_dims(spec, PROBE_DIM)
     tflops = {}
     for name in dict.fromkeys((spec.dtype, "float32")):
         dtype = torch_dtype(name)
@@ -140,8 +141,6 @@ class Sizes:
 def _interleaved_s(round_s: float, budget_s: float) -> float:
     """kvbench.calibration.schedule.interleave: MIN_ROUNDS to MAX_ROUNDS rounds in 70% of the
     budget, then extra rounds for noisy points while the budget lasts (at most as many again)."""
-    from kvbench.calibration.schedule import EXTRA_SHARE, MAX_ROUNDS, MIN_ROUNDS
-
     rounds = np.clip((1 - EXTRA_SHARE) * budget_s / max(round_s, 1e-9), MIN_ROUNDS, MAX_ROUNDS)
     main = float(rounds) * round_s
     return max(main, min(budget_s, main + MAX_ROUNDS * round_s))
@@ -155,8 +154,6 @@ def _timed_calls(call_s: float, budget_s: float, reps: int = 5, warmup: int = 2)
 def estimate(spec: ModelSpec, block_size: int, sizes: Sizes, probes: Probes,
              impls: tuple[str, ...]) -> dict[str, float]:
     """Seconds each phase of `calibrate` will take with `sizes` on the probed device."""
-    from kvbench.calibration.timing import FIRST_LOOK_REPS
-
     first_look = 2 + FIRST_LOOK_REPS  # warm-up and first look of a recorded point
     rate = probes.tflops[spec.dtype] * 1e12
     stream = probes.stream_gbps * 1e9

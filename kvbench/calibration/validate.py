@@ -49,16 +49,23 @@ class ValidationReport:
         return {**self.__dict__, "agreement": self.agreement, "swap_mape": self.swap_mape,
                 "recompute_mape": self.recompute_mape}
 
+    COLUMNS = ("tokens", "swap pred ms", "swap meas ms", "recompute pred ms",
+               "recompute meas ms", "selector", "measured")
+
+    def rows(self) -> list[list[str]]:
+        """Predicted and measured costs (ms) and choices, one row per token count, as text."""
+        return [[str(row[0]), *(f"{v:.3f}" for v in row[1:5]), row[5], row[6]]
+                for row in zip(self.num_tokens, self.swap_predicted_ms, self.swap_measured_ms,
+                               self.recompute_predicted_ms, self.recompute_measured_ms,
+                               self.predicted_choice, self.measured_choice)]
+
     def table(self, title: str) -> Table:
-        """Predicted and measured costs (ms) and choices, one row per token count."""
+        """`rows` under `COLUMNS`, for the terminal."""
         table = Table(title=title)
-        for col in ("tokens", "swap pred ms", "swap meas ms", "recompute pred ms",
-                    "recompute meas ms", "selector", "measured"):
+        for col in self.COLUMNS:
             table.add_column(col, justify="right")
-        for row in zip(self.num_tokens, self.swap_predicted_ms, self.swap_measured_ms,
-                       self.recompute_predicted_ms, self.recompute_measured_ms,
-                       self.predicted_choice, self.measured_choice):
-            table.add_row(str(row[0]), *(f"{v:.3f}" for v in row[1:5]), row[5], row[6])
+        for row in self.rows():
+            table.add_row(*row)
         return table
 
     def summary_line(self) -> str:
