@@ -19,11 +19,12 @@ import pytest
 
 pytest.importorskip("vllm")
 
+from kvbench.sim.engines import ReplicaSpec  # noqa: E402
 from kvbench.sim.steplog import first_difference  # noqa: E402
 from kvbench.sim.tokens import random_token_ids  # noqa: E402
 from kvbench.sim.workloads import AZURE_CONV_TRACE, read_trace  # noqa: E402
 from kvbench.vllm.differential import sim_config, simulate_log  # noqa: E402
-from kvbench.vllm.drive import DriveConfig, drive  # noqa: E402
+from kvbench.vllm.drive import drive  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 SETTINGS = {"vllm-defaults": True, "sync-nocache": False}
@@ -37,10 +38,10 @@ def azure():
     return workload, random_token_ids(workload, seed=0)
 
 
-def config_for(setting: str) -> DriveConfig:
+def config_for(setting: str) -> ReplicaSpec:
     on = SETTINGS[setting]
-    return DriveConfig(num_gpu_blocks=1000, max_num_seqs=256, max_num_batched_tokens=8192,
-                       enable_prefix_caching=on, async_scheduling=on, step_s=0.02)
+    return ReplicaSpec(num_gpu_blocks=1000, max_num_seqs=256, max_num_batched_tokens=8192,
+                       enable_prefix_caching=on, async_scheduling=on)
 
 
 def timed(key, fn):
@@ -69,7 +70,7 @@ def test_drive_vllm_scheduler_azure_trace(benchmark, azure, setting):
 def test_simulator_same_trace(benchmark, azure, setting):
     workload, tokens = azure
     benchmark.group = f"azure_llm_2023_conv {setting}"
-    config = sim_config(config_for(setting))
+    config = sim_config(config_for(setting), step_s=0.02)
     log = benchmark.pedantic(timed(("sim", setting),
                                    lambda: simulate_log(workload, config, tokens)),
                              rounds=1, iterations=1)

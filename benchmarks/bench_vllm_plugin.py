@@ -33,9 +33,10 @@ pytest.importorskip("vllm")
 from vllm.v1.core.sched.async_scheduler import AsyncScheduler  # noqa: E402
 from vllm.v1.core.sched.scheduler import Scheduler  # noqa: E402
 
+from kvbench.sim.engines import ReplicaSpec  # noqa: E402
 from kvbench.sim.tokens import random_token_ids  # noqa: E402
 from kvbench.sim.workloads import AZURE_CONV_TRACE, read_trace  # noqa: E402
-from kvbench.vllm.drive import DriveConfig, drive  # noqa: E402
+from kvbench.vllm.drive import drive  # noqa: E402
 from kvbench.vllm.scheduler import KvbenchAsyncScheduler, KvbenchScheduler  # noqa: E402
 
 pytestmark = [pytest.mark.vllm,
@@ -82,9 +83,10 @@ def azure():
 
 def run_drive(scheduler_cls: type, azure, async_scheduling: bool):
     workload, tokens = azure
-    return drive(workload, DriveConfig(1000, max_num_seqs=256, max_num_batched_tokens=8192,
-                                       async_scheduling=async_scheduling,
-                                       scheduler_cls=scheduler_cls), tokens)
+    return drive(workload, ReplicaSpec(num_gpu_blocks=1000, max_num_seqs=256,
+                                       max_num_batched_tokens=8192,
+                                       async_scheduling=async_scheduling), tokens,
+                 scheduler_cls=scheduler_cls)
 
 
 @pytest.mark.parametrize("vllm_cls, kvbench_cls", [(Scheduler, KvbenchScheduler),

@@ -17,6 +17,8 @@ from __future__ import annotations
 import math
 import numbers
 
+from kvbench.errors import KvbenchError
+
 MAX_TOKENS = 1 << 31
 MAX_MODEL_DIM = 1 << 31  # any size of a model's shape (layers, hidden, heads, vocabulary, ...)
 MAX_BLOCKS = 1 << 40
@@ -25,7 +27,7 @@ MAX_COST_MS = 1e100
 
 
 def check_finite(name: str, value, *, low: float | None = None, high: float | None = None,
-                 positive: bool = False, error: type[ValueError] = ValueError) -> float:
+                 positive: bool = False, error: type[ValueError] = KvbenchError) -> float:
     """`value` as a float if it is a finite real number within [low, high] (and > 0 when
     `positive`); `error` (a ValueError) naming `name` otherwise."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real) \
@@ -46,3 +48,11 @@ def check_name(what: str, name) -> str:
     if not isinstance(name, str):
         raise TypeError(f"{what} must be a name (a string), got {type(name).__name__} {name!r}")
     return name
+
+
+def check_int(name: str, value, low: int, high: int) -> int:
+    """`value` as an int if it is an integer (not a bool) within [low, high]."""
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral) \
+            or not low <= value <= high:
+        raise KvbenchError(f"{name} must be an integer from {low} to {high}, got {value!r}")
+    return int(value)

@@ -13,6 +13,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 from rich.table import Table
 
 from kvbench.limits import MAX_MODEL_DIM, check_name
@@ -118,6 +119,30 @@ class ModelSpec:
         return (self.linear_flops_per_token * (end_tokens - start_tokens)
                 + self.attention_flops_per_token_sq * (end_tokens**2 - start_tokens**2))
 
+    def step_flops(self, num_tokens: int, sum_squares: int, num_samples: int) -> float:
+        """FLOPs of a step computing `num_tokens` positions whose chunks [s, e) add up to
+        sum(e² - s²) = `sum_squares`, sampling `num_samples` tokens (one LM head each)."""
+        return (self.linear_flops_per_token * float(num_tokens)
+                + self.attention_flops_per_token_sq * float(sum_squares)
+                + self.lm_head_flops * num_samples)
+
+    def decode_run_flops(self, batch: int, num_steps: int, context_tokens: int) -> float:
+        """FLOPs of `num_steps` decode steps of `batch` requests holding `context_tokens` in
+        all at the start: each step computes and samples one token per request; the attention
+        term sum((c + n)² - c²) over the batch is 2·n·C + B·n², an exact integer."""
+        squares = 2 * num_steps * context_tokens + batch * num_steps * num_steps
+        return (batch * num_steps * (self.linear_flops_per_token + self.lm_head_flops)
+                + self.attention_flops_per_token_sq * float(squares))
+
+    def recomputation(self, start: np.ndarray, end: np.ndarray, dropped: np.ndarray
+                      ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Of computing positions [start, end) per request: which recompute KV that a
+        preemption dropped (positions below `dropped`), how many tokens and their FLOPs
+        (`chunk_flops`). The one accounting of the simulator, replay and the vLLM plugin."""
+        redo_end = np.minimum(end, dropped)
+        redo = redo_end > start
+        return redo, redo_end[redo] - start[redo], self.chunk_flops(start[redo], redo_end[redo])
+
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
@@ -216,3 +241,7 @@ def presets_table() -> Table:
                       str(spec.num_heads), str(spec.num_kv_heads), str(spec.head_dim),
                       spec.dtype, f"{spec.kv_bytes_per_token:,.0f}", f"{params_b:.2f}")
     return table
+
+# The fields that make two specs price alike (a profile's model against a served one).
+SHAPE_FIELDS = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim",
+                "intermediate_size", "vocab_size")

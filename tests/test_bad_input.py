@@ -151,7 +151,7 @@ def test_guard_counts_iterations_that_advance_nothing():
     work = Workload("w", np.array([0.0, 1.0]), np.array([4, 4]), np.array([2, 2]),
                     np.array([2, 2]))
     object.__setattr__(work, "arrival_s", np.array([0.0, np.nan]))
-    sim = Simulator(work, SimConfig(gpu_blocks=10, livelock_steps=50))
+    sim = Simulator(work, SimConfig.build(num_gpu_blocks=10, livelock_steps=50))
     result = sim.run()
     assert result.livelock is not None and result.livelock["request_id"] == 1
     assert "no token generated" in result.livelock["reason"]
@@ -218,7 +218,7 @@ def test_max_tokens_bounded(tmp_path, one_error_line):
         SyntheticSpec(max_tokens=MAX_TOKENS + 1)
     work = read_trace(write(tmp_path, PLAIN + "0,10,5\n0.001,20,5\n0.002,30,8\n"),
                       max_tokens=MAX_TOKENS)  # the largest limit: reserve-max never preempts
-    result = simulate(work, SimConfig(admission="reserve-max", predictor="max"))
+    result = simulate(work, SimConfig.build(admission="reserve-max", predictor="max"))
     assert result.requests.num_preemptions.sum() == 0 and result.livelock is None
     assert (result.requests.state == FINISHED).all()
 
@@ -281,7 +281,7 @@ def test_non_finite_simulator_options(flag, value, one_error_line):
 def test_sim_config_rejects_non_finite(field):
     """Defect 8: NaN passed every `< 0` check of SimConfig."""
     with pytest.raises(ValueError, match=f"{field} must be a finite number"):
-        SimConfig(**{field: math.nan})
+        SimConfig.build(**{field: math.nan})
 
 
 # --- defect 8: accepted silently and wrong -------------------------------------------------------

@@ -375,7 +375,7 @@ def test_selector_returns_finite_costs_or_one_line_errors(token_counts, config):
 def test_simulator_runs_or_refuses_in_one_line(field_values, spec):
     """SimConfig refuses bad fields in one line; a config it accepts simulates to the end."""
     workload = load_workload(synthetic_spec=spec)
-    config = one_line_error(lambda: SimConfig(**{"gpu_blocks": 300, **field_values}))
+    config = one_line_error(lambda: SimConfig.build(**{"gpu_blocks": 300, **field_values}))
     if config is not None:
         result = one_line_error(lambda: simulate(workload, config))
         if result is not None:

@@ -25,7 +25,7 @@ peak fits, and refuses (`MemoryPlanError`, one line saying what fits) when a pha
 points than its fit needs. The process's resident memory when it plans (interpreter, torch) is
 already spent: a phase's peak RSS is that plus the phase's estimate (`MemoryPlan.peak_bytes`,
 the line `kvbench calibrate` prints). The estimates are upper bounds checked against measured
-peaks in tests/test_calibration_memory.py.
+peaks in tests/calibration/test_memory.py.
 """
 
 from __future__ import annotations

@@ -2,10 +2,13 @@
 
     workloads.py   synthetic mixes and trace replay (Azure 2023 and plain CSV schemas)
     requests.py    per-request state as a struct of numpy arrays
-    config.py      SimConfig (limits, policies by name, knobs), SimCosts (what prices a step)
+    engines.py     ReplicaSpec: vLLM's settings by vLLM's names, and the named engines
+    config.py      SimConfig (policy, replica, knobs), Costs (what prices preemptions and steps)
+    run.py         RunSpec: a run's inputs (workload, costs, config), parsed once by every entry
+    kv_cache.py    KVCacheManager: the engine's only door to the block pool (blocks.py)
     view.py        the scheduler state a policy reads (SchedulerView), engine-independent
     engine.py      the step loop: paged KV cache, continuous batching, preemption, pricing
-    policies.py    admission, victim and preemption policies, registered by name
+    policies.py    admission, victim and preemption policies by name; PolicySpec, Knobs, bind
     predictors.py  output-length predictors, registered by name
     metrics.py     per-request and aggregate metrics, JSON and CSV
     plots.py       figures of a run and of a comparison
@@ -14,10 +17,10 @@
                    `kvbench compare-policies` (tables, JSON, CSV, plot)
 """
 
-from kvbench.sim.config import SimConfig, SimCosts
+from kvbench.sim.config import Costs, SimConfig
 from kvbench.sim.engine import SimResult, Simulator, simulate
 from kvbench.sim.metrics import summarize
 from kvbench.sim.workloads import Workload, load_workload, read_trace, synthetic
 
-__all__ = ["SimConfig", "SimCosts", "SimResult", "Simulator", "Workload", "load_workload",
+__all__ = ["Costs", "SimConfig", "SimResult", "Simulator", "Workload", "load_workload",
            "read_trace", "simulate", "summarize", "synthetic"]

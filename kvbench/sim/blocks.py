@@ -4,7 +4,7 @@
 number of free blocks matters.
 
 `PrefixCachePool`: with prefix caching every full block of known tokens is registered under a
-hash of its token prefix (`cache_blocks`) and, once its request frees it, stays in the free
+hash of its token prefix (`register`) and, once its request frees it, stays in the free
 queue as cache until it is reused. The free queue is [blocks without a hash] + [hashed blocks,
 oldest freed first]: freed blocks without a hash are prepended (reused first), hashed ones
 appended (evicted last, LRU), and new blocks are taken from the front, evicting the hash of a
@@ -23,6 +23,7 @@ no request can find another's blocks.
 from __future__ import annotations
 
 from collections import OrderedDict
+from typing import Protocol
 
 import numpy as np
 
@@ -86,21 +87,64 @@ class PrefixHashes:
         self._cache.pop(request, None)
 
 
+class BlockPool(Protocol):
+    """What `KVCacheManager` (kvbench/sim/kv_cache.py) asks of a block pool."""
+
+    caching: bool  # registers full blocks for prefix caching
+    names_blocks: bool  # knows which block each request holds: blocks are handed out in order
+    num_free: int
+    num_unhashed_free: int
+
+    def allocate(self, request: int, num_blocks: int) -> None: ...
+
+    def allocate_each(self, requests: np.ndarray, num_blocks: np.ndarray) -> None: ...
+
+    def register(self, request: int, start: int, end: int) -> None: ...
+
+    def free(self, request: int, num_blocks: int, registered: int = 0,
+             reusable: bool = False) -> None: ...
+
+    def lookup(self, request: int, num_tokens: int) -> list[int]: ...
+
+    def num_evictable(self, blocks: list[int]) -> int: ...
+
+    def touch(self, request: int, blocks: list[int]) -> None: ...
+
+
 class CountingPool:
     """Free blocks by number only (no prefix caching: freed blocks keep nothing)."""
 
     caching = False
-    tracks_blocks = False
+    names_blocks = False
 
     def __init__(self, num_blocks: int) -> None:
         self.num_free = num_blocks
 
+    @property
+    def num_unhashed_free(self) -> int:
+        return self.num_free
+
     def allocate(self, request: int, num_blocks: int) -> None:
         self.num_free -= num_blocks
+
+    def allocate_each(self, requests: np.ndarray, num_blocks: np.ndarray) -> None:
+        self.num_free -= int(num_blocks.sum())
+
+    def register(self, request: int, start: int, end: int) -> None:
+        """Nothing is cached."""
 
     def free(self, request: int, num_blocks: int, registered: int = 0,
              reusable: bool = False) -> None:
         self.num_free += num_blocks
+
+    def lookup(self, request: int, num_tokens: int) -> list[int]:
+        return []
+
+    def num_evictable(self, blocks: list[int]) -> int:
+        return 0
+
+    def touch(self, request: int, blocks: list[int]) -> None:
+        """No block is ever found."""
 
 
 class PrefixCachePool:
@@ -108,7 +152,7 @@ class PrefixCachePool:
     are `blocks[r]` in order; the engine tracks how many of them are registered."""
 
     caching = True
-    tracks_blocks = True  # which block each request holds, allocated in order
+    names_blocks = True
 
     def __init__(self, num_blocks: int, hashes: PrefixHashes) -> None:
         self.hashes = hashes
@@ -140,6 +184,12 @@ class PrefixCachePool:
             else:  # the common case: one block per hash
                 del block_hash_of[block], cached[block_hash]
             held.append(block)
+
+    def allocate_each(self, requests: np.ndarray, num_blocks: np.ndarray) -> None:
+        """`allocate` for each request in order."""
+        some = np.flatnonzero(num_blocks)
+        for i, k in zip(requests[some].tolist(), num_blocks[some].tolist()):
+            self.allocate(i, k)
 
     def _uncache(self, block: int, block_hash: int) -> None:
         del self.block_hash[block]
@@ -180,7 +230,7 @@ class PrefixCachePool:
             self.extra_refs[block] = refs - 1
         return True
 
-    def cache_blocks(self, request: int, start: int, end: int) -> None:
+    def register(self, request: int, start: int, end: int) -> None:
         """Register `request`'s full blocks start..end-1 (none registered yet) under their
         hashes."""
         self._register(self.blocks[request], self.hashes.of(request), start, end)

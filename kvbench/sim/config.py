@@ -1,145 +1,93 @@
-"""What a simulation is given: the replica's limits and policies by name (`SimConfig`), and the
-costs that price its steps (`SimCosts`)."""
+"""What a simulation is given: the policy, the replica and the knobs (`SimConfig`), and the
+costs that price its steps (`Costs`, resolved once for the selector, the simulator and the
+vLLM plugin alike)."""
 
 from __future__ import annotations
 
 import dataclasses
-import difflib
-import inspect
+from collections.abc import Callable
 from dataclasses import dataclass
 
-import numpy as np
-
 from kvbench.costmodel import CostModel, DecodeModel
-from kvbench.hardware import get_hardware
-from kvbench.limits import (
-    MAX_BLOCKS,
-    MAX_COST_MS,
-    MAX_MEMORY_GIB,
-    MAX_TOKENS,
-    check_finite,
-    check_name,
-)
-from kvbench.models import ModelSpec, get_model
-from kvbench.profile import Profile
-from kvbench.sim.engines import ENGINES, RULE_FIELDS, EngineRules
-from kvbench.sim.policies import ADMISSION, PREEMPTIONS, VICTIMS
-from kvbench.sim.predictors import PREDICTORS
+from kvbench.errors import KvbenchError
+from kvbench.fields import option
+from kvbench.hardware import fingerprint_mismatch, get_hardware
+from kvbench.limits import MAX_COST_MS, MAX_TOKENS, check_int
+from kvbench.models import SHAPE_FIELDS, ModelSpec, get_model
+from kvbench.profile import Profile, load
+from kvbench.sim.engines import FIELDS as REPLICA_FIELDS
+from kvbench.sim.engines import ReplicaSpec
+from kvbench.sim.policies import KNOB_FIELDS, POLICY_AXES, Knobs, PolicySpec
 from kvbench.sim.steptime import parse_step_time
 
-MAX_NOISE_SIGMA = 10.0  # a log-normal factor of e^10 (22,000) either way is noise enough
-
-REGISTRIES = {"admission": ADMISSION, "victim": VICTIMS, "preemption": PREEMPTIONS,
-              "predictor": PREDICTORS}
+DEFAULT_MODEL = "llama-2-7b"  # analytic costs when no profile or model is given
+RUN_FIELDS = ("step_time", "livelock_steps", "decode_runs")
 
 
 @dataclass(frozen=True)
 class SimConfig:
-    """Policies by name, the replica's limits, and the policies' knobs."""
+    """A simulation's policy, replica and knobs, and how its steps are run.
 
-    admission: str = "fcfs"
-    victim: str = "lifo"
-    preemption: str = "recompute"
-    predictor: str = "oracle"
-    model: str = "llama-2-7b"  # for the analytic profile when none is given
-    hardware: str = "h100-sxm"
-    block_size: int = 16
-    gpu_blocks: int | None = None
-    gpu_memory_gib: float | None = None  # default: the hardware preset's memory_gib
-    gpu_memory_utilization: float = 0.9
-    cpu_swap_gib: float = 4.0
-    cpu_swap_blocks: int | None = None  # overrides cpu_swap_gib
-    engine: str = "vllm-0.32"  # scheduling rules (sim/engines.py); the fields below override
-    max_num_seqs: int | None = None
-    max_num_batched_tokens: int | None = None
-    full_prompt_admission: bool | None = None
-    prefix_caching: bool | None = None
-    async_scheduling: bool | None = None
-    null_block: bool | None = None
-    watermark: float | None = None
-    max_model_len: int | None = None  # None: no limit (vLLM: the model's context length)
-    chunked_prefill: bool = True
-    headroom_fraction: float = 0.0  # future-kv
-    long_output_tokens: int = 512  # future-kv
-    max_long_requests: int | None = None  # future-kv
-    protect_steps: int = 4  # cost-aware
-    noise_sigma: float = 0.5  # noisy
-    history_quantile: float = 0.5  # history
-    history_window: int = 1000  # history
-    step_time: str = "profile"  # or constant:20ms, linear:10ms+0.01ms/token (sim/steptime.py)
-    livelock_steps: int = 10_000
-    seed: int = 0
+    `decode_runs` (on by default) applies runs of plain decode steps at once, with the same
+    arithmetic and block allocations as one by one (kvbench/sim/engine.py); off, every step is
+    scheduled one by one, the reference the fast path is tested against."""
+
+    policy: PolicySpec = PolicySpec()
+    replica: ReplicaSpec = ReplicaSpec()
+    knobs: Knobs = Knobs()
+    step_time: str = option("profile", "profile, constant:20ms or linear:10ms+0.01ms/token.")
+    livelock_steps: int = option(10_000, "Stop when no token comes for this many steps.")
+    decode_runs: bool = option(True, "Apply runs of plain decode steps at once (same result).")
 
     def __post_init__(self) -> None:
-        for axis, registry in REGISTRIES.items():
-            name = check_name(axis, getattr(self, axis))
-            if name not in registry:
-                hint = difflib.get_close_matches(str(name), registry, n=1)
-                raise ValueError(f"unknown {axis} {'' if axis == 'predictor' else 'policy '}"
-                                 f"{name!r}"
-                                 + (f" (did you mean {hint[0]!r}?)" if hint else "")
-                                 + f"; choose from {', '.join(registry)}")
-        if self.engine not in ENGINES:
-            raise ValueError(f"unknown engine {self.engine!r}; choose from {', '.join(ENGINES)}")
-        for field in ("block_size", "history_window", "livelock_steps", "long_output_tokens"):
-            check_int(field, getattr(self, field), 1, MAX_TOKENS)
-        for field, low, high in (("gpu_blocks", 1, MAX_BLOCKS), ("cpu_swap_blocks", 0, MAX_BLOCKS),
-                                 ("max_long_requests", 0, MAX_BLOCKS),
-                                 ("max_num_seqs", 1, MAX_TOKENS),
-                                 ("max_num_batched_tokens", 1, MAX_TOKENS),
-                                 ("max_model_len", 1, MAX_TOKENS)):
-            if getattr(self, field) is not None:
-                check_int(field, getattr(self, field), low, high)
-        if self.watermark is not None:
-            check_finite("watermark", self.watermark, low=0, high=0.99)
-        check_int("protect_steps", self.protect_steps, 0, MAX_TOKENS)
-        if self.gpu_memory_gib is not None:
-            check_finite("gpu_memory_gib", self.gpu_memory_gib, positive=True,
-                         high=MAX_MEMORY_GIB)
-        check_finite("cpu_swap_gib", self.cpu_swap_gib, low=0, high=MAX_MEMORY_GIB)
-        check_finite("noise_sigma", self.noise_sigma, low=0, high=MAX_NOISE_SIGMA)
-        for field in ("gpu_memory_utilization", "history_quantile"):
-            if not 0 < check_finite(field, getattr(self, field), high=1):
-                raise ValueError(f"{field} must be in (0, 1], got {getattr(self, field)}")
+        check_int("livelock_steps", self.livelock_steps, 1, MAX_TOKENS)
         parse_step_time(self.step_time)
-        if not 0 <= check_finite("headroom_fraction", self.headroom_fraction) < 1:
-            raise ValueError(f"headroom_fraction must be in [0, 1), got {self.headroom_fraction}")
+        if self.policy.engine is not None:  # `...@engine` picks the replica's rules
+            object.__setattr__(self, "replica", self.replica.with_engine(self.policy.engine))
+            object.__setattr__(self, "policy", dataclasses.replace(self.policy, engine=None))
 
-    @property
-    def rules(self) -> EngineRules:
-        """The engine's rules with this config's overrides."""
-        given = {f: getattr(self, f) for f in RULE_FIELDS if getattr(self, f) is not None}
-        return dataclasses.replace(ENGINES[self.engine], **given)
+    @classmethod
+    def build(cls, policy: str | PolicySpec = PolicySpec(), **settings) -> SimConfig:
+        """From a policy and flat settings (see `replace`)."""
+        return cls(PolicySpec.parse(policy) if isinstance(policy, str) else policy
+                   ).replace(**settings)
+
+    def replace(self, engine: str | None = None, **settings) -> SimConfig:
+        """This config with flat settings changed, each an axis of `PolicySpec` (admission,
+        victim, ...) or a field of `ReplicaSpec`, `Knobs` or this class (None: unchanged);
+        `engine` first swaps the replica's named engine. An unknown name is an error, never
+        ignored."""
+        given = {k: v for k, v in settings.items() if v is not None}
+        unknown = sorted(set(given) - set(POLICY_AXES) - set(REPLICA_FIELDS) - set(KNOB_FIELDS)
+                         - set(RUN_FIELDS))
+        if unknown:
+            known = (*POLICY_AXES, *REPLICA_FIELDS, *KNOB_FIELDS, *RUN_FIELDS)
+            raise KvbenchError(f"unknown setting {unknown[0]!r}; known: {', '.join(known)}")
+        pick = lambda names: {k: v for k, v in given.items() if k in names}  # noqa: E731
+        replica = self.replica.with_engine(engine) if engine else self.replica
+        return dataclasses.replace(
+            self, policy=dataclasses.replace(self.policy, **pick(POLICY_AXES)),
+            replica=dataclasses.replace(replica, **pick(REPLICA_FIELDS)),
+            knobs=dataclasses.replace(self.knobs, **pick(KNOB_FIELDS)), **pick(RUN_FIELDS))
+
+    def with_policy(self, policy: str | PolicySpec) -> SimConfig:
+        return dataclasses.replace(
+            self, policy=PolicySpec.parse(policy) if isinstance(policy, str) else policy)
 
     @property
     def policy_name(self) -> str:
         """admission/victim/preemption/predictor, and @engine unless it is the default's."""
-        engine = "" if self.engine == SimConfig.engine else f"@{self.engine}"
-        return f"{self.admission}/{self.victim}/{self.preemption}/{self.predictor}{engine}"
+        engine = None if self.replica.engine == ReplicaSpec.engine else self.replica.engine
+        return dataclasses.replace(self.policy, engine=engine).name
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
 
-    def knobs(self, fn) -> dict:
-        """The fields that a policy or predictor takes as keyword arguments, by name."""
-        return {name: getattr(self, name) for name in inspect.signature(fn).parameters
-                if name in SIM_CONFIG_FIELDS}
-
-
-def check_int(name: str, value, low: int, high: int) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) \
-            or not low <= value <= high:
-        raise ValueError(f"{name} must be an integer from {low} to {high}, got {value!r}")
-    return int(value)
-
-
-SIM_CONFIG_FIELDS = frozenset(f.name for f in dataclasses.fields(SimConfig))
-
 
 @dataclass(frozen=True)
-class SimCosts:
-    """The model and the coefficients that price a simulation's steps, from a profile or from
-    datasheet figures (`source`: 'measured' or 'analytic')."""
+class Costs:
+    """The model and the coefficients that price preemptions and steps, from a profile or from
+    datasheet figures (`source`: 'measured' or 'analytic', with the profile's path)."""
 
     model: ModelSpec
     costs: CostModel
@@ -153,11 +101,12 @@ class SimCosts:
         for what, ms in (("swap", self.costs.swap_ms(n)), ("recompute", self.costs.recompute_ms(n)),
                          ("decode", self.decode.step_ms(n, n))):
             if not ms <= MAX_COST_MS:
-                raise ValueError(f"{self.source} costs: a {what} of {n} tokens costs {ms:.3g} ms, "
-                                 f"beyond {MAX_COST_MS:g} ms: the coefficients are out of range")
+                raise KvbenchError(f"{self.source} costs: a {what} of {n} tokens costs "
+                                   f"{ms:.3g} ms, beyond {MAX_COST_MS:g} ms: the coefficients "
+                                   "are out of range")
 
     @classmethod
-    def from_profile(cls, profile: Profile, hardware: str = "h100-sxm") -> SimCosts:
+    def from_profile(cls, profile: Profile, hardware: str = "h100-sxm") -> Costs:
         """A profile's costs; a profile without a decode fit gets the analytic one for
         `hardware`."""
         model = profile.model.spec()
@@ -165,9 +114,33 @@ class SimCosts:
         return cls(model, profile.cost_model(), decode, profile.source)
 
     @classmethod
-    def analytic(cls, model: str | ModelSpec, hardware: str = "h100-sxm",
-                 block_size: int = 16) -> SimCosts:
+    def analytic(cls, model: str | ModelSpec = DEFAULT_MODEL, hardware: str = "h100-sxm",
+                 block_size: int = 16) -> Costs:
         spec = get_model(model) if isinstance(model, str) else model
         hw = get_hardware(hardware)
         return cls(spec, CostModel.analytic(spec, hw, block_size), DecodeModel.analytic(spec, hw),
                    "analytic")
+
+    @classmethod
+    def resolve(cls, profile: str | None = None, model: str | ModelSpec | None = None,
+                hardware: str = "h100-sxm", block_size: int = 16,
+                warn: Callable[[str], None] = lambda line: None) -> Costs:
+        """The costs a command or the plugin prices with: the profile at `profile` (its model
+        must have `model`'s shape when both are given; `warn` gets one line when it was
+        measured on other hardware than this machine's), else analytic costs of `model`
+        (default `DEFAULT_MODEL`) on `hardware`."""
+        if profile is None:
+            return cls.analytic(DEFAULT_MODEL if model is None else model, hardware, block_size)
+        prof = load(profile)
+        costs = cls.from_profile(prof, hardware)
+        if model is not None:
+            wanted = get_model(model) if isinstance(model, str) else model
+            differ = [f for f in SHAPE_FIELDS if getattr(costs.model, f) != getattr(wanted, f)]
+            if differ:
+                raise KvbenchError(
+                    f"profile {profile} is for {costs.model.name} ({differ[0]} "
+                    f"{getattr(costs.model, differ[0])}), the served model has {differ[0]} "
+                    f"{getattr(wanted, differ[0])}; calibrate for this model")
+        if warning := fingerprint_mismatch(prof.environment):
+            warn(warning)
+        return costs

@@ -1,7 +1,7 @@
 """Iteration-level simulation of one serving replica with a paged KV cache, following the
-scheduling rules of a named engine (`kvbench.sim.engines`; default vLLM 0.32's v1 scheduler,
+settings of a `ReplicaSpec` (`kvbench.sim.engines`; default vLLM 0.32's v1 scheduler,
 docs/vllm-0.32-scheduler.md), checked step by step against vLLM's own scheduler
-(tests/test_vllm_differential.py).
+(tests/vllm/test_differential.py). Read it beside vllm/v1/core/sched/scheduler.py.
 
 Each `schedule` (one forward pass of the batch):
 
@@ -37,29 +37,27 @@ full (the weights are read twice): both err on the slow side.
 
 FLOPs use `ModelSpec`: a chunk costs linear_flops_per_token·c + attention_flops_per_token_sq·
 ((x + c)² - x²), plus lm_head_flops when it samples a token. Recomputed FLOPs are those spent
-on positions whose KV a recompute preemption threw away (prefix-cache hits are not spent).
+on positions whose KV a recompute preemption threw away (`ModelSpec.recomputation`;
+prefix-cache hits are not spent).
 
-GPU blocks: `gpu_blocks` if given, else (gpu_memory_gib · gpu_memory_utilization - weights) /
-block bytes, as vLLM sizes its cache (activation memory ignored); the memory defaults to the
-hardware preset's. With the null block one of them holds no KV. CPU swap space:
-`cpu_swap_blocks`, else cpu_swap_gib (4 GiB). A request whose KV can never fit the whole cache
-(or, without chunked prefill, whose prompt + output exceed the token budget) is rejected up
-front with the reason; `max_model_len` rejects longer prompts and caps generation. If no
-token is generated for `livelock_steps` iterations the run stops and reports the stuck request.
+The replica (`ReplicaSpec`, vLLM's settings by vLLM's names) is sized by `plan_kv_cache` and its
+blocks are the `KVCacheManager`'s (kvbench/sim/kv_cache.py). A request the replica can never
+run (`ReplicaSpec.check_fits`) is rejected up front with the reason; `max_model_len` also caps
+generation. If no token is generated for `livelock_steps` iterations the run stops and reports
+the stuck request.
 
-Speed: while every running request decodes and no waiting request would be admitted, the
-steps up to the next event are applied at once (`_skip_decode_steps`), with the same arithmetic
-and the same block allocations in the same order; one run follows another (a request finishing
-or outliving its prediction ends one), so a step is scheduled one by one only when it admits,
-preempts or prefills. When no two prompts share a first block (the
-default random prompts) the prefix cache is kept as counts plus the blocks preemptions freed
-(`PrivatePrefixPool`), which schedules exactly as the full block pool (`PrefixCachePool`).
+Speed (`SimConfig.decode_runs`, on by default): while every running request decodes and no
+waiting request would be admitted, the steps up to the next event are applied at once
+(`_run_decode_steps`), through the same pricer (`StepPricer`) and the same KV cache manager
+verbs (`allocate_decode_run`, `cache`, `free`) in the same order, so the schedule is the one of
+stepping one by one (tests/sim/test_engine.py runs both). One run follows another (a request
+finishing or outliving its prediction ends one), so a step is scheduled one by one only when
+it admits, preempts or prefills.
 """
 
 from __future__ import annotations
 
 import bisect
-import functools
 import itertools
 from collections import deque
 from collections.abc import Callable
@@ -67,12 +65,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from kvbench.hardware import get_hardware
-from kvbench.sim.blocks import CountingPool, PrefixCachePool, PrefixHashes
-from kvbench.sim.config import SimConfig, SimCosts
-from kvbench.sim.policies import ADMISSION, PREEMPTIONS, VICTIMS, admit_fcfs
-from kvbench.sim.predictors import PREDICTORS
-from kvbench.sim.private_blocks import PrivatePrefixPool
+from kvbench.sim.config import Costs, SimConfig
+from kvbench.sim.engines import plan_kv_cache
+from kvbench.sim.kv_cache import KVCacheManager
+from kvbench.sim.policies import admit_fcfs, bind
 from kvbench.sim.requests import (
     FINISHED,
     REJECTED,
@@ -85,12 +81,11 @@ from kvbench.sim.requests import (
     cdiv,
 )
 from kvbench.sim.steplog import StepLog, StepLogBuilder
-from kvbench.sim.steptime import CostStepTime, parse_step_time
+from kvbench.sim.steptime import CostStepTime, StepPricer, parse_step_time
 from kvbench.sim.tokens import TokenIds, random_token_ids
 from kvbench.sim.view import StateView
 from kvbench.sim.workloads import Workload
 
-GIB = 1 << 30
 PROGRESS_EVERY_STEPS = 2000
 EMPTY = np.zeros(0, dtype=np.int64)
 
@@ -140,63 +135,39 @@ class Simulator:
     """
 
     def __init__(self, workload: Workload, config: SimConfig = SimConfig(),
-                 costs: SimCosts | None = None, tokens: TokenIds | None = None,
+                 costs: Costs | None = None, tokens: TokenIds | None = None,
                  record: bool = False) -> None:
         self.config = config
-        self.rules = rules = config.rules
-        self.workload = workload
         if costs is None:
-            costs = SimCosts.analytic(config.model, config.hardware, config.block_size)
+            costs = Costs.analytic(hardware=config.replica.hardware,
+                                   block_size=config.replica.block_size)
         self.sim_costs = costs
         self.model, self.costs = costs.model, costs.costs
-        self.step_time = (parse_step_time(config.step_time)
-                          or CostStepTime(costs.costs, costs.decode))
-        self.block_size = config.block_size
-        self.block_bytes = float(config.block_size * self.model.kv_bytes_per_token)
-        if config.gpu_blocks is not None:
-            self.num_gpu_blocks = config.gpu_blocks
-        else:
-            memory_gib = config.gpu_memory_gib or get_hardware(config.hardware).memory_gib
-            kv_bytes = memory_gib * GIB * config.gpu_memory_utilization - self.model.weight_bytes
-            self.num_gpu_blocks = int(kv_bytes // self.block_bytes)
-            if self.num_gpu_blocks < 1:
-                raise ValueError(
-                    f"{self.model.name} weights ({self.model.weight_bytes / GIB:.1f} GiB) leave "
-                    f"no KV cache in {memory_gib:g} GiB x {config.gpu_memory_utilization:g}; "
-                    "give gpu_blocks or more GPU memory")
-        self.usable_blocks = self.num_gpu_blocks - int(rules.null_block)
-        if self.usable_blocks < 1:
-            raise ValueError(f"{self.num_gpu_blocks} GPU block(s) leave none beside vLLM's null "
-                             "block; give more blocks")
-        self.watermark_blocks = int(rules.watermark * self.num_gpu_blocks)
-        self.num_cpu_blocks = (config.cpu_swap_blocks if config.cpu_swap_blocks is not None
-                               else int(config.cpu_swap_gib * GIB // self.block_bytes))
+        self.replica = replica = plan_kv_cache(config.replica, costs.model)
+        self.pricer = StepPricer(parse_step_time(config.step_time)
+                                 or CostStepTime(costs.costs, costs.decode), costs.model)
+        self.workload = workload
+        self.block_size = replica.block_size
+        self.block_bytes = float(replica.block_size * self.model.kv_bytes_per_token)
         self.requests = RequestTable(workload)
-        if rules.prefix_caching:
-            tokens = tokens if tokens is not None else random_token_ids(workload, config.seed)
+        if replica.enable_prefix_caching:
+            tokens = tokens if tokens is not None else random_token_ids(workload,
+                                                                       config.knobs.seed)
             tokens.check(workload)
-            hashes = PrefixHashes(tokens, self.requests.output_tokens, self.block_size)
-            # No request can find another's blocks: hits are its own, kept since a preemption.
-            self.private_prefixes = hashes.first_blocks_distinct()
-            pool = PrivatePrefixPool if self.private_prefixes else PrefixCachePool
-            self.pool: CountingPool | PrefixCachePool = pool(self.usable_blocks, hashes)
-        else:
-            self.private_prefixes = True  # nothing is found again
-            self.pool = CountingPool(self.usable_blocks)
-        self.admits_all = ADMISSION[config.admission] is admit_fcfs  # no view to build
-        predictor = PREDICTORS[config.predictor]
-        self.predictor = predictor(**config.knobs(predictor))
+        self.kv = KVCacheManager(replica, self.requests, tokens)
+        self.usable_blocks = replica.usable_blocks
+        functions = config.policy.functions()
+        self.admits_all = functions["admission"] is admit_fcfs  # no view to build
+        self.predictor = bind(functions["predictor"], config.knobs)()
         self.admit, self.choose_victim, self.preemption = (
-            functools.partial(fn, **config.knobs(fn)) for fn in (
-                ADMISSION[config.admission], VICTIMS[config.victim],
-                PREEMPTIONS[config.preemption]))
+            bind(functions[axis], config.knobs) for axis in ("admission", "victim", "preemption"))
 
         self.now_s = 0.0
         self.gpu_free_s = 0.0  # when the last step launched ends
         self.in_flight: deque[Batch] = deque()
         self.admitted_head: int | None = None  # see `_admit_waiting`
-        self.queue_size = 2 if rules.async_scheduling else 1  # batches in flight at most
-        self.free_cpu_blocks = self.num_cpu_blocks
+        self.queue_size = 2 if replica.async_scheduling else 1  # batches in flight at most
+        self.free_cpu_blocks = replica.num_cpu_blocks
         self.running = EMPTY  # ids in admission order
         self.waiting: deque[int] = deque()
         self.next_arrival = 0
@@ -207,19 +178,19 @@ class Simulator:
         self.flops = self.recompute_flops = 0.0
         self.max_kv_blocks_used = 0
         self.timeline: list[tuple[float, int, int]] = []
-        self.log = StepLogBuilder(engine=f"kvbench {rules.name}") if record else None
+        self.log = StepLogBuilder(engine=f"kvbench {replica.engine}") if record else None
         self._reject_impossible()
         # The request ends at its length limit (max_tokens or max_model_len): under async
         # scheduling vLLM skips it while its last token is in flight (`_wanted_tokens`).
         req = self.requests
         self.stops_at_limit = (req.prompt_tokens + req.output_tokens
                                >= np.minimum(req.max_total_tokens,
-                                             config.max_model_len or np.iinfo(np.int64).max))
+                                             replica.max_model_len or np.iinfo(np.int64).max))
         self.num_done = len(self.requests.reject_reason)  # finished or rejected
 
     @property
     def free_gpu_blocks(self) -> int:
-        return self.pool.num_free
+        return self.kv.num_free
 
     # -----------------------------------------------------------------------------------------
     # Public driver
@@ -241,7 +212,7 @@ class Simulator:
         if self.next_arrival < n and req.arrival_s[self.next_arrival] <= self.now_s:
             self._enqueue_arrivals()
         if self.running.size or self.waiting:
-            while self._skip_decode_steps():  # runs of steps, each one as `step` would be
+            while self.config.decode_runs and self._run_decode_steps():  # as `step` would
                 if self.next_arrival < n and req.arrival_s[self.next_arrival] <= self.now_s:
                     self._enqueue_arrivals()
             executed = self._schedule()
@@ -266,8 +237,8 @@ class Simulator:
         timeline = np.array(self.timeline, dtype=np.float64).reshape(-1, 3)
         return SimResult(
             config=self.config, workload=self.workload.describe(), model=self.model.name,
-            profile_source=self.sim_costs.source, num_gpu_blocks=self.num_gpu_blocks,
-            num_cpu_blocks=self.num_cpu_blocks, block_bytes=self.block_bytes,
+            profile_source=self.sim_costs.source, num_gpu_blocks=self.replica.num_gpu_blocks,
+            num_cpu_blocks=self.replica.num_cpu_blocks, block_bytes=self.block_bytes,
             requests=self.requests, steps=self.steps, end_s=self.now_s, busy_ms=self.busy_ms,
             recompute_ms=self.recompute_ms, swap_ms=self.swap_ms, flops=self.flops,
             recompute_flops=self.recompute_flops, max_kv_blocks_used=self.max_kv_blocks_used,
@@ -286,28 +257,12 @@ class Simulator:
     # Arrivals, rejection, livelock
 
     def _reject_impossible(self) -> None:
-        req, cfg, rules = self.requests, self.config, self.rules
-        if cfg.max_model_len is not None:
-            too_long = req.prompt_tokens >= cfg.max_model_len
-            for i in np.flatnonzero(too_long).tolist():
-                req.reject_reason[i] = (f"prompt of {req.prompt_tokens[i]} tokens is not shorter "
-                                        f"than max_model_len ({cfg.max_model_len})")
-            np.minimum(req.output_tokens, np.maximum(cfg.max_model_len - req.prompt_tokens, 1),
+        req, replica = self.requests, self.replica
+        req.reject_reason.update(replica.check_fits(req.prompt_tokens, req.output_tokens))
+        if replica.max_model_len is not None:  # generation stops at max_model_len
+            np.minimum(req.output_tokens,
+                       np.maximum(replica.max_model_len - req.prompt_tokens, 1),
                        out=req.output_tokens)
-        # The last token is sampled, never fed back: its KV is never computed.
-        kv_tokens = req.prompt_tokens + req.output_tokens - 1
-        too_big = (cdiv(kv_tokens, self.block_size) > self.usable_blocks) & (req.state != REJECTED)
-        for i in np.flatnonzero(too_big).tolist():
-            req.reject_reason[i] = (f"{kv_tokens[i]} tokens of KV need "
-                                    f"{cdiv(int(kv_tokens[i]), self.block_size)} blocks; the "
-                                    f"cache has {self.usable_blocks}")
-        if not cfg.chunked_prefill:
-            total = req.prompt_tokens + req.output_tokens
-            too_long = ~too_big & (total > rules.max_num_batched_tokens)
-            for i in np.flatnonzero(too_long).tolist():
-                req.reject_reason[i] = (f"prompt + output = {total[i]} tokens exceed "
-                                        f"max_num_batched_tokens ({rules.max_num_batched_tokens})"
-                                        " and chunked prefill is off")
         req.state[list(req.reject_reason)] = REJECTED
 
     def _enqueue_arrivals(self) -> None:
@@ -360,8 +315,7 @@ class Simulator:
                 ids = np.concatenate([ids, np.array(new_ids, dtype=np.int64)])
                 tokens = np.concatenate([tokens, np.array(new_tokens, dtype=np.int64)])
         self.admitted_head = None
-        used = self.usable_blocks - self.free_gpu_blocks
-        self.max_kv_blocks_used = max(self.max_kv_blocks_used, used)
+        self.max_kv_blocks_used = max(self.max_kv_blocks_used, self.kv.num_used)
         return self._launch(ids, tokens)
 
     def _wanted_tokens(self, run: np.ndarray, computed: np.ndarray) -> np.ndarray:
@@ -370,12 +324,12 @@ class Simulator:
         req = self.requests
         placeholders = req.placeholders[run]
         want = req.known_tokens(run) + placeholders - computed
-        if self.rules.async_scheduling:  # its step in flight yields its last token: skip it
+        if self.replica.async_scheduling:  # its step in flight yields its last token: skip it
             last = (placeholders > 0) & (computed + 2 - placeholders
                                          >= req.max_total_tokens[run])
             want[last] = 0
-        if self.config.max_model_len is not None:  # no position past max_model_len - 1
-            want = np.minimum(want, self.config.max_model_len - 1 - computed)
+        if self.replica.max_model_len is not None:  # no position past max_model_len - 1
+            want = np.minimum(want, self.replica.max_model_len - 1 - computed)
         return want
 
     def _schedule_running(self) -> tuple[np.ndarray, np.ndarray, int, bool]:
@@ -384,38 +338,38 @@ class Simulator:
         Returns the scheduled ids, their token counts, the token budget left and whether any
         request was preempted.
         """
-        req = self.requests
-        budget = self.rules.max_num_batched_tokens
+        req, kv = self.requests, self.kv
+        budget = self.replica.max_num_batched_tokens
         run = self.running
         if not run.size:
             return run, run, budget, False
         computed = req.computed_tokens[run]
         tokens, need = self._tokens_and_blocks(run, computed, budget)
-        if int(need.sum()) <= self.free_gpu_blocks:  # the common case: everything fits
-            self._allocate(run, need)
+        if int(need.sum()) <= kv.num_free:  # the common case: everything fits
+            kv.allocate(run, need)
             budget -= int(tokens.sum())
             if np.count_nonzero(tokens) < run.size:  # leave out those with nothing to compute
                 scheduled = tokens > 0
                 run, computed, tokens = run[scheduled], computed[scheduled], tokens[scheduled]
-            self._cache_blocks(run, computed + tokens)
+            kv.cache(run, computed + tokens)
             return run, tokens, budget, False
         # The requests whose blocks fit are scheduled at once, up to one whose blocks do not:
         # it preempts victims until they do, or is itself the victim. Then on from the next.
         order = run.tolist()
         done: list[int] = []  # tokens of order[:len(done)] (0: not scheduled)
         while True:
-            first = int(np.searchsorted(np.cumsum(need), self.free_gpu_blocks, side="right"))
+            first = int(np.searchsorted(np.cumsum(need), kv.num_free, side="right"))
             fitted = tokens[:first]
-            self._allocate(run[:first], need[:first])
+            kv.allocate(run[:first], need[:first])
             some = fitted > 0
-            self._cache_blocks(run[:first][some], computed[:first][some] + fitted[some])
+            kv.cache(run[:first][some], computed[:first][some] + fitted[some])
             done += fitted.tolist()
             budget -= int(fitted.sum())
             pos = len(done)
             if pos == len(order) or budget <= 0:
                 break
             i, num_tokens, num_new = order[pos], int(tokens[first]), int(need[first])
-            while num_new > self.free_gpu_blocks and req.state[i] == RUNNING:
+            while num_new > kv.num_free and req.state[i] == RUNNING:
                 view = self.view(np.array(order, dtype=np.int64))
                 at = self.choose_victim(view, self.preemption(view, view.running))
                 victim = order[at]
@@ -426,8 +380,8 @@ class Simulator:
                 self._preempt(victim)
             if req.state[i] != RUNNING:  # it was its own victim: stop scheduling this step
                 break
-            self._allocate_one(i, num_new)
-            self._cache_one(i, int(computed[first]) + num_tokens)
+            kv.allocate_one(i, num_new)
+            kv.cache_one(i, int(computed[first]) + num_tokens)
             done.append(num_tokens)
             budget -= num_tokens
             if pos + 1 == len(order) or budget <= 0:
@@ -448,56 +402,7 @@ class Simulator:
         tokens = self._wanted_tokens(run, computed)
         if int(tokens.sum()) > budget:
             tokens = np.clip(budget - (np.cumsum(tokens) - tokens), 0, tokens)
-        return tokens, cdiv(computed + tokens, self.block_size) - self.requests.gpu_blocks[run]
-
-    def _allocate(self, ids: np.ndarray, new_blocks: np.ndarray) -> None:
-        """Give each request its new blocks, in order (the order blocks leave the free queue)."""
-        self.requests.gpu_blocks[ids] += new_blocks
-        if self.pool.tracks_blocks:
-            some = np.flatnonzero(new_blocks)
-            for i, k in zip(ids[some].tolist(), new_blocks[some].tolist()):
-                self.pool.allocate(i, k)
-        else:
-            self.pool.allocate(-1, int(new_blocks.sum()))
-
-    def _allocate_one(self, i: int, new_blocks: int) -> None:
-        self.requests.gpu_blocks[i] += new_blocks
-        if new_blocks:
-            self.pool.allocate(i, new_blocks)
-
-    def _cache_one(self, i: int, upto_tokens: int) -> None:
-        """`_cache_blocks` of one request, in plain ints."""
-        if self.pool.caching:
-            req = self.requests
-            full = min(upto_tokens, int(req.known_tokens(i))) // self.block_size
-            if full > req.cached_blocks[i]:
-                if self.pool.tracks_blocks:
-                    self.pool.cache_blocks(i, int(req.cached_blocks[i]), full)
-                req.cached_blocks[i] = full
-
-    def _cache_blocks(self, ids: np.ndarray, upto_tokens: np.ndarray) -> None:
-        """Register the full blocks of known tokens among each request's first `upto_tokens`
-        (kv_cache_manager.py:606-616; the tokens of a step in flight are not known yet)."""
-        if self.pool.caching and ids.size:
-            self._cache_full_blocks(ids, np.minimum(upto_tokens, self.requests.known_tokens(ids))
-                                    // self.block_size)
-
-    def _cache_full_blocks(self, ids: np.ndarray, full: np.ndarray) -> None:
-        """Register each request's first `full` blocks, those not registered yet."""
-        req = self.requests
-        if not self.pool.tracks_blocks:  # counts only
-            req.cached_blocks[ids] = np.maximum(full, req.cached_blocks[ids])
-            return
-        grow = full > req.cached_blocks[ids]
-        for i, upto in zip(ids[grow].tolist(), full[grow].tolist()):
-            self.pool.cache_blocks(i, int(req.cached_blocks[i]), upto)
-        req.cached_blocks[ids[grow]] = full[grow]
-
-    def _free_blocks(self, i: int, preempted: bool = False) -> None:
-        req = self.requests
-        self.pool.free(i, int(req.gpu_blocks[i]), int(req.cached_blocks[i]), preempted)
-        req.gpu_blocks[i] = 0
-        req.cached_blocks[i] = 0
+        return tokens, self.kv.new_blocks(run, computed, tokens)
 
     def _preempt(self, victim: int) -> None:
         req = self.requests
@@ -515,42 +420,14 @@ class Simulator:
                                                       computed)
             req.computed_tokens[victim] = 0
             req.state[victim] = WAITING
-        self._free_blocks(victim, preempted=True)
+        self.kv.free(victim, preempted=True)
         req.placeholders[victim] = 0  # an output in flight arrives stale (scheduler.py:1600)
         req.num_preemptions[victim] += 1
         self.waiting.appendleft(victim)
         self.step_preempted.append(victim)
 
     def _fit(self, i: int, budget: int, free: int) -> tuple[list[int], int, int, int] | None:
-        """Whether waiting request `i` fits the cache with `free` blocks free and `budget` tokens
-        left: its prefix-cache hits, computed tokens after them, tokens to schedule and new
-        blocks; None if it does not fit."""
-        req, cfg, bs, pool = self.requests, self.config, self.block_size, self.pool
-        computed = int(req.computed_tokens[i])
-        known = int(req.known_tokens(i))
-        hits = self._hits(i)
-        computed += len(hits) * bs
-        want = known - computed
-        if want > budget and not cfg.chunked_prefill:
-            return None
-        num_tokens = min(want, budget)
-        in_queue = pool.num_evictable(hits) if hits else 0
-        extra = in_queue + (self.watermark_blocks if self.running.size else 0)
-        if self.rules.full_prompt_admission:
-            whole = known if cfg.max_model_len is None else min(known, cfg.max_model_len)
-            if cdiv(whole, bs) - len(hits) + extra > free:
-                return None
-        blocks = cdiv(computed + num_tokens, bs) - len(hits)
-        if blocks + extra > free:
-            return None
-        return hits, computed, num_tokens, blocks
-
-    def _hits(self, i: int) -> list[int]:
-        """The prefix-cache blocks waiting request `i` would start with."""
-        req = self.requests
-        if not self.pool.caching or req.computed_tokens[i]:
-            return []
-        return self.pool.lookup(i, int(req.known_tokens(i)))
+        return self.kv.can_admit(i, budget, free, running=bool(self.running.size))
 
     def _policy_admits(self, i: int, reads: set[str] | None = None) -> bool:
         """Whether the admission policy admits waiting request `i` now; `reads` collects the
@@ -561,12 +438,12 @@ class Simulator:
     def _admit_waiting(self, budget: int, admitted: int | None) -> tuple[list[int], list[int]]:
         """Admit waiting requests in order while they fit and the policy agrees (`admitted`: a
         request the policy has admitted in this very state)."""
-        req, bs, pool = self.requests, self.block_size, self.pool
+        req, kv = self.requests, self.kv
         ids: list[int] = []
         tokens: list[int] = []
-        while self.waiting and budget > 0 and self.running.size < self.rules.max_num_seqs:
+        while self.waiting and budget > 0 and self.running.size < self.replica.max_num_seqs:
             i = self.waiting[0]
-            fit = self._fit(i, budget, self.free_gpu_blocks)
+            fit = self._fit(i, budget, kv.num_free)
             if fit is None or (i != admitted and not self._policy_admits(i)):
                 break
             hits, computed, num_tokens, blocks = fit
@@ -574,18 +451,13 @@ class Simulator:
             if req.state[i] == SWAPPED:
                 self.free_cpu_blocks += int(req.cpu_blocks[i])
                 req.cpu_blocks[i] = 0
-                req.swapped_bytes[i] += cdiv(computed, bs) * self.block_bytes
+                req.swapped_bytes[i] += cdiv(computed, self.block_size) * self.block_bytes
                 self.step_swap_ms += float(self.costs.swap_ms(computed)) / 2
             req.state[i] = RUNNING
+            kv.admit(i, hits, computed, blocks)
             if hits:
-                pool.touch(i, hits)
-                req.gpu_blocks[i] = len(hits)
-                req.cached_blocks[i] = len(hits)
-                req.computed_tokens[i] = computed
-                req.prefix_hit_tokens[i] += len(hits) * bs
-                self.step_hits.append((i, len(hits) * bs))
-            self._allocate_one(i, blocks)
-            self._cache_one(i, computed + num_tokens)
+                self.step_hits.append((i, len(hits) * self.block_size))
+            kv.cache_one(i, computed + num_tokens)
             self.running = np.concatenate((self.running, [i]))
             ids.append(i)
             tokens.append(num_tokens)
@@ -598,47 +470,36 @@ class Simulator:
     def _launch(self, ids: np.ndarray, tokens: np.ndarray) -> bool:
         """Price and launch a scheduled step (computed tokens move on now, as in vLLM's
         _update_after_schedule); its output waits in `in_flight`."""
-        req, model = self.requests, self.model
+        req = self.requests
         start = req.computed_tokens[ids]
         end = start + tokens
         output = req.generated_tokens[ids] + req.placeholders[ids]
         samples = end == req.prompt_tokens[ids] + output
         decode = samples & (tokens == 1) & (output > 0)
-        num_decode = int(np.count_nonzero(decode))
         executed = bool(ids.size)
-        step_ms = self.step_swap_ms
-        if num_decode < ids.size:
-            prefill = ~decode
-            p_ids, p_start, p_end = ids[prefill], start[prefill], end[prefill]
-            step_ms += float(self.step_time.prefill_ms(p_start, p_end).sum())
+        if not decode.all():
             # Positions below the recompute target had KV that a preemption dropped; only
             # prefill chunks reach them (a resumed request recomputes before it decodes).
-            redo_end = np.minimum(p_end, req.recompute_target_tokens[p_ids])
-            redo = redo_end > p_start
-            if redo.any():
-                r_ids, r_start, r_end = p_ids[redo], p_start[redo], redo_end[redo]
-                redo_flops = model.chunk_flops(r_start, r_end)
-                req.recompute_tokens[r_ids] += r_end - r_start
+            prefill = ~decode
+            redo, redo_tokens, redo_flops = self.model.recomputation(
+                start[prefill], end[prefill], req.recompute_target_tokens[ids[prefill]])
+            if redo_tokens.size:
+                r_ids, r_start = ids[prefill][redo], start[prefill][redo]
+                req.recompute_tokens[r_ids] += redo_tokens
                 req.wasted_flops[r_ids] += redo_flops
                 self.recompute_flops += float(redo_flops.sum())
-                self.recompute_ms += float(self.step_time.prefill_ms(r_start, r_end).sum())
-        if num_decode:  # mean context: an exact integer sum over the count, as numpy's mean
-            context = end if num_decode == ids.size else end[decode]
-            step_ms += self.step_time.decode_ms(num_decode, int(context.sum()) / num_decode)
+                self.recompute_ms += self.pricer.recompute_ms(r_start, r_start + redo_tokens)
         start_s = self.now_s
         if executed:
-            step_ms += self.step_time.fixed_ms
-            self.flops += (model.linear_flops_per_token * float(tokens.sum())
-                           + model.attention_flops_per_token_sq
-                           * float((end * end - start * start).sum())
-                           + model.lm_head_flops * int(np.count_nonzero(samples)))
+            step_ms, flops = self.pricer.step(start, end, samples, decode, self.step_swap_ms)
+            self.flops += flops
             self.busy_ms += step_ms
             self.swap_ms += self.step_swap_ms
             start_s = max(self.now_s, self.gpu_free_s)
             self.gpu_free_s = start_s + step_ms / 1e3
             self.steps += 1
         req.computed_tokens[ids] = end
-        if self.rules.async_scheduling:
+        if self.replica.async_scheduling:
             req.placeholders[ids[samples]] += 1
         log_step = None
         if self.log is not None and (executed or self.step_preempted):
@@ -659,7 +520,7 @@ class Simulator:
         """A step's tokens arrive (vLLM's update_from_output): one per sampling request, also
         for a request preempted since (a stale output, scheduler.py:2080-2103)."""
         req = self.requests
-        used = self.usable_blocks - self.free_gpu_blocks
+        used = self.kv.num_used
         sampled = batch.ids[batch.samples]
         state = req.state[sampled]
         if np.count_nonzero(state == FINISHED):
@@ -672,12 +533,12 @@ class Simulator:
         self.iterations_without_token = 0
         generated = req.generated_tokens[sampled] + 1
         req.generated_tokens[sampled] = generated
-        if self.rules.async_scheduling:
+        if self.replica.async_scheduling:
             running = state == RUNNING
             running = sampled if np.count_nonzero(running) == sampled.size else sampled[running]
             placeholders = req.placeholders[running] - 1
             req.placeholders[running] = placeholders
-            self._cache_blocks(running, req.computed_tokens[running] - placeholders)
+            self.kv.cache(running, req.computed_tokens[running] - placeholders)
         req.first_token_s[sampled[generated == 1]] = self.now_s
         output = req.output_tokens[sampled]
         outlived = (generated >= req.predicted_output_tokens[sampled]) & (generated < output)
@@ -699,7 +560,7 @@ class Simulator:
         req.finish_s[finished] = self.now_s
         for i in finished.tolist():
             if req.state[i] == RUNNING:
-                self._free_blocks(i)
+                self.kv.free(i)
             else:  # finished by a stale output while waiting
                 self.waiting.remove(i)
                 self.free_cpu_blocks += int(req.cpu_blocks[i])
@@ -709,16 +570,14 @@ class Simulator:
         if was_running.any():
             self.running = self.running[req.state[self.running] == RUNNING]
         self.predictor.observe(req.prompt_tokens[finished], req.output_tokens[finished])
-        if self.pool.caching:
-            for i in finished.tolist():
-                self.pool.hashes.forget(i)
+        self.kv.forget(finished)
         if self.log is not None and log_step is not None:
             self.log.add_events("finished", log_step, finished.tolist())
 
     # -----------------------------------------------------------------------------------------
     # Fast path: runs of plain decode steps
 
-    def _skip_decode_steps(self) -> bool:
+    def _run_decode_steps(self) -> bool:
         """Run the coming steps at once while they are all plain decode steps; True if any ran.
 
         With every running request decoding and no request admitted, the next steps only grow
@@ -738,14 +597,16 @@ class Simulator:
         of that step (`head_admitted`); a verdict that read only columns no step changes
         (`STATIC_COLUMNS`) holds for the run. The head's prefix-cache hits must stay what they
         are: no block of the run may evict one of them, and no running request may register one
-        of its hashes, which only a request with the same first block can (`private_prefixes`).
+        of its hashes, which only a request with the same first block can
+        (`KVCacheManager.private_prefixes`).
         """
-        req, run, bs, rules = self.requests, self.running, self.block_size, self.rules
-        asynchronous = rules.async_scheduling
-        if not run.size or run.size > rules.max_num_batched_tokens:
+        req, run, bs, replica = self.requests, self.running, self.block_size, self.replica
+        kv = self.kv
+        asynchronous = replica.async_scheduling
+        if not run.size or run.size > replica.max_num_batched_tokens:
             return False
         head = self.waiting[0] if self.waiting else None
-        if head is not None and not self.private_prefixes:
+        if head is not None and not kv.private_prefixes:
             return False
         if asynchronous:  # one decode step of these requests in flight, and of finished ones
             if len(self.in_flight) != 1:
@@ -784,8 +645,8 @@ class Simulator:
         if limit < 1:
             return False
         batch = run.size
-        budget = rules.max_num_batched_tokens - batch
-        check_head = head is not None and budget > 0 and batch < rules.max_num_seqs
+        budget = replica.max_num_batched_tokens - batch
+        check_head = head is not None and budget > 0 and batch < replica.max_num_seqs
         held = req.gpu_blocks[run]
         shown = False  # whether the policy was shown a later step's state
         steady = False  # whether the policy's last verdict holds for the whole run
@@ -815,7 +676,7 @@ class Simulator:
         # Step s takes a block for each request whose s-th token starts one: computed + s is a
         # multiple of the block size (each holds cdiv(computed) blocks).
         position = computed % bs
-        free = self.free_gpu_blocks
+        free = kv.num_free
         if check_head:
             admitted = head_admitted(0, free - int(np.count_nonzero(position == 0)))
             req.gpu_blocks[run] = held
@@ -825,21 +686,20 @@ class Simulator:
         starting = np.bincount(position, minlength=bs).tolist()  # blocks at each position
         taken = list(itertools.accumulate(starting[-step % bs] for step in range(limit)))
         limit = bisect.bisect_right(taken, free)  # steps whose blocks fit
-        hits = self._hits(head) if check_head else []
-        if hits and self.pool.num_evictable(hits):  # evict none of the head's hits
-            limit = min(limit, bisect.bisect_right(taken, self.pool.num_unhashed_free))
+        hits = kv.get_computed_blocks(head) if check_head else []
+        if hits and kv.pool.num_evictable(hits):  # evict none of the head's hits
+            limit = min(limit, bisect.bisect_right(taken, kv.pool.num_unhashed_free))
         if limit < 1:
             return False
         free_after = [free - blocks for blocks in taken[:limit]]
         total = int(computed.sum())
-        means = (total + batch * np.arange(1, limit + 1)) / batch
         next_arrival_s = self._next_arrival_s()
         landed_log_steps = []  # of the steps whose outputs land in the run, in order
         if asynchronous:  # its output is the first to land in the run
             landed_log_steps.append(self.in_flight.pop().log_step)
         num_steps = 0
         step_starts = []
-        for step_ms in self.step_time.decode_steps_ms(batch, means).tolist():
+        for step_ms in self.pricer.decode_run(batch, total, limit).tolist():
             if num_steps:
                 if next_arrival_s <= self.now_s:
                     if head is None:
@@ -864,23 +724,17 @@ class Simulator:
         if shown:
             req.gpu_blocks[run] = held
         end = computed + num_steps
-        self._allocate_decode_run(run, computed, num_steps, taken[num_steps - 1])
+        kv.allocate_decode_run(run, computed, num_steps, taken[num_steps - 1])
         req.computed_tokens[run] = end
         req.generated_tokens[run] = generated = generated + num_steps
         if num_steps == revised:  # requests that reached their predictions in the last landing
             late = outlives & (generated == predicted)
             self._revise_predictions(run[late], generated[late])
-        if self.pool.caching:  # all known but the token in flight under async
-            self._cache_full_blocks(run, (end - asynchronous) // bs)
-        model = self.model
-        per_token_flops = model.linear_flops_per_token + model.lm_head_flops
-        # sum((c + n)^2 - c^2) over the batch, as an exact integer
-        squares = 2 * num_steps * total + batch * num_steps * num_steps
-        self.flops += (batch * num_steps * per_token_flops
-                       + model.attention_flops_per_token_sq * float(squares))
+        kv.cache_full(run, (end - asynchronous) // bs)  # all known but the token in flight
+        self.flops += self.pricer.decode_run_flops(batch, total, num_steps)
         self.steps += num_steps
         self.iterations_without_token = 0
-        used = self.usable_blocks - self.free_gpu_blocks
+        used = kv.num_used
         self.max_kv_blocks_used = max(self.max_kv_blocks_used, used)
         log_steps = [None] * num_steps
         if self.log is not None:
@@ -894,28 +748,7 @@ class Simulator:
         self.timeline.append((self.now_s, used, self.running.size))
         return True
 
-    def _allocate_decode_run(self, run: np.ndarray, computed: np.ndarray, num_steps: int,
-                             num_blocks: int) -> None:
-        """Blocks for `num_steps` decode steps of `run` (`num_blocks` in all): in step order,
-        then running order."""
-        bs = self.block_size
-        if not self.pool.tracks_blocks:  # counts
-            self.requests.gpu_blocks[run] = cdiv(computed + num_steps, bs)
-            self.pool.allocate(-1, num_blocks)
-            return
-        new = cdiv(computed + num_steps, bs) - self.requests.gpu_blocks[run]
-        # Request p needs a new block at step s when computed_p + s - 1 is a multiple of bs.
-        first = (-(computed[new > 0]) % bs) + 1  # step of its first new block
-        pos = np.repeat(np.flatnonzero(new > 0), new[new > 0])
-        offsets = np.arange(pos.size) - np.repeat(np.cumsum(new[new > 0]) - new[new > 0],
-                                                  new[new > 0])
-        steps = np.repeat(first, new[new > 0]) + offsets * bs
-        order = np.lexsort((pos, steps))
-        for i in run[pos[order]].tolist():
-            self._allocate_one(i, 1)
-
-
-def simulate(workload: Workload, config: SimConfig = SimConfig(), costs: SimCosts | None = None,
+def simulate(workload: Workload, config: SimConfig = SimConfig(), costs: Costs | None = None,
              progress: Callable[[int], None] | None = None) -> SimResult:
     """Simulate `workload` on one replica under `config`; see the module docstring."""
     return Simulator(workload, config, costs).run(progress)

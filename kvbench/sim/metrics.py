@@ -97,10 +97,10 @@ def summarize(result: SimResult) -> dict:
     useful_s = (result.busy_ms - result.recompute_ms - result.swap_ms) / 1e3
     summary = {
         "policy": result.config.policy_name,
-        "admission": result.config.admission,
-        "victim": result.config.victim,
-        "preemption": result.config.preemption,
-        "predictor": result.config.predictor,
+        "admission": result.config.policy.admission,
+        "victim": result.config.policy.victim,
+        "preemption": result.config.policy.preemption,
+        "predictor": result.config.policy.predictor,
         "workload": result.workload["name"],
         "model": result.model,
         "profile_source": result.profile_source,

@@ -1,9 +1,11 @@
 """Scheduling policies, registered by name; any admission, victim and preemption combine.
 
 Each policy is a plain function of a `SchedulerView` (kvbench/sim/view.py: the running requests
-in admission order, the cache, the costs) and keyword knobs named like `SimConfig`'s fields, so
-the same function serves the simulator and a real engine's scheduler. Adding one is a function
-and a registry entry.
+in admission order, the cache, the costs) and keyword knobs, each a field of `Knobs`, so the same
+function serves the simulator and a real engine's scheduler. A `PolicySpec` names one function
+per axis (`admission/victim/preemption/predictor[@engine]`) and `bind` gives each function its
+knobs: the simulator and the vLLM plugin both bind through it. Adding a policy is a function and
+a registry entry (and a `Knobs` field for a new knob).
 
 Admission (`ADMISSION`): may the head of the waiting queue start now? The engine has already
 checked what every policy shares (vLLM V1): a free slot under `max_num_seqs`, token budget left
@@ -38,10 +40,21 @@ Preemption (`PREEMPTIONS`): for each of some running requests, swap (True) or re
 
 from __future__ import annotations
 
+import difflib
+import functools
+import inspect
+from dataclasses import dataclass, fields
+
 import numpy as np
 
+from kvbench.errors import KvbenchError
+from kvbench.fields import option
+from kvbench.limits import MAX_BLOCKS, MAX_TOKENS, check_finite, check_int, check_name
+from kvbench.sim.predictors import PREDICTORS
 from kvbench.sim.requests import cdiv
 from kvbench.sim.view import Requests, SchedulerView
+
+MAX_NOISE_SIGMA = 10.0  # a log-normal factor of e^10 (22,000) either way is noise enough
 
 
 def future_peak_blocks(known_tokens: np.ndarray, remaining_tokens: np.ndarray,
@@ -121,3 +134,84 @@ def swap_if_cheaper(view: SchedulerView, victims: Requests) -> np.ndarray:
 ADMISSION = {"fcfs": admit_fcfs, "reserve-max": admit_reserve_max, "future-kv": admit_future_kv}
 VICTIMS = {"lifo": victim_lifo, "lcf": victim_lcf, "cost-aware": victim_cost_aware}
 PREEMPTIONS = {"recompute": swap_never, "swap": swap_if_room, "selector": swap_if_cheaper}
+REGISTRIES = {"admission": ADMISSION, "victim": VICTIMS, "preemption": PREEMPTIONS,
+              "predictor": PREDICTORS}
+POLICY_AXES = tuple(REGISTRIES)
+
+
+@dataclass(frozen=True)
+class Knobs:
+    """Every keyword a registered policy or predictor takes, with its default."""
+
+    headroom_fraction: float = option(0.0, "future-kv: share of the cache kept free.")
+    long_output_tokens: int = option(512, "future-kv: a prediction this long counts as long.")
+    max_long_requests: int | None = option(None, "future-kv: long requests running at most.")
+    protect_steps: int = option(4, "cost-aware: spare requests predicted to end this soon.")
+    noise_sigma: float = option(0.5, "noisy: sigma of the log-normal error.")
+    history_quantile: float = option(0.5, "history: quantile of recent outputs.")
+    history_window: int = option(1000, "history: finished requests remembered per bucket.")
+    seed: int = option(0, "Seed of synthetic workloads, prompts and noisy predictions.")
+
+    def __post_init__(self) -> None:
+        if not 0 <= check_finite("headroom_fraction", self.headroom_fraction) < 1:
+            raise KvbenchError(f"headroom_fraction must be in [0, 1), got "
+                               f"{self.headroom_fraction}")
+        for name in ("long_output_tokens", "history_window"):
+            check_int(name, getattr(self, name), 1, MAX_TOKENS)
+        if self.max_long_requests is not None:
+            check_int("max_long_requests", self.max_long_requests, 0, MAX_BLOCKS)
+        check_int("protect_steps", self.protect_steps, 0, MAX_TOKENS)
+        check_int("seed", self.seed, 0, 2**63 - 1)
+        check_finite("noise_sigma", self.noise_sigma, low=0, high=MAX_NOISE_SIGMA)
+        if not 0 < check_finite("history_quantile", self.history_quantile, high=1):
+            raise KvbenchError(f"history_quantile must be in (0, 1], got {self.history_quantile}")
+
+
+KNOB_FIELDS = tuple(f.name for f in fields(Knobs))
+
+
+def bind(fn, knobs: Knobs):
+    """`fn` (a registered policy, or a predictor class) with the knobs its signature names."""
+    given = {name: getattr(knobs, name) for name in inspect.signature(fn).parameters
+             if name in KNOB_FIELDS}
+    return functools.partial(fn, **given)
+
+
+@dataclass(frozen=True)
+class PolicySpec:
+    """One function per axis by name; `engine` (a named `ReplicaSpec`) when the policy is
+    written `...@engine`, else None: the replica's own rules."""
+
+    admission: str = option("fcfs", "fcfs, reserve-max or future-kv.")
+    victim: str = option("lifo", "lifo, lcf or cost-aware.")
+    preemption: str = option("recompute", "recompute, swap or selector.")
+    predictor: str = option("oracle", "oracle, noisy, history or max.")
+    engine: str | None = None
+
+    def __post_init__(self) -> None:
+        for axis, registry in REGISTRIES.items():
+            name = check_name(axis, getattr(self, axis))
+            if name not in registry:
+                hint = difflib.get_close_matches(name, registry, n=1)
+                raise KvbenchError(f"unknown {axis} {'' if axis == 'predictor' else 'policy '}"
+                                   f"{name!r}" + (f" (did you mean {hint[0]!r}?)" if hint else "")
+                                   + f"; choose from {', '.join(registry)}")
+
+    @classmethod
+    def parse(cls, text: str) -> PolicySpec:
+        """'future-kv/cost-aware/selector/history[@vllm-legacy]'."""
+        policy, at, engine = check_name("policy", text).partition("@")
+        parts = [p.strip() for p in policy.split("/")]
+        if len(parts) != len(REGISTRIES):
+            raise KvbenchError(f"policy {text!r}: write it as admission/victim/preemption/"
+                               "predictor[@engine], e.g. future-kv/lifo/recompute/oracle")
+        return cls(*parts, engine=engine.strip() if at else None)
+
+    @property
+    def name(self) -> str:
+        engine = f"@{self.engine}" if self.engine else ""
+        return f"{self.admission}/{self.victim}/{self.preemption}/{self.predictor}{engine}"
+
+    def functions(self) -> dict:
+        """axis -> the registered function (or predictor class)."""
+        return {axis: registry[getattr(self, axis)] for axis, registry in REGISTRIES.items()}

@@ -16,12 +16,14 @@ names only the blocks a preemption freed:
 
 Block ids are labels: a block evicted from the queue starts its next life unnamed, and is named
 afresh if a preemption frees it registered. The schedules are the same as with `PrefixCachePool`
-(tests/test_sim_engine.py runs both).
+(tests/sim/test_engine.py runs both).
 """
 
 from __future__ import annotations
 
 from collections import deque
+
+import numpy as np
 
 from kvbench.sim.blocks import PrefixCachePool, PrefixHashes
 
@@ -40,7 +42,7 @@ class PrivatePrefixPool(PrefixCachePool):
     """See the module docstring. Same interface as `PrefixCachePool`; `free` is told how many
     of the request's first blocks are registered and whether it may come back (a preemption)."""
 
-    tracks_blocks = False  # allocations by number, nothing registered while it runs: `free`
+    names_blocks = False  # allocations by number, nothing registered while it runs: `free`
     # registers what a preemption frees
 
     def __init__(self, num_blocks: int, hashes: PrefixHashes) -> None:
@@ -78,6 +80,12 @@ class PrivatePrefixPool(PrefixCachePool):
                         evict -= 1
             if not run.count:
                 queue.popleft()
+
+    def allocate_each(self, requests: np.ndarray, num_blocks: np.ndarray) -> None:
+        self.allocate(-1, int(num_blocks.sum()))
+
+    def register(self, request: int, start: int, end: int) -> None:
+        """Nothing is registered while a request runs (see `free`)."""
 
     def free(self, request: int, num_blocks: int, registered: int = 0,
              reusable: bool = False) -> None:

@@ -17,7 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from kvbench.costmodel import CostModel, DecodeModel
+from kvbench.errors import KvbenchError
 from kvbench.limits import MAX_COST_MS, MAX_TOKENS
+from kvbench.models import ModelSpec
 
 _LINEAR = re.compile(r"^linear:(?P<fixed>[0-9.eE+-]+)ms\+(?P<per_token>[0-9.eE+-]+)ms/token$")
 _CONSTANT = re.compile(r"^constant:(?P<fixed>[0-9.eE+-]+)ms$")
@@ -66,17 +68,59 @@ def parse_step_time(text: str) -> LinearStepTime | None:
         return None
     match = _CONSTANT.match(text) or _LINEAR.match(text)
     if match is None:
-        raise ValueError(f"step time {text!r}: write it as {STEP_TIME_FORMS}")
+        raise KvbenchError(f"step time {text!r}: write it as {STEP_TIME_FORMS}")
     try:
         fixed, per_token = float(match["fixed"]), float(match.groupdict().get("per_token") or 0)
     except ValueError:
-        raise ValueError(f"step time {text!r}: not a number; write it as {STEP_TIME_FORMS}"
+        raise KvbenchError(f"step time {text!r}: not a number; write it as {STEP_TIME_FORMS}"
                          ) from None
     if not (np.isfinite(fixed) and np.isfinite(per_token)) or fixed < 0 or per_token < 0:
-        raise ValueError(f"step time {text!r}: times must be finite and non-negative")
+        raise KvbenchError(f"step time {text!r}: times must be finite and non-negative")
     if fixed + per_token * MAX_TOKENS > MAX_COST_MS:
-        raise ValueError(f"step time {text!r}: a step of {MAX_TOKENS} tokens would take more "
+        raise KvbenchError(f"step time {text!r}: a step of {MAX_TOKENS} tokens would take more "
                          f"than {MAX_COST_MS:g} ms")
     if fixed == 0 and per_token == 0:
-        raise ValueError(f"step time {text!r}: a step must take some time")
+        raise KvbenchError(f"step time {text!r}: a step must take some time")
     return LinearStepTime(fixed, per_token)
+
+
+@dataclass(frozen=True)
+class StepPricer:
+    """The one pricing of a step, scheduled one by one or in a run of decode steps: its time
+    (`time`: one of the forms above) and its FLOPs (`ModelSpec`)."""
+
+    time: CostStepTime | LinearStepTime
+    model: ModelSpec
+
+    def step(self, start: np.ndarray, end: np.ndarray, samples: np.ndarray, decode: np.ndarray,
+             transfer_ms: float) -> tuple[float, float]:
+        """Time (ms, after `transfer_ms` of swaps) and FLOPs of a step that computes positions
+        [start, end) of its requests; `samples`: those that sample a token, `decode`: those
+        generating one token (priced by the decode model, the others as prefill chunks)."""
+        step_ms = transfer_ms
+        num_decode = int(np.count_nonzero(decode))
+        if num_decode < start.size:
+            prefill = ~decode
+            step_ms += float(self.time.prefill_ms(start[prefill], end[prefill]).sum())
+        if num_decode:  # mean context: an exact integer sum over the count, as numpy's mean
+            context = end if num_decode == end.size else end[decode]
+            step_ms += self.time.decode_ms(num_decode, int(context.sum()) / num_decode)
+        step_ms += self.time.fixed_ms
+        flops = self.model.step_flops(int((end - start).sum()),
+                                      int((end * end - start * start).sum()),
+                                      int(np.count_nonzero(samples)))
+        return step_ms, flops
+
+    def decode_run(self, batch: int, context_tokens: int, num_steps: int) -> np.ndarray:
+        """Times (ms) of up to `num_steps` consecutive decode steps of `batch` requests that
+        hold `context_tokens` in all before the first."""
+        means = (context_tokens + batch * np.arange(1, num_steps + 1)) / batch
+        return self.time.decode_steps_ms(batch, means)
+
+    def decode_run_flops(self, batch: int, context_tokens: int, num_steps: int) -> float:
+        """FLOPs of the first `num_steps` steps of such a run."""
+        return self.model.decode_run_flops(batch, num_steps, context_tokens)
+
+    def recompute_ms(self, start: np.ndarray, end: np.ndarray) -> float:
+        """The prefill time of recomputing positions [start, end)."""
+        return float(self.time.prefill_ms(start, end).sum())

@@ -9,22 +9,18 @@ import dataclasses
 
 from kvbench.sim.config import SimConfig
 from kvbench.sim.engine import Simulator
+from kvbench.sim.engines import ReplicaSpec
 from kvbench.sim.steplog import StepLog, first_difference
 from kvbench.sim.tokens import TokenIds, random_token_ids
 from kvbench.sim.workloads import Workload
-from kvbench.vllm.drive import DriveConfig, drive
+from kvbench.vllm.drive import drive
 
 
-def sim_config(config: DriveConfig, **overrides) -> SimConfig:
-    """The simulator configured as `config` configures vLLM (overrides: to mutate a rule)."""
-    return dataclasses.replace(SimConfig(
-        engine="vllm-0.32", gpu_blocks=config.num_gpu_blocks, block_size=config.block_size,
-        max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
-        chunked_prefill=config.enable_chunked_prefill,
-        prefix_caching=config.enable_prefix_caching, async_scheduling=config.async_scheduling,
-        full_prompt_admission=config.scheduler_reserve_full_isl, watermark=config.watermark,
-        max_model_len=config.max_model_len, step_time=f"constant:{config.step_s * 1e3:g}ms"),
-        **overrides)
+def sim_config(replica: ReplicaSpec, step_s: float, **mutations) -> SimConfig:
+    """The simulator on the replica vLLM is given, priced by the drive's constant step time
+    (`mutations`: replica settings changed in the simulator only, to break a rule)."""
+    return SimConfig(replica=dataclasses.replace(replica, **mutations),
+                     step_time=f"constant:{step_s * 1e3:g}ms")
 
 
 def same_requests(workload: Workload) -> Workload:
@@ -37,11 +33,13 @@ def simulate_log(workload: Workload, config: SimConfig, tokens: TokenIds) -> Ste
     return Simulator(same_requests(workload), config, tokens=tokens, record=True).run().step_log
 
 
-def compare(workload: Workload, config: DriveConfig, tokens: TokenIds | None = None,
-            vllm_log: StepLog | None = None, **mutations) -> tuple[StepLog, StepLog, str | None]:
+def compare(workload: Workload, replica: ReplicaSpec, tokens: TokenIds | None = None,
+            vllm_log: StepLog | None = None, step_s: float = 0.02, **mutations
+            ) -> tuple[StepLog, StepLog, str | None]:
     """Run both sides (vLLM's unless given) and return their logs and the first difference
     (None: they agree on every step's batch, preemption, finish and prefix-cache hit)."""
     tokens = tokens if tokens is not None else random_token_ids(workload, seed=0)
-    reference = vllm_log if vllm_log is not None else drive(workload, config, tokens=tokens)
-    ours = simulate_log(workload, sim_config(config, **mutations), tokens)
+    reference = (vllm_log if vllm_log is not None
+                 else drive(workload, replica, tokens, step_s))
+    ours = simulate_log(workload, sim_config(replica, step_s, **mutations), tokens)
     return reference, ours, first_difference(reference, ours)

@@ -29,14 +29,13 @@ output, and the prefix-cache hit of each admission.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 from collections import deque
-from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
-
-from kvbench.sim.requests import cdiv
+from kvbench.errors import KvbenchError
+from kvbench.sim.engines import ReplicaSpec
 from kvbench.sim.steplog import StepLog, StepLogBuilder
 from kvbench.sim.tokens import TokenIds, random_token_ids
 from kvbench.sim.workloads import Workload, WorkloadError
@@ -61,120 +60,84 @@ from vllm.v1.structured_output import StructuredOutputManager  # noqa: E402
 TINY_MODEL = Path(__file__).resolve().parent / "tiny_llama"
 
 
-class DriveError(ValueError):
+class DriveError(KvbenchError):
     """A workload or setting vLLM's scheduler cannot run; the message names the request."""
 
 
-@dataclass(frozen=True)
-class DriveConfig:
-    """vLLM's scheduler knobs (vLLM's own names) plus the step time of the virtual clock.
-
-    Defaults are vLLM 0.32's for an OpenAI server on an H100 (docs/vllm-0.32-scheduler.md);
-    `num_gpu_blocks` counts vLLM's null block, so num_gpu_blocks - 1 blocks hold KV.
-    """
-
-    num_gpu_blocks: int
-    block_size: int = 16
-    max_num_seqs: int = 1024
-    max_num_batched_tokens: int = 8192
-    enable_chunked_prefill: bool = True
-    enable_prefix_caching: bool = True
-    async_scheduling: bool = True
-    long_prefill_token_threshold: int = 0
-    scheduler_reserve_full_isl: bool = True
-    watermark: float = 0.0
-    max_model_len: int | None = None  # None: the workload's longest prompt + output
-    step_s: float = 0.02
-    scheduler_cls: str | None = None  # None: vLLM's own (--scheduler-cls)
-
-    def __post_init__(self) -> None:
-        if self.num_gpu_blocks < 2:
-            raise DriveError(f"num_gpu_blocks must be at least 2 (one is vLLM's null block), "
-                             f"got {self.num_gpu_blocks}")
-        if not self.step_s > 0:
-            raise DriveError(f"step_s must be positive, got {self.step_s}")
+def check_replica(replica: ReplicaSpec, step_s: float) -> None:
+    """What the drive needs beyond a valid `ReplicaSpec`: a sized cache with vLLM's null block
+    and a step time."""
+    if replica.num_gpu_blocks is None or replica.num_gpu_blocks < 2 or not replica.null_block:
+        raise DriveError(f"num_gpu_blocks must be at least 2 with vLLM's null block, got "
+                         f"{replica.num_gpu_blocks}")
+    if not step_s > 0:
+        raise DriveError(f"step_s must be positive, got {step_s}")
 
 
-def build_scheduler(config: DriveConfig, max_model_len: int):
-    """vLLM's Scheduler (AsyncScheduler under async scheduling) for `config`, no model."""
+def build_scheduler(replica: ReplicaSpec, max_model_len: int, scheduler_cls: str | None = None):
+    """vLLM's Scheduler (AsyncScheduler under async scheduling) for `replica`, no model;
+    `scheduler_cls`: vLLM's --scheduler-cls (None: vLLM's own)."""
+    settings = replica.vllm_settings(max_model_len)
     model_config = ModelConfig(model=str(TINY_MODEL), skip_tokenizer_init=True, dtype="float32",
                                seed=0, max_model_len=max_model_len)
-    scheduler_config = SchedulerConfig(
-        max_num_seqs=config.max_num_seqs, max_num_batched_tokens=config.max_num_batched_tokens,
-        max_model_len=max_model_len, is_encoder_decoder=False,
-        enable_chunked_prefill=config.enable_chunked_prefill,
-        long_prefill_token_threshold=config.long_prefill_token_threshold,
-        scheduler_reserve_full_isl=config.scheduler_reserve_full_isl,
-        watermark=config.watermark, async_scheduling=config.async_scheduling,
-        scheduler_cls=config.scheduler_cls)
-    cache_config = CacheConfig(block_size=config.block_size,
-                               enable_prefix_caching=config.enable_prefix_caching)
+    scheduler_config = SchedulerConfig(**settings["scheduler"], is_encoder_decoder=False,
+                                       scheduler_cls=scheduler_cls)
+    cache_config = CacheConfig(**settings["cache"])
     vllm_config = VllmConfig(scheduler_config=scheduler_config, model_config=model_config,
                              cache_config=cache_config)
     # vllm/platforms/cpu.py (check_and_update_config) turns async scheduling off on a CPU; the
     # GPU platforms keep what VllmConfig decided, which is what this run stands for.
-    vllm_config.scheduler_config.async_scheduling = config.async_scheduling
-    _check_unchanged(config, vllm_config)
-    spec = FullAttentionSpec(block_size=config.block_size, num_kv_heads=1, head_size=1,
+    vllm_config.scheduler_config.async_scheduling = replica.async_scheduling
+    _check_unchanged(settings, vllm_config)
+    spec = FullAttentionSpec(block_size=replica.block_size, num_kv_heads=1, head_size=1,
                              dtype=torch.float32)
-    kv_cache_config = KVCacheConfig(num_blocks=config.num_gpu_blocks, kv_cache_tensors=[],
+    kv_cache_config = KVCacheConfig(num_blocks=replica.num_gpu_blocks, kv_cache_tensors=[],
                                     kv_cache_groups=[KVCacheGroupSpec(["layer"], spec)])
-    vllm_config.cache_config.num_gpu_blocks = config.num_gpu_blocks
+    vllm_config.cache_config.num_gpu_blocks = replica.num_gpu_blocks
     scheduler_cls = vllm_config.scheduler_config.get_scheduler_cls()
     return scheduler_cls(vllm_config=vllm_config, kv_cache_config=kv_cache_config,
                          structured_output_manager=StructuredOutputManager(vllm_config),
-                         block_size=config.block_size, hash_block_size=config.block_size)
+                         block_size=replica.block_size, hash_block_size=replica.block_size)
 
 
-def _check_unchanged(config: DriveConfig, vllm_config) -> None:
+def _check_unchanged(settings: dict[str, dict], vllm_config) -> None:
     """VllmConfig may adjust settings for the platform; a silent change would fake a match."""
-    got = {"block_size": vllm_config.cache_config.block_size,
-           "enable_prefix_caching": vllm_config.cache_config.enable_prefix_caching}
-    for name in ("max_num_seqs", "max_num_batched_tokens", "enable_chunked_prefill",
-                 "long_prefill_token_threshold", "scheduler_reserve_full_isl", "watermark",
-                 "async_scheduling"):
-        got[name] = getattr(vllm_config.scheduler_config, name)
-    changed = {k: v for k, v in got.items() if v != getattr(config, k)}
+    changed = {name: getattr(config, name) for part, config in (
+        ("cache", vllm_config.cache_config), ("scheduler", vllm_config.scheduler_config))
+        for name, value in settings[part].items() if getattr(config, name) != value}
     if changed:
         raise DriveError(f"vLLM changed the requested settings: {changed}")
 
 
-def _check_fits(workload: Workload, config: DriveConfig, max_model_len: int) -> None:
+def _check_fits(workload: Workload, replica: ReplicaSpec) -> None:
     """Refuse requests vLLM would reject or could never finish (it would preempt them forever)."""
-    too_long = np.flatnonzero(workload.prompt_tokens >= max_model_len)
-    if too_long.size:
-        i = int(too_long[0])
-        raise DriveError(f"request {i}: prompt of {workload.prompt_tokens[i]} tokens is not "
-                         f"shorter than max_model_len ({max_model_len}); vLLM rejects it")
-    computed = np.minimum(workload.prompt_tokens + workload.output_tokens, max_model_len) - 1
-    blocks = cdiv(computed, config.block_size)
-    too_big = np.flatnonzero(blocks > config.num_gpu_blocks - 1)
-    if too_big.size:
-        i = int(too_big[0])
-        raise DriveError(f"request {i}: {computed[i]} tokens need {blocks[i]} KV blocks, the "
-                         f"cache has {config.num_gpu_blocks - 1} (num_gpu_blocks - 1 for the "
-                         "null block)")
+    reasons = replica.check_fits(workload.prompt_tokens, workload.output_tokens)
+    if reasons:
+        i = min(reasons)
+        raise DriveError(f"request {i}: {reasons[i]}")
 
 
-def drive(workload: Workload, config: DriveConfig, tokens: TokenIds | None = None,
-          seed: int = 0) -> StepLog:
-    """Run vLLM's scheduler over `workload` (see the module docstring); `seed` draws the
-    token ids when `tokens` is not given."""
+def drive(workload: Workload, replica: ReplicaSpec, tokens: TokenIds | None = None,
+          step_s: float = 0.02, seed: int = 0, scheduler_cls: str | None = None) -> StepLog:
+    """Run vLLM's scheduler over `workload` on `replica` (its `num_gpu_blocks` given), one
+    step taking `step_s` (see the module docstring); `seed` draws the token ids when `tokens`
+    is not given; `scheduler_cls`: vLLM's --scheduler-cls (None: vLLM's own)."""
+    check_replica(replica, step_s)
     if tokens is None:
         tokens = random_token_ids(workload, seed)
     try:
         tokens.check(workload)
     except WorkloadError as exc:
         raise DriveError(str(exc)) from None
-    max_model_len = config.max_model_len or int(
+    max_model_len = replica.max_model_len or int(
         (workload.prompt_tokens + workload.output_tokens).max())
-    _check_fits(workload, config, max_model_len)
-    sched = build_scheduler(config, max_model_len)
+    _check_fits(workload, dataclasses.replace(replica, max_model_len=max_model_len))
+    sched = build_scheduler(replica, max_model_len, scheduler_cls)
     hasher = None
-    if config.enable_prefix_caching:  # as EngineCore: hashes only when caching is on
+    if replica.enable_prefix_caching:  # as EngineCore: hashes only when caching is on
         hash_fn = get_hash_fn_by_name(sched.cache_config.prefix_caching_hash_algo)
         init_none_hash(hash_fn)
-        hasher = get_request_block_hasher(config.block_size, hash_fn)
+        hasher = get_request_block_hasher(replica.block_size, hash_fn)
     log = StepLogBuilder(engine=f"vllm {vllm.__version__} ({type(sched).__name__})")
     # EngineCore.batch_queue_size: vllm_config.max_concurrent_batches (2 with async scheduling)
     queue_size = sched.vllm_config.max_concurrent_batches
@@ -207,7 +170,7 @@ def drive(workload: Workload, config: DriveConfig, tokens: TokenIds | None = Non
             start_s = end_s = now
             if executed:  # runs once the batch before it is done
                 start_s = max(now, gpu_free_s)
-                end_s = gpu_free_s = start_s + config.step_s
+                end_s = gpu_free_s = start_s + step_s
             step, sampled = _record(sched, output, running, start_s, log, tokens)
             if step is None and not in_flight and sched.has_unfinished_requests():
                 raise DriveError(_stuck(sched))  # nothing ran, nothing can: it would spin

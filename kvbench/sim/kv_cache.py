@@ -1,0 +1,185 @@
+"""The KV cache manager: the boundary between the scheduler and the block pool, as vLLM 0.32's
+(vllm/v1/core/kv_cache_manager.py). The engine asks it whether a waiting request fits
+(`can_admit`, with its prefix-cache hits: `get_computed_blocks`), gives requests blocks
+(`allocate`, `allocate_decode_run`), registers full blocks in the prefix cache (`cache`) and
+frees a request's blocks (`free`); it never touches the pool itself.
+
+The manager owns the pool (one `BlockPool`, kvbench/sim/blocks.py: counts without prefix
+caching, `PrivatePrefixPool` when no two prompts share a first block, else the full
+`PrefixCachePool`; all three schedule alike), the per-request block columns of the
+`RequestTable` (`gpu_blocks` held, `cached_blocks` registered), the watermark and the null
+block (one of `num_gpu_blocks` holds no KV).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from kvbench.sim.blocks import BlockPool, CountingPool, PrefixCachePool, PrefixHashes
+from kvbench.sim.engines import ReplicaSpec
+from kvbench.sim.private_blocks import PrivatePrefixPool
+from kvbench.sim.requests import RequestTable, cdiv
+from kvbench.sim.tokens import TokenIds
+
+
+class KVCacheManager:
+    """Blocks of one replica's cache for the requests of `requests` (module docstring)."""
+
+    def __init__(self, replica: ReplicaSpec, requests: RequestTable,
+                 tokens: TokenIds | None) -> None:
+        self.replica, self.requests = replica, requests
+        self.block_size = replica.block_size
+        self.usable_blocks = replica.usable_blocks
+        self.watermark_blocks = int(replica.watermark * replica.num_gpu_blocks)
+        self.pool: BlockPool
+        if replica.enable_prefix_caching:
+            hashes = PrefixHashes(tokens, requests.output_tokens, self.block_size)
+            # No request can find another's blocks: hits are its own, kept since a preemption.
+            self.private_prefixes = hashes.first_blocks_distinct()
+            pool = PrivatePrefixPool if self.private_prefixes else PrefixCachePool
+            self.pool = pool(self.usable_blocks, hashes)
+        else:
+            self.private_prefixes = True  # nothing is found again
+            self.pool = CountingPool(self.usable_blocks)
+        self.caching = self.pool.caching
+
+    @property
+    def num_free(self) -> int:
+        return self.pool.num_free
+
+    @property
+    def num_used(self) -> int:
+        return self.usable_blocks - self.pool.num_free
+
+    # -----------------------------------------------------------------------------------------
+    # Admission
+
+    def get_computed_blocks(self, i: int) -> list[int]:
+        """The prefix-cache blocks waiting request `i` would start with."""
+        req = self.requests
+        if not self.caching or req.computed_tokens[i]:
+            return []
+        return self.pool.lookup(i, int(req.known_tokens(i)))
+
+    def can_admit(self, i: int, budget: int, free: int, running: bool
+                  ) -> tuple[list[int], int, int, int] | None:
+        """Whether waiting request `i` fits with `free` blocks free and `budget` tokens left
+        (`running`: other requests run, so the watermark applies): its prefix-cache hits,
+        computed tokens after them, tokens to schedule and new blocks; None if it does not
+        fit (kv_cache_manager.py:509-522)."""
+        req, replica, bs = self.requests, self.replica, self.block_size
+        computed = int(req.computed_tokens[i])
+        known = int(req.known_tokens(i))
+        hits = self.get_computed_blocks(i)
+        computed += len(hits) * bs
+        want = known - computed
+        if want > budget and not replica.enable_chunked_prefill:
+            return None
+        num_tokens = min(want, budget)
+        in_queue = self.pool.num_evictable(hits) if hits else 0
+        extra = in_queue + (self.watermark_blocks if running else 0)
+        if replica.scheduler_reserve_full_isl:
+            whole = known if replica.max_model_len is None else min(known, replica.max_model_len)
+            if cdiv(whole, bs) - len(hits) + extra > free:
+                return None
+        blocks = cdiv(computed + num_tokens, bs) - len(hits)
+        if blocks + extra > free:
+            return None
+        return hits, computed, num_tokens, blocks
+
+    def admit(self, i: int, hits: list[int], computed: int, blocks: int) -> None:
+        """Give waiting request `i` its hit blocks and `blocks` new ones."""
+        req = self.requests
+        if hits:
+            self.pool.touch(i, hits)
+            req.gpu_blocks[i] = len(hits)
+            req.cached_blocks[i] = len(hits)
+            req.computed_tokens[i] = computed
+            req.prefix_hit_tokens[i] += len(hits) * self.block_size
+        self.allocate_one(i, blocks)
+
+    # -----------------------------------------------------------------------------------------
+    # Allocation
+
+    def new_blocks(self, ids: np.ndarray, computed: np.ndarray, tokens: np.ndarray
+                   ) -> np.ndarray:
+        """The blocks each request needs beyond those it holds to compute `tokens` more."""
+        return cdiv(computed + tokens, self.block_size) - self.requests.gpu_blocks[ids]
+
+    def allocate(self, ids: np.ndarray, new_blocks: np.ndarray) -> None:
+        """Give each request its new blocks, in order (the order blocks leave the free queue)."""
+        self.requests.gpu_blocks[ids] += new_blocks
+        self.pool.allocate_each(ids, new_blocks)
+
+    def allocate_one(self, i: int, new_blocks: int) -> None:
+        self.requests.gpu_blocks[i] += new_blocks
+        if new_blocks:
+            self.pool.allocate(i, new_blocks)
+
+    def allocate_decode_run(self, run: np.ndarray, computed: np.ndarray, num_steps: int,
+                            num_blocks: int) -> None:
+        """Blocks for `num_steps` decode steps of `run` (`num_blocks` in all): in step order,
+        then running order."""
+        bs, req = self.block_size, self.requests
+        if not self.pool.names_blocks:  # by number
+            req.gpu_blocks[run] = cdiv(computed + num_steps, bs)
+            self.pool.allocate(-1, num_blocks)
+            return
+        new = cdiv(computed + num_steps, bs) - req.gpu_blocks[run]
+        grows = new > 0
+        # Request p needs a new block at step s when computed_p + s - 1 is a multiple of bs.
+        first = (-(computed[grows]) % bs) + 1  # step of its first new block
+        pos = np.repeat(np.flatnonzero(grows), new[grows])
+        offsets = np.arange(pos.size) - np.repeat(np.cumsum(new[grows]) - new[grows], new[grows])
+        steps = np.repeat(first, new[grows]) + offsets * bs
+        for i in run[pos[np.lexsort((pos, steps))]].tolist():
+            self.allocate_one(i, 1)
+
+    # -----------------------------------------------------------------------------------------
+    # Prefix cache
+
+    def cache(self, ids: np.ndarray, upto_tokens: np.ndarray) -> None:
+        """Register the full blocks of known tokens among each request's first `upto_tokens`
+        (kv_cache_manager.py:606-616; the tokens of a step in flight are not known yet)."""
+        if self.caching and ids.size:
+            self.cache_full(ids, np.minimum(upto_tokens, self.requests.known_tokens(ids))
+                            // self.block_size)
+
+    def cache_one(self, i: int, upto_tokens: int) -> None:
+        """`cache` of one request, in plain ints."""
+        if self.caching:
+            req = self.requests
+            full = min(upto_tokens, int(req.known_tokens(i))) // self.block_size
+            if full > req.cached_blocks[i]:
+                self.pool.register(i, int(req.cached_blocks[i]), full)
+                req.cached_blocks[i] = full
+
+    def cache_full(self, ids: np.ndarray, full: np.ndarray) -> None:
+        """Register each request's first `full` blocks, those not registered yet."""
+        if not self.caching:
+            return
+        req = self.requests
+        if not self.pool.names_blocks:  # registered when freed, if ever
+            req.cached_blocks[ids] = np.maximum(full, req.cached_blocks[ids])
+            return
+        grow = full > req.cached_blocks[ids]
+        for i, upto in zip(ids[grow].tolist(), full[grow].tolist()):
+            self.pool.register(i, int(req.cached_blocks[i]), upto)
+        req.cached_blocks[ids[grow]] = full[grow]
+
+    # -----------------------------------------------------------------------------------------
+    # Free
+
+    def free(self, i: int, preempted: bool = False) -> None:
+        """Free request `i`'s blocks (tail first); a preempted request may find its registered
+        ones again."""
+        req = self.requests
+        self.pool.free(i, int(req.gpu_blocks[i]), int(req.cached_blocks[i]), preempted)
+        req.gpu_blocks[i] = 0
+        req.cached_blocks[i] = 0
+
+    def forget(self, finished: np.ndarray) -> None:
+        """Finished requests never look up again: drop their hashes."""
+        if self.caching:
+            for i in finished.tolist():
+                self.pool.hashes.forget(i)
