@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from kvbench.calibration import fitting
-from kvbench.calibration.pipeline import geometric_sizes
+from kvbench.calibration.plans import geometric_sizes
 
 SIZES = np.array(geometric_sizes(16, 65536, 14), dtype=float)
 CASES = {
@@ -22,10 +22,10 @@ def test_fit(benchmark, name):
     design_of, truth = CASES[name]
     design = design_of(SIZES)
     rng = np.random.default_rng(0)
-    latency_ms = design @ truth * (1 + 0.02 * rng.standard_normal(len(SIZES)))
+    latency_ms = design.matrix @ truth * (1 + 0.02 * rng.standard_normal(len(SIZES)))
     held = fitting.holdout_mask(len(SIZES))
     fit = fitting.fit_nnls(design, latency_ms, held)
-    np.testing.assert_allclose(fit.predict(design), design @ truth, rtol=0.1)
+    np.testing.assert_allclose(fit.predict(design), design.matrix @ truth, rtol=0.1)
     benchmark.group = "calibration fits"
     benchmark(fitting.fit_nnls, design, latency_ms, held)
     benchmark.extra_info.update({"num_points": len(SIZES), "r2": fit.r2,
@@ -36,9 +36,11 @@ def test_decode_fit(benchmark):
     batch, context = np.meshgrid([1, 4, 16, 64, 128, 256], [512, 2048, 8192])
     design = fitting.decode_design(batch.ravel(), context.ravel())
     truth = np.array([6.0, 0.05, 1.5e-5])
-    latency_ms = design @ truth * (1 + 0.02 * np.random.default_rng(1).standard_normal(len(design)))
-    fit = fitting.fit_nnls(design, latency_ms, fitting.holdout_mask(len(design), every=3))
-    np.testing.assert_allclose(fit.predict(design), design @ truth, rtol=0.1)
+    num_points = len(design.matrix)
+    latency_ms = design.matrix @ truth * (1 + 0.02 * np.random.default_rng(1).standard_normal(
+        num_points))
+    fit = fitting.fit_nnls(design, latency_ms, fitting.holdout_mask(num_points, every=3))
+    np.testing.assert_allclose(fit.predict(design), design.matrix @ truth, rtol=0.1)
     benchmark.group = "calibration fits"
     benchmark(fitting.fit_nnls, design, latency_ms)
-    benchmark.extra_info.update({"num_points": len(design), "r2": fit.r2})
+    benchmark.extra_info.update({"num_points": num_points, "r2": fit.r2})

@@ -36,6 +36,7 @@ from kvbench.calibration.pipeline import (
     calibration_dtype,
     plan_calibration,
 )
+from kvbench.calibration.plans import CalibrationPlan
 from kvbench.cluster import LOCAL, ClusterError, connect
 from kvbench.hardware import fingerprint, fingerprint_slug, slugify
 from kvbench.models import ModelSpec
@@ -121,7 +122,7 @@ def is_current(path: Path, environment: dict, spec: ModelSpec, block_size: int,
 
 
 def calibrate_on_node(spec: ModelSpec, device: str, block_size: int, quick: bool,
-                      plan: dict | None, explicit_dtype: bool, progress, node: str
+                      plan: CalibrationPlan | None, explicit_dtype: bool, progress, node: str
                       ) -> CalibrationRun:
     """The Ray task: `calibrate` as `kvbench calibrate` runs it (this node's native dtype unless
     `explicit_dtype`, sizes cut to the time plan), sending (node, model, phase, text) to the
@@ -204,11 +205,11 @@ class _Job:
 def calibrate_fleet(specs: list[ModelSpec], device: str = "cuda", address: str = LOCAL,
                     block_size: int = 16, quick: bool = False,
                     out_dir: str | Path = Path("results/profiles"), force: bool = False,
-                    plan: dict | None = None, explicit_dtype: bool = False,
+                    plan: CalibrationPlan | None = None, explicit_dtype: bool = False,
                     on_event: Callable[[FleetEvent], None] = lambda event: None,
                     ) -> list[FleetResult]:
     """Calibrate every model on every device type of the cluster at `address` (see
-    `kvbench.cluster`); results per device type, then model. `plan` overrides the sweep sizes
+    `kvbench.cluster`); results per device type, then model. `plan` replaces the sweep sizes
     as in `kvbench.calibration.pipeline.calibrate`; each CPU node calibrates in its native dtype
     unless `explicit_dtype` (the specs' dtype was asked for)."""
     if device not in ("cuda", "cpu"):

@@ -18,6 +18,7 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from kvbench.calibration.pipeline import samples_path
+from kvbench.calibration.plans import CalibrationPlan, TokenSweep
 from kvbench.cli import app
 from kvbench.cluster import import_ray
 from kvbench.fleet import FleetEvent, calibrate_fleet, results_table, without_commit
@@ -28,8 +29,10 @@ from kvbench.profile import load
 pytestmark = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
                                 reason="needs Ray: pip install 'kvbench[ray]'")
 REFERENCE_PROFILES = Path(__file__).resolve().parents[1] / "results" / "profiles"
-PLAN = {"swap": (16, 2048, 6), "prefill": (16, 512, 6), "decode": ([1, 4, 8], [32, 128]),
-        "budget_s": {"swap": 2.0, "prefill": 2.0}}
+PLAN = CalibrationPlan(swap_tokens=TokenSweep(16, 2048, 6),
+                       prefill_tokens=TokenSweep(16, 512, 6), decode_batch_sizes=(1, 4, 8),
+                       decode_contexts=(32, 128), per_block_max_tokens=None,
+                       swap_interleave_s=2.0, prefill_interleave_s=2.0)
 
 
 @pytest.fixture(scope="module")

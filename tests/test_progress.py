@@ -9,12 +9,14 @@ from rich.console import Console
 from typer.testing import CliRunner
 
 from kvbench import progress
-from kvbench.calibration import pipeline
+from kvbench.calibration.plans import PLANS, CalibrationPlan, TokenSweep
 from kvbench.cli import app
 from kvbench.progress import PLAIN_INTERVAL_S, Reporter
 
-TINY_PLAN = {"swap": (16, 2048, 6), "prefill": (16, 512, 6), "decode": ([1, 4, 8], [32, 128]),
-             "budget_s": {"swap": 0.2, "prefill": 0.2}}
+TINY_PLAN = CalibrationPlan(swap_tokens=TokenSweep(16, 2048, 6),
+                            prefill_tokens=TokenSweep(16, 512, 6), decode_batch_sizes=(1, 4, 8),
+                            decode_contexts=(32, 128), per_block_max_tokens=None,
+                            swap_interleave_s=0.2, prefill_interleave_s=0.2)
 runner = CliRunner()
 
 
@@ -107,7 +109,7 @@ def test_a_terminal_gets_the_live_display():
 def test_calibrate_without_a_terminal_prints_plain_progress(tmp_path, monkeypatch):
     """Under CliRunner stderr is not a terminal: each phase says it starts and ends, in plain
     lines (the live display showed nothing in a log file)."""
-    monkeypatch.setitem(pipeline.PLANS, ("cpu", True), TINY_PLAN)
+    monkeypatch.setitem(PLANS, ("cpu", True), TINY_PLAN)
     res = runner.invoke(app, ["calibrate", "--device", "cpu", "--model", "tiny", "--quick",
                               "--out", str(tmp_path / "p.json"), "--force"])
     assert res.exit_code == 0, res.output

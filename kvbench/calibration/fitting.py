@@ -6,6 +6,9 @@ basis functions of the token count (swap: 1, n, ceil(n/block_size); recompute: 1
 so the 16-token point counts as much as the 32k-token point. R² is reported for that weighted
 problem (residuals over y), and unweighted beside it.
 
+Each coefficient is named after the field of the model it fits (`Design.names`): a fit's
+`coefficients` build a `CostModel` or `DecodeModel` by name.
+
 Held-out points (every `holdout_every`-th length, never the two ends) are left out of the fit;
 `heldout_mape` is the mean absolute percentage error (as a fraction) of the fitted model on them.
 """
@@ -19,31 +22,49 @@ from scipy.optimize import nnls
 
 
 @dataclass(frozen=True)
+class Design:
+    """A model's basis functions at the measured points: column j is what the coefficient
+    `names[j]` multiplies, named as the model that uses it names it (`CostModel`'s swap_* and
+    recompute_* fields, `DecodeModel`'s)."""
+
+    names: tuple[str, ...]
+    matrix: np.ndarray  # [points, len(names)]
+
+    def without(self, name: str) -> Design:
+        """The design less the term `name` (its coefficient left to the caller)."""
+        keep = [i for i, n in enumerate(self.names) if n != name]
+        return Design(tuple(self.names[i] for i in keep), self.matrix[:, keep])
+
+
+@dataclass(frozen=True)
 class Fit:
-    coefficients: np.ndarray
+    coefficients: dict[str, float]  # by the design's names: `CostModel(**swap, **recompute)`
     r2: float  # of the weighted (relative-error) problem the fit solves
     r2_unweighted: float  # plain R² on the latencies: dominated by the largest points
     heldout_mape: float | None
     heldout: np.ndarray  # bool mask over the points
 
-    def predict(self, design: np.ndarray) -> np.ndarray:
-        return design @ self.coefficients
+    def predict(self, design: Design) -> np.ndarray:
+        return design.matrix @ np.array([self.coefficients[name] for name in design.names])
 
 
-def swap_design(num_tokens, block_size: int) -> np.ndarray:
+def swap_design(num_tokens, block_size: int) -> Design:
     n = np.asarray(num_tokens, dtype=np.float64)
-    return np.column_stack([np.ones_like(n), n, np.ceil(n / block_size)])
+    return Design(("swap_fixed_ms", "swap_ms_per_token", "swap_ms_per_block"),
+                  np.column_stack([np.ones_like(n), n, np.ceil(n / block_size)]))
 
 
-def recompute_design(num_tokens) -> np.ndarray:
+def recompute_design(num_tokens) -> Design:
     n = np.asarray(num_tokens, dtype=np.float64)
-    return np.column_stack([np.ones_like(n), n, n * n])
+    return Design(("recompute_fixed_ms", "recompute_ms_per_token", "recompute_ms_per_token_sq"),
+                  np.column_stack([np.ones_like(n), n, n * n]))
 
 
-def decode_design(batch_size, context_tokens) -> np.ndarray:
+def decode_design(batch_size, context_tokens) -> Design:
     b = np.asarray(batch_size, dtype=np.float64)
     t = np.asarray(context_tokens, dtype=np.float64)
-    return np.column_stack([np.ones_like(b), b, b * t])
+    return Design(("d0_ms", "d1_ms_per_seq", "d2_ms_per_seq_token"),
+                  np.column_stack([np.ones_like(b), b, b * t]))
 
 
 def holdout_mask(num_points: int, every: int = 4) -> np.ndarray:
@@ -73,22 +94,23 @@ def mape(y, predicted) -> float:
     return float(np.mean(np.abs(predicted - y) / y))
 
 
-def fit_nnls(design: np.ndarray, latency_ms, heldout: np.ndarray | None = None) -> Fit:
+def fit_nnls(design: Design, latency_ms, heldout: np.ndarray | None = None) -> Fit:
     """Relative-error NNLS on the points not held out; R² on those, MAPE on the held-out ones."""
+    x = design.matrix
     y = np.asarray(latency_ms, dtype=np.float64)
-    if y.ndim != 1 or len(y) != len(design):
-        raise ValueError(f"fit: {len(design)} design rows but {y.size} latencies")
+    if y.ndim != 1 or len(y) != len(x):
+        raise ValueError(f"fit: {len(x)} design rows but {y.size} latencies")
     if np.any(~np.isfinite(y)) or np.any(y <= 0):
         raise ValueError("fit: latencies must be finite and positive")
     heldout = np.zeros(len(y), dtype=bool) if heldout is None else heldout
     train = ~heldout
-    if train.sum() < design.shape[1]:
-        raise ValueError(f"fit: need at least {design.shape[1]} points, got {int(train.sum())}")
+    if train.sum() < x.shape[1]:
+        raise ValueError(f"fit: need at least {x.shape[1]} points, got {int(train.sum())}")
     weights = 1.0 / y[train]
-    beta, _ = nnls(design[train] * weights[:, None], y[train] * weights)
-    predicted = design @ beta
+    beta, _ = nnls(x[train] * weights[:, None], y[train] * weights)
+    predicted = x @ beta
     return Fit(
-        coefficients=beta,
+        coefficients=dict(zip(design.names, beta.tolist(), strict=True)),
         r2=r_squared(y[train], predicted[train], weights),
         r2_unweighted=r_squared(y[train], predicted[train]),
         heldout_mape=mape(y[heldout], predicted[heldout]) if heldout.any() else None,

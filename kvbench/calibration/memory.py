@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import os
 import resource
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from kvbench.calibration.sweeps import cold_layer_count
@@ -194,9 +195,10 @@ class Budget:
                          f"{'on the GPU' if s == 'device' else 'RAM'}" for s in sides)
 
 
-def fit_plan(spec: ModelSpec, device: str, block_size: int, swap_sizes: list[int],
-             prefill_sizes: list[int], decode_batches: list[int], decode_contexts: list[int],
-             available: dict[str, int] | None = None) -> MemoryPlan:
+def fit_plan(spec: ModelSpec, device: str, block_size: int, swap_sizes: Sequence[int],
+             prefill_sizes: Sequence[int], decode_batches: Sequence[int],
+             decode_contexts: Sequence[int], available: dict[str, int] | None = None
+             ) -> MemoryPlan:
     """Keep the sizes whose peaks fit the budget (`available`, default: free now); drop the
     largest first. MemoryPlanError when a phase would keep fewer than `MIN_POINTS`."""
     budget = Budget(device, available_bytes(device) if available is None else available)

@@ -29,6 +29,7 @@ from kvbench.calibration import fitting
 from kvbench.calibration.decoder import torch_dtype
 from kvbench.calibration.dtype import DtypeChoice, choose_cpu_dtype
 from kvbench.calibration.memory import MIN_POINTS, MemoryPlan, MemoryPlanError, fit_plan
+from kvbench.calibration.plans import CalibrationPlan, sweep_plan
 from kvbench.calibration.plot import plot_profile
 from kvbench.calibration.schedule import (
     Point,
@@ -78,37 +79,6 @@ STALE_TEMP_S = 60.0  # a temp file this old beside a profile is a killed write's
 DEFAULT_MODEL = {"cuda": "llama-3-8b", "cpu": "qwen2.5-0.5b"}
 
 
-def geometric_sizes(lo: int, hi: int, count: int) -> list[int]:
-    return sorted({int(round(x)) for x in np.geomspace(lo, hi, count)})
-
-
-# (lo, hi, count) of the token sweeps, the decode grid, and the seconds the interleaved rounds of
-# the swap and prefill points may take (`kvbench.calibration.schedule`), per device and mode.
-PLANS = {
-    ("cpu", True): dict(swap=(16, 16384, 10), per_block_max_tokens=4096,
-                        prefill=(32, 2048, 9),
-                        decode=([1, 4, 16, 32], [256, 1024]),
-                        budget_s={"swap": 4.0, "prefill": 8.0}),
-    ("cpu", False): dict(swap=(16, 65536, 14), per_block_max_tokens=16384,
-                         prefill=(32, 8192, 13),
-                         decode=([1, 2, 4, 8, 16, 32, 64], [256, 1024, 4096]),
-                         budget_s={"swap": 15.0, "prefill": 40.0}),
-    ("cuda", True): dict(swap=(16, 16384, 10), per_block_max_tokens=4096,
-                         prefill=(128, 16384, 9),
-                         decode=([1, 8, 32, 128], [512, 4096]),
-                         budget_s={"swap": 2.0, "prefill": 2.0}),
-    ("cuda", False): dict(swap=(16, 65536, 14), per_block_max_tokens=8192,
-                          prefill=(128, 32768, 13),
-                          decode=([1, 4, 16, 64, 128, 256], [512, 2048, 8192]),
-                          budget_s={"swap": 5.0, "prefill": 5.0}),
-}
-
-
-def sweep_plan(device: str, quick: bool, plan: dict | None = None) -> dict:
-    """`PLANS[(device, quick)]` with `plan`'s keys overriding it."""
-    return {**PLANS[(device, quick)], **(plan or {})}
-
-
 def calibration_model(device: str, model: str | None = None, config_json: str | Path | None = None,
                       dtype: str | None = None) -> ModelSpec:
     """The model to calibrate: a preset, a local Hugging Face config.json, or the device's
@@ -141,17 +111,17 @@ def check_inputs(spec: ModelSpec, path: str | Path) -> Path:
 
 
 def calibration_plan(spec: ModelSpec, device: str, block_size: int = 16, quick: bool = False,
-                     plan: dict | None = None, available: dict[str, int] | None = None,
-                     ) -> MemoryPlan:
-    """The sizes of `PLANS[(device, quick)]` (`plan` overrides them, same keys) that fit in
-    memory (`kvbench.calibration.memory`): MemoryPlanError, one line, if too few fit."""
+                     plan: CalibrationPlan | None = None,
+                     available: dict[str, int] | None = None) -> MemoryPlan:
+    """The sizes of `plan` (default: `PLANS[(device, quick)]`) that fit in memory
+    (`kvbench.calibration.memory`): MemoryPlanError, one line, if too few fit."""
     if not 1 <= block_size <= MAX_TOKENS:
         raise ValueError(f"block size must be from 1 to {MAX_TOKENS} tokens, got {block_size}")
     plan = sweep_plan(device, quick, plan)
-    batches, contexts = plan["decode"]
-    memory_plan = fit_plan(spec, device, block_size, geometric_sizes(*plan["swap"]),
-                           geometric_sizes(*plan["prefill"]), batches, contexts, available)
-    memory_plan.per_block_max_tokens = plan.get("per_block_max_tokens")
+    memory_plan = fit_plan(spec, device, block_size, plan.swap_tokens.sizes(),
+                           plan.prefill_tokens.sizes(), plan.decode_batch_sizes,
+                           plan.decode_contexts, available)
+    memory_plan.per_block_max_tokens = plan.per_block_max_tokens
     return memory_plan
 
 
@@ -171,16 +141,16 @@ def swap_impls(device: str) -> tuple[str, ...]:
 
 
 def plan_time(spec: ModelSpec, device: str, memory_plan: MemoryPlan, block_size: int = 16,
-              quick: bool = False, plan: dict | None = None) -> TimePlan:
+              quick: bool = False, plan: CalibrationPlan | None = None) -> TimePlan:
     """The memory plan's sizes cut to the time budget (kvbench/calibration/timeplan.py), from a
     second of probes; TimePlanError (one line) when even the smallest plan takes too long."""
-    interleave_s = sweep_plan(device, quick, plan)["budget_s"]
+    interleave_s = sweep_plan(device, quick, plan).interleave_s
     return fit_budget(spec, device, block_size, memory_plan, interleave_s, quick,
                       swap_impls(device))
 
 
 def plan_calibration(spec: ModelSpec, device: str, block_size: int = 16, quick: bool = False,
-                     plan: dict | None = None) -> tuple[MemoryPlan, TimePlan]:
+                     plan: CalibrationPlan | None = None) -> tuple[MemoryPlan, TimePlan]:
     """The memory plan and the time plan cut from it, for `spec` in its final dtype, as
     `kvbench calibrate`, `kvbench doctor` and a fleet node decide them (a second of probes);
     MemoryPlanError or TimePlanError (one line) for a calibration that cannot run."""
@@ -290,7 +260,7 @@ def _enough_points(phase: str, count: int, stopped: str | None) -> None:
 
 def calibrate(spec: ModelSpec, device: str, block_size: int = 16, quick: bool = False,
               on_point: OnPoint = lambda phase, text, start=False: None, seed: int = 0,
-              plan: dict | None = None, memory_plan: MemoryPlan | None = None,
+              plan: CalibrationPlan | None = None, memory_plan: MemoryPlan | None = None,
               time_plan: TimePlan | None = None, dtype_choice: DtypeChoice | None = None,
               ) -> CalibrationRun:
     """Measure swap, prefill and decode on `device` for `spec`, fit, and return the profile.
@@ -303,9 +273,10 @@ def calibrate(spec: ModelSpec, device: str, block_size: int = 16, quick: bool = 
     MemoryPlanError."""
     if memory_plan is None:
         memory_plan = calibration_plan(spec, device, block_size, quick, plan)
-    budget_s = sweep_plan(device, quick, plan)["budget_s"]
+    interleave_s = sweep_plan(device, quick, plan).interleave_s
     if time_plan is not None:
-        memory_plan, budget_s = time_plan.memory_plan(memory_plan), time_plan.sizes.interleave_s
+        memory_plan = time_plan.memory_plan(memory_plan)
+        interleave_s = time_plan.sizes.interleave_s
     torch.manual_seed(seed)
     clock = PhaseClock()
     machine = {"before": machine_check(device)}
@@ -322,7 +293,7 @@ def calibrate(spec: ModelSpec, device: str, block_size: int = 16, quick: bool = 
     full = [impl for impl in impls if counts[impl] == max(counts.values())]
     best = min(full, key=lambda impl: float(swap.round_trip_ms(impl)[:common].sum()))
     schedule = {"swap": interleave(_points_of(points, swap.out[best], swap.into[best]),
-                                   budget_s["swap"], seed).to_dict()}
+                                   interleave_s["swap"], seed).to_dict()}
     del points  # the swap space: freed before the prefill weights arrive
     swap_sizes = swap.out[best].sizes
     _enough_points("swap", len(swap_sizes), swap.out[best].stopped)
@@ -331,15 +302,16 @@ def calibrate(spec: ModelSpec, device: str, block_size: int = 16, quick: bool = 
     swap_held = fitting.holdout_mask(len(swap_sizes))
     # The sweep copies whole blocks: its time is a function of ceil(n / block_size) alone, so
     # the per-token column (n, nearly collinear with it) is left out; swap_ms_per_token is 0.
-    swap_fit = fitting.fit_nnls(fitting.swap_design(swap_sizes, block_size)[:, [0, 2]], swap_ms,
-                                swap_held)
+    swap_fit = fitting.fit_nnls(
+        fitting.swap_design(swap_sizes, block_size).without("swap_ms_per_token"), swap_ms,
+        swap_held)
     clock.lap("swap")
 
     with recording() as points:
         prefill = _sweep("prefill", lambda: prefill_sweep(
             spec, device, memory_plan.prefill_sizes, on_point, seed))
     schedule["prefill"] = interleave(_points_of(points, prefill.layer, prefill.attention),
-                                     budget_s["prefill"], seed).to_dict()
+                                     interleave_s["prefill"], seed).to_dict()
     del points
     _enough_points("prefill", len(prefill.sizes), prefill.layer.stopped)
     pre_held = fitting.holdout_mask(len(prefill.sizes))
@@ -365,10 +337,8 @@ def calibrate(spec: ModelSpec, device: str, block_size: int = 16, quick: bool = 
                                "prefill_layer": prefill.layer.to_dict(),
                                "attention": prefill.attention.to_dict(),
                                "decode": decode.__dict__}, indent=1)
-    (s0, s2), s1, (r0, r1, r2) = swap_fit.coefficients, 0.0, pre_fit.coefficients
-    costs = CostModel(swap_fixed_ms=s0, swap_ms_per_token=s1, swap_ms_per_block=s2,
-                      block_size=block_size, recompute_fixed_ms=r0, recompute_ms_per_token=r1,
-                      recompute_ms_per_token_sq=r2)
+    costs = CostModel(**swap_fit.coefficients, swap_ms_per_token=0.0, block_size=block_size,
+                      **pre_fit.coefficients)
     misses = {name: f"{name} held-out error {100 * fit.heldout_mape:.1f}% exceeds "
                     f"{100 * MAX_HELDOUT_MAPE:.0f}%"
               for name, fit in (("swap", swap_fit), ("recompute", pre_fit), ("decode", dec_fit))
@@ -398,9 +368,7 @@ def calibrate(spec: ModelSpec, device: str, block_size: int = 16, quick: bool = 
             costs, fit=_fit_quality(pre_fit, prefill.sizes),
             measurements=_measurements(prefill.sizes, prefill.total_ms, prefill.total_spread_ms,
                                        pre_held)),
-        decode=DecodeSection(d0_ms=dec_fit.coefficients[0],
-                             d1_ms_per_seq=dec_fit.coefficients[1],
-                             d2_ms_per_seq_token=dec_fit.coefficients[2], r2=dec_fit.r2,
+        decode=DecodeSection(**dec_fit.coefficients, r2=dec_fit.r2,
                              heldout_mape=dec_fit.heldout_mape),
         crossover_tokens=costs.crossover_tokens(),
         extra={
@@ -417,7 +385,7 @@ def calibrate(spec: ModelSpec, device: str, block_size: int = 16, quick: bool = 
             "attention": {"impl": prefill.attention_impl, "config": prefill.attention_config,
                           "num_tokens": prefill.attention.sizes,
                           "latency_ms": prefill.attention.median_ms.tolist(),
-                          "ms_per_token_sq": float(attn_fit.coefficients[2]),
+                          "ms_per_token_sq": attn_fit.coefficients["recompute_ms_per_token_sq"],
                           "r2": attn_fit.r2},
             "lm_head_ms": prefill.lm_head_ms,
             "decode_points": {"batch_size": decode.batch_size,

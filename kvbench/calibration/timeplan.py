@@ -30,6 +30,7 @@ import torch
 
 from kvbench.calibration.dtype import PROBE_SLOW_MS, product_dims
 from kvbench.calibration.memory import MIN_POINTS, MemoryPlan
+from kvbench.calibration.plans import geometric_sizes
 from kvbench.calibration.schedule import EXTRA_SHARE, MAX_ROUNDS, MIN_ROUNDS
 from kvbench.calibration.sweeps import cold_layer_count, kv_shape
 from kvbench.calibration.timing import FIRST_LOOK_REPS, measure
@@ -205,7 +206,7 @@ def _shrink(sizes: Sizes, phase: str) -> bool:
         points = getattr(sizes, phase)
         lo, hi = points[0], points[-1]
         if hi // 2 >= lo * MIN_SPAN[phase]:
-            smaller = sorted({int(round(x)) for x in np.geomspace(lo, hi // 2, len(points))})
+            smaller = geometric_sizes(lo, hi // 2, len(points))
             if len(smaller) >= MIN_POINTS[phase]:
                 setattr(sizes, phase, smaller)
                 if phase == "swap" and sizes.per_block_max_tokens:

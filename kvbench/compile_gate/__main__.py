@@ -51,12 +51,16 @@ def main(arch: list[int] = typer.Option([90, 80], help="compute capabilities to 
                                     help="Triton's kernel cache, kept between runs"),
          worker: int = typer.Option(0, hidden=True)) -> None:
     if worker:
-        from kvbench.compile_gate.gate import run_target
+        from kvbench.compile_gate.driver import TARGETS, install
+        from kvbench.compile_gate.gate import run_gate
+        from kvbench.compile_gate.survey import run_survey
 
         def progress(text: str) -> None:
             print(f"sm_{worker}: {text}", file=sys.stderr, flush=True)
 
-        print(json.dumps(run_target(worker, survey, progress)))
+        target = TARGETS[worker]
+        driver = install(target)  # this process's one target: Triton keeps one per process
+        print(json.dumps((run_survey if survey else run_gate)(target, driver, progress)))
         return
     from kvbench.compile_gate import report
 

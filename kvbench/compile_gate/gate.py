@@ -27,10 +27,8 @@ from collections.abc import Callable, Iterator
 import torch
 
 from kvbench.compile_gate.driver import (
-    TARGETS,
     StandInDriver,
     Target,
-    install,
     ptxas_version,
     resource_usage,
 )
@@ -49,13 +47,13 @@ Case = tuple[str, Callable[[], None]]  # (label, what to call)
 
 
 def _copy_cases(target: Target) -> Iterator[Case]:
-    from kvbench.calibration.pipeline import PLANS, geometric_sizes
+    from kvbench.calibration.plans import PLANS
     from kvbench.calibration.sweeps import swap_requests, swap_space
     from kvbench.models import get_model
     from kvbench.ops import swap_in, swap_out
 
     sizes = sorted({n for quick in (True, False)
-                    for n in geometric_sizes(*PLANS[("cuda", quick)]["swap"])})
+                    for n in PLANS[("cuda", quick)].swap_tokens.sizes()})
     for model in COPY_MODELS:
         for dtype in HALF_DTYPES:
             spec = dataclasses.replace(get_model(model), dtype=dtype)
@@ -220,17 +218,11 @@ def result(target: Target, rows: dict[str, dict], **extra) -> dict:
             "failures": sum(bool(r["failures"]) for r in kernels), **extra, "kernels": kernels}
 
 
-def run_target(arch: int, survey: bool, progress: Callable[[str], None]) -> dict:
-    """The gate (or the survey) for one target in this process (the stand-in driver stays
-    installed)."""
+def run_gate(target: Target, driver: StandInDriver, progress: Callable[[str], None]) -> dict:
+    """The gate for `target`: the copy cases, then the attention configs of the target's
+    `TRITON_CONFIGS`."""
     from kvbench.ops.prefill_attention import TRITON_CONFIGS, target_family
 
-    target = TARGETS[arch]
-    driver = install(target)
-    if survey:
-        from kvbench.compile_gate.survey import run_survey
-
-        return run_survey(target, driver, progress)
     rows = run(target, _copy_cases(target), driver, progress)
-    own = {key: [None] for key in TRITON_CONFIGS[target_family(arch)]}
+    own = {key: [None] for key in TRITON_CONFIGS[target_family(target.arch)]}
     return result(target, run(target, attention_cases(own), driver, progress, rows))

@@ -12,11 +12,14 @@ import pytest
 
 from kvbench.calibration import pipeline
 from kvbench.calibration.pipeline import CalibrationRun, calibrate, samples_path
+from kvbench.calibration.plans import PLANS, CalibrationPlan, TokenSweep
 from kvbench.models import get_model
 from kvbench.profile import load
 
-TINY_PLAN = {"swap": (16, 2048, 6), "prefill": (16, 512, 6), "decode": ([1, 4, 8], [32, 128]),
-             "budget_s": {"swap": 0.2, "prefill": 0.2}}
+TINY_PLAN = CalibrationPlan(swap_tokens=TokenSweep(16, 2048, 6),
+                            prefill_tokens=TokenSweep(16, 512, 6), decode_batch_sizes=(1, 4, 8),
+                            decode_contexts=(32, 128), per_block_max_tokens=None,
+                            swap_interleave_s=0.2, prefill_interleave_s=0.2)
 
 
 @pytest.fixture(scope="module")
@@ -140,7 +143,7 @@ def test_stale_temp_files_are_cleaned(tiny_run, tmp_path):
 
 def test_cli_interrupted_while_writing(tmp_path, run_cli, monkeypatch):
     """Defect 6: Ctrl-C while writing exited 130 without a word."""
-    monkeypatch.setitem(pipeline.PLANS, ("cpu", True), TINY_PLAN)
+    monkeypatch.setitem(PLANS, ("cpu", True), TINY_PLAN)
 
     def interrupted(self, path):
         raise KeyboardInterrupt

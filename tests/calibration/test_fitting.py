@@ -7,7 +7,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from kvbench.calibration import fitting
-from kvbench.calibration.pipeline import geometric_sizes
+from kvbench.calibration.plans import geometric_sizes
+from kvbench.costmodel import CostModel, DecodeModel
 
 DESIGNS = {
     "swap": lambda n: fitting.swap_design(n, 16),
@@ -21,35 +22,52 @@ def noisy(y, rel, seed=0):
     return y * (1 + rel * np.random.default_rng(seed).standard_normal(y.shape))
 
 
+def beta(fit):
+    """The coefficients in the design's column order."""
+    return np.array(list(fit.coefficients.values()))
+
+
+def test_coefficients_are_named_after_the_fields_of_the_models_they_build():
+    """A fit's coefficients build the model by name: `CostModel(**swap, **recompute)`."""
+    n = [16, 100, 1000, 5000]
+    fits = {kind: fitting.fit_nnls(DESIGNS[kind](n), np.log(n)) for kind in DESIGNS}
+    costs = CostModel(**fits["swap"].coefficients, **fits["recompute"].coefficients)
+    assert costs.swap_ms_per_block == fits["swap"].coefficients["swap_ms_per_block"]
+    assert DecodeModel(**fits["decode"].coefficients).d0_ms == beta(fits["decode"])[0]
+    design = fitting.swap_design([16, 100], 16).without("swap_ms_per_token")
+    assert design.names == ("swap_fixed_ms", "swap_ms_per_block")
+    np.testing.assert_array_equal(design.matrix, [[1, 1], [1, 7]])
+
+
 def test_recompute_fit_recovers_quadratic_coefficients():
     n = np.array(geometric_sizes(32, 32768, 14), dtype=float)
     truth = np.array([5.0, 0.3, 2e-5])
-    y = noisy(fitting.recompute_design(n) @ truth, 0.01)
+    y = noisy(fitting.recompute_design(n).matrix @ truth, 0.01)
     held = fitting.holdout_mask(len(n))
     fit = fitting.fit_nnls(fitting.recompute_design(n), y, held)
-    np.testing.assert_allclose(fit.coefficients, truth, rtol=0.1)
+    np.testing.assert_allclose(beta(fit), truth, rtol=0.1)
     assert fit.r2 > 0.99 and fit.heldout_mape < 0.03
     assert held.sum() >= 3 and not held[0] and not held[-1]
 
 
 def test_swap_fit_separates_per_token_and_per_block_costs():
     n = np.array([1, 3, 16, 17, 40, 100, 257, 1000, 4096, 5000, 16384], dtype=float)
-    truth = np.array([0.05, 0.002, 0.01])
+    truth = {"swap_fixed_ms": 0.05, "swap_ms_per_token": 0.002, "swap_ms_per_block": 0.01}
     design = fitting.swap_design(n, 16)
-    np.testing.assert_array_equal(design[:4, 2], [1, 1, 1, 2])
-    fit = fitting.fit_nnls(design, design @ truth)
-    np.testing.assert_allclose(fit.coefficients, truth, rtol=1e-6)
+    np.testing.assert_array_equal(design.matrix[:4, 2], [1, 1, 1, 2])
+    fit = fitting.fit_nnls(design, design.matrix @ list(truth.values()))
+    assert fit.coefficients == pytest.approx(truth, rel=1e-6)
     assert fit.r2 == pytest.approx(1.0) and fit.heldout_mape is None
 
 
 def test_fit_coefficients_stay_non_negative():
     n = np.array(geometric_sizes(16, 4096, 10), dtype=float)
     y = 0.01 * n - 0.1  # unconstrained least squares would give a negative intercept
-    unconstrained = np.linalg.lstsq(fitting.recompute_design(n) / y[:, None], np.ones_like(y),
-                                    rcond=None)[0]
+    unconstrained = np.linalg.lstsq(fitting.recompute_design(n).matrix / y[:, None],
+                                    np.ones_like(y), rcond=None)[0]
     assert unconstrained[0] < 0
     fit = fitting.fit_nnls(fitting.recompute_design(n), y)
-    assert (fit.coefficients >= 0).all() and fit.coefficients[0] == 0
+    assert (beta(fit) >= 0).all() and fit.coefficients["recompute_fixed_ms"] == 0
 
 
 @pytest.mark.parametrize("bad", [[1.0, 0.0, 2.0], [1.0, np.nan, 2.0], [1.0, -1.0, 2.0]])
@@ -64,7 +82,7 @@ def test_fit_needs_enough_points():
 
 
 def test_decode_design_columns():
-    np.testing.assert_array_equal(fitting.decode_design([2, 4], [10, 100]),
+    np.testing.assert_array_equal(fitting.decode_design([2, 4], [10, 100]).matrix,
                                   [[1, 2, 20], [1, 4, 400]])
 
 
@@ -77,12 +95,12 @@ def test_mape_is_relative_to_the_measurement():
 def test_heldout_mape_is_the_error_on_the_held_out_points_only():
     n = np.array(geometric_sizes(16, 4096, 9), dtype=float)
     design = fitting.recompute_design(n)
-    y = design @ np.array([1.0, 0.01, 1e-5])
+    y = design.matrix @ np.array([1.0, 0.01, 1e-5])
     held = fitting.holdout_mask(len(n))
     y_off = y.copy()
     y_off[held] *= 1.2  # the held-out points lie 20% above the model the others define
     fit = fitting.fit_nnls(design, y_off, held)
-    np.testing.assert_allclose(fit.coefficients, [1.0, 0.01, 1e-5], rtol=1e-6)
+    np.testing.assert_allclose(beta(fit), [1.0, 0.01, 1e-5], rtol=1e-6)
     # predicted = y, measured = 1.2·y on every held-out point: |y - 1.2y| / 1.2y = 1/6
     assert fit.heldout_mape == pytest.approx(1 / 6)
     assert fit.r2 == pytest.approx(1.0)
@@ -99,17 +117,18 @@ shares = st.lists(st.one_of(st.just(0.0), st.floats(0.01, 100.0)), min_size=3, m
 @given(kind=st.sampled_from(sorted(DESIGNS)), n=sizes, share=shares)
 def test_noiseless_latencies_give_back_the_exact_coefficients(kind, n, share):
     design = DESIGNS[kind](n)
-    if np.linalg.matrix_rank(design / design.max(axis=0)) < 3:
+    x = design.matrix
+    if np.linalg.matrix_rank(x / x.max(axis=0)) < 3:
         return  # e.g. every size a whole number of blocks: ceil(n/16) = n/16 is not separable
     # Coefficients scaled so that each term contributes `share` at the largest size.
-    truth = np.array(share) / design[-1]
+    truth = np.array(share) / x[-1]
     truth[0] += 0.05  # a fixed cost: latencies are positive
-    y = design @ truth
+    y = x @ truth
     fit = fitting.fit_nnls(design, y)
     # Compared by contribution (coefficient x its largest column value) relative to the largest
     # latency, so a term worth 1e-9 ms per token² is held to the same standard as a 5 ms one.
-    scale = design.max(axis=0) / y.max()
-    np.testing.assert_allclose(fit.coefficients * scale, truth * scale, atol=1e-6)
+    scale = x.max(axis=0) / y.max()
+    np.testing.assert_allclose(beta(fit) * scale, truth * scale, atol=1e-6)
     np.testing.assert_allclose(fit.predict(design), y, rtol=1e-6)
     assert fit.r2 == pytest.approx(1.0)
 
@@ -119,7 +138,7 @@ def test_noiseless_latencies_give_back_the_exact_coefficients(kind, n, share):
        latency_ms=st.lists(st.floats(1e-3, 1e4), min_size=20, max_size=20))
 def test_coefficients_are_never_negative(kind, n, latency_ms):
     fit = fitting.fit_nnls(DESIGNS[kind](n), latency_ms[:len(n)])
-    assert (fit.coefficients >= 0).all()
+    assert (beta(fit) >= 0).all()
 
 
 @settings(max_examples=60, deadline=None)
@@ -133,9 +152,8 @@ def test_relative_error_fit_does_not_depend_on_the_latency_unit(kind, n, latency
     y = np.array(latency_ms[:len(n)])
     held = fitting.holdout_mask(len(n), every=2)
     base, scaled = fitting.fit_nnls(design, y, held), fitting.fit_nnls(design, factor * y, held)
-    scale = design.max(axis=0) / y.max()  # compare by contribution, as above
-    np.testing.assert_allclose(scaled.coefficients * scale / factor, base.coefficients * scale,
-                               atol=1e-6)
+    scale = design.matrix.max(axis=0) / y.max()  # compare by contribution, as above
+    np.testing.assert_allclose(beta(scaled) * scale / factor, beta(base) * scale, atol=1e-6)
     assert scaled.r2 == pytest.approx(base.r2, abs=1e-6)
     if base.heldout_mape is not None:
         assert scaled.heldout_mape == pytest.approx(base.heldout_mape, rel=1e-6, abs=1e-9)

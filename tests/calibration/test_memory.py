@@ -4,6 +4,7 @@ Issue 20, item 7: no calibration grows past the plan it prints."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import re
@@ -24,14 +25,17 @@ from kvbench.calibration.memory import (
     prefill_bytes,
     swap_bytes,
 )
+from kvbench.calibration.plans import PLANS, CalibrationPlan, TokenSweep, geometric_sizes
 from kvbench.calibration.sweeps import is_out_of_memory
 from kvbench.models import ModelSpec, get_model
 
 CPU_OOM = ("[enforce fail at alloc_cpu.cpp:127] err == 0. DefaultCPUAllocator: can't allocate "
            "memory: you tried to allocate 17179869184 bytes. Error code 12 (Cannot allocate "
            "memory)")
-TINY_PLAN = {"swap": (16, 2048, 6), "prefill": (16, 512, 6), "decode": ([1, 4, 8], [32, 128]),
-             "budget_s": {"swap": 0.2, "prefill": 0.2}}
+TINY_PLAN = CalibrationPlan(swap_tokens=TokenSweep(16, 2048, 6),
+                            prefill_tokens=TokenSweep(16, 512, 6), decode_batch_sizes=(1, 4, 8),
+                            decode_contexts=(32, 128), per_block_max_tokens=None,
+                            swap_interleave_s=0.2, prefill_interleave_s=0.2)
 # The issue's two configs: hidden 65536 x 200 layers, and a 120-layer one whose full plan wanted
 # a 16.1 GB cache and an 8.05 GB host buffer on a 24 GB machine.
 HUGE = {"num_hidden_layers": 200, "hidden_size": 65536, "num_attention_heads": 64,
@@ -90,15 +94,15 @@ def test_huge_config_is_refused_from_the_estimate(tmp_path, run_cli, monkeypatch
 def test_plan_shrinks_to_what_fits():
     """Defect 1: the 120-layer config's plan (16.1 GB cache + 8.05 GB host buffer) grew past
     18 GB of RSS on a 24 GB machine; the plan keeps the sizes that fit and says what it dropped."""
-    plan = pipeline.PLANS[("cpu", False)]
+    plan = PLANS[("cpu", False)]
     available = {"host": 24 * GIB, "device": 24 * GIB}
-    args = (BIG, "cpu", 16, pipeline.geometric_sizes(*plan["swap"]),
-            pipeline.geometric_sizes(*plan["prefill"]), *plan["decode"])
+    args = (BIG, "cpu", 16, plan.swap_tokens.sizes(), plan.prefill_tokens.sizes(),
+            plan.decode_batch_sizes, plan.decode_contexts)
     fitted = fit_plan(*args, available=available)
     usable = memory.USABLE_FRACTION * 24 * GIB
     assert len(fitted.swap_sizes) >= memory.MIN_POINTS["swap"]
     assert sum(swap_bytes(BIG, 16, fitted.swap_sizes[-1]).values()) <= usable
-    assert fitted.swap_sizes[-1] < 2048 < pipeline.geometric_sizes(*plan["swap"])[-1]
+    assert fitted.swap_sizes[-1] < 2048 < plan.swap_tokens.max_tokens
     assert prefill_bytes(BIG, fitted.prefill_sizes[-1]) <= usable
     assert decode_bytes(BIG, fitted.decode_batches[-1], fitted.decode_contexts[-1]) <= usable
     assert fitted.notes[0].startswith("swap: sizes from ") and "GiB usable" in fitted.notes[0]
@@ -110,7 +114,7 @@ def test_plan_shrinks_to_what_fits():
 def test_cuda_plan_counts_gpu_and_host_separately():
     """On CUDA the cache is on the GPU and the swap space in RAM: each side has its budget."""
     spec = get_model("llama-3-8b")
-    sizes = pipeline.geometric_sizes(16, 65536, 14)
+    sizes = geometric_sizes(16, 65536, 14)
     small_gpu = fit_plan(spec, "cuda", 16, sizes, [128, 256, 512, 1024, 2048], [1, 2], [512, 1024],
                          available={"host": 512 * GIB, "device": 20 * GIB})
     small_ram = fit_plan(spec, "cuda", 16, sizes, [128, 256, 512, 1024, 2048], [1, 2], [512, 1024],
@@ -221,7 +225,7 @@ def test_weights_out_of_memory_ends_the_run_in_one_line(tmp_path, run_cli, monke
     def no_memory(*args, **kwargs):
         raise RuntimeError(CPU_OOM)
 
-    monkeypatch.setitem(pipeline.PLANS, ("cpu", True), TINY_PLAN)
+    monkeypatch.setitem(PLANS, ("cpu", True), TINY_PLAN)
     monkeypatch.setattr(sweeps, "LMHead", no_memory)
     out = tmp_path / "p.json"
     code, stdout, err = run_cli("calibrate", "--device", "cpu", "--model", "tiny", "--quick",
@@ -250,7 +254,8 @@ def test_out_of_memory_during_a_sweep_ends_it_and_is_recorded(monkeypatch):
 
     monkeypatch.setattr(sweeps, "random_hidden", hidden)
     monkeypatch.setattr(sweeps, "allocate_kv_cache", cache)
-    plan = {**TINY_PLAN, "prefill": (16, 512, 7), "swap": (16, 2048, 7)}
+    plan = dataclasses.replace(TINY_PLAN, prefill_tokens=TokenSweep(16, 512, 7),
+                               swap_tokens=TokenSweep(16, 2048, 7))
     run = pipeline.calibrate(pipeline.calibration_model("cpu", "tiny"), "cpu", block_size=8,
                              quick=True, plan=plan)
     stopped = run.profile.extra["stopped"]

@@ -15,17 +15,19 @@ from kvbench.calibration.pipeline import (
     calibration_model,
     calibration_summary,
     default_profile_path,
-    geometric_sizes,
     samples_path,
 )
+from kvbench.calibration.plans import PLANS, CalibrationPlan, TokenSweep
 from kvbench.cli import app
 from kvbench.hardware import device_slug
 from kvbench.profile import load, save
 from kvbench.selector import select_preemption_strategy
 
 ROOT = Path(__file__).resolve().parents[2]
-TINY_PLAN = {"swap": (16, 2048, 6), "prefill": (16, 512, 6), "decode": ([1, 4, 8], [32, 128]),
-             "budget_s": {"swap": 0.2, "prefill": 0.2}}
+TINY_PLAN = CalibrationPlan(swap_tokens=TokenSweep(16, 2048, 6),
+                            prefill_tokens=TokenSweep(16, 512, 6), decode_batch_sizes=(1, 4, 8),
+                            decode_contexts=(32, 128), per_block_max_tokens=None,
+                            swap_interleave_s=0.2, prefill_interleave_s=0.2)
 runner = CliRunner()
 
 
@@ -39,7 +41,7 @@ def test_pipeline_builds_a_measured_profile(tiny_run, tmp_path):
     prof = tiny_run.profile
     assert prof.source == "measured" and prof.environment["device"] == "cpu"
     assert prof.swap.impl in ("torch", "per_block") and prof.swap.block_size == 8
-    sizes = geometric_sizes(*TINY_PLAN["swap"])
+    sizes = TINY_PLAN.swap_tokens.sizes()
     assert prof.swap.measurements.num_tokens == sizes
     assert len(prof.swap.measurements.latency_ms) == len(sizes)
     assert all(x > 0 for x in prof.recompute.measurements.latency_ms)
@@ -106,7 +108,7 @@ def test_calibration_model_and_default_path(tmp_path):
 
 
 def test_cli_calibrate_writes_profile_samples_and_plot(tmp_path, monkeypatch):
-    monkeypatch.setitem(pipeline.PLANS, ("cpu", True), TINY_PLAN)
+    monkeypatch.setitem(PLANS, ("cpu", True), TINY_PLAN)
     out = tmp_path / "prof.json"
     res = runner.invoke(app, ["calibrate", "--device", "cpu", "--model", "tiny", "--quick",
                               "--out", str(out), "--force"])

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from kvbench.calibration import schedule
+from kvbench.calibration.plans import PLANS, CalibrationPlan, TokenSweep
 from kvbench.calibration.schedule import busy_reason, interleave, machine_check, recording
 from kvbench.calibration.timing import FIRST_LOOK_REPS, measure
 
@@ -101,9 +102,11 @@ def test_a_profile_missing_its_bar_is_written_beside_the_path(tmp_path, run_cli,
             update={"extra": {**run.profile.extra, "quality": quality}})
         return run
 
-    tiny = {"swap": (16, 2048, 6), "prefill": (16, 512, 6), "decode": ([1, 4, 8], [32, 128]),
-            "budget_s": {"swap": 0.1, "prefill": 0.1}}
-    monkeypatch.setitem(pipeline.PLANS, ("cpu", True), tiny)
+    tiny = CalibrationPlan(swap_tokens=TokenSweep(16, 2048, 6),
+                           prefill_tokens=TokenSweep(16, 512, 6), decode_batch_sizes=(1, 4, 8),
+                           decode_contexts=(32, 128), per_block_max_tokens=None,
+                           swap_interleave_s=0.1, prefill_interleave_s=0.1)
+    monkeypatch.setitem(PLANS, ("cpu", True), tiny)
     monkeypatch.setattr(pipeline, "calibrate", calibrate)
     out = tmp_path / "p.json"
     out.write_text("the profile in use")

@@ -10,12 +10,12 @@ import pytest
 from kvbench.calibration import timeplan
 from kvbench.calibration.memory import MIN_POINTS
 from kvbench.calibration.pipeline import (
-    PLANS,
     calibrate,
     calibration_plan,
     calibration_summary,
     plan_time,
 )
+from kvbench.calibration.plans import PLANS, CalibrationPlan, TokenSweep
 from kvbench.calibration.timeplan import Probes, TimePlanError, fit_budget, probe
 from kvbench.models import from_hf_dict, get_model
 
@@ -34,7 +34,7 @@ HUNDRED_B = from_hf_dict({"hidden_size": 12288, "num_hidden_layers": 96,
 
 def plan_for(spec, quick=True, probes=SLOW_CPU, budget_s=None):
     memory_plan = calibration_plan(spec, "cpu", 16, quick, available=PLENTY)
-    return fit_budget(spec, "cpu", 16, memory_plan, PLANS[("cpu", quick)]["budget_s"], quick,
+    return fit_budget(spec, "cpu", 16, memory_plan, PLANS[("cpu", quick)].interleave_s, quick,
                       IMPLS, probes=probes, budget_s=budget_s)
 
 
@@ -99,8 +99,10 @@ def test_the_refusal_comes_before_anything_long(run_cli, tmp_path, monkeypatch):
 
 def test_the_profile_records_the_plan_beside_the_measured_seconds():
     spec = get_model("tiny")
-    tiny = {"swap": (16, 2048, 6), "prefill": (16, 512, 6), "decode": ([1, 4, 8], [32, 128]),
-            "budget_s": {"swap": 0.2, "prefill": 0.2}}
+    tiny = CalibrationPlan(swap_tokens=TokenSweep(16, 2048, 6),
+                           prefill_tokens=TokenSweep(16, 512, 6), decode_batch_sizes=(1, 4, 8),
+                           decode_contexts=(32, 128), per_block_max_tokens=None,
+                           swap_interleave_s=0.2, prefill_interleave_s=0.2)
     memory_plan = calibration_plan(spec, "cpu", 8, True, plan=tiny)
     time_plan = plan_time(spec, "cpu", memory_plan, 8, True, plan=tiny)
     run = calibrate(spec, "cpu", block_size=8, quick=True, plan=tiny, time_plan=time_plan)

@@ -8,7 +8,7 @@ import pytest
 from typer.testing import CliRunner
 
 from kvbench.calibration import validate as validate_module
-from kvbench.calibration.pipeline import geometric_sizes
+from kvbench.calibration.plans import geometric_sizes
 from kvbench.calibration.validate import ValidationReport, check_device, fresh_sizes, validate
 from kvbench.cli import app
 from kvbench.hardware import get_hardware
