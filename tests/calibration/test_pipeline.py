@@ -23,7 +23,7 @@ from kvbench.hardware import device_slug
 from kvbench.profile import load, save
 from kvbench.selector import select_preemption_strategy
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TINY_PLAN = {"swap": (16, 2048, 6), "prefill": (16, 512, 6), "decode": ([1, 4, 8], [32, 128]),
              "budget_s": {"swap": 0.2, "prefill": 0.2}}
 runner = CliRunner()

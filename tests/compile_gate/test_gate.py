@@ -18,7 +18,7 @@ from kvbench.compile_gate.gate import _check  # noqa: E402
 from kvbench.compile_gate.ptx import global_access_bytes, uses  # noqa: E402
 from kvbench.ops.prefill_attention import TRITON_CONFIGS, target_family  # noqa: E402
 
-RESULTS = Path(__file__).resolve().parents[1] / "results" / "compile-gate"
+RESULTS = Path(__file__).resolve().parents[2] / "results" / "compile-gate"
 PTX = """
 \tld.global.b32 \t%r1, [%rd1];
 \t@%p1 ld.global.v4.b32 \t{ %r2, %r3, %r4, %r5 }, [ %rd2 + 0 ];
@@ -88,7 +88,7 @@ def test_gate_compiles_the_copy_for_sm90_and_catches_an_unaligned_buffer(tmp_pat
     both fail the gate."""
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env.update(TRITON_CACHE_DIR=str(tmp_path), TRITON_DEFAULT_FP_FUSION="1",
-               PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+               PYTHONPATH=str(Path(__file__).resolve().parents[2]))
     out = subprocess.run([sys.executable, "-c", MINI_GATE], env=env, capture_output=True,
                          text=True, timeout=300)
     assert out.returncode == 0, out.stderr
