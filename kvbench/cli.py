@@ -431,14 +431,18 @@ def compare_policies_cmd(
 @app.command("report")
 def report_cmd(results: Path = typer.Option(Path("results"), help="Results folder."),
                readme: Path = typer.Option(Path("README.md"), help="README whose `<!-- report: "
-                                           "... -->` blocks are rewritten (skipped if absent)."),
+                                           "... -->` blocks are rewritten, with those of the "
+                                           "docs/*.md pages beside it (skipped if absent)."),
                ) -> None:
-    """Regenerate results/README.md and README.md's result blocks from committed results."""
-    from kvbench.report import update_readme, write_report
+    """Regenerate results/README.md and the result blocks of README.md and docs/*.md."""
+    from kvbench.report import result_pages, update_readme, write_report
 
+    if not results.is_dir():
+        raise ValueError(f"no results folder at {results}: run it from the project root or "
+                         "give --results")
     out.print(f"wrote {write_report(results)}")
-    if readme.exists():
-        out.print(f"wrote {update_readme(readme, readme.parent)}")
+    for page in result_pages(readme):
+        out.print(f"wrote {update_readme(page, readme.parent)}")
 
 
 @app.command("machine")

@@ -1,5 +1,5 @@
 """`kvbench report`: regenerate results/README.md from the committed baselines and profiles,
-and the blocks of README.md that quote results (`update_readme`).
+and the blocks of README.md and of the docs/*.md pages that quote results (`update_readme`).
 
 Inputs: `results/benchmarks/<machine-slug>/**/NNNN_*.json` (pytest-benchmark saves; the latest
 per slug is reported) and `results/profiles/*.json` (from `kvbench calibrate`). One section per
@@ -172,7 +172,7 @@ def write_report(results_dir: str | Path = "results") -> Path:
 
 
 # ---------------------------------------------------------------------------------------------
-# README.md blocks: the numbers README quotes, rendered from committed results
+# README.md and docs/*.md blocks: the numbers the pages quote, rendered from committed results
 
 README_BLOCK = re.compile(r"(<!-- report: (?P<source>\S+) -->\n).*?(<!-- /report -->)", re.S)
 COMPARE_COLUMNS = {"policy": "policy", "preemptions": "preemptions",
@@ -385,9 +385,19 @@ def render_source(root: Path, source: str) -> list[str]:
                      "JSON render")
 
 
+def result_pages(readme: str | Path) -> list[Path]:
+    """README.md and the docs/*.md pages beside it that hold a `<!-- report: ... -->` block:
+    the pages `kvbench report` rewrites (none where README.md is absent)."""
+    readme = Path(readme)
+    if not readme.is_file():
+        return []
+    docs = sorted((readme.parent / "docs").glob("*.md"))
+    return [readme, *(page for page in docs if README_BLOCK.search(page.read_text()))]
+
+
 def update_readme(readme: str | Path, root: str | Path = ".") -> Path:
-    """Rewrite every `<!-- report: SOURCE -->` ... `<!-- /report -->` block of README.md with
-    SOURCE rendered afresh (SOURCE relative to `root`)."""
+    """Rewrite every `<!-- report: SOURCE -->` ... `<!-- /report -->` block of a page (README.md
+    or a docs/*.md page) with SOURCE rendered afresh (SOURCE relative to `root`)."""
     readme, root = Path(readme), Path(root)
     text = README_BLOCK.sub(lambda m: m.group(1) + "\n".join(render_source(root, m["source"]))
                             + "\n" + m.group(3), readme.read_text())

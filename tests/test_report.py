@@ -4,6 +4,7 @@ import json
 import shutil
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from kvbench.cli import app
@@ -71,15 +72,39 @@ def test_report_copy_rows_against_the_round_trip_ceiling(tmp_path):
     assert "| tiny | torch | 16 | 16-4096 | 12.00 | 9.00 | 50% |" in text
 
 
-def test_readme_result_blocks_are_regenerated_from_committed_results(tmp_path):
-    """Every `<!-- report: ... -->` block of README.md is what `kvbench report` renders now."""
-    from kvbench.report import README_BLOCK, update_readme
+def test_result_blocks_are_regenerated_from_committed_results(tmp_path):
+    """Every `<!-- report: ... -->` block of README.md and of each docs/*.md page is what
+    `kvbench report` renders now."""
+    from kvbench.report import README_BLOCK, result_pages, update_readme
 
     root = Path(__file__).resolve().parents[1]
-    readme = (root / "README.md").read_text()
-    assert len(README_BLOCK.findall(readme)) >= 5
-    copy = tmp_path / "README.md"
-    copy.write_text(readme)
-    update_readme(copy, root)
-    assert copy.read_text() == readme, "README.md is stale: run `kvbench report`"
+    pages = result_pages(root / "README.md")
+    assert pages[0] == root / "README.md" and len(pages) > 1  # README, then the docs pages
+    assert sum(len(README_BLOCK.findall(page.read_text())) for page in pages) >= 5
+    for page in pages:
+        text = page.read_text()
+        copy = tmp_path / page.name
+        copy.write_text(text)
+        update_readme(copy, root)
+        assert copy.read_text() == text, f"{page.relative_to(root)} is stale: run `kvbench report`"
 
+
+def test_report_refuses_a_missing_results_folder(tmp_path, monkeypatch):
+    """Run outside the project, `kvbench report` says what is missing and creates nothing."""
+    from kvbench.cli import main
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("sys.argv", ["kvbench", "report"])
+    with pytest.raises(SystemExit) as exit_info:
+        main()
+    assert exit_info.value.code == 2
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_report_error_is_one_line(tmp_path):
+    res = CliRunner().invoke(app, ["report", "--results", str(tmp_path / "results"), *NO_README])
+    assert res.exit_code == 2
+    assert res.output.strip().splitlines() == [
+        f"error: no results folder at {tmp_path / 'results'}: run it from the project root or "
+        "give --results"]
+    assert not (tmp_path / "results").exists()
