@@ -230,122 +230,33 @@ def validate_cmd(
 
 
 # ---------------------------------------------------------------------------------------------
-# Scheduler simulator (kvbench.sim): thin commands over kvbench.sim and kvbench.sim.study
+# Scheduler simulator (kvbench.sim): options generated from the specs (kvbench/cli_options.py)
 
-SIM_TRACE = typer.Option(None, "--trace", help="Trace CSV: Azure 2023 (TIMESTAMP, ContextTokens, "
-                         "GeneratedTokens) or arrival_s, prompt_tokens, output_tokens[, "
-                         "max_tokens].")
-SIM_SYNTHETIC = typer.Option(None, "--synthetic", help="Synthetic mix instead, e.g. 'requests="
-                             "500,rate=8,arrivals=gamma,cv=2,long-prompt=0.3,long-output=0.2'.")
-SIM_PROFILE = typer.Option(None, "--profile", help="Profile JSON (calibrated costs).")
-SIM_MODEL = typer.Option(None, "--model", help="Model preset for analytic costs (default "
-                         "llama-2-7b).")
-SIM_HARDWARE = typer.Option("h100-sxm", "--hardware", help="Hardware preset for analytic costs.")
-SIM_NUM_REQUESTS = typer.Option(None, "--num-requests", min=1,
-                                help="Only the first N requests.")
-SIM_MAX_TOKENS = typer.Option(None, "--max-tokens", min=1, help="Generation limit of every "
-                              "request (default: the trace's longest output).")
-SIM_GPU_BLOCKS = typer.Option(None, "--gpu-blocks", min=1, help="KV blocks on the GPU (default: "
-                              "from --gpu-memory-gib x 0.9 minus the weights).")
-SIM_GPU_MEMORY = typer.Option(None, "--gpu-memory-gib", min=0.0, help="GPU memory, GiB "
-                              "(default: the hardware preset's, 80 for an H100).")
-SIM_CPU_SWAP = typer.Option(4.0, "--cpu-swap-gib", min=0.0, help="CPU swap space, GiB.")
-SIM_SEED = typer.Option(0, "--seed", min=0, help="Seed of synthetic workloads and noisy "
-                        "predictions.")
-SIM_JSON = typer.Option(False, "--json", help="Print the summary as JSON.")
-# Engine rules (kvbench/sim/engines.py): None keeps the engine's.
-ENGINE = typer.Option("vllm-0.32", help="Scheduling rules: vllm-0.32 or vllm-legacy.")
-MAX_NUM_SEQS = typer.Option(None, min=1, help="Running requests at most (engine's: 1024).")
-MAX_BATCHED = typer.Option(None, min=1, help="Tokens per step at most (engine's: 8192).")
-CHUNKED = typer.Option(True, "--chunked-prefill/--no-chunked-prefill",
-                       help="Split long prompts over steps.")
-FULL_PROMPT = typer.Option(None, "--full-prompt-admission/--first-chunk-admission",
-                           help="Admit only if the whole prompt's blocks fit (vLLM 0.32), or "
-                           "the first chunk's.")
-PREFIX_CACHING = typer.Option(None, "--prefix-caching/--no-prefix-caching",
-                              help="Keep freed full blocks cached for re-admission.")
-ASYNC = typer.Option(None, "--async-scheduling/--no-async-scheduling",
-                     help="Schedule a step before the previous one's output is processed.")
-NULL_BLOCK = typer.Option(None, "--null-block/--no-null-block",
-                          help="One GPU block is vLLM's null block.")
-WATERMARK = typer.Option(None, min=0.0, max=0.99, help="Blocks kept free when admitting, as "
-                         "a fraction of the cache.")
-MAX_MODEL_LEN = typer.Option(None, min=1, help="Reject longer prompts, cap generation.")
-STEP_TIME = typer.Option("profile", help="profile, constant:20ms or linear:10ms+0.01ms/token.")
+OUT_DIR = typer.Option(None, "--out", help="Folder for the result files.")
+AS_JSON = typer.Option(False, "--json", help="Print the result as JSON.")
 
 
-def engine_fields(engine, max_num_seqs, max_num_batched_tokens, chunked_prefill,
-                  full_prompt_admission, prefix_caching, async_scheduling, null_block, watermark,
-                  max_model_len, step_time) -> dict:
-    """The SimConfig fields of the engine flags, by their SimConfig names."""
-    return dict(engine=engine, max_num_seqs=max_num_seqs,
-                max_num_batched_tokens=max_num_batched_tokens, chunked_prefill=chunked_prefill,
-                full_prompt_admission=full_prompt_admission, prefix_caching=prefix_caching,
-                async_scheduling=async_scheduling, null_block=null_block, watermark=watermark,
-                max_model_len=max_model_len, step_time=step_time)
+def warn(line: str) -> None:
+    err.print(f"warning: {line}")
 
 
 @app.command("simulate")
-def simulate_cmd(
-    trace: Optional[Path] = SIM_TRACE,
-    synthetic: Optional[str] = SIM_SYNTHETIC,
-    profile: Optional[Path] = SIM_PROFILE,
-    model: Optional[str] = SIM_MODEL,
-    hardware: str = SIM_HARDWARE,
-    admission: str = typer.Option("fcfs", help="fcfs, reserve-max or future-kv."),
-    victim: str = typer.Option("lifo", help="lifo, lcf or cost-aware."),
-    preemption: str = typer.Option("recompute", help="recompute, swap or selector."),
-    predictor: str = typer.Option("oracle", help="oracle, noisy, history or max."),
-    rate_scale: float = typer.Option(1.0, help="Replay the trace this many times faster."),
-    num_requests: Optional[int] = SIM_NUM_REQUESTS,
-    max_tokens: Optional[int] = SIM_MAX_TOKENS,
-    gpu_blocks: Optional[int] = SIM_GPU_BLOCKS,
-    gpu_memory_gib: Optional[float] = SIM_GPU_MEMORY,
-    cpu_swap_gib: float = SIM_CPU_SWAP,
-    headroom: float = typer.Option(0.0, help="future-kv: fraction of the cache kept free."),
-    max_long_requests: Optional[int] = typer.Option(
-        None, min=0, help="future-kv: at most this many requests predicted to generate 512+ "
-        "tokens at once."),
-    noise_sigma: float = typer.Option(0.5, help="noisy: sigma of the log-normal error."),
-    history_quantile: float = typer.Option(0.5, help="history: quantile of recent outputs."),
-    seed: int = SIM_SEED,
-    engine: str = ENGINE,
-    max_num_seqs: Optional[int] = MAX_NUM_SEQS,
-    max_num_batched_tokens: Optional[int] = MAX_BATCHED,
-    chunked_prefill: bool = CHUNKED,
-    full_prompt_admission: Optional[bool] = FULL_PROMPT,
-    prefix_caching: Optional[bool] = PREFIX_CACHING,
-    async_scheduling: Optional[bool] = ASYNC,
-    null_block: Optional[bool] = NULL_BLOCK,
-    watermark: Optional[float] = WATERMARK,
-    max_model_len: Optional[int] = MAX_MODEL_LEN,
-    step_time: str = STEP_TIME,
-    out_dir: Optional[Path] = typer.Option(None, "--out", help="Write summary.json, summary.csv,"
-                                           " requests.csv, timeline.csv and run.png here."),
-    as_json: bool = SIM_JSON,
-) -> None:
-    """Simulate one serving replica under one scheduling policy."""
+@with_options(WORKLOAD, COSTS, POLICY, REPLICA, KNOBS, RUN)
+def simulate_cmd(out_dir: Optional[Path] = OUT_DIR, as_json: bool = AS_JSON, **options) -> None:
+    """Simulate one serving replica under one scheduling policy (files: summary.json,
+    summary.csv, requests.csv, timeline.csv, run.png in --out)."""
     from kvbench.sim import metrics
     from kvbench.sim.engine import simulate
     from kvbench.sim.plots import plot_run
-    from kvbench.sim.study import sim_inputs
+    from kvbench.sim.run import RunSpec
 
-    workload, config, costs = sim_inputs(
-        trace, synthetic, profile, model, hardware, rate_scale, num_requests, max_tokens, seed,
-        warn=lambda line: err.print(f"warning: {line}"),
-        admission=admission, victim=victim, preemption=preemption, predictor=predictor,
-        gpu_blocks=gpu_blocks, gpu_memory_gib=gpu_memory_gib, cpu_swap_gib=cpu_swap_gib,
-        headroom_fraction=headroom, max_long_requests=max_long_requests,
-        noise_sigma=noise_sigma, history_quantile=history_quantile,
-        **engine_fields(engine, max_num_seqs, max_num_batched_tokens, chunked_prefill,
-                        full_prompt_admission, prefix_caching, async_scheduling, null_block,
-                        watermark, max_model_len, step_time))
+    workload, config, costs = RunSpec.from_options(**given(options)).resolve(warn=warn)
     with Reporter(err, "simulate", "requests", transient=True) as progress:
         result = simulate(workload, config, costs, progress=lambda done: progress.count(
             config.policy_name, done, workload.num_requests))
     summary = metrics.summarize(result)
     if out_dir is not None:
-        metrics.write_results(result, out_dir, summary)
+        metrics.write_results(result, out_folder(out_dir), summary)
         plot_run(result, out_dir / "run.png")
     if as_json:
         print(json.dumps(summary))
@@ -354,78 +265,46 @@ def simulate_cmd(
 
 
 @app.command("compare-policies")
+@with_options(WORKLOAD, COSTS, REPLICA, KNOBS, RUN)
 def compare_policies_cmd(
-    ctx: typer.Context,
-    trace: Optional[Path] = SIM_TRACE,
-    synthetic: Optional[str] = SIM_SYNTHETIC,
     policies: Optional[str] = typer.Option(None, help="Comma-separated admission/victim/"
-                                           "preemption/predictor (default: the study's ten)."),
-    profile: Optional[Path] = SIM_PROFILE,
-    model: Optional[str] = SIM_MODEL,
-    hardware: str = SIM_HARDWARE,
-    rate_scale: Optional[float] = typer.Option(
-        None, help="Replay the trace this many times faster (default 1; 2 for the default "
-        "Azure trace)."),
-    num_requests: Optional[int] = SIM_NUM_REQUESTS,
-    max_tokens: Optional[int] = SIM_MAX_TOKENS,
-    gpu_blocks: Optional[int] = SIM_GPU_BLOCKS,
-    gpu_memory_gib: Optional[float] = SIM_GPU_MEMORY,
-    cpu_swap_gib: float = SIM_CPU_SWAP,
-    seed: int = SIM_SEED,
-    engine: str = ENGINE,
-    max_num_seqs: Optional[int] = MAX_NUM_SEQS,
-    max_num_batched_tokens: Optional[int] = MAX_BATCHED,
-    chunked_prefill: bool = CHUNKED,
-    full_prompt_admission: Optional[bool] = FULL_PROMPT,
-    prefix_caching: Optional[bool] = PREFIX_CACHING,
-    async_scheduling: Optional[bool] = ASYNC,
-    null_block: Optional[bool] = NULL_BLOCK,
-    watermark: Optional[float] = WATERMARK,
-    max_model_len: Optional[int] = MAX_MODEL_LEN,
-    step_time: str = STEP_TIME,
+                                           "preemption/predictor[@engine] (default: the "
+                                           "study's matrix, `kvbench.sim.study`)."),
     jobs: int = typer.Option(1, min=1, help="Policies simulated in parallel processes."),
     out_dir: Path = typer.Option(Path("sim-compare"), "--out", help="Where compare.json, "
                                  "compare.csv and compare.png go."),
-    as_json: bool = SIM_JSON,
-    sweep: Optional[Path] = typer.Option(None, "--sweep", help="Sweep spec (TOML or YAML): "
-                                         "policies x traces x rate scales x cache sizes x "
-                                         "seeds, one simulation per cell; resumes in --out."),
-    ray_address: Optional[str] = typer.Option(None, "--ray", help="Run the sweep's cells as "
-                                              "Ray tasks: 'local' (a private Ray instance), "
-                                              "'auto' or HOST:PORT of a cluster's head node."),
-) -> None:
-    """Run a matrix of policies on one workload (default: the shared Azure 2023 trace)."""
-    if sweep is not None or ray_address is not None:
-        return sweep_cmd(ctx, sweep, ray_address, jobs, out_dir, as_json)
+    as_json: bool = AS_JSON, **options) -> None:
+    """Run a matrix of policies on one workload (default: the bundled Azure 2023 trace at
+    2x)."""
     from kvbench.sim.metrics import summarize
+    from kvbench.sim.run import RunSpec
     from kvbench.sim.study import (
         compare_policies,
         comparison_rows,
         comparison_table,
         parse_policies,
-        sim_inputs,
         write_comparison,
     )
 
-    workload, base, costs = sim_inputs(
-        trace, synthetic, profile, model, hardware, rate_scale, num_requests, max_tokens, seed,
-        warn=lambda line: err.print(f"warning: {line}"),
-        study_default=True, gpu_blocks=gpu_blocks, gpu_memory_gib=gpu_memory_gib,
-        cpu_swap_gib=cpu_swap_gib,
-        **engine_fields(engine, max_num_seqs, max_num_batched_tokens, chunked_prefill,
-                        full_prompt_admission, prefix_caching, async_scheduling, null_block,
-                        watermark, max_model_len, step_time))
+    workload, base, costs = RunSpec.from_options(**given(options)).resolve(True, warn)
     names = parse_policies(policies)
     with Reporter(err, "compare-policies", "policies", transient=True) as progress:
         results = compare_policies(workload, names, base, costs, jobs,
                                    progress=lambda done: progress.count("", done, len(names)))
     summaries = [summarize(r) for r in results]
-    write_comparison(results, summaries, out_dir)
+    write_comparison(results, summaries, out_folder(out_dir))
     if as_json:
         print(json.dumps(comparison_rows(summaries)))
         return
     out.print(comparison_table(results, summaries))
     out.print(f"wrote: {out_dir}/compare.json, compare.csv, compare.png")
+
+
+def out_folder(path: Path) -> Path:
+    """--out must be a folder (made if missing)."""
+    if path.exists() and not path.is_dir():
+        raise KvbenchError(f"--out {path} is a file; give a folder")
+    return path
 
 
 @app.command("report")
