@@ -27,6 +27,7 @@ from kvbench.hardware import (
     fingerprint_mismatch,
     resolve_device,
 )
+from kvbench.io import check_out_dir
 from kvbench.models import presets_table
 from kvbench.profile import extrapolation_warning, load, resolve, summary_lines
 from kvbench.progress import Reporter
@@ -234,7 +235,7 @@ def validate_cmd(
 
 SIM_TRACE = typer.Option(None, "--trace", help="Trace CSV: Azure 2023 (TIMESTAMP, ContextTokens, "
                          "GeneratedTokens) or arrival_s, prompt_tokens, output_tokens[, "
-                         "max_tokens].")
+                         "max_tokens]; or a bundled trace's name: azure-conv-2023.")
 SIM_SYNTHETIC = typer.Option(None, "--synthetic", help="Synthetic mix instead, e.g. 'requests="
                              "500,rate=8,arrivals=gamma,cv=2,long-prompt=0.3,long-output=0.2'.")
 SIM_PROFILE = typer.Option(None, "--profile", help="Profile JSON (calibrated costs).")
@@ -330,6 +331,8 @@ def simulate_cmd(
     from kvbench.sim.plots import plot_run
     from kvbench.sim.study import sim_inputs
 
+    if out_dir is not None:
+        check_out_dir(out_dir)
     workload, config, costs = sim_inputs(
         trace, synthetic, profile, model, hardware, rate_scale, num_requests, max_tokens, seed,
         warn=lambda line: err.print(f"warning: {line}"),
@@ -395,6 +398,7 @@ def compare_policies_cmd(
                                               "'auto' or HOST:PORT of a cluster's head node."),
 ) -> None:
     """Run a matrix of policies on one workload (default: the shared Azure 2023 trace)."""
+    check_out_dir(out_dir)
     if sweep is not None or ray_address is not None:
         return sweep_cmd(ctx, sweep, ray_address, jobs, out_dir, as_json)
     from kvbench.sim.metrics import summarize
@@ -505,7 +509,13 @@ def fleet_calibrate_cmd(
 def sweep_cmd(ctx: typer.Context, spec_path: Optional[Path], ray_address: Optional[str],
               jobs: int, out_dir: Path, as_json: bool) -> None:
     """`compare-policies --sweep SPEC [--ray ADDRESS]`: the spec's cells, resumable in --out."""
-    from kvbench.sim.sweep import load_spec, policy_means, policy_table, run_sweep
+    from kvbench.sim.sweep import (
+        SweepInterrupted,
+        load_spec,
+        policy_means,
+        policy_tables,
+        run_sweep,
+    )
 
     if spec_path is None:
         raise ValueError("--ray runs a sweep: give --sweep SPEC (a TOML or YAML file naming "
@@ -519,21 +529,27 @@ def sweep_cmd(ctx: typer.Context, spec_path: Optional[Path], ray_address: Option
     if spec.profile is not None and (warning := fingerprint_mismatch(load(spec.profile)
                                                                      .environment)):
         err.print(f"warning: {warning}")
-    with Reporter(err, "sweep", "cells", transient=True) as progress:
+    try:
+        with Reporter(err, "sweep", "cells", transient=True) as progress:
 
-        def on_cell(done, total, cell, error):
-            progress.count("", done, total)
-            if error:
-                err.print(f"cell failed: {cell.label()}: {error}")
+            def on_cell(done, total, cell, error):
+                progress.count("", done, total)
+                if error:
+                    err.print(f"cell failed: {cell.label()}: {error}")
 
-        outcome = run_sweep(spec, out_dir, jobs=jobs, ray_address=ray_address, on_cell=on_cell)
+            outcome = run_sweep(spec, out_dir, jobs=jobs, ray_address=ray_address,
+                                on_cell=on_cell, log=err.print,
+                                warn=lambda line: err.print(f"warning: {line}"))
+    except SweepInterrupted as exc:
+        err.print(exc.line())
+        raise typer.Exit(130) from None
     if as_json:
         print(json.dumps({"cells_total": outcome.total, "ran": outcome.ran,
                           "skipped": outcome.skipped, "failures": outcome.failures,
                           "wall_s": outcome.wall_s, "policies": policy_means(outcome.rows)}))
     else:
-        if outcome.rows:
-            out.print(policy_table(outcome.rows, f"sweep {spec_path}: mean over cells"))
+        for table in policy_tables(outcome.rows, f"sweep {spec_path}: mean over cells"):
+            out.print(table)
         out.print("\n".join(outcome.lines(out_dir)))
     if outcome.failures:
         err.print(f"error: {len(outcome.failures)} cells failed; run the same command again "

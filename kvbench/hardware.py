@@ -9,11 +9,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import os
 import platform
 import re
+import shlex
 import subprocess
+import sys
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 from kvbench import __version__
@@ -260,6 +264,30 @@ def git_commit() -> str | None:
         return out.stdout.strip() or None if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+@functools.cache
+def code_sha256() -> str:
+    """sha256 of the running kvbench package's source: each *.py under kvbench/ by its relative
+    path, in sorted order. Tells apart code that one version number covers (an editable install
+    after a change); computed once per process."""
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py"), key=lambda p: p.relative_to(root).as_posix()):
+        digest.update(f"{path.relative_to(root).as_posix()}\0".encode())
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def provenance() -> dict:
+    """What made a result and where, for a result file's `provenance` entry (as a profile's
+    `environment` records it): kvbench version, commit (None outside a git checkout), the
+    source's `code_sha256`, this machine's CPU slug (`device_slug`), the UTC date and the
+    command line."""
+    return {"kvbench": __version__, "commit": git_commit(), "code_sha256": code_sha256(),
+            "machine": device_slug("cpu"), "python": platform.python_version(),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "command": shlex.join(sys.argv) if sys.argv and sys.argv[0] else None}
 
 
 def fingerprint(device: str) -> dict:

@@ -52,6 +52,18 @@ def check_writable(path: str | os.PathLike) -> Path:
     return path
 
 
+def check_out_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """ValueError naming `flag` where `path` cannot be a folder because it, or a folder above it,
+    is a file; checked before any work whose results go there."""
+    path = Path(path)
+    blocking = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocking == path:
+        raise ValueError(f"{flag} {path} is a file; give a folder")
+    if blocking is not None:
+        raise ValueError(f"{flag} {path}: {blocking} is a file; give a folder")
+    return path
+
+
 def remove_stale_temp_files(paths: list[Path], older_than_s: float) -> list[Path]:
     """Remove the `write_atomic` temp files among `paths` last modified more than
     `older_than_s` ago (a killed writer's: a live write renames its file within seconds)."""

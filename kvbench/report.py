@@ -234,6 +234,25 @@ def sweep_markdown(path: Path) -> list[str]:
     return lines[:-1]
 
 
+def scale_markdown(report: dict) -> str:
+    """A sweep-scale benchmark report (benchmarks/bench_sweep_scale.py) as a Markdown table:
+    the same sweep with --jobs 1, --jobs 2 and on Ray (README's Fleet section)."""
+    env = report["environment"]
+    lines = [f"{report['cells']} cells on {env['device_name']}, Ray {report['ray']}, kvbench "
+             f"{env['kvbench']} ({env['commit']})", "",
+             "| mode | wall s | speed-up | simulating s | overhead ms/cell | load avg |",
+             "|---|---|---|---|---|---|"]
+    for m in report["modes"]:
+        lines.append(f"| {m['mode']} | {m['wall_s']:.2f} | {m['speedup']:.2f}x | "
+                     f"{m['compute_s']:.2f} | {m['overhead_per_cell_ms']:.0f} | "
+                     f"{m['load_average_1min_before']:.1f} |")
+    ray = report["modes"][-1]
+    lines += ["", f"Ray alone: start {ray['start_s']:.1f} s, an empty task "
+                  f"{ray['empty_task_ms']:.2f} ms at full throughput, "
+                  f"{ray['empty_round_trip_ms']:.2f} ms one at a time (median)."]
+    return "\n".join(lines)
+
+
 def stability_markdown(data: dict) -> list[str]:
     """benchmarks/stability.py's runs (`--save`): each number's min, median, max and spread over
     the runs, then the verdicts of `kvbench.calibration.stability.judge`, one per criterion."""
@@ -368,8 +387,6 @@ def render_source(root: Path, source: str) -> list[str]:
     if path.name == "sweep.csv":
         return sweep_markdown(path)
     if path.name.endswith("-sweep-scale.json"):
-        from kvbench.sim.sweep import scale_markdown
-
         return scale_markdown(json.loads(path.read_text())).split("\n")
     if path.name.endswith("-stability.json"):
         return stability_markdown(json.loads(path.read_text()))

@@ -26,6 +26,7 @@ from pathlib import Path
 
 import numpy as np
 
+from kvbench.hardware import provenance
 from kvbench.io import write_atomic
 from kvbench.sim.engine import SimResult
 from kvbench.sim.requests import FINISHED, STATE_NAMES
@@ -161,11 +162,12 @@ def scalar_columns(summaries: list[dict]) -> dict[str, list]:
 
 
 def write_results(result: SimResult, out_dir: str | Path, summary: dict | None = None) -> Path:
-    """summary.json, summary.csv, requests.csv and timeline.csv in `out_dir`."""
+    """summary.json (with `provenance`), summary.csv, requests.csv and timeline.csv in
+    `out_dir`."""
     out_dir = Path(out_dir)
     summary = summary if summary is not None else summarize(result)
     document = {"summary": summary, "config": result.config.to_dict(),
-                "workload": result.workload}
+                "workload": result.workload, "provenance": provenance()}
     write_atomic(out_dir / SUMMARY_FILE, json.dumps(document, indent=2) + "\n")
     write_atomic(out_dir / SUMMARY_CSV, csv_text(scalar_columns([summary])))
     write_atomic(out_dir / REQUESTS_CSV, csv_text(request_metrics(result)))

@@ -25,7 +25,7 @@ from pathlib import Path
 
 from rich.table import Table
 
-from kvbench.hardware import fingerprint_mismatch
+from kvbench.hardware import fingerprint_mismatch, provenance
 from kvbench.io import write_atomic
 from kvbench.profile import load
 from kvbench.sim.config import SimConfig, SimCosts
@@ -72,14 +72,14 @@ def sim_inputs(trace: str | Path | None = None, synthetic: str | None = None,
     on `hardware`. The configuration takes the costs' model and block size (the swap model prices
     that block size) and the further SimConfig fields in `config`. A measured profile from other
     hardware than this machine's (`fingerprint_mismatch`) is used, and `warn` gets that line once
-    every input has passed its checks."""
+    every input has passed its checks; it also gets a line per trace column that is ignored."""
     if profile is not None and model is not None:
         raise ValueError("give either --profile or --model, not both: a profile names its model")
     if study_default and trace is None and synthetic is None:
         trace = AZURE_CONV_TRACE
         rate_scale = STUDY_RATE_SCALE if rate_scale is None else rate_scale
     workload = load_workload(trace, synthetic, 1.0 if rate_scale is None else rate_scale,
-                             num_requests, max_tokens, seed)
+                             num_requests, max_tokens, seed, warn)
     prof = load(profile) if profile is not None else None
     costs = (SimCosts.from_profile(prof, hardware) if prof is not None
              else SimCosts.analytic(SimConfig.model if model is None else model, hardware))
@@ -185,11 +185,13 @@ def table_cells(values) -> list[str]:
 
 def write_comparison(results: list[SimResult], summaries: list[dict], out_dir: str | Path,
                      ) -> list[Path]:
-    """compare.json (summaries and table), compare.csv and compare.png in `out_dir`."""
+    """compare.json (summaries, table and `provenance`), compare.csv and compare.png in
+    `out_dir`."""
     out_dir = Path(out_dir)
     rows = comparison_rows(summaries)
     document = {"workload": results[0].workload, "model": results[0].model,
-                "config": results[0].config.to_dict(), "table": rows, "summaries": summaries}
+                "config": results[0].config.to_dict(), "table": rows, "summaries": summaries,
+                "provenance": provenance()}
     paths = [write_atomic(out_dir / "compare.json",
                           json.dumps(document, indent=2) + "\n"),
              write_atomic(out_dir / "compare.csv", csv_text(scalar_columns(summaries)))]

@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import json
+from datetime import datetime, timedelta
 
 import pytest
 from typer.testing import CliRunner
 
+import kvbench
 from kvbench.cli import app
-from kvbench.hardware import get_hardware
+from kvbench.hardware import code_sha256, device_slug, get_hardware
 from kvbench.models import get_model
 from kvbench.profile import analytic_profile, save
 from kvbench.sim.study import STUDY_POLICIES, comparison_rows, parse_policy
@@ -25,6 +27,14 @@ SUMMARY_KEYS = {"preemptions", "preempted_requests", "completed", "max_kv_blocks
 
 def invoke(*args: str):
     return runner.invoke(app, list(args))
+
+
+def assert_provenance(entry: dict) -> None:
+    """A result file's `provenance` (`kvbench.hardware.provenance`)."""
+    assert entry["kvbench"] == kvbench.__version__ and entry["machine"] == device_slug("cpu")
+    assert len(entry["code_sha256"]) == 64 and entry["code_sha256"] == code_sha256()
+    assert datetime.fromisoformat(entry["date"]).utcoffset() == timedelta(0)
+    assert set(entry) >= {"commit", "command", "python"}
 
 
 def test_simulate_json_has_the_summary_keys():
@@ -61,6 +71,7 @@ def test_simulate_trace_with_policies_and_out_dir(tmp_path):
         assert (out / name).stat().st_size > 0, name
     document = json.loads((out / "summary.json").read_text())
     assert document["summary"]["model"] == "llama-3-8b"
+    assert_provenance(document["provenance"])
     rows = (out / "requests.csv").read_text().splitlines()
     assert len(rows) == 81 and rows[0].startswith("request_id,status,arrival_s")
 
@@ -126,6 +137,7 @@ def test_compare_policies_table_json_and_files(tmp_path):
     assert rows[1]["preemptions"] < rows[0]["preemptions"]
     for name in ("compare.json", "compare.csv", "compare.png"):
         assert (tmp_path / name).stat().st_size > 0
+    assert_provenance(json.loads((tmp_path / "compare.json").read_text())["provenance"])
     table = invoke("compare-policies", "--synthetic", SPEC, "--gpu-blocks", "300",
                    "--policies", policies, "--out", str(tmp_path), "--jobs", "2")
     assert table.exit_code == 0, table.output
@@ -168,3 +180,21 @@ def test_compare_policies_defaults_to_the_azure_trace(tmp_path):
     document = json.loads((tmp_path / "compare.json").read_text())
     assert document["workload"]["name"] == "azure_llm_2023_conv.csv, rate x2"
     assert document["workload"]["num_requests"] == 300
+
+
+@pytest.mark.parametrize("command", [
+    ("simulate", "--synthetic", SPEC),
+    ("compare-policies", "--synthetic", SPEC),
+    ("compare-policies", "--sweep", "sweep.toml"),
+])
+def test_out_on_a_file_is_one_line(tmp_path, command):
+    """Issue 21, item 8: `--out FILE` printed a raw `[Errno 17] File exists`, after the run."""
+    path = tmp_path / "taken"
+    path.write_text("not a folder\n")
+    result = invoke(*command, "--out", str(path))
+    assert result.exit_code == 2, result.output
+    assert result.stderr == f"error: --out {path} is a file; give a folder\n"
+    result = invoke(*command, "--out", str(path / "below"))
+    assert result.stderr == (f"error: --out {path / 'below'}: {path} is a file; give a "
+                             "folder\n")
+    assert path.read_text() == "not a folder\n"
