@@ -32,7 +32,8 @@ import pytest
 from kvbench.cluster import import_ray
 from kvbench.hardware import device_slug, fingerprint
 from kvbench.io import write_atomic
-from kvbench.sim.sweep import CELLS_DIR, SweepSpec, run_sweep, scale_markdown
+from kvbench.report import scale_markdown
+from kvbench.sim.sweep import CELLS_DIR, SweepSpec, run_sweep
 
 SPEC = SweepSpec(
     policies=["fcfs/lifo/recompute/oracle", "future-kv/cost-aware/selector/history"],

@@ -20,6 +20,8 @@ from typer.core import TyperGroup
 from typer.exceptions import TyperException
 
 from kvbench import __version__
+from kvbench.cli_options import COSTS, KNOBS, POLICY, REPLICA, RUN, WORKLOAD, given, with_options
+from kvbench.errors import KvbenchError
 from kvbench.hardware import (
     HARDWARE,
     device_slug,
@@ -27,12 +29,15 @@ from kvbench.hardware import (
     fingerprint_mismatch,
     resolve_device,
 )
+from kvbench.io import check_out_dir
 from kvbench.models import presets_table
 from kvbench.profile import extrapolation_warning, load, resolve, summary_lines
 from kvbench.progress import Reporter
 from kvbench.selector import select_preemption_strategy, selection_table
+from kvbench.sim.engines import FIELDS as REPLICA_FIELDS
+from kvbench.sim.run import CostSource
 
-USER_ERRORS = (ValueError, OSError)
+USER_ERRORS = (KvbenchError, OSError)
 
 
 class Commands(TyperGroup):
@@ -46,10 +51,10 @@ class Commands(TyperGroup):
             raise typer.Exit(2) from None
 
 
-app = typer.Typer(cls=Commands, no_args_is_help=True, add_completion=False,
+app = typer.Typer(cls=Commands, no_args_is_help=True, add_completion=False, rich_markup_mode=None,
                   pretty_exceptions_enable=False,
                   help="Swap or recompute? Measure, fit and choose how to preempt KV caches.")
-profile_app = typer.Typer(no_args_is_help=True, help="Inspect profiles.")
+profile_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Inspect profiles.")
 app.add_typer(profile_app, name="profile")
 out = Console(soft_wrap=True, markup=False, highlight=False,
               width=None if sys.stdout.isatty() else 160)
@@ -78,12 +83,12 @@ def parse_tokens(tokens: list[str]) -> list[int]:
         try:
             values.append(int(text, 10))
         except ValueError:
-            raise ValueError(f"request {i}: token count {text!r} is not a non-negative "
+            raise KvbenchError(f"request {i}: token count {text!r} is not a non-negative "
                              "integer") from None
     return values
 
 
-@app.command()
+@app.command(context_settings={"ignore_unknown_options": True})  # `select -5`: a count
 def select(
     tokens: list[str] = typer.Argument(..., help="Current token count of each request."),
     profile: Optional[Path] = typer.Option(None, help="Profile JSON from `kvbench calibrate`."),
@@ -250,13 +255,15 @@ def simulate_cmd(out_dir: Optional[Path] = OUT_DIR, as_json: bool = AS_JSON, **o
     from kvbench.sim.plots import plot_run
     from kvbench.sim.run import RunSpec
 
+    if out_dir is not None:
+        check_out_dir(out_dir)
     workload, config, costs = RunSpec.from_options(**given(options)).resolve(warn=warn)
     with Reporter(err, "simulate", "requests", transient=True) as progress:
         result = simulate(workload, config, costs, progress=lambda done: progress.count(
             config.policy_name, done, workload.num_requests))
     summary = metrics.summarize(result)
     if out_dir is not None:
-        metrics.write_results(result, out_folder(out_dir), summary)
+        metrics.write_results(result, out_dir, summary)
         plot_run(result, out_dir / "run.png")
     if as_json:
         print(json.dumps(summary))
@@ -286,25 +293,19 @@ def compare_policies_cmd(
         write_comparison,
     )
 
+    check_out_dir(out_dir)
     workload, base, costs = RunSpec.from_options(**given(options)).resolve(True, warn)
     names = parse_policies(policies)
     with Reporter(err, "compare-policies", "policies", transient=True) as progress:
         results = compare_policies(workload, names, base, costs, jobs,
                                    progress=lambda done: progress.count("", done, len(names)))
     summaries = [summarize(r) for r in results]
-    write_comparison(results, summaries, out_folder(out_dir))
+    write_comparison(results, summaries, out_dir)
     if as_json:
         print(json.dumps(comparison_rows(summaries)))
         return
     out.print(comparison_table(results, summaries))
     out.print(f"wrote: {out_dir}/compare.json, compare.csv, compare.png")
-
-
-def out_folder(path: Path) -> Path:
-    """--out must be a folder (made if missing)."""
-    if path.exists() and not path.is_dir():
-        raise KvbenchError(f"--out {path} is a file; give a folder")
-    return path
 
 
 @app.command("report")
@@ -317,7 +318,7 @@ def report_cmd(results: Path = typer.Option(Path("results"), help="Results folde
     from kvbench.report import result_pages, update_readme, write_report
 
     if not results.is_dir():
-        raise ValueError(f"no results folder at {results}: run it from the project root or "
+        raise KvbenchError(f"no results folder at {results}: run it from the project root or "
                          "give --results")
     out.print(f"wrote {write_report(results)}")
     for page in result_pages(readme):
@@ -338,16 +339,11 @@ def machine_cmd(
 # ---------------------------------------------------------------------------------------------
 # Beyond one machine (kvbench[ray]): kvbench.fleet and kvbench.sim.sweep
 
-fleet_app = typer.Typer(no_args_is_help=True, help="Calibrate every device type of a Ray "
-                        "cluster.")
+fleet_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
+                        help="Calibrate every device type of a Ray cluster.")
 app.add_typer(fleet_app, name="fleet")
 RAY_ADDRESS_HELP = ("'local' (a private Ray instance on this machine), 'auto' (the cluster "
                     "`ray start` began here) or HOST:PORT of a head node.")
-SWEEP_SETS = ("trace", "synthetic", "policies", "profile", "model", "hardware", "rate_scale",
-              "num_requests", "max_tokens", "gpu_blocks", "gpu_memory_gib", "cpu_swap_gib",
-              "seed", "engine", "max_num_seqs", "max_num_batched_tokens", "chunked_prefill",
-              "full_prompt_admission", "prefix_caching", "async_scheduling", "null_block",
-              "watermark", "max_model_len", "step_time")
 
 
 @fleet_app.command("calibrate")
@@ -385,38 +381,50 @@ def fleet_calibrate_cmd(
         raise typer.Exit(1)
 
 
-def sweep_cmd(ctx: typer.Context, spec_path: Optional[Path], ray_address: Optional[str],
-              jobs: int, out_dir: Path, as_json: bool) -> None:
-    """`compare-policies --sweep SPEC [--ray ADDRESS]`: the spec's cells, resumable in --out."""
-    from kvbench.sim.sweep import load_spec, policy_means, policy_table, run_sweep
+@app.command("sweep")
+def sweep_cmd(
+    spec_path: Path = typer.Argument(..., metavar="SPEC", help="Sweep spec (TOML or YAML): "
+                                     "policies x traces x rate scales x cache sizes x seeds, and "
+                                     "any `simulate` option every cell shares."),
+    out_dir: Path = typer.Option(..., "--out", help="Where cells/, sweep.json, sweep.csv and "
+                                 "sweep.png go; run again to resume."),
+    jobs: int = typer.Option(1, min=1, help="Cells simulated in parallel local processes."),
+    ray_address: Optional[str] = typer.Option(None, "--ray", help="One Ray task per cell: "
+                                              f"{RAY_ADDRESS_HELP}"),
+    as_json: bool = AS_JSON,
+) -> None:
+    """Run a sweep's cells, one simulation each, resumable in --out (tables per load level;
+    `kvbench report` renders sweep.csv into the docs)."""
+    from kvbench.sim.sweep import (
+        SweepInterrupted,
+        load_spec,
+        policy_means,
+        policy_tables,
+        run_sweep,
+    )
 
-    if spec_path is None:
-        raise ValueError("--ray runs a sweep: give --sweep SPEC (a TOML or YAML file naming "
-                         "policies, traces, rate scales, cache sizes and seeds)")
-    given = [name for name in SWEEP_SETS
-             if getattr(ctx.get_parameter_source(name), "name", None) == "COMMANDLINE"]
-    if given:
-        raise ValueError(f"--{given[0].replace('_', '-')} does not go with --sweep: the spec "
-                         "sets the workloads, policies and costs")
+    check_out_dir(out_dir)
     spec = load_spec(spec_path)
-    if spec.profile is not None and (warning := fingerprint_mismatch(load(spec.profile)
-                                                                     .environment)):
-        err.print(f"warning: {warning}")
-    with Reporter(err, "sweep", "cells", transient=True) as progress:
+    try:
+        with Reporter(err, "sweep", "cells", transient=True) as progress:
 
-        def on_cell(done, total, cell, error):
-            progress.count("", done, total)
-            if error:
-                err.print(f"cell failed: {cell.label()}: {error}")
+            def on_cell(done, total, cell, error):
+                progress.count("", done, total)
+                if error:
+                    err.print(f"cell failed: {cell.label()}: {error}")
 
-        outcome = run_sweep(spec, out_dir, jobs=jobs, ray_address=ray_address, on_cell=on_cell)
+            outcome = run_sweep(spec, out_dir, jobs=jobs, ray_address=ray_address,
+                                on_cell=on_cell, log=err.print, warn=warn)
+    except SweepInterrupted as exc:
+        err.print(exc.line())
+        raise typer.Exit(130) from None
     if as_json:
         print(json.dumps({"cells_total": outcome.total, "ran": outcome.ran,
                           "skipped": outcome.skipped, "failures": outcome.failures,
                           "wall_s": outcome.wall_s, "policies": policy_means(outcome.rows)}))
     else:
-        if outcome.rows:
-            out.print(policy_table(outcome.rows, f"sweep {spec_path}: mean over cells"))
+        for table in policy_tables(outcome.rows, f"sweep {spec_path}: mean over cells"):
+            out.print(table)
         out.print("\n".join(outcome.lines(out_dir)))
     if outcome.failures:
         err.print(f"error: {len(outcome.failures)} cells failed; run the same command again "
@@ -450,47 +458,43 @@ def doctor_cmd(
 
 
 @app.command("replay")
+@with_options(WORKLOAD, (CostSource, "Costs", ("model",)), REPLICA)
 def replay_cmd(
-    trace: Optional[Path] = SIM_TRACE,
-    num_requests: Optional[int] = SIM_NUM_REQUESTS,
-    rate_scale: float = typer.Option(1.0, help="Replay the trace this many times faster."),
     policies: Optional[str] = typer.Option(None, help="Comma-separated admission/victim/"
                                            "recompute/predictor (default: five)."),
     model: Optional[Path] = typer.Option(None, help="Folder with a config.json; dummy weights "
                                          "(default: kvbench's tiny Llama)."),
-    num_gpu_blocks: int = typer.Option(..., min=2, help="KV blocks (vLLM's "
-                                       "--num-gpu-blocks-override)."),
-    block_size: int = typer.Option(32, min=1, help="Tokens per block (CPU: multiple of 32)."),
-    max_num_seqs: int = typer.Option(128, min=1, help="Running requests at most."),
-    max_num_batched_tokens: int = typer.Option(2048, min=1, help="Tokens per step at most."),
-    prefix_caching: bool = typer.Option(True, "--prefix-caching/--no-prefix-caching",
-                                        help="vLLM's prefix caching."),
-    profile: Optional[Path] = SIM_PROFILE,
-    hardware: str = SIM_HARDWARE,
-    seed: int = SIM_SEED,
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Default: results/replay/"
                                            "<device>-<model>."),
-    as_json: bool = SIM_JSON,
-) -> None:
-    """Replay a trace through a real vLLM engine: vLLM's scheduler, then each kvbench policy."""
+    as_json: bool = AS_JSON, **options) -> None:
+    """Replay a trace through a real vLLM engine (vLLM's scheduler, then each kvbench policy;
+    engine vllm-0.32-cpu's settings unless given; --num-gpu-blocks is required)."""
+    from kvbench.sim.engines import ReplicaSpec
+    from kvbench.sim.run import RunSpec, WorkloadSource
     from kvbench.sim.study import parse_policies
-    from kvbench.sim.workloads import AZURE_CONV_TRACE, load_workload
+    from kvbench.sim.workloads import AZURE_CONV_TRACE
     from kvbench.vllm import unavailable_reason
 
     if reason := unavailable_reason():
-        raise ValueError(f"kvbench replay {reason}")
-    from kvbench.vllm.replay import REPLAY_POLICIES, EngineSettings, default_out_dir, replay
+        raise KvbenchError(f"kvbench replay {reason}")
+    from kvbench.vllm.replay import REPLAY_POLICIES, ReplayEngine, default_out_dir, replay
 
-    workload = load_workload(trace or AZURE_CONV_TRACE, None, rate_scale, num_requests, None,
-                             seed)
-    settings = EngineSettings(num_gpu_blocks, block_size, max_num_seqs, max_num_batched_tokens,
-                              prefix_caching, seed=seed, **({"model": model} if model else {}))
+    run = RunSpec.from_options(**given(options))
+    if run.config.replica.num_gpu_blocks is None:
+        raise KvbenchError("give --num-gpu-blocks: the replayed engine's KV cache, in blocks")
+    replica = ReplicaSpec.named("vllm-0.32-cpu", **{
+        k: v for k, v in given(options).items() if k in REPLICA_FIELDS and k != "engine"})
+    source = run.workload
+    workload = WorkloadSource(source.trace or str(AZURE_CONV_TRACE), source.synthetic,
+                              source.rate_scale, source.num_requests, source.max_tokens,
+                              source.seed).load(warn=warn)
+    settings = ReplayEngine(replica, seed=source.seed, **({"model": model} if model else {}))
     out_dir = out_dir or default_out_dir(settings)
     with Reporter(err, "replay", "requests", transient=True) as progress:
         result = replay(workload, settings, parse_policies(policies) if policies else
-                        REPLAY_POLICIES, out_dir / "records", profile, hardware,
-                        progress=lambda label, done: progress.count(label, done,
-                                                                    workload.num_requests))
+                        REPLAY_POLICIES, out_dir / "records", run.costs.profile,
+                        replica.hardware, progress=lambda label, done: progress.count(
+                            label, done, workload.num_requests))
     command = shlex.join(["kvbench", *sys.argv[1:]])
     result.write(out_dir, command)
     if as_json:

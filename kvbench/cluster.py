@@ -14,10 +14,12 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from types import ModuleType
 
+from kvbench.errors import KvbenchError
+
 LOCAL = "local"
 
 
-class ClusterError(ValueError):
+class ClusterError(KvbenchError):
     """Ray is missing, or the cluster cannot do what was asked; the message says how to fix it."""
 
 

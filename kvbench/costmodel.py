@@ -19,6 +19,7 @@ from typing import Any
 
 import numpy as np
 
+from kvbench.errors import KvbenchError
 from kvbench.hardware import HardwareSpec
 from kvbench.limits import MAX_TOKENS
 from kvbench.models import ModelSpec
@@ -38,9 +39,9 @@ def check_coefficient(key: str, value: Any) -> float:
         raise TypeError(f"config: {key} must be a number, got {type(value).__name__} {value!r}")
     value = float(value)
     if not math.isfinite(value):
-        raise ValueError(f"config: {key} must be finite, got {value}")
+        raise KvbenchError(f"config: {key} must be finite, got {value}")
     if value < 0:
-        raise ValueError(f"config: {key} must be non-negative, got {value}")
+        raise KvbenchError(f"config: {key} must be non-negative, got {value}")
     return value
 
 
@@ -49,7 +50,7 @@ def check_positive_int(key: str, value: Any) -> int:
     if isinstance(value, bool) or not isinstance(value, (int, np.integer)):
         raise TypeError(f"config: {key} must be a positive integer, got {value!r}")
     if not 1 <= value <= MAX_TOKENS:
-        raise ValueError(f"config: {key} must be a positive integer up to {MAX_TOKENS}, got "
+        raise KvbenchError(f"config: {key} must be a positive integer up to {MAX_TOKENS}, got "
                          f"{value}")
     return int(value)
 
@@ -59,7 +60,7 @@ def check_analytic(hw: HardwareSpec, coefficients: dict[str, float]) -> dict[str
     achieved_fraction 1e-320, overflows them): ValueError naming the first that is not."""
     for key, value in coefficients.items():
         if not math.isfinite(value):
-            raise ValueError(f"hardware {hw.name!r}: its figures give {key} = {value}; the rates "
+            raise KvbenchError(f"hardware {hw.name!r}: its figures give {key} = {value}; the rates "
                              f"are too small to price with (achieved_fraction "
                              f"{hw.achieved_fraction:g}, peak_tflops {hw.peak_tflops:g}, links "
                              f"{hw.h2d_gbps:g}/{hw.d2h_gbps:g} GB/s, memory {hw.hbm_gbps:g} GB/s)")
@@ -121,10 +122,10 @@ class CostModel:
         `block_size` optional. Raises ValueError/TypeError naming the key."""
         unknown = [k for k in config if k not in COEFFICIENT_KEYS]
         if unknown:
-            raise ValueError(unknown_key_message(unknown[0], COEFFICIENT_KEYS))
+            raise KvbenchError(unknown_key_message(unknown[0], COEFFICIENT_KEYS))
         missing = [k for k in REQUIRED_KEYS if k not in config]
         if missing:
-            raise ValueError(f"config: missing key {missing[0]!r} (required: "
+            raise KvbenchError(f"config: missing key {missing[0]!r} (required: "
                              f"{', '.join(REQUIRED_KEYS)})")
         return cls(**{k: check_positive_int(k, v) if k == "block_size" else
                       check_coefficient(k, v) for k, v in config.items()})

@@ -38,6 +38,7 @@ from kvbench.calibration.pipeline import (
 )
 from kvbench.calibration.plans import CalibrationPlan
 from kvbench.cluster import LOCAL, ClusterError, connect
+from kvbench.errors import KvbenchError
 from kvbench.hardware import fingerprint, fingerprint_slug, slugify
 from kvbench.models import ModelSpec
 from kvbench.profile import ModelInfo, ProfileError, load
@@ -213,7 +214,7 @@ def calibrate_fleet(specs: list[ModelSpec], device: str = "cuda", address: str =
     as in `kvbench.calibration.pipeline.calibrate`; each CPU node calibrates in its native dtype
     unless `explicit_dtype` (the specs' dtype was asked for)."""
     if device not in ("cuda", "cpu"):
-        raise ValueError(f"unknown device {device!r}; use cuda (every node with a GPU) or cpu")
+        raise KvbenchError(f"unknown device {device!r}; use cuda (every node with a GPU) or cpu")
     out_dir = Path(out_dir)
     with connect(address) as ray:
         from ray.util.queue import Queue

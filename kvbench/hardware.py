@@ -9,14 +9,19 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import hashlib
 import os
 import platform
 import re
+import shlex
 import subprocess
+import sys
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 
 from kvbench import __version__
+from kvbench.errors import KvbenchError
 from kvbench.limits import check_name
 
 
@@ -42,16 +47,16 @@ class HardwareSpec:
                 continue
             if isinstance(value, bool) or not isinstance(value, (int, float)) or not (
                     value == value and abs(value) != float("inf")) or value < 0:
-                raise ValueError(f"hardware {self.name!r}: {field.name} must be a finite "
+                raise KvbenchError(f"hardware {self.name!r}: {field.name} must be a finite "
                                  f"non-negative number, got {value!r}")
         for field in ("h2d_gbps", "d2h_gbps", "peak_tflops", "achieved_fraction", "hbm_gbps",
                       "memory_gib"):
             if getattr(self, field) == 0:
-                raise ValueError(f"hardware {self.name!r}: {field} must be positive")
+                raise KvbenchError(f"hardware {self.name!r}: {field} must be positive")
         if self.achieved_fraction > 1:
-            raise ValueError(f"hardware {self.name!r}: achieved_fraction must be in (0, 1]")
+            raise KvbenchError(f"hardware {self.name!r}: achieved_fraction must be in (0, 1]")
         if not self.peak_tflops * 1e12 * self.achieved_fraction > 0:  # underflowed to 0
-            raise ValueError(f"hardware {self.name!r}: peak_tflops {self.peak_tflops:g} x "
+            raise KvbenchError(f"hardware {self.name!r}: peak_tflops {self.peak_tflops:g} x "
                              f"achieved_fraction {self.achieved_fraction:g} is too small a rate")
 
 
@@ -75,10 +80,10 @@ HARDWARE_FIELDS = tuple(f.name for f in dataclasses.fields(HardwareSpec)
 def get_hardware(name: str = "h100-sxm", **overrides: float) -> HardwareSpec:
     """A preset by name with any fields overridden (None values are ignored)."""
     if check_name("hardware", name) not in HARDWARE:
-        raise ValueError(f"unknown hardware {name!r}; presets: {', '.join(HARDWARE)}")
+        raise KvbenchError(f"unknown hardware {name!r}; presets: {', '.join(HARDWARE)}")
     unknown = set(overrides) - set(HARDWARE_FIELDS)
     if unknown:
-        raise ValueError(f"unknown hardware field(s) {', '.join(sorted(unknown))}; "
+        raise KvbenchError(f"unknown hardware field(s) {', '.join(sorted(unknown))}; "
                          f"known: {', '.join(HARDWARE_FIELDS)}")
     given = {k: v for k, v in overrides.items() if v is not None}
     return dataclasses.replace(HARDWARE[name], **given)
@@ -89,11 +94,11 @@ def resolve_device(device: str = "auto") -> str:
     import torch
 
     if device not in ("auto", "cuda", "cpu"):
-        raise ValueError(f"unknown device {device!r}; use auto, cuda or cpu")
+        raise KvbenchError(f"unknown device {device!r}; use auto, cuda or cpu")
     if device == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     if device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda asked for, but torch sees no CUDA GPU; use --device cpu")
+        raise KvbenchError("--device cuda asked for, but torch sees no CUDA GPU; use --device cpu")
     return device
 
 
@@ -260,6 +265,30 @@ def git_commit() -> str | None:
         return out.stdout.strip() or None if out.returncode == 0 else None
     except (OSError, subprocess.SubprocessError):
         return None
+
+
+@functools.cache
+def code_sha256() -> str:
+    """sha256 of the running kvbench package's source: each *.py under kvbench/ by its relative
+    path, in sorted order. Tells apart code that one version number covers (an editable install
+    after a change); computed once per process."""
+    root = Path(__file__).resolve().parent
+    digest = hashlib.sha256()
+    for path in sorted(root.rglob("*.py"), key=lambda p: p.relative_to(root).as_posix()):
+        digest.update(f"{path.relative_to(root).as_posix()}\0".encode())
+        digest.update(hashlib.sha256(path.read_bytes()).digest())
+    return digest.hexdigest()
+
+
+def provenance() -> dict:
+    """What made a result and where, for a result file's `provenance` entry (as a profile's
+    `environment` records it): kvbench version, commit (None outside a git checkout), the
+    source's `code_sha256`, this machine's CPU slug (`device_slug`), the UTC date and the
+    command line."""
+    return {"kvbench": __version__, "commit": git_commit(), "code_sha256": code_sha256(),
+            "machine": device_slug("cpu"), "python": platform.python_version(),
+            "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "command": shlex.join(sys.argv) if sys.argv and sys.argv[0] else None}
 
 
 def fingerprint(device: str) -> dict:

@@ -8,6 +8,8 @@ import tempfile
 import time
 from pathlib import Path
 
+from kvbench.errors import KvbenchError
+
 
 def write_atomic(path: str | os.PathLike, text: str | bytes) -> Path:
     """Write to a temp file in the same folder, fsync, then rename over `path`.
@@ -49,6 +51,18 @@ def check_writable(path: str | os.PathLike) -> Path:
         os.unlink(probe)
     except OSError as exc:
         raise OSError(f"cannot write {path}: {exc.strerror or exc}") from None
+    return path
+
+
+def check_out_dir(path: str | os.PathLike, flag: str = "--out") -> Path:
+    """ValueError naming `flag` where `path` cannot be a folder because it, or a folder above it,
+    is a file; checked before any work whose results go there."""
+    path = Path(path)
+    blocking = next((p for p in (path, *path.parents) if p.exists() and not p.is_dir()), None)
+    if blocking == path:
+        raise KvbenchError(f"{flag} {path} is a file; give a folder")
+    if blocking is not None:
+        raise KvbenchError(f"{flag} {path}: {blocking} is a file; give a folder")
     return path
 
 

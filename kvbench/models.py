@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 from rich.table import Table
 
+from kvbench.errors import KvbenchError
 from kvbench.limits import MAX_MODEL_DIM, check_name
 
 DTYPE_BYTES = {"float32": 4, "float16": 2, "bfloat16": 2, "fp8": 1}
@@ -28,7 +29,7 @@ def canonical_dtype(dtype: str) -> str:
     name = check_name("dtype", dtype).lower()
     name = DTYPE_ALIASES.get(name, name)
     if name not in DTYPE_BYTES:
-        raise ValueError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPE_BYTES)}")
+        raise KvbenchError(f"unknown dtype {dtype!r}; use one of {', '.join(DTYPE_BYTES)}")
     return name
 
 
@@ -49,17 +50,17 @@ class ModelSpec:
 
     def __post_init__(self) -> None:
         if not isinstance(self.name, str) or not self.name:
-            raise ValueError(f"model name must be a non-empty string, got {self.name!r}")
+            raise KvbenchError(f"model name must be a non-empty string, got {self.name!r}")
         object.__setattr__(self, "dtype", canonical_dtype(self.dtype))
         for field in ("num_layers", "hidden_size", "num_heads", "num_kv_heads", "head_dim",
                       "intermediate_size", "vocab_size", "tp"):
             value = getattr(self, field)
             if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= \
                     MAX_MODEL_DIM:
-                raise ValueError(f"model {self.name!r}: {field} must be an integer from 1 to "
+                raise KvbenchError(f"model {self.name!r}: {field} must be an integer from 1 to "
                                  f"{MAX_MODEL_DIM}, got {value!r}")
         if self.num_heads % self.num_kv_heads:
-            raise ValueError(f"model {self.name!r}: num_heads ({self.num_heads}) must be a "
+            raise KvbenchError(f"model {self.name!r}: num_heads ({self.num_heads}) must be a "
                              f"multiple of num_kv_heads ({self.num_kv_heads})")
 
     @property
@@ -164,7 +165,7 @@ MODELS: dict[str, ModelSpec] = {
 def get_model(name: str, dtype: str | None = None, tp: int = 1) -> ModelSpec:
     """A preset by name, optionally in another dtype or split over `tp` GPUs."""
     if check_name("model", name) not in MODELS:
-        raise ValueError(f"unknown model {name!r}; presets: {', '.join(MODELS)} "
+        raise KvbenchError(f"unknown model {name!r}; presets: {', '.join(MODELS)} "
                          "(or pass a Hugging Face config.json)")
     spec = MODELS[name]
     return dataclasses.replace(spec, dtype=dtype or spec.dtype, tp=tp)
@@ -181,11 +182,11 @@ def from_hf_config(path: str | Path, dtype: str | None = None, tp: int = 1) -> M
     try:
         cfg = json.loads(path.read_text())
     except OSError as exc:
-        raise ValueError(f"cannot read model config {path}: {exc.strerror or exc}") from None
+        raise KvbenchError(f"cannot read model config {path}: {exc.strerror or exc}") from None
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ValueError(f"cannot read model config {path}: {exc}") from None
+        raise KvbenchError(f"cannot read model config {path}: {exc}") from None
     except RecursionError:
-        raise ValueError(f"cannot read model config {path}: JSON nested too deeply") from None
+        raise KvbenchError(f"cannot read model config {path}: JSON nested too deeply") from None
     return from_hf_dict(cfg, str(path), path.parent.name, dtype, tp)
 
 
@@ -194,25 +195,25 @@ def from_hf_dict(cfg: dict, origin: str, default_name: str = "custom", dtype: st
     """A Hugging Face config as a dict (a config.json's content, or a loaded config's
     `to_dict()`); `origin` names it in errors."""
     if not isinstance(cfg, dict):
-        raise ValueError(f"model config {origin}: expected a JSON object, got "
+        raise KvbenchError(f"model config {origin}: expected a JSON object, got "
                          f"{type(cfg).__name__}")
     missing = [k for k in HF_REQUIRED if k not in cfg]
     if missing:
-        raise ValueError(f"model config {origin}: missing key(s) {', '.join(missing)}")
+        raise KvbenchError(f"model config {origin}: missing key(s) {', '.join(missing)}")
     given = {k: cfg[k] for k in (*HF_REQUIRED, *HF_OPTIONAL) if cfg.get(k) is not None}
     for key, value in given.items():
         if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"model config {origin}: {key} must be a positive integer, got "
+            raise KvbenchError(f"model config {origin}: {key} must be a positive integer, got "
                              f"{value!r}")
     heads, hidden = given["num_attention_heads"], given["hidden_size"]
     if "head_dim" not in given and hidden % heads:
-        raise ValueError(f"model config {origin}: hidden_size {hidden} is not a multiple of "
+        raise KvbenchError(f"model config {origin}: hidden_size {hidden} is not a multiple of "
                          f"num_attention_heads {heads}; give head_dim")
     name = cfg.get("_name_or_path") or cfg.get("model_type") or default_name or "custom"
     dtype = dtype or cfg.get("dtype") or cfg.get("torch_dtype") or "bfloat16"
     for key, value in (("name", name), ("dtype", dtype)):
         if not isinstance(value, str):
-            raise ValueError(f"model config {origin}: the model's {key} must be a string, got "
+            raise KvbenchError(f"model config {origin}: the model's {key} must be a string, got "
                              f"{value!r}")
     return ModelSpec(
         name=name,

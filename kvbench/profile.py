@@ -26,6 +26,7 @@ from pydantic import (
 
 from kvbench import __version__
 from kvbench.costmodel import COEFFICIENT_KEYS, CostModel, DecodeModel
+from kvbench.errors import KvbenchError
 from kvbench.hardware import HardwareSpec, get_hardware
 from kvbench.io import write_atomic
 from kvbench.limits import MAX_TOKENS
@@ -37,7 +38,7 @@ NonNeg = Field(ge=0, allow_inf_nan=False)
 DECODE_KEYS = {f.name for f in dataclasses.fields(DecodeModel)}
 
 
-class ProfileError(ValueError):
+class ProfileError(KvbenchError):
     """A profile that cannot be read or used; the message says which file and field."""
 
 
@@ -191,7 +192,7 @@ def analytic_profile(model: ModelSpec, hw: HardwareSpec, block_size: int = 16,
     """A profile computed from datasheet figures, not measured (source 'analytic')."""
     if isinstance(block_size, bool) or not isinstance(block_size, int) \
             or not 1 <= block_size <= MAX_TOKENS:
-        raise ValueError(f"block_size must be a positive integer up to {MAX_TOKENS} (tokens per "
+        raise KvbenchError(f"block_size must be a positive integer up to {MAX_TOKENS} (tokens per "
                          f"KV block), got {block_size!r}")
     costs = CostModel.analytic(model, hw, block_size)
     decode = DecodeModel.analytic(model, hw)
@@ -270,13 +271,13 @@ def resolve(path: str | os.PathLike | None, model: str | None, hardware: str = "
         shape = {"block_size": block_size, "dtype": dtype, "tp": tp, **hw_overrides}
         given = [k for k, v in shape.items() if v is not None]
         if given:
-            raise ValueError(f"--{given[0].replace('_', '-')} sets analytic costs (--model "
+            raise KvbenchError(f"--{given[0].replace('_', '-')} sets analytic costs (--model "
                              "without --profile); a profile carries its own measured costs")
         prof = load(path)
         prof.check_matches(model=model, force=force)
         return prof
     if model is None:
-        raise ValueError("give --profile PATH or --model NAME (see `kvbench models`)")
+        raise KvbenchError("give --profile PATH or --model NAME (see `kvbench models`)")
     return analytic_profile(get_model(model, dtype=dtype, tp=1 if tp is None else tp),
                             get_hardware(hardware, **hw_overrides),
                             block_size=16 if block_size is None else block_size)

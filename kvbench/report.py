@@ -17,9 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from kvbench.calibration import stability
+from kvbench.errors import KvbenchError
 from kvbench.hardware import fingerprint_slug
 from kvbench.io import write_atomic
 from kvbench.profile import Profile, ProfileError, load, round_trip_ceiling_gbps
+from kvbench.sim.metrics import METRICS
 
 
 def latest_baselines(bench_dir: Path) -> dict[str, dict]:
@@ -175,43 +177,18 @@ def write_report(results_dir: str | Path = "results") -> Path:
 # README.md and docs/*.md blocks: the numbers the pages quote, rendered from committed results
 
 README_BLOCK = re.compile(r"(<!-- report: (?P<source>\S+) -->\n).*?(<!-- /report -->)", re.S)
-COMPARE_COLUMNS = {"policy": "policy", "preemptions": "preemptions",
-                   "preempted_requests": "preempted reqs", "preemptions_removed_pct": "removed",
-                   "recompute_fraction_pct": "recompute % of FLOPs",
-                   "throughput_tokens_per_s": "tok/s", "ttft_p50_s": "TTFT p50 s",
-                   "ttft_p99_s": "TTFT p99 s", "tpot_p50_ms": "TPOT p50 ms"}
-SWEEP_METRICS = {"preemptions": ("preemptions", ".0f"),
-                 "recompute_fraction": ("recompute % of FLOPs", "pct"),
-                 "ttft_p99_s": ("TTFT p99 s", ".1f"),
-                 "throughput_tokens_per_s": ("tok/s", ".0f")}
-
-
-def _cell(value, spec: str) -> str:
-    if value is None or value == "":
-        return "–"
-    value = float(value)
-    return f"{100 * value:.2f}" if spec == "pct" else f"{value:{spec}}"
+COMPARE_COLUMNS = ("policy", "preemptions", "preempted_requests", "preemptions_removed_pct",
+                   "recompute_fraction_pct", "throughput_tokens_per_s", "ttft_p50_s",
+                   "ttft_p99_s", "tpot_p50_ms")
+SWEEP_METRICS = ("preemptions", "recompute_fraction", "ttft_p99_s", "throughput_tokens_per_s")
 
 
 def compare_markdown(path: Path) -> list[str]:
     """A `kvbench compare-policies` compare.json as a markdown table (each policy against the
     first row, the baseline)."""
     rows = json.loads(path.read_text())["table"]
-    specs = {"preemptions_removed_pct": ".1f", "recompute_fraction_pct": ".2f",
-             "throughput_tokens_per_s": ".2f", "ttft_p50_s": ".2f", "ttft_p99_s": ".1f",
-             "tpot_p50_ms": ".1f"}
-    body = []
-    for row in rows:
-        cells = []
-        for key in COMPARE_COLUMNS:
-            if key == "policy":
-                cells.append(row[key])
-            elif key == "preemptions_removed_pct" and row[key] is not None:
-                cells.append(f"{row[key]:.1f}%")
-            else:
-                cells.append(_cell(row[key], specs.get(key, ".0f")))
-        body.append(cells)
-    return _table(list(COMPARE_COLUMNS.values()), body)[:-1]
+    body = [[METRICS[key].format(row[key]) for key in COMPARE_COLUMNS] for row in rows]
+    return _table([METRICS[key].label for key in COMPARE_COLUMNS], body)[:-1]
 
 
 def sweep_markdown(path: Path) -> list[str]:
@@ -222,16 +199,35 @@ def sweep_markdown(path: Path) -> list[str]:
     scales = sorted({float(r["rate_scale"]) for r in rows})
     policies = list(dict.fromkeys(r["policy"] for r in rows))
     lines = []
-    for metric, (label, spec) in SWEEP_METRICS.items():
+    for metric in SWEEP_METRICS:
         cells = defaultdict(list)
         for r in rows:
             cells[r["policy"], float(r["rate_scale"])].append(float(r[metric]))
-        header = [f"{label} at rate" if i == 0 else "" for i in range(1)]
-        header += [f"{s:g}x" for s in scales]
-        body = [[p] + [_cell(sum(v) / len(v), spec) if (v := cells.get((p, s))) else "–"
-                       for s in scales] for p in policies]
+        label = METRICS[metric].label
+        header = [f"{label} at rate"] + [f"{s:g}x" for s in scales]
+        body = [[p] + [METRICS[metric].format(sum(v) / len(v)) if (v := cells.get((p, s)))
+                       else "–" for s in scales] for p in policies]
         lines += [f"**{label}**", ""] + _table(header, body)
     return lines[:-1]
+
+
+def scale_markdown(report: dict) -> str:
+    """A sweep-scale benchmark report (benchmarks/bench_sweep_scale.py) as a Markdown table:
+    the same sweep with --jobs 1, --jobs 2 and on Ray (README's Fleet section)."""
+    env = report["environment"]
+    lines = [f"{report['cells']} cells on {env['device_name']}, Ray {report['ray']}, kvbench "
+             f"{env['kvbench']} ({env['commit']})", "",
+             "| mode | wall s | speed-up | simulating s | overhead ms/cell | load avg |",
+             "|---|---|---|---|---|---|"]
+    for m in report["modes"]:
+        lines.append(f"| {m['mode']} | {m['wall_s']:.2f} | {m['speedup']:.2f}x | "
+                     f"{m['compute_s']:.2f} | {m['overhead_per_cell_ms']:.0f} | "
+                     f"{m['load_average_1min_before']:.1f} |")
+    ray = report["modes"][-1]
+    lines += ["", f"Ray alone: start {ray['start_s']:.1f} s, an empty task "
+                  f"{ray['empty_task_ms']:.2f} ms at full throughput, "
+                  f"{ray['empty_round_trip_ms']:.2f} ms one at a time (median)."]
+    return "\n".join(lines)
 
 
 def stability_markdown(data: dict) -> list[str]:
@@ -368,8 +364,6 @@ def render_source(root: Path, source: str) -> list[str]:
     if path.name == "sweep.csv":
         return sweep_markdown(path)
     if path.name.endswith("-sweep-scale.json"):
-        from kvbench.sim.sweep import scale_markdown
-
         return scale_markdown(json.loads(path.read_text())).split("\n")
     if path.name.endswith("-stability.json"):
         return stability_markdown(json.loads(path.read_text()))
@@ -379,7 +373,7 @@ def render_source(root: Path, source: str) -> list[str]:
         return replay_markdown(json.loads(path.read_text()))
     if path.suffix == ".json" and "benchmarks" in (data := json.loads(path.read_text())):
         return bench_extra_markdown(data)
-    raise ValueError(f"README block names {source}: only profiles/*.json, *.validate.json, "
+    raise KvbenchError(f"README block names {source}: only profiles/*.json, *.validate.json, "
                      "calibrate-time/*.json, ci-time/*.json, compare.json, sweep.csv, "
                      "*-sweep-scale.json, *-stability.json, replay.json and pytest-benchmark "
                      "JSON render")

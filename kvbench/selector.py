@@ -31,6 +31,7 @@ from kvbench.costmodel import (
     check_positive_int,
     unknown_key_message,
 )
+from kvbench.errors import KvbenchError
 from kvbench.hardware import HARDWARE_FIELDS, get_hardware
 from kvbench.limits import MAX_COST_MS, MAX_TOKENS
 from kvbench.models import get_model
@@ -43,7 +44,7 @@ STRATEGY_NAMES = np.array(["recompute", "swap"], dtype=object)  # indexed by use
 def _analytic_cost_model(config: dict) -> CostModel:
     unknown = [k for k in config if k not in ANALYTIC_KEYS]
     if unknown:
-        raise ValueError(unknown_key_message(unknown[0], ANALYTIC_KEYS))
+        raise KvbenchError(unknown_key_message(unknown[0], ANALYTIC_KEYS))
     model = get_model(config["model"], dtype=config.get("dtype"),
                       tp=check_positive_int("tp", config.get("tp", 1)))
     overrides = {k: check_coefficient(k, config[k]) for k in HARDWARE_FIELDS if k in config}
@@ -80,16 +81,16 @@ def _token_count(i: int, value: Any) -> int:
     if isinstance(value, numbers.Real) and not isinstance(value, INT_TYPES):
         value = float(value)
         if not math.isfinite(value) or value != int(value):
-            raise ValueError(f"request {i}: token count must be a non-negative integer, got "
+            raise KvbenchError(f"request {i}: token count must be a non-negative integer, got "
                              f"{value!r}")
     elif not isinstance(value, INT_TYPES):
         raise TypeError(f"request {i}: token count must be an integer, got "
                         f"{type(value).__name__} {value!r}")
     value = int(value)
     if value < 0:
-        raise ValueError(f"request {i}: token count must be non-negative, got {value}")
+        raise KvbenchError(f"request {i}: token count must be non-negative, got {value}")
     if value > MAX_TOKENS:
-        raise ValueError(f"request {i}: token count {value} is too large (at most {MAX_TOKENS})")
+        raise KvbenchError(f"request {i}: token count {value} is too large (at most {MAX_TOKENS})")
     return value
 
 
@@ -98,7 +99,7 @@ def validate_token_counts(token_counts: Any) -> np.ndarray:
     bad request index (TypeError for a value that is not a number, else ValueError)."""
     if isinstance(token_counts, np.ndarray):
         if token_counts.ndim != 1:
-            raise ValueError(f"token_counts must be one-dimensional, got shape "
+            raise KvbenchError(f"token_counts must be one-dimensional, got shape "
                              f"{token_counts.shape}")
         if token_counts.dtype.kind not in "iuf":  # bool, object, strings: value by value
             token_counts = token_counts.tolist()
@@ -120,7 +121,7 @@ def validate_token_counts(token_counts: Any) -> np.ndarray:
         bad = ~np.isfinite(arr) | (arr != np.floor(arr))
         if bad.any():
             i = _first_bad_index(bad)
-            raise ValueError(f"request {i}: token count must be a non-negative integer, got "
+            raise KvbenchError(f"request {i}: token count must be a non-negative integer, got "
                              f"{arr[i]!r}")
     bad = (arr < 0) | (arr > MAX_TOKENS)
     if bad.any():
@@ -145,7 +146,7 @@ def select_preemption_strategy(token_counts: Any, config: Any) -> dict:
         beyond = ~(cost <= MAX_COST_MS)  # inf and NaN included
         if beyond.any():
             i = _first_bad_index(beyond)
-            raise ValueError(f"request {i}: {name} cost overflows at {n[i]} tokens ({cost[i]:.3g}"
+            raise KvbenchError(f"request {i}: {name} cost overflows at {n[i]} tokens ({cost[i]:.3g}"
                              f" ms, beyond {MAX_COST_MS:g} ms); the cost coefficients are out of "
                              "range")
     chosen = np.where(use_swap, swap, recompute)

@@ -14,6 +14,7 @@ import math
 import torch
 import torch.nn.functional as F
 
+from kvbench.errors import KvbenchError
 from kvbench.models import ModelSpec
 from kvbench.ops import prefill_attention
 from kvbench.ops.dtypes import TORCH_DTYPES
@@ -23,7 +24,7 @@ TIMED_DTYPES = ("float32", "float16", "bfloat16")  # fp8 has no matmul or randn 
 
 def torch_dtype(spec: ModelSpec) -> torch.dtype:
     if spec.dtype not in TIMED_DTYPES:
-        raise ValueError(f"dtype {spec.dtype} cannot be timed here; use one of "
+        raise KvbenchError(f"dtype {spec.dtype} cannot be timed here; use one of "
                          f"{', '.join(TIMED_DTYPES)}")
     return TORCH_DTYPES[spec.dtype]
 

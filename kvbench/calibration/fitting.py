@@ -20,6 +20,8 @@ from dataclasses import dataclass
 import numpy as np
 from scipy.optimize import nnls
 
+from kvbench.errors import KvbenchError
+
 
 @dataclass(frozen=True)
 class Design:
@@ -99,13 +101,13 @@ def fit_nnls(design: Design, latency_ms, heldout: np.ndarray | None = None) -> F
     x = design.matrix
     y = np.asarray(latency_ms, dtype=np.float64)
     if y.ndim != 1 or len(y) != len(x):
-        raise ValueError(f"fit: {len(x)} design rows but {y.size} latencies")
+        raise KvbenchError(f"fit: {len(x)} design rows but {y.size} latencies")
     if np.any(~np.isfinite(y)) or np.any(y <= 0):
-        raise ValueError("fit: latencies must be finite and positive")
+        raise KvbenchError("fit: latencies must be finite and positive")
     heldout = np.zeros(len(y), dtype=bool) if heldout is None else heldout
     train = ~heldout
     if train.sum() < x.shape[1]:
-        raise ValueError(f"fit: need at least {x.shape[1]} points, got {int(train.sum())}")
+        raise KvbenchError(f"fit: need at least {x.shape[1]} points, got {int(train.sum())}")
     weights = 1.0 / y[train]
     beta, _ = nnls(x[train] * weights[:, None], y[train] * weights)
     predicted = x @ beta

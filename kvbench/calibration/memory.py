@@ -36,6 +36,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from kvbench.calibration.sweeps import cold_layer_count
+from kvbench.errors import KvbenchError
 from kvbench.models import ModelSpec
 
 GIB = 2**30
@@ -44,7 +45,7 @@ SLACK_BYTES = 256 * 2**20  # allocator caches, index tensors, library code loade
 MIN_POINTS = {"swap": 5, "prefill": 5, "decode": 4}  # three coefficients and a held-out point
 
 
-class MemoryPlanError(ValueError):
+class MemoryPlanError(KvbenchError):
     """Not even the smallest plan fits: the message says what is needed and what is free."""
 
 

@@ -48,6 +48,7 @@ from kvbench.calibration.sweeps import (
 )
 from kvbench.calibration.timeplan import PhaseClock, TimePlan, fit_budget
 from kvbench.costmodel import CostModel
+from kvbench.errors import KvbenchError
 from kvbench.hardware import device_slug, fingerprint, slugify
 from kvbench.io import check_writable, remove_stale_temp_files, write_atomic
 from kvbench.limits import MAX_TOKENS
@@ -84,7 +85,7 @@ def calibration_model(device: str, model: str | None = None, config_json: str | 
     """The model to calibrate: a preset, a local Hugging Face config.json, or the device's
     default (`DEFAULT_MODEL`)."""
     if config_json is not None and model is not None:
-        raise ValueError("give either --model or --config-json, not both")
+        raise KvbenchError("give either --model or --config-json, not both")
     if config_json is not None:
         return from_hf_config(config_json, dtype=dtype)
     return get_model(DEFAULT_MODEL[device] if model is None else model, dtype=dtype)
@@ -102,7 +103,7 @@ def check_inputs(spec: ModelSpec, path: str | Path) -> Path:
     try:
         ModelInfo(**spec.to_dict())
     except ValidationError as exc:
-        raise ValueError(f"model {spec.name!r}: {problems(exc)}") from None
+        raise KvbenchError(f"model {spec.name!r}: {problems(exc)}") from None
     torch_dtype(spec)
     path = Path(path)
     for target in (path, path.with_suffix(".png")):
@@ -116,7 +117,7 @@ def calibration_plan(spec: ModelSpec, device: str, block_size: int = 16, quick: 
     """The sizes of `plan` (default: `PLANS[(device, quick)]`) that fit in memory
     (`kvbench.calibration.memory`): MemoryPlanError, one line, if too few fit."""
     if not 1 <= block_size <= MAX_TOKENS:
-        raise ValueError(f"block size must be from 1 to {MAX_TOKENS} tokens, got {block_size}")
+        raise KvbenchError(f"block size must be from 1 to {MAX_TOKENS} tokens, got {block_size}")
     plan = sweep_plan(device, quick, plan)
     memory_plan = fit_plan(spec, device, block_size, plan.swap_tokens.sizes(),
                            plan.prefill_tokens.sizes(), plan.decode_batch_sizes,

@@ -34,6 +34,7 @@ from kvbench.calibration.plans import geometric_sizes
 from kvbench.calibration.schedule import EXTRA_SHARE, MAX_ROUNDS, MIN_ROUNDS
 from kvbench.calibration.sweeps import cold_layer_count, kv_shape
 from kvbench.calibration.timing import FIRST_LOOK_REPS, measure
+from kvbench.errors import KvbenchError
 from kvbench.models import ModelSpec
 from kvbench.ops import prefill_attention, prepare_block_ids, swap_in, swap_out
 from kvbench.ops.dtypes import torch_dtype
@@ -53,7 +54,7 @@ FIXED_S = 3.0  # machine checks before and after, fits, writing the profile and 
 DECODE_RETRY = 1.5  # a decode point noisier than 10% is measured again with twice the reps
 
 
-class TimePlanError(ValueError):
+class TimePlanError(KvbenchError):
     """Even the smallest plan takes too long: the message says how long and what to do."""
 
 

@@ -15,6 +15,8 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from kvbench.errors import KvbenchError
+
 MIN_DRIVER = 12080  # cuMemcpyBatchAsync arrived in CUDA 12.8
 
 
@@ -74,7 +76,7 @@ def batched_copy(cache: torch.Tensor, packed: torch.Tensor, ids: torch.Tensor,
     from cuda.bindings import driver
 
     if packed.device.type == "cpu" and not packed.is_pinned():
-        raise ValueError("impl='batched_dma' needs the host tensor in pinned memory "
+        raise KvbenchError("impl='batched_dma' needs the host tensor in pinned memory "
                          "(torch.empty(..., pin_memory=True))")
     dsts, srcs, row_bytes = block_addresses(cache, packed, ids, scatter)
     attrs = driver.CUmemcpyAttributes()

@@ -48,6 +48,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from kvbench.errors import KvbenchError
 from kvbench.ops.cuda_dma import batched_copy
 from kvbench.ops.cuda_dma import unavailable_reason as dma_unavailable_reason
 from kvbench.ops.dtypes import torch_dtype
@@ -96,7 +97,8 @@ def allocate_kv_cache(num_layers: int, num_blocks: int, block_size: int, num_kv_
     names = ("num_layers", "2", "num_blocks", "block_size", "num_kv_heads", "head_dim")
     for name, size in zip(names, sizes):
         if isinstance(size, bool) or not isinstance(size, int) or size < 1:
-            raise ValueError(f"allocate_kv_cache: {name} must be a positive integer, got {size!r}")
+            raise KvbenchError(f"allocate_kv_cache: {name} must be a positive integer, got "
+                               f"{size!r}")
     dtype = torch_dtype(dtype)
     if not dtype.is_floating_point:
         raise TypeError(f"allocate_kv_cache: dtype must be a floating type, got {dtype}")
@@ -124,12 +126,12 @@ def _check_cache(kv_cache) -> None:
     if not isinstance(kv_cache, torch.Tensor):
         raise TypeError(f"kv_cache must be a torch.Tensor, got {type(kv_cache).__name__}")
     if kv_cache.dim() != 6 or kv_cache.shape[1] != 2:
-        raise ValueError("kv_cache must have shape [num_layers, 2, num_blocks, block_size, "
+        raise KvbenchError("kv_cache must have shape [num_layers, 2, num_blocks, block_size, "
                          f"num_kv_heads, head_dim], got {tuple(kv_cache.shape)}")
     if kv_cache.element_size() not in _INT_VIEW or kv_cache.is_complex():
         raise TypeError(f"kv_cache dtype {kv_cache.dtype} is not supported")
     if not kv_cache.is_contiguous():
-        raise ValueError("kv_cache must be contiguous (blocks are copied as flat rows and "
+        raise KvbenchError("kv_cache must be contiguous (blocks are copied as flat rows and "
                          "swap_in writes in place); call .contiguous() on the cache once")
 
 
@@ -147,17 +149,17 @@ def _host_block_ids(block_ids, num_blocks: int) -> torch.Tensor:
     if ids.dtype.is_floating_point or ids.dtype.is_complex or ids.dtype == torch.bool:
         raise TypeError(f"block_ids must be integers, got dtype {ids.dtype}")
     if ids.dim() != 1:
-        raise ValueError(f"block_ids must be 1-D, got shape {tuple(ids.shape)}")
+        raise KvbenchError(f"block_ids must be 1-D, got shape {tuple(ids.shape)}")
     ids = ids.to(torch.int64)
     values = ids.numpy()  # numpy: a few µs for what takes tens in small torch ops
     if values.min() < 0 or values.max() >= num_blocks:
         bad = values[(values < 0) | (values >= num_blocks)][0]
-        raise ValueError(f"block id {bad} is out of range: the cache has {num_blocks} "
+        raise KvbenchError(f"block id {bad} is out of range: the cache has {num_blocks} "
                          f"blocks (ids 0..{num_blocks - 1})")
     ordered = np.sort(values)
     repeated = ordered[1:][ordered[1:] == ordered[:-1]]
     if repeated.size:
-        raise ValueError(f"block id {repeated[0]} appears more than once in block_ids")
+        raise KvbenchError(f"block id {repeated[0]} appears more than once in block_ids")
     return ids
 
 
@@ -172,7 +174,7 @@ def _block_ids(kv_cache: torch.Tensor, block_ids) -> BlockIds:
     if isinstance(block_ids, BlockIds):
         if block_ids.num_cache_blocks != kv_cache.shape[2] \
                 or block_ids.device.device != kv_cache.device:
-            raise ValueError(f"block_ids were prepared for a cache of "
+            raise KvbenchError(f"block_ids were prepared for a cache of "
                              f"{block_ids.num_cache_blocks} blocks on "
                              f"{block_ids.device.device}, not {kv_cache.shape[2]} on "
                              f"{kv_cache.device}")
@@ -186,27 +188,27 @@ def _check_packed(name: str, tensor, kv_cache: torch.Tensor, shape: tuple[int, .
     if not isinstance(tensor, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(tensor).__name__}")
     if tuple(tensor.shape) != shape:
-        raise ValueError(f"{name} must have shape {shape} ([num_layers, 2, len(block_ids), "
+        raise KvbenchError(f"{name} must have shape {shape} ([num_layers, 2, len(block_ids), "
                          f"block_size, num_kv_heads, head_dim]), got {tuple(tensor.shape)}")
     if tensor.dtype != kv_cache.dtype:
         raise TypeError(f"{name} dtype {tensor.dtype} differs from kv_cache dtype "
                         f"{kv_cache.dtype}")
     if tensor.device.type != "cpu" and tensor.device != kv_cache.device:
-        raise ValueError(f"{name} must be on the CPU or on the cache's device {kv_cache.device}, "
+        raise KvbenchError(f"{name} must be on the CPU or on the cache's device {kv_cache.device}, "
                          f"got {tensor.device}")
     if not tensor.is_contiguous():
-        raise ValueError(f"{name} must be contiguous")
+        raise KvbenchError(f"{name} must be contiguous")
 
 
 def _check_triton_options(num_programs, vector_width, zero_copy) -> None:
     for name, value in (("num_programs", num_programs), ("vector_width", vector_width)):
         if value is not None and (isinstance(value, bool) or not isinstance(value, int)
                                   or value < 1):
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
+            raise KvbenchError(f"{name} must be a positive integer, got {value!r}")
     if vector_width is not None and (vector_width > 16 or vector_width & (vector_width - 1)):
-        raise ValueError(f"vector_width must be a power of two from 1 to 16, got {vector_width}")
+        raise KvbenchError(f"vector_width must be a power of two from 1 to 16, got {vector_width}")
     if zero_copy not in (None, True, False):
-        raise ValueError(f"zero_copy must be None, True or False, got {zero_copy!r}")
+        raise KvbenchError(f"zero_copy must be None, True or False, got {zero_copy!r}")
 
 
 def copy_tile(block_numel: int, itemsize: int, vector_width: int | None = None) -> int:
@@ -257,7 +259,7 @@ def _launch(src: torch.Tensor, dst: torch.Tensor, ids: BlockIds, scatter: bool,
             device.type == "cuda") else 2
         num_programs = 4 * sms
     if num_tiles >= 2**31:
-        raise ValueError(f"Triton KV copy: {num_tiles} tiles overflow the kernel's int32 tile "
+        raise KvbenchError(f"Triton KV copy: {num_tiles} tiles overflow the kernel's int32 tile "
                          "index; swap fewer blocks per call")
     grid = (min(num_programs, num_tiles),)
     check_grid("Triton KV copy", grid)
@@ -277,7 +279,7 @@ def _triton_copy(cache, packed, ids, scatter, *, num_programs: int | None = None
     if packed.device == cache.device:
         return _launch(src, dst, ids, scatter, num_programs, vector_width)
     if zero_copy and not packed.is_pinned():
-        raise ValueError("zero_copy=True needs the host tensor in pinned memory "
+        raise KvbenchError("zero_copy=True needs the host tensor in pinned memory "
                          "(torch.empty(..., pin_memory=True))")
     if zero_copy is not False and packed.is_pinned():
         try:  # Triton maps a pinned host pointer to its device pointer (UVA)

@@ -12,6 +12,8 @@ import os
 
 import torch
 
+from kvbench.errors import KvbenchError
+
 # CUDA's launch limits: gridDim.x up to 2**31 - 1, gridDim.y and gridDim.z up to 65535.
 MAX_GRID = (2**31 - 1, 65535, 65535)
 
@@ -44,7 +46,7 @@ def require_triton(device: torch.device, kernel=None) -> None:
             reason = ("kvbench's Triton kernels were imported before TRITON_INTERPRET=1 was set; "
                       "set it before starting Python to run them on CPU tensors")
     if reason is not None:
-        raise ValueError(reason)
+        raise KvbenchError(reason)
 
 
 def device_context(device: torch.device):
@@ -65,5 +67,5 @@ def check_grid(op: str, grid: tuple[int, ...]) -> None:
     """Raise ValueError when `grid` exceeds CUDA's launch limits (it would fail at launch)."""
     for axis, (size, limit) in enumerate(zip(grid, MAX_GRID)):
         if size > limit:
-            raise ValueError(f"{op}: grid axis {axis} has {size} programs, over CUDA's limit "
+            raise KvbenchError(f"{op}: grid axis {axis} has {size} programs, over CUDA's limit "
                              f"of {limit}; split the call")

@@ -28,6 +28,7 @@ from itertools import pairwise
 import torch
 import torch.nn.functional as F
 
+from kvbench.errors import KvbenchError
 from kvbench.ops.launch import (
     check_grid,
     device_context,
@@ -132,7 +133,7 @@ def _check_inputs(q, k, v, cu_seqlens, out) -> list[int] | None:
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
         if t.dim() != 3:
-            raise ValueError(f"{name} must have shape [num_tokens, num_heads, head_dim], got "
+            raise KvbenchError(f"{name} must have shape [num_tokens, num_heads, head_dim], got "
                              f"{tuple(t.shape)}")
         if t.dtype not in DTYPES:
             raise TypeError(f"{name} dtype {t.dtype} is not supported; use float16, bfloat16 "
@@ -140,21 +141,21 @@ def _check_inputs(q, k, v, cu_seqlens, out) -> list[int] | None:
     if k.dtype != q.dtype or v.dtype != q.dtype:
         raise TypeError(f"q, k and v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
     if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape, got {tuple(k.shape)} and "
+        raise KvbenchError(f"k and v must have the same shape, got {tuple(k.shape)} and "
                          f"{tuple(v.shape)}")
     if k.shape[0] != q.shape[0] or k.shape[2] != q.shape[2]:
-        raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on num_tokens "
+        raise KvbenchError(f"q {tuple(q.shape)} and k {tuple(k.shape)} must agree on num_tokens "
                          "and head_dim")
     if k.shape[1] == 0 or q.shape[1] % k.shape[1]:
-        raise ValueError(f"query heads ({q.shape[1]}) must be a multiple of KV heads "
+        raise KvbenchError(f"query heads ({q.shape[1]}) must be a multiple of KV heads "
                          f"({k.shape[1]})")
     if k.device != q.device or v.device != q.device:
-        raise ValueError(f"q, k and v must be on one device, got {q.device}, {k.device}, "
+        raise KvbenchError(f"q, k and v must be on one device, got {q.device}, {k.device}, "
                          f"{v.device}")
     if out is not None:
         if not isinstance(out, torch.Tensor) or out.shape != q.shape or out.dtype != q.dtype \
                 or out.device != q.device:
-            raise ValueError("out must be a tensor with q's shape, dtype and device")
+            raise KvbenchError("out must be a tensor with q's shape, dtype and device")
     if cu_seqlens is None:
         return None
     if not isinstance(cu_seqlens, torch.Tensor) or cu_seqlens.dtype != torch.int32 \
@@ -163,7 +164,7 @@ def _check_inputs(q, k, v, cu_seqlens, out) -> list[int] | None:
                         "sequence starts, e.g. tensor([0, 5, 12], dtype=torch.int32)")
     starts = cu_seqlens.tolist()  # one device sync when cu_seqlens lives on a GPU
     if starts[0] != 0 or starts[-1] != q.shape[0] or any(b < a for a, b in pairwise(starts)):
-        raise ValueError(f"cu_seqlens must rise from 0 to num_tokens ({q.shape[0]}) without "
+        raise KvbenchError(f"cu_seqlens must rise from 0 to num_tokens ({q.shape[0]}) without "
                          f"decreasing, got {starts}")
     return starts
 
@@ -190,11 +191,11 @@ def _triton_attention(q, k, v, seqs, causal, sm_scale, out, *,
     """Launch the kernel; CUDA launches have not yet been run on a GPU."""
     head_dim = q.shape[2]
     if head_dim not in TRITON_HEAD_DIMS:
-        raise ValueError(f"impl='triton' supports head_dim {TRITON_HEAD_DIMS}, got {head_dim}; "
+        raise KvbenchError(f"impl='triton' supports head_dim {TRITON_HEAD_DIMS}, got {head_dim}; "
                          "use impl='torch'")
     for name, t in (("q", q), ("k", k), ("v", v), ("out", out)):
         if t.stride(2) != 1:
-            raise ValueError(f"impl='triton' needs {name} contiguous along head_dim "
+            raise KvbenchError(f"impl='triton' needs {name} contiguous along head_dim "
                              "(stride 1); call .contiguous()")
     import triton
 
@@ -204,13 +205,13 @@ def _triton_attention(q, k, v, seqs, causal, sm_scale, out, *,
     with device_context(q.device):  # the config is the current GPU's
         config = config or attention_config(q.dtype, head_dim)
         if config.block_m % config.block_n:
-            raise ValueError(f"config: block_m ({config.block_m}) must be a multiple of "
+            raise KvbenchError(f"config: block_m ({config.block_m}) must be a multiple of "
                              f"block_n ({config.block_n})")
         # In the kernel only each sequence's first token offset is int64; row · stride_n
         # inside a sequence is int32 (tiles overrun a sequence by < block_m + block_n rows).
         overrun = config.block_m + config.block_n
         if (seqs.max_seqlen + overrun) * max(t.stride(0) for t in (q, k, v, out)) >= 2**31:
-            raise ValueError(f"impl='triton': a sequence of {seqs.max_seqlen} tokens "
+            raise KvbenchError(f"impl='triton': a sequence of {seqs.max_seqlen} tokens "
                              "overflows int32 offsets at these strides; split it or use "
                              "impl='torch'")
         num_seqs = len(seqs.starts) - 1
@@ -243,9 +244,9 @@ def _flash_attention(q, k, v, seqs, causal, sm_scale, out) -> None:
     from flash_attn import flash_attn_varlen_func
 
     if q.dtype not in (torch.float16, torch.bfloat16):
-        raise ValueError(f"impl='flash_attn' supports float16 and bfloat16, got {q.dtype}")
+        raise KvbenchError(f"impl='flash_attn' supports float16 and bfloat16, got {q.dtype}")
     if q.shape[2] > 256 or q.shape[2] % 8:
-        raise ValueError(f"impl='flash_attn' supports head_dim up to 256 in multiples of 8, "
+        raise KvbenchError(f"impl='flash_attn' supports head_dim up to 256 in multiples of 8, "
                          f"got {q.shape[2]}")
     out.copy_(flash_attn_varlen_func(q, k, v, seqs.cu_seqlens, seqs.cu_seqlens,
                                      seqs.max_seqlen, seqs.max_seqlen, dropout_p=0.0,
@@ -288,7 +289,7 @@ def prefill_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal:
     n, causal = q.shape[0], bool(causal)
     sm_scale = 1.0 / math.sqrt(q.shape[2]) if sm_scale is None else float(sm_scale)
     if not math.isfinite(sm_scale):
-        raise ValueError(f"sm_scale must be finite, got {sm_scale}")
+        raise KvbenchError(f"sm_scale must be finite, got {sm_scale}")
     if out is None:
         out = torch.empty_like(q, memory_format=torch.contiguous_format)
     if n == 0:

@@ -10,6 +10,8 @@ from dataclasses import dataclass
 
 import torch
 
+from kvbench.errors import KvbenchError
+
 
 def _everywhere(device: torch.device) -> str | None:
     return None
@@ -44,18 +46,18 @@ def choose(registry: Mapping[str, Impl], impl: str, auto: Callable[[torch.device
     options = {key: value for key, value in options.items() if value is not None}
     name = auto(device) if impl == "auto" else impl
     if name not in registry:
-        raise ValueError(f"unknown impl {impl!r}; use one of {', '.join(registry)}, auto")
+        raise KvbenchError(f"unknown impl {impl!r}; use one of {', '.join(registry)}, auto")
     chosen = registry[name]
     unknown = sorted(set(options) - set(chosen.options))
     if unknown:
         takers = [n for n, i in registry.items() if set(unknown) <= set(i.options)]
         chose = f" (what impl='auto' runs on {device.type})" if impl == "auto" else ""
         if takers:
-            raise ValueError(f"{', '.join(unknown)} only apply to impl="
+            raise KvbenchError(f"{', '.join(unknown)} only apply to impl="
                              f"{' or '.join(map(repr, takers))}, not {name!r}{chose}")
-        raise ValueError(f"impl={name!r}{chose} takes no option {', '.join(unknown)}; its "
+        raise KvbenchError(f"impl={name!r}{chose} takes no option {', '.join(unknown)}; its "
                          f"options: {', '.join(chosen.options) or 'none'}")
     reason = chosen.unavailable(device)
     if reason is not None:
-        raise ValueError(reason)
+        raise KvbenchError(reason)
     return name, chosen, options

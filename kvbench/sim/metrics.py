@@ -22,14 +22,52 @@ import csv
 import io
 import json
 import math
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from kvbench.hardware import provenance
 from kvbench.io import write_atomic
 from kvbench.sim.engine import SimResult
 from kvbench.sim.requests import FINISHED, STATE_NAMES
 
+
+@dataclass(frozen=True)
+class Metric:
+    """How every table, page and plot names and formats one summary number (`fmt`: a format
+    spec, or "pct" for a fraction shown as a percentage)."""
+
+    label: str
+    fmt: str = ".4g"
+
+    def format(self, value) -> str:
+        if value is None or value == "":
+            return "–"
+        if isinstance(value, str):
+            return value
+        value = float(value)
+        return f"{100 * value:.2f}" if self.fmt == "pct" else f"{value:{self.fmt}}"
+
+
+# The one table of summary numbers' names (`summarize`'s keys, and the comparison's): the
+# terminal tables, Markdown (kvbench report, replay.md), sweep tables and plots all read it.
+METRICS = {
+    "policy": Metric("policy", "s"),
+    "cells": Metric("cells", ".0f"),
+    "preemptions": Metric("preemptions", ".0f"),
+    "preempted_requests": Metric("preempted reqs", ".0f"),
+    "preemptions_removed_pct": Metric("removed %", ".1f"),
+    "recompute_fraction": Metric("recompute % of FLOPs", "pct"),
+    "recompute_fraction_pct": Metric("recompute % of FLOPs", ".2f"),
+    "throughput_tokens_per_s": Metric("tok/s", ".2f"),
+    "throughput_change_pct": Metric("Δ tok/s %", ".1f"),
+    "useful_utilization": Metric("useful", ".3f"),
+    "ttft_p50_s": Metric("TTFT p50 s", ".2f"),
+    "ttft_p99_s": Metric("TTFT p99 s", ".1f"),
+    "tpot_p50_ms": Metric("TPOT p50 ms", ".1f"),
+    "e2e_p99_s": Metric("E2E p99 s", ".1f"),
+}
 PERCENTILES = (50, 90, 99)
 LATENCIES = ("ttft_s", "tpot_ms", "tpot_div_n_ms", "e2e_s")
 NESTED_KEYS = ("livelock", "rejections")
@@ -161,11 +199,12 @@ def scalar_columns(summaries: list[dict]) -> dict[str, list]:
 
 
 def write_results(result: SimResult, out_dir: str | Path, summary: dict | None = None) -> Path:
-    """summary.json, summary.csv, requests.csv and timeline.csv in `out_dir`."""
+    """summary.json (with `provenance`), summary.csv, requests.csv and timeline.csv in
+    `out_dir`."""
     out_dir = Path(out_dir)
     summary = summary if summary is not None else summarize(result)
     document = {"summary": summary, "config": result.config.to_dict(),
-                "workload": result.workload}
+                "workload": result.workload, "provenance": provenance()}
     write_atomic(out_dir / SUMMARY_FILE, json.dumps(document, indent=2) + "\n")
     write_atomic(out_dir / SUMMARY_CSV, csv_text(scalar_columns([summary])))
     write_atomic(out_dir / REQUESTS_CSV, csv_text(request_metrics(result)))

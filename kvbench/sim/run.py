@@ -35,13 +35,15 @@ class WorkloadSource:
                                     "trace's longest output).")
     seed: int = 0
 
-    def load(self, study_default: bool = False) -> Workload:
+    def load(self, study_default: bool = False,
+             warn: Callable[[str], None] = lambda line: None) -> Workload:
+        """The workload; `warn` gets a line per trace column that is ignored."""
         trace, rate_scale = self.trace, self.rate_scale
         if study_default and trace is None and self.synthetic is None:
             trace = AZURE_CONV_TRACE
             rate_scale = STUDY_RATE_SCALE if rate_scale is None else rate_scale
         return load_workload(trace, self.synthetic, 1.0 if rate_scale is None else rate_scale,
-                             self.num_requests, self.max_tokens, self.seed)
+                             self.num_requests, self.max_tokens, self.seed, warn)
 
 
 @dataclass(frozen=True)
@@ -93,12 +95,17 @@ class RunSpec:
         (the swap model prices that block size). A measured profile from other hardware than
         this machine's is used, and `warn` gets that line once every input has passed its
         checks."""
-        workload = self.workload.load(study_default)
+        workload = self.workload.load(study_default, warn)
         warnings: list[str] = []
-        costs = Costs.resolve(self.costs.profile, self.costs.model, self.config.replica.hardware,
-                              warn=warnings.append)
-        replica = dataclasses.replace(self.config.replica, block_size=costs.costs.block_size)
-        config = dataclasses.replace(self.config, replica=replica)
+        config, costs = self.configure(warnings.append)
         for line in warnings:
             warn(line)
         return workload, config, costs
+
+    def configure(self, warn: Callable[[str], None] = lambda line: None
+                  ) -> tuple[SimConfig, Costs]:
+        """The configuration and the costs, without the workload."""
+        costs = Costs.resolve(self.costs.profile, self.costs.model, self.config.replica.hardware,
+                              warn=warn)
+        replica = dataclasses.replace(self.config.replica, block_size=costs.costs.block_size)
+        return dataclasses.replace(self.config, replica=replica), costs

@@ -25,10 +25,11 @@ from pathlib import Path
 from rich.table import Table
 
 from kvbench.errors import KvbenchError
+from kvbench.hardware import provenance
 from kvbench.io import write_atomic
 from kvbench.sim.config import Costs, SimConfig
 from kvbench.sim.engine import SimResult, simulate
-from kvbench.sim.metrics import csv_text, scalar_columns
+from kvbench.sim.metrics import METRICS, csv_text, scalar_columns
 from kvbench.sim.plots import plot_comparison
 from kvbench.sim.workloads import Workload
 
@@ -45,12 +46,10 @@ STUDY_POLICIES = (
     "fcfs/lifo/selector/history",
     "fcfs/cost-aware/selector/history",
 )
-# The comparison table's columns, with their short headers on the terminal.
-TABLE_COLUMNS = {"policy": "policy", "preemptions": "preempt", "preempted_requests": "reqs",
-                 "preemptions_removed_pct": "removed%", "recompute_fraction_pct": "recomp%",
-                 "throughput_tokens_per_s": "tok/s", "throughput_change_pct": "Δtok/s%",
-                 "useful_utilization": "useful", "ttft_p50_s": "TTFT50 s",
-                 "ttft_p99_s": "TTFT99 s", "tpot_p50_ms": "TPOT50 ms", "e2e_p99_s": "E2E99 s"}
+# The comparison table's columns (named by `METRICS`).
+TABLE_COLUMNS = ("policy", "preemptions", "preempted_requests", "preemptions_removed_pct",
+                 "recompute_fraction_pct", "throughput_tokens_per_s", "throughput_change_pct",
+                 "useful_utilization", "ttft_p50_s", "ttft_p99_s", "tpot_p50_ms", "e2e_p99_s")
 
 
 def parse_policies(text: str | None) -> list[str]:
@@ -109,9 +108,9 @@ def comparison_table(results: list[SimResult], summaries: list[dict]) -> Table:
 def summary_table(summaries: list[dict], title: str) -> Table:
     """`comparison_rows` of any summaries with the table's keys (a simulation's, a replay's)."""
     table = Table(title=title)
-    for column, header in TABLE_COLUMNS.items():
-        table.add_column(header, justify="left" if column == "policy" else "right",
-                         no_wrap=True)
+    for column in TABLE_COLUMNS:
+        table.add_column(METRICS[column].label, justify="left" if column == "policy"
+                         else "right", no_wrap=True)
     for row in comparison_rows(summaries):
         table.add_row(*table_cells(row.values()))
     return table
@@ -119,7 +118,7 @@ def summary_table(summaries: list[dict], title: str) -> Table:
 
 def summary_markdown(summaries: list[dict]) -> str:
     """The same table in Markdown (for results/ and README)."""
-    lines = ["| " + " | ".join(TABLE_COLUMNS.values()) + " |",
+    lines = ["| " + " | ".join(METRICS[c].label for c in TABLE_COLUMNS) + " |",
              "|" + "---|" * len(TABLE_COLUMNS)]
     lines += ["| " + " | ".join(table_cells(row.values())) + " |"
               for row in comparison_rows(summaries)]
@@ -134,11 +133,13 @@ def table_cells(values) -> list[str]:
 
 def write_comparison(results: list[SimResult], summaries: list[dict], out_dir: str | Path,
                      ) -> list[Path]:
-    """compare.json (summaries and table), compare.csv and compare.png in `out_dir`."""
+    """compare.json (summaries, table and `provenance`), compare.csv and compare.png in
+    `out_dir`."""
     out_dir = Path(out_dir)
     rows = comparison_rows(summaries)
     document = {"workload": results[0].workload, "model": results[0].model,
-                "config": results[0].config.to_dict(), "table": rows, "summaries": summaries}
+                "config": results[0].config.to_dict(), "table": rows, "summaries": summaries,
+                "provenance": provenance()}
     paths = [write_atomic(out_dir / "compare.json",
                           json.dumps(document, indent=2) + "\n"),
              write_atomic(out_dir / "compare.csv", csv_text(scalar_columns(summaries)))]

@@ -11,6 +11,10 @@ Two CSV schemas are read, recognised by their header:
   timestamps such as `2023-11-16 18:15:46.6805900`);
 * plain: `arrival_s, prompt_tokens, output_tokens` and optionally `max_tokens`.
 
+Any other column is named: a near-miss of a column the schema reads (`max_token`) is an error,
+any other a warning. A trace is a CSV path, or the name of one shipped with kvbench
+(`BUNDLED_TRACES`, e.g. `azure-conv-2023`); `resolve_trace` is where names become files.
+
 `rate_scale` divides the time axis (2.0 replays the trace twice as fast: twice the load).
 Token counts lie between 1 and `kvbench.limits.MAX_TOKENS`, arrival times are finite (a NaN
 time would pass every ordering check and stall the simulator's clock) and span at most
@@ -23,12 +27,16 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import difflib
 import math
+import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from kvbench.errors import KvbenchError
 from kvbench.limits import MAX_TOKENS, check_finite
 
 AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
@@ -37,6 +45,8 @@ PLAIN_COLUMNS = ("arrival_s", "prompt_tokens", "output_tokens")
 # kvbench finds it wherever it runs.
 AZURE_CONV_TRACE = (Path(__file__).resolve().parents[1] / "data" / "traces"
                     / "azure_llm_2023_conv.csv")
+# Traces shipped with the package, by the name a user may give instead of a path.
+BUNDLED_TRACES = {"azure-conv-2023": AZURE_CONV_TRACE}
 MAX_SYNTHETIC_REQUESTS = 10_000_000  # ~2 GB of per-request state in the simulator
 MIN_CV, MAX_CV = 1e-3, 100.0  # gamma shape 1/cv² from 1e6 (a metronome) to 1e-4 (one burst)
 MAX_DURATION_S = 1e9  # about 32 years from the first arrival to the last
@@ -44,7 +54,7 @@ MAX_DURATION_S = 1e9  # about 32 years from the first arrival to the last
 SPEC_MAXIMA = {"num_requests": MAX_SYNTHETIC_REQUESTS, "max_tokens": MAX_TOKENS}
 
 
-class WorkloadError(ValueError):
+class WorkloadError(KvbenchError):
     """A workload that cannot be built; the message names the file, row and column."""
 
 
@@ -229,7 +239,7 @@ def synthetic(spec: SyntheticSpec, seed: int = 0) -> Workload:
 def _parse_seconds(text: str) -> float:
     value = float(text)
     if value != value or value in (float("inf"), float("-inf")):
-        raise ValueError(text)
+        raise KvbenchError(text)
     return value
 
 
@@ -237,7 +247,7 @@ def _parse_timestamp(text: str) -> float:
     stamp = np.datetime64(text.strip(), "ns")
     # NaT, or a year outside 1678-2261 (nanoseconds in int64), which numpy wraps around silently
     if np.isnat(stamp) or stamp.astype("datetime64[s]") != np.datetime64(text.strip(), "s"):
-        raise ValueError(text)
+        raise KvbenchError(text)
     return stamp.astype(np.int64) / 1e9
 
 
@@ -269,7 +279,7 @@ def _column(path: Path, rows: list[dict], lines: list[int], column: str) -> np.n
         try:
             value = parse(text)
             if dtype is np.int64 and not 1 <= value <= MAX_TOKENS:
-                raise ValueError(text)
+                raise KvbenchError(text)
         except (ValueError, TypeError, OverflowError):
             raise WorkloadError(f"{path}: line {line}, column {column}: {text!r} is not "
                                 f"{looks_like}") from None
@@ -277,14 +287,55 @@ def _column(path: Path, rows: list[dict], lines: list[int], column: str) -> np.n
     return np.array(parsed, dtype=np.float64 if dtype is not np.int64 else np.int64)
 
 
+def resolve_trace(trace: str | Path) -> Path:
+    """The file of a trace: `trace` where that file exists, else the bundled trace of that name
+    (`BUNDLED_TRACES`); neither is one error listing the bundled names."""
+    path = Path(trace)
+    if path.exists():
+        return path
+    if str(trace) in BUNDLED_TRACES:
+        return BUNDLED_TRACES[str(trace)]
+    raise WorkloadError(f"cannot read trace {trace}: no such file, nor a bundled trace's name "
+                        f"({', '.join(BUNDLED_TRACES)})")
+
+
+def spec_trace(trace: str, folder: Path) -> str:
+    """A trace as a file (a sweep spec) names it, relative to `folder`: that path, unless no
+    such file exists and `trace` is a bundled trace's name, which stays a name."""
+    path = folder / trace
+    return trace if trace in BUNDLED_TRACES and not path.exists() else str(path)
+
+
+def stderr_warning(line: str) -> None:
+    print(f"warning: {line}", file=sys.stderr)
+
+
+def _check_columns(path: Path, header: list[str], read: tuple[str, ...],
+                   warn: Callable[[str], None]) -> None:
+    """Name the columns of `header` that `read` does not hold: a near-miss of a column read
+    but absent (`max_token` for `max_tokens`) is an error, any other one `warn` line."""
+    missing = [c for c in read if c not in header]
+    for column in header:
+        if column in read:
+            continue
+        near = difflib.get_close_matches(column, missing, n=1, cutoff=0.8)
+        if near:
+            raise WorkloadError(f"{path}: column {column!r} is not one kvbench reads: did you "
+                                f"mean {near[0]!r}? (columns read: {', '.join(read)})")
+        warn(f"{path}: column {column!r} is ignored (columns read: {', '.join(read)})")
+
+
 def read_trace(path: str | Path, rate_scale: float = 1.0, num_requests: int | None = None,
-               max_tokens: int | None = None) -> Workload:
-    """Read a trace CSV (Azure 2023 or plain schema, see the module docstring).
+               max_tokens: int | None = None,
+               warn: Callable[[str], None] = stderr_warning) -> Workload:
+    """Read a trace CSV (Azure 2023 or plain schema, see the module docstring), or a bundled
+    trace by name (`resolve_trace`).
 
     `max_tokens` sets every request's generation limit (never below its output); without it the
     plain schema's `max_tokens` column is used if present, else the trace's longest output.
+    `warn` gets a line for each column that is ignored.
     """
-    path = Path(path)
+    path = resolve_trace(path)
     check_rate_scale(rate_scale)
     check_max_tokens(max_tokens)
     try:
@@ -302,8 +353,10 @@ def read_trace(path: str | Path, rate_scale: float = 1.0, num_requests: int | No
         raise WorkloadError(f"{path}: not a CSV file ({exc})") from None
     if all(c in header for c in AZURE_COLUMNS):
         columns = AZURE_COLUMNS
+        _check_columns(path, header, AZURE_COLUMNS, warn)
     elif all(c in header for c in PLAIN_COLUMNS):
         columns = PLAIN_COLUMNS
+        _check_columns(path, header, PLAIN_COLUMNS + ("max_tokens",), warn)
     else:
         raise WorkloadError(f"{path}: header {', '.join(header) or '(empty)'} matches neither "
                             f"schema: expected {', '.join(AZURE_COLUMNS)} (Azure 2023) or "
@@ -363,13 +416,15 @@ def check_max_tokens(max_tokens: int | None) -> None:
 
 def load_workload(trace: str | Path | None = None, synthetic_spec: str | None = None,
                   rate_scale: float = 1.0, num_requests: int | None = None,
-                  max_tokens: int | None = None, seed: int = 0) -> Workload:
-    """A trace (`read_trace`) or a synthetic mix (`parse_synthetic_spec`), exactly one."""
+                  max_tokens: int | None = None, seed: int = 0,
+                  warn: Callable[[str], None] = stderr_warning) -> Workload:
+    """A trace (`read_trace`, which sends `warn` its warnings) or a synthetic mix
+    (`parse_synthetic_spec`), exactly one."""
     if (trace is None) == (synthetic_spec is None):
         raise WorkloadError("give either a trace CSV or a synthetic spec (exactly one)")
     check_rate_scale(rate_scale)
     if trace is not None:
-        return read_trace(trace, rate_scale, num_requests, max_tokens)
+        return read_trace(trace, rate_scale, num_requests, max_tokens, warn)
     spec = parse_synthetic_spec(synthetic_spec)
     if rate_scale != 1.0:
         if not 0 < spec.rate_per_s * rate_scale < math.inf:

@@ -104,7 +104,8 @@ def _check_unchanged(settings: dict[str, dict], vllm_config) -> None:
     """VllmConfig may adjust settings for the platform; a silent change would fake a match."""
     changed = {name: getattr(config, name) for part, config in (
         ("cache", vllm_config.cache_config), ("scheduler", vllm_config.scheduler_config))
-        for name, value in settings[part].items() if getattr(config, name) != value}
+        for name, value in settings[part].items()
+        if name != "max_model_len" and getattr(config, name) != value}  # (the model config's)
     if changed:
         raise DriveError(f"vLLM changed the requested settings: {changed}")
 

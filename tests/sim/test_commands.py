@@ -1,17 +1,21 @@
-"""`kvbench simulate` and `kvbench compare-policies` through typer's CliRunner."""
+"""`kvbench simulate`, `kvbench compare-policies` (and `kvbench sweep`'s --out) through typer's
+CliRunner."""
 
 from __future__ import annotations
 
 import json
+from datetime import datetime, timedelta
 
 import pytest
 from typer.testing import CliRunner
 
+import kvbench
 from kvbench.cli import app
-from kvbench.hardware import get_hardware
+from kvbench.hardware import code_sha256, device_slug, get_hardware
 from kvbench.models import get_model
 from kvbench.profile import analytic_profile, save
-from kvbench.sim.study import STUDY_POLICIES, comparison_rows, parse_policy
+from kvbench.sim.config import SimConfig
+from kvbench.sim.study import STUDY_POLICIES, comparison_rows
 from kvbench.sim.workloads import AZURE_CONV_TRACE
 
 runner = CliRunner()
@@ -27,8 +31,16 @@ def invoke(*args: str):
     return runner.invoke(app, list(args))
 
 
+def assert_provenance(entry: dict) -> None:
+    """A result file's `provenance` (`kvbench.hardware.provenance`)."""
+    assert entry["kvbench"] == kvbench.__version__ and entry["machine"] == device_slug("cpu")
+    assert len(entry["code_sha256"]) == 64 and entry["code_sha256"] == code_sha256()
+    assert datetime.fromisoformat(entry["date"]).utcoffset() == timedelta(0)
+    assert set(entry) >= {"commit", "command", "python"}
+
+
 def test_simulate_json_has_the_summary_keys():
-    result = invoke("simulate", "--synthetic", SPEC, "--gpu-blocks", "300", "--json")
+    result = invoke("simulate", "--synthetic", SPEC, "--num-gpu-blocks", "300", "--json")
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
     assert SUMMARY_KEYS <= set(summary)
@@ -38,7 +50,7 @@ def test_simulate_json_has_the_summary_keys():
 
 
 def test_simulate_same_seed_same_output():
-    args = ("simulate", "--synthetic", SPEC, "--gpu-blocks", "300", "--predictor", "noisy",
+    args = ("simulate", "--synthetic", SPEC, "--num-gpu-blocks", "300", "--predictor", "noisy",
             "--admission", "future-kv", "--seed", "3", "--json")
     assert invoke(*args).stdout == invoke(*args).stdout
 
@@ -51,7 +63,7 @@ def test_simulate_trace_with_policies_and_out_dir(tmp_path):
     out = tmp_path / "run"
     result = invoke("simulate", "--trace", str(trace), "--admission", "future-kv", "--victim",
                     "cost-aware", "--preemption", "selector", "--predictor", "history",
-                    "--gpu-blocks", "120", "--rate-scale", "2", "--model", "llama-3-8b",
+                    "--num-gpu-blocks", "120", "--rate-scale", "2", "--model", "llama-3-8b",
                     "--out", str(out))
     assert result.exit_code == 0, result.output
     assert "policy: future-kv/cost-aware/selector/history" in result.stdout
@@ -61,6 +73,7 @@ def test_simulate_trace_with_policies_and_out_dir(tmp_path):
         assert (out / name).stat().st_size > 0, name
     document = json.loads((out / "summary.json").read_text())
     assert document["summary"]["model"] == "llama-3-8b"
+    assert_provenance(document["provenance"])
     rows = (out / "requests.csv").read_text().splitlines()
     assert len(rows) == 81 and rows[0].startswith("request_id,status,arrival_s")
 
@@ -81,14 +94,15 @@ def test_sim_commands_use_the_profile_block_size(tmp_path):
     model = get_model("llama-2-7b")
     path = save(analytic_profile(model, get_hardware("h100-sxm"), block_size=32),
                 tmp_path / "profile.json")
-    args = ("--synthetic", SPEC, "--profile", str(path), "--gpu-blocks", "150", "--json")
+    args = ("--synthetic", SPEC, "--profile", str(path), "--num-gpu-blocks", "150", "--json")
     result = invoke("simulate", *args)
     assert result.exit_code == 0, result.output
     assert json.loads(result.stdout)["kv_block_bytes"] == 32 * model.kv_bytes_per_token
     result = invoke("compare-policies", *args, "--policies", "fcfs/lifo/swap/oracle", "--out",
                     str(tmp_path))
     assert result.exit_code == 0, result.output
-    assert json.loads((tmp_path / "compare.json").read_text())["config"]["block_size"] == 32
+    assert json.loads((tmp_path / "compare.json").read_text())["config"]["replica"][
+        "block_size"] == 32
 
 
 @pytest.mark.parametrize("args, message", [
@@ -99,7 +113,7 @@ def test_sim_commands_use_the_profile_block_size(tmp_path):
     ((), "exactly one"),
     (("--synthetic", SPEC, "--model", "gpt-9"), "unknown model 'gpt-9'"),
     (("--synthetic", SPEC, "--rate-scale", "0"), "rate scale must be positive"),
-    (("--synthetic", SPEC, "--seed", "-1"), "--seed"),
+    (("--synthetic", SPEC, "--seed", "-1"), "seed must be an integer from 0"),
 ])
 def test_simulate_user_errors_are_one_line(args, message):
     result = invoke("simulate", *args)
@@ -110,14 +124,14 @@ def test_simulate_user_errors_are_one_line(args, message):
 
 def test_simulate_reports_rejections():
     result = invoke("simulate", "--synthetic", "requests=20,long-prompt=1,long-prompt-tokens=4000",
-                    "--gpu-blocks", "200")
+                    "--num-gpu-blocks", "200")
     assert result.exit_code == 0, result.output
     assert "rejected: request" in result.stdout and "the cache has 199" in result.stdout
 
 
 def test_compare_policies_table_json_and_files(tmp_path):
     policies = "fcfs/lifo/recompute/oracle,future-kv/lifo/recompute/oracle"
-    result = invoke("compare-policies", "--synthetic", SPEC, "--gpu-blocks", "300",
+    result = invoke("compare-policies", "--synthetic", SPEC, "--num-gpu-blocks", "300",
                     "--policies", policies, "--out", str(tmp_path), "--json")
     assert result.exit_code == 0, result.output
     rows = json.loads(result.stdout)
@@ -126,7 +140,8 @@ def test_compare_policies_table_json_and_files(tmp_path):
     assert rows[1]["preemptions"] < rows[0]["preemptions"]
     for name in ("compare.json", "compare.csv", "compare.png"):
         assert (tmp_path / name).stat().st_size > 0
-    table = invoke("compare-policies", "--synthetic", SPEC, "--gpu-blocks", "300",
+    assert_provenance(json.loads((tmp_path / "compare.json").read_text())["provenance"])
+    table = invoke("compare-policies", "--synthetic", SPEC, "--num-gpu-blocks", "300",
                    "--policies", policies, "--out", str(tmp_path), "--jobs", "2")
     assert table.exit_code == 0, table.output
     assert "future-kv/lifo/recompute/oracle" in table.stdout and "compare.png" in table.stdout
@@ -146,7 +161,7 @@ def test_compare_policies_user_errors_are_one_line(tmp_path, args, message):
 def test_study_helpers():
     assert len(STUDY_POLICIES) == len(set(STUDY_POLICIES))
     for policy in STUDY_POLICIES:
-        assert parse_policy(policy).policy_name == policy
+        assert SimConfig().with_policy(policy).policy_name == policy
     rows = comparison_rows([
         {"policy": "a", "preemptions": 200, "preempted_requests": 150, "recompute_fraction": 0.1,
          "throughput_tokens_per_s": 100.0, "useful_utilization": 0.9, "ttft_p50_s": 1.0,
@@ -168,3 +183,21 @@ def test_compare_policies_defaults_to_the_azure_trace(tmp_path):
     document = json.loads((tmp_path / "compare.json").read_text())
     assert document["workload"]["name"] == "azure_llm_2023_conv.csv, rate x2"
     assert document["workload"]["num_requests"] == 300
+
+
+@pytest.mark.parametrize("command", [
+    ("simulate", "--synthetic", SPEC),
+    ("compare-policies", "--synthetic", SPEC),
+    ("sweep", "sweep.toml"),
+])
+def test_out_on_a_file_is_one_line(tmp_path, command):
+    """Issue 21, item 8: `--out FILE` printed a raw `[Errno 17] File exists`, after the run."""
+    path = tmp_path / "taken"
+    path.write_text("not a folder\n")
+    result = invoke(*command, "--out", str(path))
+    assert result.exit_code == 2, result.output
+    assert result.stderr == f"error: --out {path} is a file; give a folder\n"
+    result = invoke(*command, "--out", str(path / "below"))
+    assert result.stderr == (f"error: --out {path / 'below'}: {path} is a file; give a "
+                             "folder\n")
+    assert path.read_text() == "not a folder\n"

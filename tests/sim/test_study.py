@@ -1,6 +1,6 @@
-"""The study's library side (kvbench.sim.study): inputs of a run from command options, the
-policy list, the fan-out over policies and the comparison table; and `summary_lines`
-(kvbench.sim.metrics), what `kvbench simulate` prints."""
+"""The study's library side: inputs of a run from command options (kvbench.sim.run), the
+policy list, the fan-out over policies and the comparison table (kvbench.sim.study); and
+`summary_lines` (kvbench.sim.metrics), what `kvbench simulate` prints."""
 
 
 import pytest
@@ -9,39 +9,44 @@ from rich.console import Console
 from kvbench.hardware import get_hardware
 from kvbench.models import get_model
 from kvbench.profile import analytic_profile, save
-from kvbench.sim import study
-from kvbench.sim.engine import SimConfig
+from kvbench.sim import run as sim_run
+from kvbench.sim.config import DEFAULT_MODEL, SimConfig
 from kvbench.sim.metrics import summarize, summary_lines
+from kvbench.sim.run import STUDY_RATE_SCALE, RunSpec
 from kvbench.sim.study import (
     STUDY_POLICIES,
-    STUDY_RATE_SCALE,
     TABLE_COLUMNS,
     compare_policies,
     comparison_rows,
     comparison_table,
     parse_policies,
     run_one,
-    sim_inputs,
 )
 from kvbench.sim.workloads import AZURE_CONV_TRACE, WorkloadError, load_workload
 
 SPEC = "requests=40,rate=30,long-prompt=0.3,long-output=0.3"
 
 
+def sim_inputs(study_default=False, **options):
+    """(workload, config, costs) from flat command options, as the commands get them."""
+    return RunSpec.from_options(**options).resolve(study_default)
+
+
 def test_inputs_from_a_synthetic_spec_and_analytic_costs():
     workload, config, costs = sim_inputs(synthetic=SPEC, seed=3, num_gpu_blocks=120,
                                          admission="future-kv")
     assert workload.num_requests == 40 and workload.name == load_workload(None, SPEC, seed=3).name
-    assert costs.source == "analytic" and costs.model.name == SimConfig.model
-    assert config == SimConfig.build(model="llama-2-7b", hardware="h100-sxm", block_size=16, seed=3,
-                               num_gpu_blocks=120, admission="future-kv")
+    assert costs.source == "analytic" and costs.model.name == DEFAULT_MODEL == "llama-2-7b"
+    assert config == SimConfig.build(hardware="h100-sxm", block_size=16, seed=3,
+                                     num_gpu_blocks=120, admission="future-kv")
 
 
 def test_inputs_take_model_and_block_size_from_a_profile(tmp_path):
     path = save(analytic_profile(get_model("qwen2.5-7b"), get_hardware("l4"), block_size=32),
                 tmp_path / "p.json")
     _, config, costs = sim_inputs(synthetic=SPEC, profile=path, hardware="l4")
-    assert (config.model, config.block_size, config.hardware) == ("qwen2.5-7b", 32, "l4")
+    assert (costs.model.name, config.replica.block_size, config.replica.hardware) == (
+        "qwen2.5-7b", 32, "l4")
     assert costs.costs.block_size == 32 and costs.source == "analytic"
     with pytest.raises(ValueError, match="either --profile or --model, not both"):
         sim_inputs(synthetic=SPEC, profile=path, model="tiny")
@@ -54,7 +59,7 @@ def test_the_study_defaults_to_the_azure_trace_at_its_rate(monkeypatch):
         calls.append((trace, synthetic, rate_scale))
         return load_workload(None, SPEC)
 
-    monkeypatch.setattr(study, "load_workload", fake_load)
+    monkeypatch.setattr(sim_run, "load_workload", fake_load)
     sim_inputs(study_default=True)
     sim_inputs(study_default=True, rate_scale=0.5)
     sim_inputs(synthetic=SPEC, study_default=True)
@@ -83,9 +88,8 @@ def test_compare_policies_in_order_with_progress_in_one_or_two_processes():
     results = compare_policies(workload, policies, base, costs, progress=done.append)
     assert done == [1, 2, 3]
     assert [r.config.policy_name for r in results] == policies
-    single = summarize(run_one(workload, base.replace(victim="cost-aware",
-                                                             preemption="swap",
-                                                             predictor="history"), costs))
+    single = summarize(run_one(workload, base.replace(victim="cost-aware", preemption="swap",
+                                                      predictor="history"), costs))
     assert summarize(results[2]) == single
     parallel = compare_policies(workload, policies, base, costs, jobs=2)
     assert [summarize(r) for r in parallel] == [summarize(r) for r in results]

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
+from kvbench import hardware
 from kvbench.cli import app
 from kvbench.cluster import import_ray
 from kvbench.hardware import get_hardware
@@ -30,10 +31,13 @@ from kvbench.sim.sweep import (
     SWEEP_PNG,
     SYNTHETIC,
     SweepError,
+    SweepInterrupted,
     load_spec,
     plan_sweep,
+    policy_means,
     run_sweep,
 )
+from kvbench.sim.sweep import run as sweep_run
 
 MIX = ("requests=50,rate=10,long-prompt=0.3,long-output=0.3,short-prompt-tokens=128,"
        "long-prompt-tokens=1024,short-output-tokens=32,long-output-tokens=128,max-tokens=256")
@@ -68,8 +72,15 @@ def reference(spec_path, tmp_path_factory) -> tuple[Path, list[dict]]:
     assert result.exit_code == 0, result.output
     assert "cells: 24 (24 run now, 0 already in" in result.stdout
     assert "future-kv/cost-aware/selector/history" in result.stdout
-    rows = json.loads((out / SWEEP_JSON).read_text())["rows"]
+    assert f"sweep: 24 cells, 0 reused from {out}/cells, 24 to run\n" in result.stderr
+    # a table per load level, each policy's mean over its 6 cells (3 cache sizes x 2 seeds)
+    assert "mean over cells at rate x1\n" in result.stdout
+    assert "mean over cells at rate x2\n" in result.stdout
+    document = json.loads((out / SWEEP_JSON).read_text())
+    rows = document["rows"]
     assert len(rows) == 24 and sum(r["preemptions"] for r in rows) > 0
+    assert document["provenance"]["code_sha256"] == hardware.code_sha256()
+    assert document["provenance"]["command"] is not None
     return out, rows
 
 
@@ -194,6 +205,98 @@ def test_resume_runs_only_the_missing_cells_and_two_processes_agree(reference, s
     assert json.loads((tmp_path / SWEEP_JSON).read_text())["rows"] == rows
     assert (tmp_path / SWEEP_CSV).read_text() == (out / SWEEP_CSV).read_text()
     assert (tmp_path / SWEEP_PNG).stat().st_size > 0
+
+
+def test_per_load_level_means():
+    rows = [{"policy": p, "rate_scale": r, "preemptions": n, "recompute_fraction": 0.0,
+             "throughput_tokens_per_s": 1.0, "ttft_p99_s": n / 10, "e2e_p99_s": None}
+            for p, r, n in (("b", 2.0, 10), ("a", 2.0, 4), ("b", 1.0, 2), ("b", 1.0, 4))]
+    means = policy_means(rows)
+    assert [(m["rate_scale"], m["policy"], m["cells"], m["preemptions"]) for m in means] == [
+        (1.0, "b", 2, 3.0), (2.0, "b", 1, 10.0), (2.0, "a", 1, 4.0)]
+    assert means[0]["e2e_p99_s"] is None
+
+
+TRACE = "arrival_s,prompt_tokens,output_tokens\n" + "".join(
+    f"{i * 0.05:.2f},{100 + 37 * i % 400},{20 + 13 * i % 120}\n" for i in range(40))
+
+
+def test_resume_keys_on_content_not_on_the_trace_path(tmp_path, monkeypatch):
+    """Issue 21, item 6: the same spec from another folder, or naming its trace by an absolute
+    path, reuses every cell; other code runs them again."""
+    (tmp_path / "spec" / "traces").mkdir(parents=True)
+    (tmp_path / "spec" / "traces" / "t.csv").write_text(TRACE)
+    settings = ('policies = ["fcfs/lifo/recompute/oracle"]\nrate_scales = [1, 2]\n'
+                'gpu_blocks = [40]\n')
+    (tmp_path / "spec" / "s.toml").write_text('traces = ["traces/t.csv"]\n' + settings)
+    (tmp_path / "abs.toml").write_text(f'traces = ["{tmp_path}/spec/traces/t.csv"]\n' + settings)
+    out = tmp_path / "out"
+    lines: list[str] = []
+    monkeypatch.chdir(tmp_path)
+    first = run_sweep(load_spec("spec/s.toml"), out, log=lines.append)
+    assert (first.ran, first.skipped) == (2, 0)
+    files = sorted((out / CELLS_DIR).iterdir())
+    cell = json.loads(files[0].read_text())
+    assert cell["cell"]["code_sha256"] == hardware.code_sha256()
+    assert cell["cell"]["source_sha256"] and "commit" in cell
+    monkeypatch.chdir(tmp_path / "spec")
+    for spec in ("s.toml", tmp_path / "abs.toml"):
+        again = run_sweep(load_spec(spec), out, log=lines.append)
+        assert (again.ran, again.skipped) == (0, 2)
+        # the same results; each row names the trace as this spec does
+        assert [{**r, "source": None} for r in again.rows] == [{**r, "source": None}
+                                                              for r in first.rows]
+        assert sorted((out / CELLS_DIR).iterdir()) == files
+    assert lines == [f"sweep: 2 cells, {n} reused from {out}/cells, {2 - n} to run"
+                     for n in (0, 2, 2)]
+    monkeypatch.setattr(hardware, "code_sha256", lambda: "0" * 64)
+    changed = run_sweep(load_spec("s.toml"), out)
+    assert (changed.ran, changed.skipped) == (2, 0)
+    assert len(list((out / CELLS_DIR).iterdir())) == 4
+
+
+def test_a_bundled_trace_by_name_in_a_spec(tmp_path):
+    (tmp_path / "s.toml").write_text('traces = ["azure-conv-2023"]\nnum_requests = 30\n'
+                                     'policies = ["fcfs/lifo/recompute/oracle"]\n')
+    spec = load_spec(tmp_path / "s.toml")
+    assert spec.traces == [Path("azure-conv-2023")]
+    [row] = run_sweep(spec, tmp_path / "out").rows
+    assert row["source"] == "azure-conv-2023" and row["requests"] == 30
+    (tmp_path / "bad.toml").write_text('traces = ["azure-conv-2099"]\n')
+    with pytest.raises(SweepError, match="nor a bundled trace's name \\(azure-conv-2023"):
+        plan_sweep(load_spec(tmp_path / "bad.toml"))
+
+
+def test_an_interrupted_sweep_keeps_its_cells_and_says_so(spec_path, tmp_path, monkeypatch):
+    """Issue 21, item 5: Ctrl-C after 3 cells writes the outputs of those 3, says how to resume
+    on one line and exits 130; the same command then runs the other 21."""
+    real, calls = sweep_run.run_cell, []
+
+    def run_cell(*args):
+        calls.append(1)
+        if len(calls) == 4:
+            raise KeyboardInterrupt
+        return real(*args)
+
+    monkeypatch.setattr(sweep_run, "run_cell", run_cell)
+    with pytest.raises(SweepInterrupted) as info:
+        run_sweep(load_spec(spec_path), tmp_path / "lib")
+    assert (info.value.kept, info.value.total) == (3, 24)
+    assert isinstance(info.value, KeyboardInterrupt)
+    assert len(json.loads((tmp_path / "lib" / SWEEP_JSON).read_text())["rows"]) == 3
+
+    calls.clear()
+    result = invoke("compare-policies", "--sweep", str(spec_path), "--out", str(tmp_path))
+    assert result.exit_code == 130, result.output
+    assert result.stderr.splitlines()[-1] == (
+        f"sweep interrupted: 3 of 24 cells kept in {tmp_path}/cells; run the same command "
+        "again to resume")
+    assert "Traceback" not in result.output and "error" not in result.stderr
+    assert len(list((tmp_path / CELLS_DIR).iterdir())) == 3
+    assert len(json.loads((tmp_path / SWEEP_JSON).read_text())["rows"]) == 3
+    monkeypatch.setattr(sweep_run, "run_cell", real)
+    outcome = run_sweep(load_spec(spec_path), tmp_path)
+    assert (outcome.ran, outcome.skipped) == (21, 3)
 
 
 # ---------------------------------------------------------------------------------------------

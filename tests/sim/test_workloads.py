@@ -10,11 +10,14 @@ import pytest
 import kvbench
 from kvbench.sim.workloads import (
     AZURE_CONV_TRACE,
+    BUNDLED_TRACES,
     SyntheticSpec,
     WorkloadError,
     load_workload,
     parse_synthetic_spec,
     read_trace,
+    resolve_trace,
+    spec_trace,
     synthetic,
 )
 
@@ -137,3 +140,54 @@ def test_shipped_azure_trace():
     assert work.output_tokens.mean() == pytest.approx(211, abs=1)
     assert work.duration_s == pytest.approx(3501.7, abs=1)
     assert (work.max_tokens == 1000).all()
+
+
+def test_bundled_traces_by_name_and_a_file_of_that_name_wins(tmp_path, monkeypatch):
+    assert resolve_trace("azure-conv-2023") == AZURE_CONV_TRACE
+    assert read_trace("azure-conv-2023", num_requests=5).name == AZURE_CONV_TRACE.name
+    monkeypatch.chdir(tmp_path)
+    write(tmp_path, PLAIN, name="azure-conv-2023")
+    assert resolve_trace("azure-conv-2023") == Path("azure-conv-2023")
+    assert read_trace("azure-conv-2023").num_requests == 3
+    # in a sweep spec: a path relative to its folder where one exists, else the name
+    assert spec_trace("azure-conv-2023", tmp_path) == str(tmp_path / "azure-conv-2023")
+    assert spec_trace("azure-conv-2023", tmp_path / "elsewhere") == "azure-conv-2023"
+    assert spec_trace("t.csv", tmp_path / "elsewhere") == str(tmp_path / "elsewhere" / "t.csv")
+
+
+def test_an_unknown_trace_name_lists_the_bundled_ones():
+    with pytest.raises(WorkloadError) as info:
+        load_workload("azure-conv-2024")
+    assert str(info.value) == ("cannot read trace azure-conv-2024: no such file, nor a bundled "
+                               f"trace's name ({', '.join(BUNDLED_TRACES)})")
+
+
+def test_a_misspelled_column_is_an_error_and_an_unknown_one_a_warning(tmp_path):
+    """Issue 21, item 7: `max_token` fell back to the longest output without a word."""
+    misspelled = write(tmp_path, "arrival_s,prompt_tokens,output_tokens,max_token\n0,5,3,10\n")
+    with pytest.raises(WorkloadError) as info:
+        read_trace(misspelled, warn=pytest.fail)
+    assert "column 'max_token' is not one kvbench reads: did you mean 'max_tokens'?" in str(
+        info.value) and str(misspelled) in str(info.value)
+    warnings = []
+    extra = write(tmp_path, "".join(line + (",region\n" if i == 0 else ",eu\n") for i, line
+                                    in enumerate(AZURE.splitlines())), name="azure.csv")
+    assert read_trace(extra, warn=warnings.append).num_requests == 4
+    assert warnings == [f"{extra}: column 'region' is ignored (columns read: TIMESTAMP, "
+                        "ContextTokens, GeneratedTokens)"]
+
+
+def test_an_ignored_column_is_one_warning_line_on_the_command_line(tmp_path):
+    from typer.testing import CliRunner
+
+    from kvbench.cli import app
+
+    trace = write(tmp_path, "arrival_s,prompt_tokens,output_tokens,user\n0,5,3,a\n1,9,2,b\n")
+    result = CliRunner().invoke(app, ["simulate", "--trace", str(trace), "--json"])
+    assert result.exit_code == 0, result.output
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning:")]
+    assert warnings == [f"warning: {trace}: column 'user' is ignored (columns read: "
+                        "arrival_s, prompt_tokens, output_tokens, max_tokens)"]
+    result = CliRunner().invoke(app, ["simulate", "--trace", "azure-conv-2023",
+                                      "--num-requests", "20", "--json"])
+    assert result.exit_code == 0 and "warning" not in result.stderr, result.output
