@@ -1,9 +1,8 @@
 """`kvbench` command line: thin commands over the library. Results on stdout, progress on stderr.
 
-Each command parses, calls the library and prints what the library formats. A user mistake prints
-one `error:` line and exits 2: the library reports bad input as ValueError (ProfileError,
-WorkloadError, unknown presets, out-of-range values), and a path that cannot be read or written
-raises OSError. Anything else is a bug and keeps its traceback.
+A user mistake prints one `error:` line and exits 2: the library reports bad input as a
+`KvbenchError` and an unreadable or unwritable path raises OSError; anything else is a bug and
+keeps its traceback. The simulator's commands are in kvbench/cli_sim.py.
 """
 
 from __future__ import annotations
@@ -20,7 +19,6 @@ from typer.core import TyperGroup
 from typer.exceptions import TyperException
 
 from kvbench import __version__
-from kvbench.cli_options import COSTS, KNOBS, POLICY, REPLICA, RUN, WORKLOAD, given, with_options
 from kvbench.errors import KvbenchError
 from kvbench.hardware import (
     HARDWARE,
@@ -29,13 +27,10 @@ from kvbench.hardware import (
     fingerprint_mismatch,
     resolve_device,
 )
-from kvbench.io import check_out_dir
 from kvbench.models import presets_table
 from kvbench.profile import extrapolation_warning, load, resolve, summary_lines
 from kvbench.progress import Reporter
 from kvbench.selector import select_preemption_strategy, selection_table
-from kvbench.sim.engines import FIELDS as REPLICA_FIELDS
-from kvbench.sim.run import CostSource
 
 USER_ERRORS = (KvbenchError, OSError)
 
@@ -234,80 +229,6 @@ def validate_cmd(
     out.print(report.summary_line())
 
 
-# ---------------------------------------------------------------------------------------------
-# Scheduler simulator (kvbench.sim): options generated from the specs (kvbench/cli_options.py)
-
-OUT_DIR = typer.Option(None, "--out", help="Folder for the result files.")
-AS_JSON = typer.Option(False, "--json", help="Print the result as JSON.")
-
-
-def warn(line: str) -> None:
-    err.print(f"warning: {line}")
-
-
-@app.command("simulate")
-@with_options(WORKLOAD, COSTS, POLICY, REPLICA, KNOBS, RUN)
-def simulate_cmd(out_dir: Optional[Path] = OUT_DIR, as_json: bool = AS_JSON, **options) -> None:
-    """Simulate one serving replica under one scheduling policy (files: summary.json,
-    summary.csv, requests.csv, timeline.csv, run.png in --out)."""
-    from kvbench.sim import metrics
-    from kvbench.sim.engine import simulate
-    from kvbench.sim.plots import plot_run
-    from kvbench.sim.run import RunSpec
-
-    if out_dir is not None:
-        check_out_dir(out_dir)
-    workload, config, costs = RunSpec.from_options(**given(options)).resolve(warn=warn)
-    with Reporter(err, "simulate", "requests", transient=True) as progress:
-        result = simulate(workload, config, costs, progress=lambda done: progress.count(
-            config.policy_name, done, workload.num_requests))
-    summary = metrics.summarize(result)
-    if out_dir is not None:
-        metrics.write_results(result, out_dir, summary)
-        plot_run(result, out_dir / "run.png")
-    if as_json:
-        print(json.dumps(summary))
-        return
-    echo(metrics.summary_lines(summary) + ([f"wrote: {out_dir}/"] if out_dir else []))
-
-
-@app.command("compare-policies")
-@with_options(WORKLOAD, COSTS, REPLICA, KNOBS, RUN)
-def compare_policies_cmd(
-    policies: Optional[str] = typer.Option(None, help="Comma-separated admission/victim/"
-                                           "preemption/predictor[@engine] (default: the "
-                                           "study's matrix, `kvbench.sim.study`)."),
-    jobs: int = typer.Option(1, min=1, help="Policies simulated in parallel processes."),
-    out_dir: Path = typer.Option(Path("sim-compare"), "--out", help="Where compare.json, "
-                                 "compare.csv and compare.png go."),
-    as_json: bool = AS_JSON, **options) -> None:
-    """Run a matrix of policies on one workload (default: the bundled Azure 2023 trace at
-    2x)."""
-    from kvbench.sim.metrics import summarize
-    from kvbench.sim.run import RunSpec
-    from kvbench.sim.study import (
-        compare_policies,
-        comparison_rows,
-        comparison_table,
-        parse_policies,
-        write_comparison,
-    )
-
-    check_out_dir(out_dir)
-    workload, base, costs = RunSpec.from_options(**given(options)).resolve(True, warn)
-    names = parse_policies(policies)
-    with Reporter(err, "compare-policies", "policies", transient=True) as progress:
-        results = compare_policies(workload, names, base, costs, jobs,
-                                   progress=lambda done: progress.count("", done, len(names)))
-    summaries = [summarize(r) for r in results]
-    write_comparison(results, summaries, out_dir)
-    if as_json:
-        print(json.dumps(comparison_rows(summaries)))
-        return
-    out.print(comparison_table(results, summaries))
-    out.print(f"wrote: {out_dir}/compare.json, compare.csv, compare.png")
-
-
 @app.command("report")
 def report_cmd(results: Path = typer.Option(Path("results"), help="Results folder."),
                readme: Path = typer.Option(Path("README.md"), help="README whose `<!-- report: "
@@ -381,57 +302,6 @@ def fleet_calibrate_cmd(
         raise typer.Exit(1)
 
 
-@app.command("sweep")
-def sweep_cmd(
-    spec_path: Path = typer.Argument(..., metavar="SPEC", help="Sweep spec (TOML or YAML): "
-                                     "policies x traces x rate scales x cache sizes x seeds, and "
-                                     "any `simulate` option every cell shares."),
-    out_dir: Path = typer.Option(..., "--out", help="Where cells/, sweep.json, sweep.csv and "
-                                 "sweep.png go; run again to resume."),
-    jobs: int = typer.Option(1, min=1, help="Cells simulated in parallel local processes."),
-    ray_address: Optional[str] = typer.Option(None, "--ray", help="One Ray task per cell: "
-                                              f"{RAY_ADDRESS_HELP}"),
-    as_json: bool = AS_JSON,
-) -> None:
-    """Run a sweep's cells, one simulation each, resumable in --out (tables per load level;
-    `kvbench report` renders sweep.csv into the docs)."""
-    from kvbench.sim.sweep import (
-        SweepInterrupted,
-        load_spec,
-        policy_means,
-        policy_tables,
-        run_sweep,
-    )
-
-    check_out_dir(out_dir)
-    spec = load_spec(spec_path)
-    try:
-        with Reporter(err, "sweep", "cells", transient=True) as progress:
-
-            def on_cell(done, total, cell, error):
-                progress.count("", done, total)
-                if error:
-                    err.print(f"cell failed: {cell.label()}: {error}")
-
-            outcome = run_sweep(spec, out_dir, jobs=jobs, ray_address=ray_address,
-                                on_cell=on_cell, log=err.print, warn=warn)
-    except SweepInterrupted as exc:
-        err.print(exc.line())
-        raise typer.Exit(130) from None
-    if as_json:
-        print(json.dumps({"cells_total": outcome.total, "ran": outcome.ran,
-                          "skipped": outcome.skipped, "failures": outcome.failures,
-                          "wall_s": outcome.wall_s, "policies": policy_means(outcome.rows)}))
-    else:
-        for table in policy_tables(outcome.rows, f"sweep {spec_path}: mean over cells"):
-            out.print(table)
-        out.print("\n".join(outcome.lines(out_dir)))
-    if outcome.failures:
-        err.print(f"error: {len(outcome.failures)} cells failed; run the same command again "
-                  "to run them (finished cells are kept)")
-        raise typer.Exit(1)
-
-
 @app.command("doctor")
 def doctor_cmd(
     device: str = typer.Option("auto", help="auto, cuda or cpu: the device to calibrate on."),
@@ -457,52 +327,7 @@ def doctor_cmd(
         raise typer.Exit(1)
 
 
-@app.command("replay")
-@with_options(WORKLOAD, (CostSource, "Costs", ("model",)), REPLICA)
-def replay_cmd(
-    policies: Optional[str] = typer.Option(None, help="Comma-separated admission/victim/"
-                                           "recompute/predictor (default: five)."),
-    model: Optional[Path] = typer.Option(None, help="Folder with a config.json; dummy weights "
-                                         "(default: kvbench's tiny Llama)."),
-    out_dir: Optional[Path] = typer.Option(None, "--out", help="Default: results/replay/"
-                                           "<device>-<model>."),
-    as_json: bool = AS_JSON, **options) -> None:
-    """Replay a trace through a real vLLM engine (vLLM's scheduler, then each kvbench policy;
-    engine vllm-0.32-cpu's settings unless given; --num-gpu-blocks is required)."""
-    from kvbench.sim.engines import ReplicaSpec
-    from kvbench.sim.run import RunSpec, WorkloadSource
-    from kvbench.sim.study import parse_policies
-    from kvbench.sim.workloads import AZURE_CONV_TRACE
-    from kvbench.vllm import unavailable_reason
-
-    if reason := unavailable_reason():
-        raise KvbenchError(f"kvbench replay {reason}")
-    from kvbench.vllm.replay import REPLAY_POLICIES, ReplayEngine, default_out_dir, replay
-
-    run = RunSpec.from_options(**given(options))
-    if run.config.replica.num_gpu_blocks is None:
-        raise KvbenchError("give --num-gpu-blocks: the replayed engine's KV cache, in blocks")
-    replica = ReplicaSpec.named("vllm-0.32-cpu", **{
-        k: v for k, v in given(options).items() if k in REPLICA_FIELDS and k != "engine"})
-    source = run.workload
-    workload = WorkloadSource(source.trace or str(AZURE_CONV_TRACE), source.synthetic,
-                              source.rate_scale, source.num_requests, source.max_tokens,
-                              source.seed).load(warn=warn)
-    settings = ReplayEngine(replica, seed=source.seed, **({"model": model} if model else {}))
-    out_dir = out_dir or default_out_dir(settings)
-    with Reporter(err, "replay", "requests", transient=True) as progress:
-        result = replay(workload, settings, parse_policies(policies) if policies else
-                        REPLAY_POLICIES, out_dir / "records", run.costs.profile,
-                        replica.hardware, progress=lambda label, done: progress.count(
-                            label, done, workload.num_requests))
-    command = shlex.join(["kvbench", *sys.argv[1:]])
-    result.write(out_dir, command)
-    if as_json:
-        print(json.dumps(result.document(command)))
-        return
-    for table in result.tables():
-        out.print(table)
-    out.print(f"wrote: {out_dir}/replay.json, replay.md, records/")
+import kvbench.cli_sim  # noqa: E402, F401 (registers simulate, compare-policies, sweep, replay)
 
 
 def main() -> None:

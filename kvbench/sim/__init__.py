@@ -18,8 +18,9 @@
 """
 
 from kvbench.sim.config import Costs, SimConfig
-from kvbench.sim.engine import SimResult, Simulator, simulate
+from kvbench.sim.engine import Simulator, simulate
 from kvbench.sim.metrics import summarize
+from kvbench.sim.result import SimResult
 from kvbench.sim.workloads import Workload, load_workload, read_trace, synthetic
 
 __all__ = ["Costs", "SimConfig", "SimResult", "Simulator", "Workload", "load_workload",

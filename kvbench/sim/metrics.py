@@ -29,8 +29,8 @@ import numpy as np
 
 from kvbench.hardware import provenance
 from kvbench.io import write_atomic
-from kvbench.sim.engine import SimResult
 from kvbench.sim.requests import FINISHED, STATE_NAMES
+from kvbench.sim.result import SimResult
 
 
 @dataclass(frozen=True)

@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 from matplotlib.figure import Figure
 
-from kvbench.sim.engine import SimResult
 from kvbench.sim.requests import FINISHED
+from kvbench.sim.result import SimResult
 
 
 def _ttft_cdf(ax, result: SimResult, label: str) -> None:

@@ -28,9 +28,10 @@ from kvbench.errors import KvbenchError
 from kvbench.hardware import provenance
 from kvbench.io import write_atomic
 from kvbench.sim.config import Costs, SimConfig
-from kvbench.sim.engine import SimResult, simulate
+from kvbench.sim.engine import simulate
 from kvbench.sim.metrics import METRICS, csv_text, scalar_columns
 from kvbench.sim.plots import plot_comparison
+from kvbench.sim.result import SimResult
 from kvbench.sim.workloads import Workload
 
 STUDY_POLICIES = (

@@ -1,4 +1,4 @@
-"""Sweep specs, plans and resume (`kvbench.sim.sweep`), and `compare-policies --sweep [--ray]`
+"""Sweep specs, plans and resume (`kvbench.sim.sweep`), and `kvbench sweep SPEC [--ray]`
 against real Ray instances on this machine (127.0.0.1, 2 CPUs): the same 24 cells give the
 same numbers in one process, in two processes and on Ray, and a worker killed mid-sweep loses
 no finished cell. About a minute on 2 cores: the 24-cell sweep four times over, two Ray
@@ -45,7 +45,7 @@ SPEC_TOML = f"""\
 policies = ["fcfs/lifo/recompute/oracle", "future-kv/cost-aware/selector/history"]
 synthetic = ["{MIX}"]
 rate_scales = [1.0, 2.0]
-gpu_blocks = [100, 160, 250]
+num_gpu_blocks = [100, 160, 250]
 seeds = [0, 1]
 """
 needs_ray = pytest.mark.skipif(importlib.util.find_spec("ray") is None,
@@ -68,7 +68,7 @@ def spec_path(tmp_path_factory) -> Path:
 def reference(spec_path, tmp_path_factory) -> tuple[Path, list[dict]]:
     """The 24 cells in this process (`--jobs 1`), through the command line."""
     out = tmp_path_factory.mktemp("jobs1")
-    result = invoke("compare-policies", "--sweep", str(spec_path), "--out", str(out))
+    result = invoke("sweep", str(spec_path), "--out", str(out))
     assert result.exit_code == 0, result.output
     assert "cells: 24 (24 run now, 0 already in" in result.stdout
     assert "future-kv/cost-aware/selector/history" in result.stdout
@@ -116,7 +116,8 @@ def test_toml_and_yaml_specs_agree_and_paths_are_relative_to_the_spec(tmp_path):
 
 
 @pytest.mark.parametrize("text, message", [
-    ("synthetic = ['requests=9']\nrate_scale = [1]\n", "rate_scale: Extra inputs"),
+    ("synthetic = ['requests=9']\nrate_scale = [1]\n", "rate_scale is an axis here"),
+    ("synthetic = ['requests=9']\ngpu_blocks = [1]\n", "unknown option 'gpu_blocks'"),
     ("synthetic = ['requests=9']\nrate_scales = [0]\n", "rate_scales.0: Input should be greater"),
     ("synthetic = ['requests=9']\nseeds = [1, 1]\n", "seeds: 1 appears twice"),
     ("synthetic = ['requests=9']\npolicies = ['fcfs/lifo/recompute']\n",
@@ -126,7 +127,7 @@ def test_toml_and_yaml_specs_agree_and_paths_are_relative_to_the_spec(tmp_path):
     ("synthetic = ['requests=nine']\n", "synthetic.0: synthetic spec: requests='nine'"),
     ("rate_scales = [1]\n", "give at least one workload"),
     ("synthetic = ['requests=9']\nmodel = 'llama-2-7b'\nprofile = 'p.json'\n",
-     "give either profile or model"),
+     "give either --profile or --model, not both"),
     ("synthetic = 'requests=9\n", "not valid TOML"),
 ])
 def test_bad_specs_name_the_field(tmp_path, text, message):
@@ -135,17 +136,19 @@ def test_bad_specs_name_the_field(tmp_path, text, message):
     with pytest.raises(SweepError) as info:
         load_spec(path)
     assert message in str(info.value) and str(path) in str(info.value)
-    result = invoke("compare-policies", "--sweep", str(path), "--out", str(tmp_path / "o"))
+    result = invoke("sweep", str(path), "--out", str(tmp_path / "o"))
     assert result.exit_code == 2 and result.stderr.count("\n") == 1, result.output
     assert message in result.stderr
 
 
-def test_sweep_flags_and_workload_flags_do_not_mix(spec_path, tmp_path):
-    for args, message in ((["--sweep", str(spec_path), "--seed", "0"], "--seed does not go"),
-                          (["--sweep", str(spec_path), "--model", "llama-3-8b"], "--model does"),
-                          (["--ray", "local"], "--ray runs a sweep: give --sweep SPEC")):
-        result = invoke("compare-policies", *args, "--out", str(tmp_path))
+def test_sweep_takes_no_workload_flags_and_needs_a_spec(spec_path, tmp_path):
+    """A cell's settings come from the spec only; `--ray` without a spec is a usage error."""
+    for args, message in (([str(spec_path), "--seed", "0"], "No such option: --seed"),
+                          ([str(spec_path), "--model", "llama-3-8b"], "No such option: --model"),
+                          (["--ray", "local"], "Missing argument 'SPEC'")):
+        result = invoke("sweep", *args, "--out", str(tmp_path))
         assert result.exit_code == 2 and message in result.stderr, result.output
+    assert not list(tmp_path.iterdir())
 
 
 def test_cell_keys_follow_what_the_result_depends_on(spec_path):
@@ -154,7 +157,7 @@ def test_cell_keys_follow_what_the_result_depends_on(spec_path):
     assert len(set(keys.values())) == 24
     reordered = spec.model_copy(update={"seeds": [1, 0], "rate_scales": [2.0, 1.0]})
     assert dict(zip(plan_sweep(reordered).cells, plan_sweep(reordered).keys)) == keys
-    for change in ({"num_requests": 40}, {"model": "llama-3-8b"}, {"cpu_swap_gib": 1.0}):
+    for change in ({"num_requests": 40}, {"model": "llama-3-8b"}, {"swap_space": 1.0}):
         assert not set(plan_sweep(spec.model_copy(update=change)).keys) & set(keys.values())
 
 
@@ -166,7 +169,7 @@ def test_a_cell_is_kvbench_simulate_with_the_cells_options(reference):
     _, rows = reference
     row = next(r for r in rows if r["policy"] == "future-kv/cost-aware/selector/history"
                and r["rate_scale"] == 2.0 and r["gpu_blocks"] == 160 and r["seed"] == 1)
-    result = invoke("simulate", "--synthetic", MIX, "--rate-scale", "2", "--gpu-blocks", "160",
+    result = invoke("simulate", "--synthetic", MIX, "--rate-scale", "2", "--num-gpu-blocks", "160",
                     "--seed", "1", "--admission", "future-kv", "--victim", "cost-aware",
                     "--preemption", "selector", "--predictor", "history", "--json")
     assert result.exit_code == 0, result.output
@@ -179,10 +182,10 @@ def test_a_profile_spec_prices_cells_with_the_profile(tmp_path):
     save(analytic_profile(get_model("llama-3-8b"), get_hardware("a100-80gb"), block_size=32),
          profile)
     (tmp_path / "s.toml").write_text(f'synthetic = ["{MIX}"]\npolicies = '
-                                     '["fcfs/lifo/selector/oracle"]\ngpu_blocks = [60]\n'
+                                     '["fcfs/lifo/selector/oracle"]\nnum_gpu_blocks = [60]\n'
                                      'profile = "profile.json"\n')
     [row] = run_sweep(load_spec(tmp_path / "s.toml"), tmp_path / "out").rows
-    result = invoke("simulate", "--synthetic", MIX, "--gpu-blocks", "60", "--preemption",
+    result = invoke("simulate", "--synthetic", MIX, "--num-gpu-blocks", "60", "--preemption",
                     "selector", "--profile", str(profile), "--json")
     assert result.exit_code == 0, result.output
     summary = json.loads(result.stdout)
@@ -227,7 +230,7 @@ def test_resume_keys_on_content_not_on_the_trace_path(tmp_path, monkeypatch):
     (tmp_path / "spec" / "traces").mkdir(parents=True)
     (tmp_path / "spec" / "traces" / "t.csv").write_text(TRACE)
     settings = ('policies = ["fcfs/lifo/recompute/oracle"]\nrate_scales = [1, 2]\n'
-                'gpu_blocks = [40]\n')
+                'num_gpu_blocks = [40]\n')
     (tmp_path / "spec" / "s.toml").write_text('traces = ["traces/t.csv"]\n' + settings)
     (tmp_path / "abs.toml").write_text(f'traces = ["{tmp_path}/spec/traces/t.csv"]\n' + settings)
     out = tmp_path / "out"
@@ -286,7 +289,7 @@ def test_an_interrupted_sweep_keeps_its_cells_and_says_so(spec_path, tmp_path, m
     assert len(json.loads((tmp_path / "lib" / SWEEP_JSON).read_text())["rows"]) == 3
 
     calls.clear()
-    result = invoke("compare-policies", "--sweep", str(spec_path), "--out", str(tmp_path))
+    result = invoke("sweep", str(spec_path), "--out", str(tmp_path))
     assert result.exit_code == 130, result.output
     assert result.stderr.splitlines()[-1] == (
         f"sweep interrupted: 3 of 24 cells kept in {tmp_path}/cells; run the same command "
@@ -306,7 +309,7 @@ def test_an_interrupted_sweep_keeps_its_cells_and_says_so(spec_path, tmp_path, m
 @needs_ray
 def test_ray_sweep_gives_the_numbers_of_one_process(reference, spec_path, tmp_path):
     """`--ray local` starts (and stops) its own Ray instance, on 127.0.0.1."""
-    result = invoke("compare-policies", "--sweep", str(spec_path), "--ray", "local", "--out",
+    result = invoke("sweep", str(spec_path), "--ray", "local", "--out",
                     str(tmp_path), "--json")
     assert result.exit_code == 0, result.output
     report = json.loads(result.stdout)
@@ -320,7 +323,7 @@ def test_ray_sweep_gives_the_numbers_of_one_process(reference, spec_path, tmp_pa
 def test_an_address_where_no_head_listens_is_one_line(spec_path, tmp_path):
     for address, message in (("127.0.0.1:1", "no Ray head node answers at 127.0.0.1:1"),
                              ("head-node", "Ray address 'head-node': use local, auto or")):
-        result = invoke("compare-policies", "--sweep", str(spec_path), "--ray", address,
+        result = invoke("sweep", str(spec_path), "--ray", address,
                         "--out", str(tmp_path))
         assert result.exit_code == 2 and message in result.stderr, result.output
 

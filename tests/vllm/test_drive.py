@@ -124,8 +124,8 @@ def test_given_token_ids_share_a_prompt_prefix(prompt_tokens):
 def test_requests_that_cannot_fit_are_refused_by_name():
     """500 + 4 - 1 = 503 computed tokens need 32 blocks of 16; vLLM keeps one for null."""
     workload = two_requests(500, gap_s=0.0)
-    with pytest.raises(DriveError, match=r"request 0: 503 tokens need 32 KV blocks, the cache "
-                                         r"has 31 \(num_gpu_blocks - 1 for the null block\)"):
+    with pytest.raises(DriveError, match=r"request 0: 503 tokens of KV need 32 blocks; the "
+                                         r"cache has 31"):
         drive(workload, ReplicaSpec(num_gpu_blocks=32))
     log = drive(workload, ReplicaSpec(num_gpu_blocks=33))
     assert log.finished_request.tolist() == [0, 1]

@@ -11,9 +11,9 @@ A spec (TOML, or YAML with PyYAML) names the axes and the settings every cell sh
     model = "llama-2-7b"                           # analytic costs; or profile = "x.json"
     max_num_seqs = 256                             # any other `simulate` option, by name
 
-A cell is exactly `kvbench simulate --trace T (or --synthetic S) --rate-scale R
---num-gpu-blocks G --seed N` under one policy, with the spec's shared settings
-(`RunSpec.from_options`: replica settings, knobs, costs; an unknown name is an error). Cells run in this process
+A cell is exactly `kvbench simulate --trace T (or --synthetic S) --rate-scale R --num-gpu-
+blocks G --seed N` under one policy, with the spec's shared settings (`RunSpec.from_options`:
+replica settings, knobs, costs; an unknown name is an error). Cells run in this process
 (`jobs=1`), in `jobs` processes, or as one Ray task each (`ray_address`), and finish in any
 order. This process writes each finished cell at once, atomically, to `<out>/cells/<key>.json`
 (workers write nothing, so a cluster needs no shared file system). The key hashes everything
