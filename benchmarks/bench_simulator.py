@@ -13,8 +13,9 @@ import time
 
 import pytest
 
-from kvbench.sim import read_trace, simulate, summarize
-from kvbench.sim.study import STUDY_POLICIES, STUDY_RATE_SCALE, parse_policy
+from kvbench.sim import SimConfig, read_trace, simulate, summarize
+from kvbench.sim.run import STUDY_RATE_SCALE
+from kvbench.sim.study import STUDY_POLICIES
 from kvbench.sim.workloads import AZURE_CONV_TRACE
 
 WALL_BUDGET_S = 10.0
@@ -30,7 +31,7 @@ def azure():
 
 @pytest.mark.parametrize("policy", STUDY_POLICIES)
 def test_replay_azure_trace(benchmark, azure, policy):
-    config = parse_policy(policy)
+    config = SimConfig().with_policy(policy)
     wall_s = []
 
     def run():

@@ -39,7 +39,7 @@ SPEC = SweepSpec(
     policies=["fcfs/lifo/recompute/oracle", "future-kv/cost-aware/selector/history"],
     synthetic=["requests=200,rate=10,long-prompt=0.3,long-output=0.3,short-output-tokens=64,"
                "long-output-tokens=256,max-tokens=512"],
-    rate_scales=[1.0, 2.0], gpu_blocks=[250, 400, 600], seeds=[0, 1])
+    rate_scales=[1.0, 2.0], num_gpu_blocks=[250, 400, 600], seeds=[0, 1])
 NUM_CPUS = 2
 EMPTY_TASKS, ROUND_TRIPS = 200, 20
 

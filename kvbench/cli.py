@@ -14,11 +14,13 @@ from pathlib import Path
 from typing import Optional
 
 import typer
-from rich.console import Console
 from typer.core import TyperGroup
 from typer.exceptions import TyperException
 
 from kvbench import __version__
+from kvbench.cli_sim import RAY_ADDRESS_HELP
+from kvbench.cli_sim import app as sim_app
+from kvbench.console import echo, err, out
 from kvbench.errors import KvbenchError
 from kvbench.hardware import (
     HARDWARE,
@@ -49,15 +51,9 @@ class Commands(TyperGroup):
 app = typer.Typer(cls=Commands, no_args_is_help=True, add_completion=False, rich_markup_mode=None,
                   pretty_exceptions_enable=False,
                   help="Swap or recompute? Measure, fit and choose how to preempt KV caches.")
+app.add_typer(sim_app)  # simulate, compare-policies, sweep, replay (kvbench/cli_sim.py)
 profile_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Inspect profiles.")
 app.add_typer(profile_app, name="profile")
-out = Console(soft_wrap=True, markup=False, highlight=False,
-              width=None if sys.stdout.isatty() else 160)
-err = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
-
-
-def echo(lines: list[str]) -> None:
-    out.print("\n".join(lines))
 
 
 def _version(value: bool) -> None:
@@ -263,8 +259,6 @@ def machine_cmd(
 fleet_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None,
                         help="Calibrate every device type of a Ray cluster.")
 app.add_typer(fleet_app, name="fleet")
-RAY_ADDRESS_HELP = ("'local' (a private Ray instance on this machine), 'auto' (the cluster "
-                    "`ray start` began here) or HOST:PORT of a head node.")
 
 
 @fleet_app.command("calibrate")
@@ -327,16 +321,15 @@ def doctor_cmd(
         raise typer.Exit(1)
 
 
-import kvbench.cli_sim  # noqa: E402, F401 (registers simulate, compare-policies, sweep, replay)
-
-
 def main() -> None:
     """Console entry: usage mistakes print one line too (exit 2), not a usage box."""
     try:
         code = app(prog_name="kvbench", standalone_mode=False)
     except TyperException as exc:  # click's errors, raised while parsing the command line
         message = exc.format_message()
-        if message:  # empty for a group run bare: typer has printed its help already
+        if type(exc).__name__ == "NoArgsIsHelpError":  # a group run bare: its help, once
+            print(message)
+        elif message:
             ctx = getattr(exc, "ctx", None)
             hint = f" (see `{ctx.command_path} --help`)" if ctx else ""
             err.print(f"error: {message}{hint}")

@@ -1,6 +1,7 @@
 """`kvbench simulate`, `compare-policies`, `sweep` and `replay`: the simulator's commands, their
-options generated from the spec dataclasses (kvbench/cli_options.py). Registered on
-`kvbench.cli.app`; the same error contract (one `error:` line for a `KvbenchError`)."""
+options generated from the spec dataclasses (kvbench/cli_options.py). `kvbench.cli.app` takes
+this module's `app`'s commands as its own: the same error contract (one `error:` line for a
+`KvbenchError`)."""
 
 from __future__ import annotations
 
@@ -12,8 +13,8 @@ from typing import Optional
 
 import typer
 
-from kvbench.cli import RAY_ADDRESS_HELP, app, echo, err, out
 from kvbench.cli_options import COSTS, KNOBS, POLICY, REPLICA, RUN, WORKLOAD, given, with_options
+from kvbench.console import echo, err, out
 from kvbench.errors import KvbenchError
 from kvbench.io import check_out_dir
 from kvbench.progress import Reporter
@@ -22,6 +23,9 @@ from kvbench.sim.run import CostSource
 
 OUT_DIR = typer.Option(None, "--out", help="Folder for the result files.")
 AS_JSON = typer.Option(False, "--json", help="Print the result as JSON.")
+RAY_ADDRESS_HELP = ("'local' (a private Ray instance on this machine), 'auto' (the cluster "
+                    "`ray start` began here) or HOST:PORT of a head node.")
+app = typer.Typer(rich_markup_mode=None)  # its commands join kvbench.cli.app's (no group)
 
 
 def warn(line: str) -> None:

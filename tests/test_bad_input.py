@@ -266,17 +266,17 @@ def test_non_utf8_profile_names_the_file(tmp_path, one_error_line):
 
 
 @pytest.mark.parametrize("flag, value", [
-    ("--cpu-swap-gib", "inf"), ("--cpu-swap-gib", "nan"), ("--gpu-memory-gib", "inf"),
-    ("--noise-sigma", "nan"), ("--headroom", "nan"), ("--history-quantile", "nan"),
+    ("--swap-space", "inf"), ("--swap-space", "nan"), ("--gpu-memory-gib", "inf"),
+    ("--noise-sigma", "nan"), ("--headroom-fraction", "nan"), ("--history-quantile", "nan"),
 ])
 def test_non_finite_simulator_options(flag, value, one_error_line):
-    """Defects 7 and 8: `--cpu-swap-gib inf` said "cannot convert float NaN to integer" and
-    `--noise-sigma nan` was accepted."""
+    """Defects 7 and 8: `--swap-space inf` (then `--cpu-swap-gib`) said "cannot convert float
+    NaN to integer" and `--noise-sigma nan` was accepted."""
     line = one_error_line(["simulate", "--synthetic", "requests=3", flag, value], "")
     assert flag.removeprefix("--") in line.replace("_", "-")
 
 
-@pytest.mark.parametrize("field", ["cpu_swap_gib", "noise_sigma", "gpu_memory_gib",
+@pytest.mark.parametrize("field", ["swap_space", "noise_sigma", "gpu_memory_gib",
                                    "headroom_fraction"])
 def test_sim_config_rejects_non_finite(field):
     """Defect 8: NaN passed every `< 0` check of SimConfig."""

@@ -1,5 +1,5 @@
-"""`kvbench select`, `models`, `profile show`, `--version` and error handling: through typer's
-CliRunner and through the console entry point."""
+"""`kvbench select`, `models`, `profile show`, `--version`, the simulator commands' help and
+error handling: through typer's CliRunner and through the console entry point."""
 
 import importlib.metadata
 import json
@@ -165,6 +165,25 @@ def test_select_hardware_flags_reach_the_cost_model():
 ])
 def test_select_user_mistakes_print_one_line_and_exit_2(args, fragment):
     assert_user_error(invoke(*args), fragment)
+
+
+def test_select_a_negative_count_is_a_count_not_a_flag():
+    """`select -5` reads -5 as request 0's token count, not as an unknown option."""
+    assert_user_error(invoke("select", "-5", "--model", "llama-3-8b"),
+                      "request 0: token count must be non-negative")
+
+
+@pytest.mark.parametrize("command", ["compare-policies", "simulate"])
+def test_sim_help_shows_the_synthetic_example_whole_and_no_bool_metavar(command):
+    """The --synthetic help names a whole mix (wrapped at 80 columns wherever click breaks it),
+    and a switch shows as --x/--no-x, never as an option taking `<bool>`."""
+    result = runner.invoke(app, [command, "--help"], terminal_width=80, env={"COLUMNS": "80"})
+    assert result.exit_code == 0, result.output
+    assert max(len(line) for line in result.stdout.splitlines()) <= 80
+    assert ("requests=500,rate=8,arrivals=gamma,cv=2,long-prompt=0.3,long-output=0.2"
+            in "".join(result.stdout.split()))
+    assert "<bool>" not in result.stdout
+    assert "--enable-prefix-caching / --no-enable-prefix-caching" in result.stdout
 
 
 def test_select_rejects_a_profile_of_another_schema(tmp_path):

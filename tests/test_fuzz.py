@@ -221,11 +221,14 @@ def sim_args(files, command: str, out_dir, source: str | None = None,
     flags = {"--profile": paths_from(files, "profile", "huge_profile", "missing", "nested.json"),
              "--model": names(MODELS), "--hardware": names(HARDWARE),
              "--rate-scale": numbers(0, 10, real=True), "--num-requests": numbers(1, 40),
-             "--max-tokens": numbers(1, 500), "--gpu-blocks": numbers(1, 5000),
+             "--max-tokens": numbers(1, 500), "--num-gpu-blocks": numbers(1, 5000),
              "--gpu-memory-gib": numbers(1, 160, real=True),
-             "--cpu-swap-gib": numbers(0, 16, real=True), "--seed": numbers(0, 100),
+             "--swap-space": numbers(0, 16, real=True), "--seed": numbers(0, 100),
              "--json": None}
     if command == "compare-policies":
+        # its fixed `--num-requests 20` stands: a drawn one would replay the whole shipped trace
+        # under every study policy, minutes of honest work (simulate draws it)
+        del flags["--num-requests"]
         flags["--policies"] = st.lists(
             st.tuples(names(["fcfs", "reserve-max", "future-kv"]), names(["lifo", "cost-aware"]),
                       names(["recompute", "swap", "selector"]), names(["oracle", "max"])
@@ -235,7 +238,7 @@ def sim_args(files, command: str, out_dir, source: str | None = None,
                       "--victim": names(["lifo", "lcf", "cost-aware"]),
                       "--preemption": names(["recompute", "swap", "selector"]),
                       "--predictor": names(["oracle", "noisy", "history", "max"]),
-                      "--headroom": numbers(0, 1, real=True),
+                      "--headroom-fraction": numbers(0, 1, real=True),
                       "--max-long-requests": numbers(0, 5),
                       "--noise-sigma": numbers(0, 2, real=True),
                       "--history-quantile": numbers(0, 1, real=True)})
@@ -365,7 +368,7 @@ def test_selector_returns_finite_costs_or_one_line_errors(token_counts, config):
 
 @FUZZ
 @given(field_values=st.dictionaries(
-    st.sampled_from(["gpu_blocks", "cpu_swap_gib", "cpu_swap_blocks", "gpu_memory_gib",
+    st.sampled_from(["num_gpu_blocks", "swap_space", "num_cpu_blocks", "gpu_memory_gib",
                      "noise_sigma", "headroom_fraction", "history_quantile", "block_size",
                      "max_num_batched_tokens", "max_num_seqs", "livelock_steps", "step_time",
                      "protect_steps", "max_long_requests", "admission"]),
@@ -375,7 +378,7 @@ def test_selector_returns_finite_costs_or_one_line_errors(token_counts, config):
 def test_simulator_runs_or_refuses_in_one_line(field_values, spec):
     """SimConfig refuses bad fields in one line; a config it accepts simulates to the end."""
     workload = load_workload(synthetic_spec=spec)
-    config = one_line_error(lambda: SimConfig.build(**{"gpu_blocks": 300, **field_values}))
+    config = one_line_error(lambda: SimConfig.build(**{"num_gpu_blocks": 300, **field_values}))
     if config is not None:
         result = one_line_error(lambda: simulate(workload, config))
         if result is not None:

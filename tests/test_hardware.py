@@ -155,22 +155,21 @@ def profile_file(tmp_path, environment: dict | None) -> str:
 
 COMMANDS = {
     "select": ["select", "100", "--profile"],
-    "simulate": ["simulate", "--synthetic", "requests=5,rate=8", "--gpu-blocks", "200",
+    "simulate": ["simulate", "--synthetic", "requests=5,rate=8", "--num-gpu-blocks", "200",
                  "--profile"],
     "compare-policies": ["compare-policies", "--synthetic", "requests=5,rate=8",
-                         "--policies", "fcfs/lifo/recompute/oracle", "--gpu-blocks", "200",
+                         "--policies", "fcfs/lifo/recompute/oracle", "--num-gpu-blocks", "200",
                          "--profile"],
 }
 
 
 def test_a_sweep_warns_once_of_its_profile(run_cli, on_zen4, tmp_path):
-    """`compare-policies --sweep`: the spec names the profile."""
+    """`kvbench sweep`: the spec names the profile."""
     profile = profile_file(tmp_path, cpu_env(ZEN3, os.cpu_count()))
     spec = tmp_path / "sweep.toml"
     spec.write_text(f'policies = ["fcfs/lifo/recompute/oracle"]\nsynthetic = ["requests=5,'
-                    f'rate=8"]\ngpu_blocks = [200]\nprofile = "{profile}"\n')
-    code, _, err = run_cli("compare-policies", "--sweep", str(spec), "--out",
-                           str(tmp_path / "out"))
+                    f'rate=8"]\nnum_gpu_blocks = [200]\nprofile = "{profile}"\n')
+    code, _, err = run_cli("sweep", str(spec), "--out", str(tmp_path / "out"))
     assert code == 0, err
     assert err.count("warning: profile measured on") == 1, err
 

@@ -124,7 +124,7 @@ def test_calibrate_without_a_terminal_prints_plain_progress(tmp_path, monkeypatc
 
 def test_simulate_without_a_terminal_prints_its_count():
     res = runner.invoke(app, ["simulate", "--synthetic", "requests=40,rate=30",
-                              "--gpu-blocks", "300"])
+                              "--num-gpu-blocks", "300"])
     assert res.exit_code == 0, res.output
     assert re.search(r"^simulate: fcfs/lifo/recompute/oracle done \(40/40 requests, \d+ s\)$",
                      res.stderr, re.MULTILINE), res.stderr

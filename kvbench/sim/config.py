@@ -8,6 +8,8 @@ import dataclasses
 from collections.abc import Callable
 from dataclasses import dataclass
 
+import numpy as np
+
 from kvbench.costmodel import CostModel, DecodeModel
 from kvbench.errors import KvbenchError
 from kvbench.fields import option
@@ -98,8 +100,10 @@ class Costs:
         """Costs that price any request (up to MAX_TOKENS) below MAX_COST_MS: a run's clock, a
         sum of such steps, stays finite."""
         n = MAX_TOKENS
-        for what, ms in (("swap", self.costs.swap_ms(n)), ("recompute", self.costs.recompute_ms(n)),
-                         ("decode", self.decode.step_ms(n, n))):
+        with np.errstate(over="ignore", invalid="ignore"):  # inf and NaN are refused below
+            priced = (("swap", self.costs.swap_ms(n)), ("recompute", self.costs.recompute_ms(n)),
+                      ("decode", self.decode.step_ms(n, n)))
+        for what, ms in priced:
             if not ms <= MAX_COST_MS:
                 raise KvbenchError(f"{self.source} costs: a {what} of {n} tokens costs "
                                    f"{ms:.3g} ms, beyond {MAX_COST_MS:g} ms: the coefficients "

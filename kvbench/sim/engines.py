@@ -39,7 +39,7 @@ class ReplicaSpec:
     """A replica: its device and KV cache, and vLLM's scheduler settings."""
 
     engine: str = option(DEFAULT_ENGINE, "Named engine whose settings are the defaults: "
-                         "vllm-0.32 or vllm-legacy.")
+                         "vllm-0.32, vllm-0.32-cpu or vllm-legacy.")
     hardware: str = option("h100-sxm", "Hardware preset: analytic costs, and the GPU memory "
                            "that sizes the cache.")
     # vLLM's null block included (--num-gpu-blocks-override)

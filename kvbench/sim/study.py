@@ -111,7 +111,7 @@ def summary_table(summaries: list[dict], title: str) -> Table:
     table = Table(title=title)
     for column in TABLE_COLUMNS:
         table.add_column(METRICS[column].label, justify="left" if column == "policy"
-                         else "right", no_wrap=True)
+                         else "right", no_wrap=column == "policy")  # labels may wrap
     for row in comparison_rows(summaries):
         table.add_row(*table_cells(row.values()))
     return table

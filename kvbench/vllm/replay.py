@@ -171,10 +171,9 @@ class BatchObserver:
         tokens = np.fromiter(scheduled.values(), np.int64, ids.size)
         start = np.array([start_of[r] for r in scheduled], dtype=np.int64)
         end = start + tokens
-        redo_end = np.minimum(end, self.reached[ids])
-        redo = redo_end > start
-        self.recompute_tokens[ids[redo]] += (redo_end - start)[redo]
-        self.wasted_flops[ids[redo]] += self.model.chunk_flops(start[redo], redo_end[redo])
+        redo, redo_tokens, redo_flops = self.model.recomputation(start, end, self.reached[ids])
+        self.recompute_tokens[ids[redo]] += redo_tokens
+        self.wasted_flops[ids[redo]] += redo_flops
         self.flops[ids] += self.model.chunk_flops(start, end)
         self.reached[ids] = np.maximum(self.reached[ids], end)
         self.last_batch_tokens = int(tokens.sum())

@@ -11,6 +11,7 @@ import pytest
 from kvbench.calibration import dtype as dtype_module
 from kvbench.calibration import pipeline
 from kvbench.calibration.dtype import choose_cpu_dtype, isa_report, native_by_isa, probe_ms
+from kvbench.errors import KvbenchError
 from kvbench.models import get_model
 
 AVX2_ONLY = {"capability": "AVX2", "avx2": True, "avx512": False, "avx512_bf16": False,
@@ -100,7 +101,7 @@ def test_calibrate_prints_the_dtype_and_warns_before_measuring(run_cli, tmp_path
     out = str(tmp_path / "p.json")
     with mock.patch.object(dtype_module, "isa_report", lambda: AVX2_ONLY), \
             fake_probe({"float32": 2.0, "bfloat16": 120.0}), \
-            mock.patch.object(pipeline, "plan_time", side_effect=ValueError("stop")) as plan:
+            mock.patch.object(pipeline, "plan_time", side_effect=KvbenchError("stop")) as plan:
         code, _, err = run_cli("calibrate", "--device", "cpu", "--quick", "--out", out)
         assert code == 2 and err == "error: stop\n"  # a refused plan is its one line
         assert plan.call_args.args[0].dtype == "float32"
@@ -108,7 +109,7 @@ def test_calibrate_prints_the_dtype_and_warns_before_measuring(run_cli, tmp_path
                                "--out", out)
         assert code == 2 and plan.call_args.args[0].dtype == "bfloat16"
     measured = {}
-    stop = mock.patch.object(pipeline, "calibrate", side_effect=ValueError("stop"))
+    stop = mock.patch.object(pipeline, "calibrate", side_effect=KvbenchError("stop"))
     with mock.patch.object(dtype_module, "isa_report", lambda: AVX2_ONLY), \
             fake_probe({"float32": 2.0, "bfloat16": 120.0}), stop:
         for args in (("--model", "qwen2.5-0.5b"), ("--model", "tiny", "--dtype", "bf16")):

@@ -247,12 +247,13 @@ def engines(tmp_path_factory):
     """vLLM's scheduler, the kvbench scheduler at its defaults, and future-kv with the oracle,
     each in a fresh CPU engine on the tiny trace."""
     pytest.importorskip("vllm")
+    from kvbench.sim.engines import ReplicaSpec
     from kvbench.sim.tokens import random_token_ids
-    from kvbench.vllm.replay import EngineSettings, run_engine
+    from kvbench.vllm.replay import ReplayEngine, run_engine
 
     workload = tiny_trace()
     tokens = random_token_ids(workload, seed=0)
-    settings = EngineSettings(num_gpu_blocks=5)
+    settings = ReplayEngine(ReplicaSpec.named("vllm-0.32-cpu", num_gpu_blocks=5))
     out = tmp_path_factory.mktemp("records")
     runs = {"vllm": run_engine(workload, tokens, settings, "vllm", None)}
     for label, fields in (("default", {}), ("future-kv", {"admission": "future-kv",
@@ -272,7 +273,7 @@ def test_plugin_runs_in_a_real_engine_and_writes_its_records(engines):
         list(range(workload.num_requests))
     summary = json.loads(summary_path(run.records).read_text())
     assert summary["policy"] == "vllm (fcfs/lifo/recompute/history)"
-    assert summary["num_gpu_blocks"] == settings.num_gpu_blocks
+    assert summary["num_gpu_blocks"] == settings.replica.num_gpu_blocks
     assert summary["requests"] == workload.num_requests and summary["unfinished"] == 0
     assert [line["output_tokens"] for line in sorted(
         lines, key=lambda x: int(x["request_id"].rsplit("-", 1)[0]))] == \
@@ -320,9 +321,10 @@ def test_bad_option_stops_the_engine_at_start(monkeypatch):
     pytest.importorskip("vllm")
     from vllm.v1.engine.llm_engine import LLMEngine
 
-    from kvbench.vllm.replay import EngineSettings
+    from kvbench.sim.engines import ReplicaSpec
+    from kvbench.vllm.replay import ReplayEngine
 
-    settings = EngineSettings(num_gpu_blocks=5)
+    settings = ReplayEngine(ReplicaSpec.named("vllm-0.32-cpu", num_gpu_blocks=5))
     args = settings.engine_args(64, PluginOptions())
     monkeypatch.setenv("KVBENCH_VICTIM", "lfc")
     with pytest.raises(PluginError, match=r"^kvbench: KVBENCH_VICTIM: unknown victim policy "

@@ -1,0 +1,16 @@
+"""The command line's consoles, shared by kvbench/cli.py and kvbench/cli_sim.py: results on
+stdout (`out`, 160 columns when piped), progress, warnings and errors on stderr (`err`)."""
+
+from __future__ import annotations
+
+import sys
+
+from rich.console import Console
+
+out = Console(soft_wrap=True, markup=False, highlight=False,
+              width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
+
+
+def echo(lines: list[str]) -> None:
+    out.print("\n".join(lines))
