@@ -142,6 +142,8 @@ class ModelSpec:
         (`chunk_flops`). The one accounting of the simulator, replay and the vLLM plugin."""
         redo_end = np.minimum(end, dropped)
         redo = redo_end > start
+        if not redo.any():  # the common case: nothing was dropped
+            return redo, redo_end[:0], np.zeros(0)
         return redo, redo_end[redo] - start[redo], self.chunk_flops(start[redo], redo_end[redo])
 
     def to_dict(self) -> dict:

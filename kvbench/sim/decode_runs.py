@@ -102,7 +102,7 @@ class DecodeRuns:
             free then), as the state would be then; False from the first step it does not fit
             for good (fewer blocks free each step, the same hits)."""
             nonlocal check_head, shown, steady
-            if self._fit(head, budget, free) is None:
+            if self.kv.can_admit(head, budget, free, True) is None:
                 check_head = False
                 return False
             if self.admits_all:

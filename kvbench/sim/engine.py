@@ -97,6 +97,7 @@ class Simulator(DecodeRuns):
         self.admit, self.choose_victim, self.preemption = (
             bind(functions[axis], config.knobs) for axis in ("admission", "victim", "preemption"))
 
+        self.decode_runs = config.decode_runs
         self.now_s = 0.0
         self.gpu_free_s = 0.0  # when the last step launched ends
         self.in_flight: deque[Batch] = deque()
@@ -147,7 +148,7 @@ class Simulator(DecodeRuns):
         if self.next_arrival < n and req.arrival_s[self.next_arrival] <= self.now_s:
             self._enqueue_arrivals()
         if self.running.size or self.waiting:
-            while self.config.decode_runs and self._run_decode_steps():  # as `step` would
+            while self.decode_runs and self._run_decode_steps():  # as `step` would
                 if self.next_arrival < n and req.arrival_s[self.next_arrival] <= self.now_s:
                     self._enqueue_arrivals()
             executed = self._schedule()
@@ -361,9 +362,6 @@ class Simulator(DecodeRuns):
         self.waiting.appendleft(victim)
         self.step_preempted.append(victim)
 
-    def _fit(self, i: int, budget: int, free: int) -> tuple[list[int], int, int, int] | None:
-        return self.kv.can_admit(i, budget, free, running=bool(self.running.size))
-
     def _policy_admits(self, i: int, reads: set[str] | None = None) -> bool:
         """Whether the admission policy admits waiting request `i` now; `reads` collects the
         request columns it read."""
@@ -378,7 +376,7 @@ class Simulator(DecodeRuns):
         tokens: list[int] = []
         while self.waiting and budget > 0 and self.running.size < self.replica.max_num_seqs:
             i = self.waiting[0]
-            fit = self._fit(i, budget, kv.num_free)
+            fit = kv.can_admit(i, budget, kv.num_free, self.running.size > 0)
             if fit is None or (i != admitted and not self._policy_admits(i)):
                 break
             hits, computed, num_tokens, blocks = fit
@@ -411,8 +409,9 @@ class Simulator(DecodeRuns):
         output = req.generated_tokens[ids] + req.placeholders[ids]
         samples = end == req.prompt_tokens[ids] + output
         decode = samples & (tokens == 1) & (output > 0)
+        num_decode = int(np.count_nonzero(decode))
         executed = bool(ids.size)
-        if not decode.all():
+        if num_decode < ids.size:
             # Positions below the recompute target had KV that a preemption dropped; only
             # prefill chunks reach them (a resumed request recomputes before it decodes).
             prefill = ~decode
@@ -426,7 +425,8 @@ class Simulator(DecodeRuns):
                 self.recompute_ms += self.pricer.recompute_ms(r_start, r_start + redo_tokens)
         start_s = self.now_s
         if executed:
-            step_ms, flops = self.pricer.step(start, end, samples, decode, self.step_swap_ms)
+            step_ms, flops = self.pricer.step(start, end, int(tokens.sum()), samples, decode,
+                                              num_decode, self.step_swap_ms)
             self.flops += flops
             self.busy_ms += step_ms
             self.swap_ms += self.step_swap_ms

@@ -92,13 +92,13 @@ class StepPricer:
     time: CostStepTime | LinearStepTime
     model: ModelSpec
 
-    def step(self, start: np.ndarray, end: np.ndarray, samples: np.ndarray, decode: np.ndarray,
-             transfer_ms: float) -> tuple[float, float]:
+    def step(self, start: np.ndarray, end: np.ndarray, num_tokens: int, samples: np.ndarray,
+             decode: np.ndarray, num_decode: int, transfer_ms: float) -> tuple[float, float]:
         """Time (ms, after `transfer_ms` of swaps) and FLOPs of a step that computes positions
-        [start, end) of its requests; `samples`: those that sample a token, `decode`: those
-        generating one token (priced by the decode model, the others as prefill chunks)."""
+        [start, end) of its requests (`num_tokens` in all); `samples`: those that sample a
+        token, `decode`: the `num_decode` generating one token (priced by the decode model, the
+        others as prefill chunks)."""
         step_ms = transfer_ms
-        num_decode = int(np.count_nonzero(decode))
         if num_decode < start.size:
             prefill = ~decode
             step_ms += float(self.time.prefill_ms(start[prefill], end[prefill]).sum())
@@ -106,7 +106,7 @@ class StepPricer:
             context = end if num_decode == end.size else end[decode]
             step_ms += self.time.decode_ms(num_decode, int(context.sum()) / num_decode)
         step_ms += self.time.fixed_ms
-        flops = self.model.step_flops(int((end - start).sum()),
+        flops = self.model.step_flops(num_tokens,
                                       int((end * end - start * start).sum()),
                                       int(np.count_nonzero(samples)))
         return step_ms, flops
