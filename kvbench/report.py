@@ -302,6 +302,33 @@ def bench_extra_markdown(data: dict) -> list[str]:
             *_table(["benchmark", *labels], body)[:-1]]
 
 
+def before_after_markdown(folder: Path) -> list[str]:
+    """A before/after comparison: pytest-benchmark JSONs `before-*.json` and `after-*.json` of
+    the same benchmarks (rounds run interleaved on one machine), as one row per benchmark: the
+    median wall time of each side over its rounds and the change."""
+    sides = {side: [json.loads(p.read_text()) for p in sorted(folder.glob(f"{side}-*.json"))]
+             for side in ("before", "after")}
+    if not sides["before"] or not sides["after"]:
+        raise KvbenchError(f"{folder}: needs before-*.json and after-*.json (pytest-benchmark)")
+    walls = {side: defaultdict(list) for side in sides}
+    for side, runs in sides.items():
+        for run in runs:
+            for b in run["benchmarks"]:
+                walls[side][b["name"]].append(b["stats"]["median"])
+    body = []
+    for name, before in walls["before"].items():
+        after = walls["after"].get(name)
+        if after:
+            b, a = float(np.median(before)), float(np.median(after))
+            body.append([f"`{name}`", f"{b:.2f}", f"{a:.2f}", f"{100 * (a / b - 1):+.1f}%"])
+    first = sides["after"][0]
+    cpu = first.get("machine_info", {}).get("cpu", {}).get("brand_raw", "?")
+    rounds = " + ".join(str(max(map(len, walls[side].values()))) for side in sides)
+    rounds = f"{rounds} rounds, interleaved"
+    return [f"{cpu}, {rounds}, {first.get('datetime', '')[:16]}", "",
+            *_table(["benchmark", "before s", "after s", "change"], body)[:-1]]
+
+
 def calibrate_time_markdown(data: dict) -> list[str]:
     """benchmarks/calibrate_time.py's runs: wall time against the target, the plan's estimate
     and each phase's measured seconds beside it, the dtype, the plain progress lines logged."""
@@ -351,6 +378,8 @@ def validate_markdown(data: dict) -> list[str]:
 
 def render_source(root: Path, source: str) -> list[str]:
     path = root / source
+    if path.is_dir() and path.name.startswith("before-after"):
+        return before_after_markdown(path)
     if path.parent.name == "ci-time":
         return ci_time_markdown(json.loads(path.read_text()))
     if path.parent.name == "calibrate-time":
@@ -374,9 +403,9 @@ def render_source(root: Path, source: str) -> list[str]:
     if path.suffix == ".json" and "benchmarks" in (data := json.loads(path.read_text())):
         return bench_extra_markdown(data)
     raise KvbenchError(f"README block names {source}: only profiles/*.json, *.validate.json, "
-                     "calibrate-time/*.json, ci-time/*.json, compare.json, sweep.csv, "
-                     "*-sweep-scale.json, *-stability.json, replay.json and pytest-benchmark "
-                     "JSON render")
+                       "calibrate-time/*.json, ci-time/*.json, compare.json, sweep.csv, "
+                       "*-sweep-scale.json, *-stability.json, replay.json, pytest-benchmark "
+                       "JSON and before-after*/ folders render")
 
 
 def result_pages(readme: str | Path) -> list[Path]:

@@ -108,3 +108,17 @@ def test_report_error_is_one_line(tmp_path):
         f"error: no results folder at {tmp_path / 'results'}: run it from the project root or "
         "give --results"]
     assert not (tmp_path / "results").exists()
+
+
+def test_before_after_folder_renders_the_median_of_each_side(tmp_path):
+    from kvbench.report import render_source
+
+    folder = tmp_path / "before-after-x"
+    folder.mkdir()
+    for side, walls in (("before", [2.0, 4.0, 3.0]), ("after", [3.3, 2.7])):
+        for i, wall in enumerate(walls):
+            run = {**BENCH, "benchmarks": [{"name": "test_a", "stats": {"median": wall}}]}
+            (folder / f"{side}-{i}.json").write_text(json.dumps(run))
+    lines = render_source(tmp_path, "before-after-x")
+    assert lines[0].startswith("Test CPU, 3 + 2 rounds, interleaved")
+    assert "| `test_a` | 3.00 | 3.00 | +0.0% |" in lines

@@ -176,7 +176,7 @@ class DecodeRuns:
         if num_steps == revised:  # requests that reached their predictions in the last landing
             late = outlives & (generated == predicted)
             self._revise_predictions(run[late], generated[late])
-        kv.cache_full(run, (end - asynchronous) // bs)  # all known but the token in flight
+        kv.cache_decode_run(run, end, asynchronous)
         self.flops += self.pricer.decode_run_flops(batch, total, num_steps)
         self.steps += num_steps
         self.iterations_without_token = 0

@@ -411,22 +411,24 @@ class Simulator(DecodeRuns):
         decode = samples & (tokens == 1) & (output > 0)
         num_decode = int(np.count_nonzero(decode))
         executed = bool(ids.size)
+        p_start = p_end = None  # the prefill chunks
         if num_decode < ids.size:
             # Positions below the recompute target had KV that a preemption dropped; only
             # prefill chunks reach them (a resumed request recomputes before it decodes).
             prefill = ~decode
+            p_ids, p_start, p_end = ids[prefill], start[prefill], end[prefill]
             redo, redo_tokens, redo_flops = self.model.recomputation(
-                start[prefill], end[prefill], req.recompute_target_tokens[ids[prefill]])
+                p_start, p_end, req.recompute_target_tokens[p_ids])
             if redo_tokens.size:
-                r_ids, r_start = ids[prefill][redo], start[prefill][redo]
+                r_ids, r_start = p_ids[redo], p_start[redo]
                 req.recompute_tokens[r_ids] += redo_tokens
                 req.wasted_flops[r_ids] += redo_flops
                 self.recompute_flops += float(redo_flops.sum())
                 self.recompute_ms += self.pricer.recompute_ms(r_start, r_start + redo_tokens)
         start_s = self.now_s
         if executed:
-            step_ms, flops = self.pricer.step(start, end, int(tokens.sum()), samples, decode,
-                                              num_decode, self.step_swap_ms)
+            step_ms, flops = self.pricer.step(start, end, p_start, p_end, int(tokens.sum()),
+                                              samples, decode, num_decode, self.step_swap_ms)
             self.flops += flops
             self.busy_ms += step_ms
             self.swap_ms += self.step_swap_ms

@@ -154,6 +154,12 @@ class KVCacheManager:
                 self.pool.register(i, int(req.cached_blocks[i]), full)
                 req.cached_blocks[i] = full
 
+    def cache_decode_run(self, run: np.ndarray, end: np.ndarray, in_flight: int) -> None:
+        """After a decode run: register the full blocks of all tokens known (all computed but
+        `in_flight`, the token of the step in flight under async scheduling)."""
+        if self.caching:
+            self.cache_full(run, (end - in_flight) // self.block_size)
+
     def cache_full(self, ids: np.ndarray, full: np.ndarray) -> None:
         """Register each request's first `full` blocks, those not registered yet."""
         if not self.caching:

@@ -92,16 +92,16 @@ class StepPricer:
     time: CostStepTime | LinearStepTime
     model: ModelSpec
 
-    def step(self, start: np.ndarray, end: np.ndarray, num_tokens: int, samples: np.ndarray,
+    def step(self, start: np.ndarray, end: np.ndarray, prefill_start: np.ndarray | None,
+             prefill_end: np.ndarray | None, num_tokens: int, samples: np.ndarray,
              decode: np.ndarray, num_decode: int, transfer_ms: float) -> tuple[float, float]:
         """Time (ms, after `transfer_ms` of swaps) and FLOPs of a step that computes positions
         [start, end) of its requests (`num_tokens` in all); `samples`: those that sample a
-        token, `decode`: the `num_decode` generating one token (priced by the decode model, the
-        others as prefill chunks)."""
+        token, `decode`: the `num_decode` generating one token (priced by the decode model), the
+        others prefill chunks [prefill_start, prefill_end) (None when there are none)."""
         step_ms = transfer_ms
-        if num_decode < start.size:
-            prefill = ~decode
-            step_ms += float(self.time.prefill_ms(start[prefill], end[prefill]).sum())
+        if prefill_start is not None:
+            step_ms += float(self.time.prefill_ms(prefill_start, prefill_end).sum())
         if num_decode:  # mean context: an exact integer sum over the count, as numpy's mean
             context = end if num_decode == end.size else end[decode]
             step_ms += self.time.decode_ms(num_decode, int(context.sum()) / num_decode)
