@@ -7,14 +7,16 @@
     run.py         RunSpec: a run's inputs (workload, costs, config), parsed once by every entry
     kv_cache.py    KVCacheManager: the engine's only door to the block pool (blocks.py)
     view.py        the scheduler state a policy reads (SchedulerView), engine-independent
-    engine.py      the step loop: paged KV cache, continuous batching, preemption, pricing
+    engine.py      the step loop: schedule running, admit waiting, preempt, launch, output
+    decode_runs.py the fast path: runs of plain decode steps at once (SimConfig.decode_runs)
+    result.py      SimResult (what a run produced) and Batch (a step in flight)
     policies.py    admission, victim and preemption policies by name; PolicySpec, Knobs, bind
     predictors.py  output-length predictors, registered by name
-    metrics.py     per-request and aggregate metrics, JSON and CSV
+    metrics.py     per-request and aggregate metrics, JSON and CSV; METRICS names them
     plots.py       figures of a run and of a comparison
-    steptime.py    what a step costs: the profile's costs, or constant/linear formulas
-    study.py       run inputs from command options, and the policy comparison behind
-                   `kvbench compare-policies` (tables, JSON, CSV, plot)
+    steptime.py    what a step costs (StepPricer): the profile's costs, or constant/linear
+    study.py       the policy comparison behind `kvbench compare-policies` (tables, files)
+    sweep/         sweeps: spec, plan, run, outputs, plot
 """
 
 from kvbench.sim.config import Costs, SimConfig
