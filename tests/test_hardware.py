@@ -210,7 +210,7 @@ def test_vllm_plugin_warns(on_zen4, tmp_path, monkeypatch):
     spec = get_model("tiny")
     options = PluginOptions(profile=Path(profile_file(tmp_path, cpu_env(ZEN3, os.cpu_count()))))
     costs, source = scheduler.preemption_costs(options, spec, 16)
-    assert source.startswith("measured") and costs.block_size == 16
+    assert source.startswith("measured") and costs.costs.block_size == 16
     assert len(logged) == 1
     assert (logged[0][0] % logged[0][1:]).startswith("kvbench: profile measured on")
     logged.clear()
