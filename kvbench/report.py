@@ -378,7 +378,7 @@ def validate_markdown(data: dict) -> list[str]:
 
 def render_source(root: Path, source: str) -> list[str]:
     path = root / source
-    if path.is_dir() and path.name.startswith("before-after"):
+    if path.is_dir() and path.parent.name == "before-after":
         return before_after_markdown(path)
     if path.parent.name == "ci-time":
         return ci_time_markdown(json.loads(path.read_text()))
@@ -405,7 +405,7 @@ def render_source(root: Path, source: str) -> list[str]:
     raise KvbenchError(f"README block names {source}: only profiles/*.json, *.validate.json, "
                        "calibrate-time/*.json, ci-time/*.json, compare.json, sweep.csv, "
                        "*-sweep-scale.json, *-stability.json, replay.json, pytest-benchmark "
-                       "JSON and before-after*/ folders render")
+                       "JSON and before-after/*/ folders render")
 
 
 def result_pages(readme: str | Path) -> list[Path]:

@@ -113,12 +113,12 @@ def test_report_error_is_one_line(tmp_path):
 def test_before_after_folder_renders_the_median_of_each_side(tmp_path):
     from kvbench.report import render_source
 
-    folder = tmp_path / "before-after-x"
-    folder.mkdir()
+    folder = tmp_path / "before-after" / "x"
+    folder.mkdir(parents=True)
     for side, walls in (("before", [2.0, 4.0, 3.0]), ("after", [3.3, 2.7])):
         for i, wall in enumerate(walls):
             run = {**BENCH, "benchmarks": [{"name": "test_a", "stats": {"median": wall}}]}
             (folder / f"{side}-{i}.json").write_text(json.dumps(run))
-    lines = render_source(tmp_path, "before-after-x")
+    lines = render_source(tmp_path, "before-after/x")
     assert lines[0].startswith("Test CPU, 3 + 2 rounds, interleaved")
     assert "| `test_a` | 3.00 | 3.00 | +0.0% |" in lines
