@@ -106,11 +106,13 @@ class Recorder:
         if record.preempted_since is not None:  # re-admitted
             record.preempted_s += time.monotonic() - record.preempted_since
             record.preempted_since = None
-        redo, tokens, flops = self.model.recomputation(
-            np.array([start]), np.array([start + num_tokens]), np.array([record.dropped_tokens]))
-        if redo[0]:
-            record.recompute_tokens += int(tokens[0])
-            record.wasted_flops += float(flops[0])
+        if start < record.dropped_tokens:  # (arrays only for a step that recomputes)
+            redo, tokens, flops = self.model.recomputation(
+                np.array([start]), np.array([start + num_tokens]),
+                np.array([record.dropped_tokens]))
+            if redo[0]:
+                record.recompute_tokens += int(tokens[0])
+                record.wasted_flops += float(flops[0])
         if start + num_tokens >= record.dropped_tokens:
             del self.catching_up[request_id]
 
