@@ -48,7 +48,7 @@ def block_addresses(cache: torch.Tensor, packed: torch.Tensor, ids: torch.Tensor
     layer-major as the packed tensor), and the bytes of each: a block of one layer's K or V.
     `ids` are the cache block ids (host int64)."""
     row_bytes = cache[0, 0, 0].numel() * cache.element_size()
-    rows = np.arange(cache.shape[0] * 2, dtype=np.uint64)[:, None]
+    rows = np.arange(cache.shape[0] * cache.shape[1], dtype=np.uint64)[:, None]
     ids = ids.numpy().astype(np.uint64)[None, :]
     cache_at = np.uint64(cache.data_ptr()) + (rows * np.uint64(cache.shape[2]) + ids) \
         * np.uint64(row_bytes)

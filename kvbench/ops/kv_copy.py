@@ -11,6 +11,11 @@ Layout: one tensor for all layers, per layer vLLM's flash-attention layout (0 = 
 Bytes moved each way: num_layers · 2 · len(block_ids) · block_size · num_kv_heads · head_dim ·
 itemsize (`packed_bytes`).
 
+The second dimension is the number of planes per block: 2 (K and V apart, as above) or 1 (K and
+V in one row per block, as vLLM's CPU attention stores a layer: [num_blocks, num_kv_heads,
+block_size, 2·head_size] is the 6-D [1, 1, num_blocks, num_kv_heads, block_size, 2·head_size]).
+Every copy moves whole rows of one (layer, plane, block), so both layouts copy alike.
+
 Impls: the registry `COPY_IMPLS` {name: Impl} (`kvbench.ops.registry`); `copy_impls(device)`
 lists those that run on a device. Keyword options of swap_out/swap_in go to the impl (its
 keyword-only parameters).
@@ -112,22 +117,24 @@ def allocate_kv_cache(num_layers: int, num_blocks: int, block_size: int, num_kv_
 
 def packed_shape(kv_cache: torch.Tensor, num_selected: int) -> tuple[int, ...]:
     """Shape of `num_selected` blocks of every layer, K and V, packed contiguously."""
-    layers, _, _, block_size, heads, head_dim = kv_cache.shape
-    return (layers, 2, num_selected, block_size, heads, head_dim)
+    layers, planes, _, block_size, heads, head_dim = kv_cache.shape
+    return (layers, planes, num_selected, block_size, heads, head_dim)
 
 
 def packed_bytes(kv_cache: torch.Tensor, num_selected: int) -> int:
     """Bytes one swap of `num_selected` blocks moves in each direction."""
-    layers, _, _, block_size, heads, head_dim = kv_cache.shape
-    return layers * 2 * num_selected * block_size * heads * head_dim * kv_cache.element_size()
+    layers, planes, _, block_size, heads, head_dim = kv_cache.shape
+    return (layers * planes * num_selected * block_size * heads * head_dim
+            * kv_cache.element_size())
 
 
 def _check_cache(kv_cache) -> None:
     if not isinstance(kv_cache, torch.Tensor):
         raise TypeError(f"kv_cache must be a torch.Tensor, got {type(kv_cache).__name__}")
-    if kv_cache.dim() != 6 or kv_cache.shape[1] != 2:
+    if kv_cache.dim() != 6 or kv_cache.shape[1] not in (1, 2):
         raise KvbenchError("kv_cache must have shape [num_layers, 2, num_blocks, block_size, "
-                         f"num_kv_heads, head_dim], got {tuple(kv_cache.shape)}")
+                           "num_kv_heads, head_dim] (or 1 plane: K and V in one row), got "
+                           f"{tuple(kv_cache.shape)}")
     if kv_cache.element_size() not in _INT_VIEW or kv_cache.is_complex():
         raise TypeError(f"kv_cache dtype {kv_cache.dtype} is not supported")
     if not kv_cache.is_contiguous():
@@ -253,7 +260,7 @@ def _launch(src: torch.Tensor, dst: torch.Tensor, ids: BlockIds, scatter: bool,
     itemsize = src.element_size()
     block_numel = src[0, 0, 0].numel()
     tile = copy_tile(block_numel, itemsize, vector_width)
-    num_tiles = src.shape[0] * 2 * ids.numel() * triton.cdiv(block_numel, tile)
+    num_tiles = src.shape[0] * src.shape[1] * ids.numel() * triton.cdiv(block_numel, tile)
     if num_programs is None:  # a persistent grid: a few programs per SM saturate the copy
         sms = torch.cuda.get_device_properties(device).multi_processor_count if (
             device.type == "cuda") else 2
@@ -299,7 +306,7 @@ def _triton_copy(cache, packed, ids, scatter, *, num_programs: int | None = None
 def _torch_copy(cache, packed, ids, scatter) -> None:
     # Flat [layers·2, blocks, row] views: index_select over the 6-D cache takes a slow strided
     # path on CPU (0.02 GB/s against 10 GB/s flat, measured on this repo's 2-core CI machine).
-    rows = cache.view(cache.shape[0] * 2, cache.shape[2], -1)
+    rows = cache.view(cache.shape[0] * cache.shape[1], cache.shape[2], -1)
     packed_rows = packed.view(rows.shape[0], packed.shape[2], -1)
     if scatter:
         rows.index_copy_(1, ids.device, packed_rows.to(cache.device, non_blocking=True))
@@ -312,7 +319,7 @@ def _torch_copy(cache, packed, ids, scatter) -> None:
 def _per_block_copy(cache, packed, ids, scatter) -> None:
     block_ids = ids.host.tolist()
     for layer in range(cache.shape[0]):
-        for kv in range(2):
+        for kv in range(cache.shape[1]):
             for i, block in enumerate(block_ids):  # deliberate: the per-block baseline
                 if scatter:
                     cache[layer, kv, block].copy_(packed[layer, kv, i], non_blocking=True)

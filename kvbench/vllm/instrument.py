@@ -23,8 +23,16 @@ A line (units in the names; vLLM's own request id, e.g. "17-5e0f6a1b" for reques
 * `preemptions`: per preemption, what the selector would choose from the profile's costs:
   `computed_tokens` dropped, `kv_bytes` a swap would move, `swap_ms` (round trip),
   `recompute_ms`, `selector` ("swap" when swap_ms <= recompute_ms, as `kvbench select`), and
-  `saved_ms` = recompute_ms - swap_ms when the selector swaps, else 0. vLLM v1 always
-  recomputes: these say what swapping would have cost and saved.
+  `saved_ms` = recompute_ms - swap_ms when the selector swaps, else 0. Without kvbench's swap
+  connector vLLM v1 always recomputes: these say what swapping would have cost and saved.
+  With the connector (`kvbench.vllm.swap_connector`) each preemption also says what happened:
+  `decision` (swap or recompute), `reason` (policy, host-full: the policy would swap but the
+  host pool has no room, no-kv), `host_blocks`, the profile's `predicted` swap_out_ms,
+  swap_in_ms and recompute_ms of its tokens; `swap_out` {bytes, ms, ok} as the worker measured
+  the copy; on resume `loaded_tokens` and `swap_in` {bytes, ms, predicted_ms} (the load of
+  what the device's prefix cache no longer held), or `fallback` when a swapped victim
+  recomputed after all (copy-not-done: resumed before the worker reported the copy;
+  copy-failed; not-loaded) or null when its blocks were all still cached on the device.
 """
 
 from __future__ import annotations
@@ -42,9 +50,12 @@ from kvbench.io import write_atomic
 from kvbench.models import ModelSpec
 from kvbench.sim.requests import cdiv
 
+PREDICTED = ("swap_out_ms", "swap_in_ms", "recompute_ms")
 # Per finished request, what the summary adds up (kept as columns, not as records).
 COLUMNS = ("output_tokens", "num_preemptions", "recompute_tokens", "wasted_flops", "flops",
-           "preempted_s", "swap_choices", "swap_ms", "recompute_ms", "saved_ms")
+           "preempted_s", "swap_choices", "swap_ms", "recompute_ms", "saved_ms",
+           "swapped", "fallbacks", "loaded_tokens", "bytes_out", "bytes_in", "swap_out_ms",
+           "swap_in_ms", "swap_out_predicted_ms", "swap_in_predicted_ms")
 
 
 @dataclass(slots=True)
@@ -132,6 +143,26 @@ class Recorder:
             "selector": "swap" if swap else "recompute",
             "saved_ms": recompute_ms - swap_ms if swap else 0.0})
 
+    def connector_event(self, request_id: str, event: str, **fields) -> None:
+        """What the swap connector did for the request's last preemption (module docstring):
+        `decided`, `copied_out`, `resumed`, `copied_in`."""
+        record = self.open.get(request_id)
+        if record is None or not record.preemptions:
+            return
+        entry = record.preemptions[-1]
+        if event == "decided":
+            entry.update(decision=fields["decision"], reason=fields["reason"],
+                         host_blocks=fields["host_blocks"],
+                         predicted={k: fields[k] for k in PREDICTED})
+        elif event == "resumed":
+            entry.update(loaded_tokens=fields["loaded_tokens"], fallback=fields["fallback"])
+        elif event in ("copied_out", "copied_in"):
+            copy = {"bytes": fields["bytes"], "ms": fields["ms"], "ok": fields["ok"]}
+            if event == "copied_in":
+                copy["predicted_ms"] = float(self.costs.swap_in_ms(
+                    np.array([entry.get("loaded_tokens", 0)]))[0])
+            entry["swap_out" if event == "copied_out" else "swap_in"] = copy
+
     def finished(self, request_id: str, output_tokens: int, computed_tokens: int,
                  finish_reason: str) -> dict | None:
         """Close a record (finished or aborted): its JSON line is written and returned."""
@@ -188,7 +219,18 @@ def _columns(line: dict) -> dict[str, float]:
             "swap_choices": sum(p["selector"] == "swap" for p in preemptions),
             "swap_ms": sum(p["swap_ms"] for p in preemptions),
             "recompute_ms": sum(p["recompute_ms"] for p in preemptions),
-            "saved_ms": sum(p["saved_ms"] for p in preemptions)}
+            "saved_ms": sum(p["saved_ms"] for p in preemptions),
+            "swapped": sum(p.get("decision") == "swap" for p in preemptions),
+            "fallbacks": sum(p.get("fallback") is not None for p in preemptions),
+            "loaded_tokens": sum(p.get("loaded_tokens", 0) for p in preemptions),
+            **{f"bytes_{d}": sum(p[f"swap_{d}"]["bytes"] for p in preemptions
+                                 if f"swap_{d}" in p) for d in ("out", "in")},
+            **{f"swap_{d}_ms": sum(p[f"swap_{d}"]["ms"] for p in preemptions
+                                   if f"swap_{d}" in p) for d in ("out", "in")},
+            "swap_out_predicted_ms": sum(p["predicted"]["swap_out_ms"] for p in preemptions
+                                         if "swap_out" in p),
+            "swap_in_predicted_ms": sum(p["swap_in"]["predicted_ms"] for p in preemptions
+                                        if "swap_in" in p)}
 
 
 def summarize(columns: dict[str, np.ndarray]) -> dict:
@@ -210,6 +252,13 @@ def summarize(columns: dict[str, np.ndarray]) -> dict:
         "selector_swap_ms": float(columns["swap_ms"].sum()),
         "selector_recompute_ms": float(columns["recompute_ms"].sum()),
         "selector_saved_ms": float(columns["saved_ms"].sum()),
+        # What the swap connector did (zeros without it), copy times as measured
+        "swapped_preemptions": int(columns["swapped"].sum()),
+        "swap_fallbacks": int(columns["fallbacks"].sum()),
+        "loaded_tokens": int(columns["loaded_tokens"].sum()),
+        **{name: float(columns[name].sum()) for name in (
+            "bytes_out", "bytes_in", "swap_out_ms", "swap_in_ms", "swap_out_predicted_ms",
+            "swap_in_predicted_ms")},
     }
 
 

@@ -5,6 +5,9 @@ Given as environment variables (`KVBENCH_VICTIM=lcf`) or in vLLM's additional co
 
 * `admission`  fcfs (vLLM's own, the default), reserve-max or future-kv;
 * `victim`     lifo (vLLM's own, the default), lcf or cost-aware;
+* `preemption` recompute (vLLM's own: the default), swap or selector (the default with kvbench's
+               swap connector, `kvbench.vllm.swap_connector`, which carries it out): what each
+               victim of a preemption gets;
 * `predictor`  history (the default: learns online from finished requests), oracle (a
                per-request hint, `SamplingParams.extra_args["kvbench_output_tokens"]`, else
                max_tokens), noisy or max;
@@ -15,8 +18,8 @@ Given as environment variables (`KVBENCH_VICTIM=lcf`) or in vLLM's additional co
 * `records`    where to write one JSON line per finished request (`kvbench.vllm.instrument`).
 
 The policy names and knobs are validated by `PolicySpec` and `Knobs` themselves, so the plugin
-accepts exactly what `kvbench simulate` accepts; vLLM v1 can only recompute, so there is no
-preemption option.
+accepts exactly what `kvbench simulate` accepts. vLLM v1 itself can only recompute: swap and
+selector need kvbench's swap connector.
 Imports no vLLM: `kvbench replay` checks options before it starts an engine.
 """
 
@@ -38,7 +41,7 @@ ENV_PREFIX = "KVBENCH_"
 CONFIG_KEY = "kvbench"  # the section of vLLM's additional_config
 # The per-request hint of the oracle predictor: the number of tokens the request will generate.
 OUTPUT_TOKENS_HINT = "kvbench_output_tokens"
-POLICY_KEYS = ("admission", "victim", "predictor")
+POLICY_KEYS = ("admission", "victim", "preemption", "predictor")
 KNOB_KEYS = tuple(sorted(KNOB_FIELDS))
 FILE_KEYS = ("profile", "hardware", "records")
 KEYS = POLICY_KEYS + KNOB_KEYS + FILE_KEYS
@@ -80,17 +83,18 @@ class PluginOptions:
         return self.policy.name
 
     @classmethod
-    def parse(cls, values: Mapping[str, object], name_of: Callable[[str], str] = repr
-              ) -> PluginOptions:
+    def parse(cls, values: Mapping[str, object], name_of: Callable[[str], str] = repr,
+              preemption: str = "recompute") -> PluginOptions:
         """From option names (lowercase, as above) to values, strings converted; `name_of(key)`
-        is how an error names an option (an environment variable, a config key)."""
+        is how an error names an option (an environment variable, a config key); `preemption`
+        is the default preemption policy."""
         unknown = [k for k in values if k not in KEYS]
         if unknown:
             hint = difflib.get_close_matches(unknown[0], KEYS, n=1)
             raise PluginError(f"kvbench: unknown option {name_of(unknown[0])}"
                               + (f" (did you mean {name_of(hint[0])}?)" if hint else "")
                               + f"; known: {', '.join(KEYS)}")
-        policy = {"predictor": DEFAULT_PREDICTOR,
+        policy = {"predictor": DEFAULT_PREDICTOR, "preemption": preemption,
                   **{k: v for k, v in values.items() if k in POLICY_KEYS}}
         knobs = {k: v for k, v in values.items() if k in KNOB_KEYS}
         try:
@@ -115,9 +119,10 @@ class PluginOptions:
         return cls(policy, knobs, profile, hardware, records)
 
     @classmethod
-    def from_sources(cls, environ: Mapping[str, str], additional_config: Mapping | None
-                     ) -> PluginOptions:
-        """KVBENCH_* environment variables and vLLM's additional_config["kvbench"]."""
+    def from_sources(cls, environ: Mapping[str, str], additional_config: Mapping | None,
+                     preemption: str = "recompute") -> PluginOptions:
+        """KVBENCH_* environment variables and vLLM's additional_config["kvbench"]
+        (`preemption`: the default preemption policy)."""
         from_env = {k[len(ENV_PREFIX):].lower(): v for k, v in environ.items()
                     if k.startswith(ENV_PREFIX)}
         from_config = dict((additional_config or {}).get(CONFIG_KEY) or {})
@@ -127,7 +132,8 @@ class PluginOptions:
                               f"{env_name(both[0])} and as {config_name(both[0])}; give it "
                               "once")
         return cls.parse({**from_env, **from_config},
-                         lambda key: config_name(key) if key in from_config else env_name(key))
+                         lambda key: config_name(key) if key in from_config else env_name(key),
+                         preemption)
 
     def to_config(self) -> dict:
         """The options as vLLM's additional_config: {"kvbench": {...}} (non-default fields)."""

