@@ -55,7 +55,7 @@ class DecodeRuns:
         if head is not None and not kv.private_prefixes:
             return False
         if asynchronous:  # one decode step of these requests in flight, and of finished ones
-            if len(self.in_flight) != 1:
+            if len(self.in_flight) != 1 or self.in_flight[0].swapped:
                 return False
             flying = self.in_flight[0].ids
             if flying is not run:  # (the running array is replaced, never changed in place)

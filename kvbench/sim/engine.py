@@ -243,7 +243,9 @@ class Simulator(DecodeRuns):
         """Schedule one step and launch it; True if it computes any token."""
         self.step_swap_ms = 0.0
         self.step_preempted: list[int] = []
+        self.step_swapped: list[int] = []
         self.step_hits: list[tuple[int, int]] = []
+        self.step_loaded: list[tuple[int, int]] = []
         ids, tokens, budget, preempted = self._schedule_running()
         if not preempted:
             new_ids, new_tokens = self._admit_waiting(budget, self.admitted_head)
@@ -341,21 +343,28 @@ class Simulator(DecodeRuns):
         return tokens, self.kv.new_blocks(run, computed, tokens)
 
     def _preempt(self, victim: int) -> None:
+        """Swap the victim's KV to host memory or drop it (the preemption policy), as kvbench's
+        swap connector does inside vLLM (kvbench/vllm/swap_scheduler.py): either way it
+        restarts from the prefix cache; a swapped one then loads the rest of its copy, once
+        the step that copies it has landed."""
         req = self.requests
         computed = int(req.computed_tokens[victim])
-        if self.preemption(self.view(self.running), self.requests.view(np.array([victim])))[0]:
+        swap = computed and self.preemption(self.view(self.running),
+                                            self.requests.view(np.array([victim])))[0]
+        req.recompute_target_tokens[victim] = max(int(req.recompute_target_tokens[victim]),
+                                                  computed)
+        req.computed_tokens[victim] = 0
+        req.state[victim] = WAITING
+        if swap:
             filled = cdiv(computed, self.block_size)  # blocks allocated in this step are empty
             self.free_cpu_blocks -= filled
             req.cpu_blocks[victim] = filled
+            req.swap_tokens[victim] = computed
             req.state[victim] = SWAPPED
             req.num_swaps[victim] += 1
             req.swapped_bytes[victim] += filled * self.block_bytes
-            self.step_swap_ms += float(self.costs.swap_ms(computed)) / 2
-        else:
-            req.recompute_target_tokens[victim] = max(int(req.recompute_target_tokens[victim]),
-                                                      computed)
-            req.computed_tokens[victim] = 0
-            req.state[victim] = WAITING
+            self.step_swap_ms += float(self.costs.swap_out_ms(computed))
+            self.step_swapped.append(victim)
         self.kv.free(victim, preempted=True)
         req.placeholders[victim] = 0  # an output in flight arrives stale (scheduler.py:1600)
         req.num_preemptions[victim] += 1
@@ -382,12 +391,10 @@ class Simulator(DecodeRuns):
             hits, computed, num_tokens, blocks = fit
             self.waiting.popleft()
             if req.state[i] == SWAPPED:
-                self.free_cpu_blocks += int(req.cpu_blocks[i])
-                req.cpu_blocks[i] = 0
-                req.swapped_bytes[i] += cdiv(computed, self.block_size) * self.block_bytes
-                self.step_swap_ms += float(self.costs.swap_ms(computed)) / 2
+                self._swap_in(i, len(hits) * self.block_size, computed)
             req.state[i] = RUNNING
             kv.admit(i, hits, computed, blocks)
+            req.computed_tokens[i] = computed
             if hits:
                 self.step_hits.append((i, len(hits) * self.block_size))
             kv.cache_one(i, computed + num_tokens)
@@ -396,6 +403,24 @@ class Simulator(DecodeRuns):
             tokens.append(num_tokens)
             budget -= num_tokens
         return ids, tokens
+
+    def _swap_in(self, i: int, cached: int, computed: int) -> None:
+        """Swapped victim `i` is admitted with `cached` tokens from the prefix cache and
+        `computed` in all: it loads the difference (none: a fallback if its copy was not yet
+        reported, or the prefix cache held it all); its host blocks are free again."""
+        req = self.requests
+        self.free_cpu_blocks += int(req.cpu_blocks[i])
+        req.cpu_blocks[i] = 0
+        loaded = computed - cached
+        if loaded:
+            bs = self.block_size
+            req.loaded_tokens[i] += loaded
+            req.swapped_bytes[i] += (cdiv(computed, bs) - cached // bs) * self.block_bytes
+            self.step_swap_ms += float(self.costs.swap_in_ms(loaded))
+            self.step_loaded.append((i, loaded))
+        elif not req.loadable_tokens[i]:
+            req.swap_fallbacks[i] += 1  # resumed before its copy was reported done
+        req.loadable_tokens[i] = req.swap_tokens[i] = 0
 
     # -----------------------------------------------------------------------------------------
     # Launch: price the step, advance the GPU clock, account FLOPs
@@ -443,11 +468,14 @@ class Simulator(DecodeRuns):
             log_step = self.log.add_step(start_s, ids.tolist(), tokens.tolist())
             if self.step_preempted:
                 self.log.add_events("preempted", log_step, self.step_preempted)
-            if self.step_hits:
-                self.log.add_events("cached", log_step, [i for i, _ in self.step_hits],
-                                    [t for _, t in self.step_hits])
+            for name, events in (("cached", self.step_hits), ("loaded", self.step_loaded)):
+                if events:
+                    self.log.add_events(name, log_step, [i for i, _ in events],
+                                        [t for _, t in events])
+            if self.step_swapped:
+                self.log.add_events("swapped", log_step, self.step_swapped)
         end_s = self.gpu_free_s if executed else self.now_s
-        self.in_flight.appendleft(Batch(ids, samples, end_s, log_step))
+        self.in_flight.appendleft(Batch(ids, samples, end_s, log_step, tuple(self.step_swapped)))
         return executed
 
     # -----------------------------------------------------------------------------------------
@@ -458,6 +486,9 @@ class Simulator(DecodeRuns):
         for a request preempted since (a stale output, scheduler.py:2080-2103)."""
         req = self.requests
         used = self.kv.num_used
+        for i in batch.swapped:  # the worker reports the copies with the step's output
+            if req.state[i] == SWAPPED:
+                req.loadable_tokens[i] = req.swap_tokens[i]
         sampled = batch.ids[batch.samples]
         state = req.state[sampled]
         if np.count_nonzero(state == FINISHED):
@@ -501,7 +532,7 @@ class Simulator(DecodeRuns):
             else:  # finished by a stale output while waiting
                 self.waiting.remove(i)
                 self.free_cpu_blocks += int(req.cpu_blocks[i])
-                req.cpu_blocks[i] = 0
+                req.cpu_blocks[i] = req.loadable_tokens[i] = req.swap_tokens[i] = 0
         req.state[finished] = FINISHED
         self.num_done += finished.size
         if was_running.any():

@@ -72,6 +72,9 @@ class KVCacheManager:
         known = int(req.known_tokens(i))
         hits = self.get_computed_blocks(i)
         computed += len(hits) * bs
+        # A swapped victim loads what the prefix cache no longer holds of its copy (the swap
+        # connector's get_num_new_matched_tokens), leaving at least one token to compute.
+        computed = max(computed, min(int(req.loadable_tokens[i]), known - 1))
         want = known - computed
         if want > budget and not replica.enable_chunked_prefill:
             return None

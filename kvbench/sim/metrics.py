@@ -155,6 +155,8 @@ def summarize(result: SimResult) -> dict:
         "wasted_flops": result.recompute_flops,
         "total_flops": result.flops,
         "swapped_bytes": float(req.swapped_bytes.sum()),
+        "loaded_tokens": int(req.loaded_tokens.sum()),
+        "swap_fallbacks": int(req.swap_fallbacks.sum()),
         "throughput_tokens_per_s": output_tokens / makespan_s if makespan_s else 0.0,
         "throughput_requests_per_s": int(done.sum()) / makespan_s if makespan_s else 0.0,
         "makespan_s": makespan_s,

@@ -53,6 +53,12 @@ class RequestTable:
         self.recompute_tokens = np.zeros(n, dtype=np.int64)
         self.wasted_flops = np.zeros(n)
         self.swapped_bytes = np.zeros(n)
+        # A swapped victim: the tokens its swap-out copies, and those it may load back once
+        # the copy is reported done (0 before: it recomputes if resumed then).
+        self.swap_tokens = np.zeros(n, dtype=np.int64)
+        self.loadable_tokens = np.zeros(n, dtype=np.int64)
+        self.loaded_tokens = np.zeros(n, dtype=np.int64)
+        self.swap_fallbacks = np.zeros(n, dtype=np.int64)
         self.reject_reason: dict[int, str] = {}
 
     def known_tokens(self, ids):

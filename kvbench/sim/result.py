@@ -47,3 +47,4 @@ class Batch:
     samples: np.ndarray
     end_s: float
     log_step: int | None
+    swapped: tuple[int, ...] = ()  # victims whose swap-out this step copies

@@ -3,8 +3,10 @@
 A step is one forward pass. For each step the log holds the batch in the engine's order (request
 index, tokens scheduled), and, as events tagged with their step, the requests preempted while
 scheduling it, the requests that finished with its output (in the order the engine reports
-them), and the prefix-cache hit of each request admitted in it (tokens found in the cache,
-hits > 0 only). Request indices are positions in the `Workload`.
+them), the prefix-cache hit of each request admitted in it (tokens found in the cache,
+hits > 0 only), the victims whose KV was swapped to host memory while scheduling it, and the
+tokens each request admitted in it loaded back from host memory (a swapped victim resuming).
+Request indices are positions in the `Workload`.
 
 The log is columnar (numpy), so a whole-trace run of a few hundred thousand steps stays small
 and two logs compare in vectorized time: `first_difference(a, b)` names the first step where
@@ -18,9 +20,10 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-# Event streams, each a `<name>_step` and a `<name>_request` column (`cached` adds
-# `cached_tokens`); their order within a step is the engine's.
-EVENTS = ("preempted", "finished", "cached")
+# Event streams, each a `<name>_step` and a `<name>_request` column (`cached` and `loaded` add
+# `<name>_tokens`); their order within a step is the engine's.
+EVENTS = ("preempted", "finished", "cached", "swapped", "loaded")
+TOKEN_EVENTS = ("cached", "loaded")
 
 
 @dataclass(frozen=True)
@@ -39,6 +42,11 @@ class StepLog:
     cached_step: np.ndarray
     cached_request: np.ndarray
     cached_tokens: np.ndarray
+    swapped_step: np.ndarray
+    swapped_request: np.ndarray
+    loaded_step: np.ndarray
+    loaded_request: np.ndarray
+    loaded_tokens: np.ndarray
 
     @property
     def num_steps(self) -> int:
@@ -63,7 +71,7 @@ class StepLog:
         return list(zip(self.batch_request[lo:hi].tolist(), self.batch_tokens[lo:hi].tolist()))
 
     def events(self, name: str, step: int) -> list[int]:
-        """Requests of event stream `name` (preempted, finished, cached) at `step`."""
+        """Requests of event stream `name` (`EVENTS`) at `step`."""
         steps = getattr(self, f"{name}_step")
         lo, hi = np.searchsorted(steps, [step, step + 1])
         return getattr(self, f"{name}_request")[lo:hi].tolist()
@@ -74,6 +82,8 @@ class StepLog:
                 "num_preempted_requests": int(np.unique(self.preempted_request).size),
                 "num_finished": int(self.finished_request.size),
                 "prefix_hit_tokens": self.prefix_hit_tokens,
+                "num_swapped": int(self.swapped_request.size),
+                "loaded_tokens": int(self.loaded_tokens.sum()),
                 "end_s": float(self.time_s[-1]) if self.num_steps else 0.0}
 
 
@@ -85,9 +95,9 @@ class StepLogBuilder:
     _time_s: array = field(default_factory=lambda: array("d"))
     _offsets: array = field(default_factory=lambda: array("q", [0]))
     _columns: dict = field(default_factory=lambda: {
-        name: array("q") for name in ("batch_request", "batch_tokens", "preempted_step",
-                                      "preempted_request", "finished_step", "finished_request",
-                                      "cached_step", "cached_request", "cached_tokens")})
+        name: array("q") for name in ("batch_request", "batch_tokens", *(
+            f"{event}_{column}" for event in EVENTS for column in (
+                ("step", "request", "tokens") if event in TOKEN_EVENTS else ("step", "request"))))})
 
     @property
     def num_steps(self) -> int:
@@ -149,7 +159,7 @@ def first_difference(a: StepLog, b: StepLog, times: bool = True) -> str | None:
     if step is not None:
         candidates["batch"] = step
     for name in EVENTS:
-        cols = ("request", "tokens") if name == "cached" else ("request",)
+        cols = ("request", "tokens") if name in TOKEN_EVENTS else ("request",)
         step = _first_csr_difference(
             _events_csr(a, name, n), [getattr(a, f"{name}_{c}") for c in cols],
             _events_csr(b, name, n), [getattr(b, f"{name}_{c}") for c in cols])

@@ -12,7 +12,9 @@ no tokenizer, no downloads, and a `KVCacheConfig` of one full-attention group wi
   every scheduled request whose known tokens are all computed after this step, none for a
   partial prefill chunk; `update_from_output()` takes it;
 * a step that schedules tokens occupies the (virtual) GPU for `step_s`, from when the GPU is
-  free. Without async scheduling the engine waits for each step's output before scheduling
+  free, plus, with kvbench's swap connector, the copies it makes as the plugin's costs price
+  them (swap-out and swap-in; the faked worker reports each copy done with the step's
+  output). Without async scheduling the engine waits for each step's output before scheduling
   the next, so a step is decided when it starts. With async scheduling (two batches in flight)
   the engine schedules step k+1 right after launching step k and only then waits for step k's
   output: step k+1 is decided when step k starts, before step k's tokens and finishes are
@@ -44,7 +46,13 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tiny model is local: never a
 
 import torch  # noqa: E402
 import vllm  # noqa: E402
-from vllm.config import CacheConfig, ModelConfig, SchedulerConfig, VllmConfig  # noqa: E402
+from vllm.config import (  # noqa: E402
+    CacheConfig,
+    KVTransferConfig,
+    ModelConfig,
+    SchedulerConfig,
+    VllmConfig,
+)
 from vllm.sampling_params import SamplingParams  # noqa: E402
 from vllm.utils.hashing import get_hash_fn_by_name  # noqa: E402
 from vllm.v1.core.kv_cache_utils import get_request_block_hasher, init_none_hash  # noqa: E402
@@ -53,11 +61,12 @@ from vllm.v1.kv_cache_interface import (  # noqa: E402
     KVCacheConfig,
     KVCacheGroupSpec,
 )
-from vllm.v1.outputs import ModelRunnerOutput  # noqa: E402
+from vllm.v1.outputs import KVConnectorOutput, ModelRunnerOutput  # noqa: E402
 from vllm.v1.request import Request  # noqa: E402
 from vllm.v1.structured_output import StructuredOutputManager  # noqa: E402
 
 TINY_MODEL = Path(__file__).resolve().parent / "tiny_llama"
+PLUGIN_SCHEDULER = "kvbench.vllm.scheduler.KvbenchScheduler"
 
 
 class DriveError(KvbenchError):
@@ -74,17 +83,29 @@ def check_replica(replica: ReplicaSpec, step_s: float) -> None:
         raise DriveError(f"step_s must be positive, got {step_s}")
 
 
-def build_scheduler(replica: ReplicaSpec, max_model_len: int, scheduler_cls: str | None = None):
+def build_scheduler(replica: ReplicaSpec, max_model_len: int, scheduler_cls: str | None = None,
+                    plugin: dict | None = None):
     """vLLM's Scheduler (AsyncScheduler under async scheduling) for `replica`, no model;
-    `scheduler_cls`: vLLM's --scheduler-cls (None: vLLM's own)."""
+    `scheduler_cls`: vLLM's --scheduler-cls (None: vLLM's own); `plugin`: the kvbench
+    scheduler's options (vLLM's additional_config["kvbench"]), with kvbench's swap connector
+    on a host pool of `replica.num_cpu_blocks` blocks when its preemption policy may swap."""
     settings = replica.vllm_settings(max_model_len)
     model_config = ModelConfig(model=str(TINY_MODEL), skip_tokenizer_init=True, dtype="float32",
                                seed=0, max_model_len=max_model_len)
+    transfer = None
+    if plugin is not None:
+        scheduler_cls = scheduler_cls or PLUGIN_SCHEDULER
+        if plugin.get("preemption", "recompute") != "recompute":
+            transfer = KVTransferConfig(
+                kv_connector="KvbenchSwapConnector", kv_role="kv_both",
+                kv_connector_module_path="kvbench.vllm.swap_connector",
+                kv_connector_extra_config={"host_blocks": replica.num_cpu_blocks or 0})
     scheduler_config = SchedulerConfig(**settings["scheduler"], is_encoder_decoder=False,
                                        scheduler_cls=scheduler_cls)
     cache_config = CacheConfig(**settings["cache"])
     vllm_config = VllmConfig(scheduler_config=scheduler_config, model_config=model_config,
-                             cache_config=cache_config)
+                             cache_config=cache_config, kv_transfer_config=transfer,
+                             additional_config={"kvbench": plugin} if plugin else {})
     # vllm/platforms/cpu.py (check_and_update_config) turns async scheduling off on a CPU; the
     # GPU platforms keep what VllmConfig decided, which is what this run stands for.
     vllm_config.scheduler_config.async_scheduling = replica.async_scheduling
@@ -119,10 +140,13 @@ def _check_fits(workload: Workload, replica: ReplicaSpec) -> None:
 
 
 def drive(workload: Workload, replica: ReplicaSpec, tokens: TokenIds | None = None,
-          step_s: float = 0.02, seed: int = 0, scheduler_cls: str | None = None) -> StepLog:
+          step_s: float = 0.02, seed: int = 0, scheduler_cls: str | None = None,
+          plugin: dict | None = None) -> StepLog:
     """Run vLLM's scheduler over `workload` on `replica` (its `num_gpu_blocks` given), one
     step taking `step_s` (see the module docstring); `seed` draws the token ids when `tokens`
-    is not given; `scheduler_cls`: vLLM's --scheduler-cls (None: vLLM's own)."""
+    is not given; `scheduler_cls`: vLLM's --scheduler-cls (None: vLLM's own); `plugin`: the
+    kvbench scheduler's options (see `build_scheduler`). With the swap connector the worker
+    is faked too: every planned copy is reported done with the step's output."""
     check_replica(replica, step_s)
     if tokens is None:
         tokens = random_token_ids(workload, seed)
@@ -133,7 +157,7 @@ def drive(workload: Workload, replica: ReplicaSpec, tokens: TokenIds | None = No
     max_model_len = replica.max_model_len or int(
         (workload.prompt_tokens + workload.output_tokens).max())
     _check_fits(workload, dataclasses.replace(replica, max_model_len=max_model_len))
-    sched = build_scheduler(replica, max_model_len, scheduler_cls)
+    sched = build_scheduler(replica, max_model_len, scheduler_cls, plugin)
     hasher = None
     if replica.enable_prefix_caching:  # as EngineCore: hashes only when caching is on
         hash_fn = get_hash_fn_by_name(sched.cache_config.prefix_caching_hash_algo)
@@ -171,7 +195,7 @@ def drive(workload: Workload, replica: ReplicaSpec, tokens: TokenIds | None = No
             start_s = end_s = now
             if executed:  # runs once the batch before it is done
                 start_s = max(now, gpu_free_s)
-                end_s = gpu_free_s = start_s + step_s
+                end_s = gpu_free_s = start_s + step_s + _copy_ms(sched, output) / 1e3
             step, sampled = _record(sched, output, running, start_s, log, tokens)
             if step is None and not in_flight and sched.has_unfinished_requests():
                 raise DriveError(_stuck(sched))  # nothing ran, nothing can: it would spin
@@ -183,7 +207,7 @@ def drive(workload: Workload, replica: ReplicaSpec, tokens: TokenIds | None = No
         req_ids = list(output.num_scheduled_tokens)
         results = sched.update_from_output(output, ModelRunnerOutput(
             req_ids=req_ids, req_id_to_index={r: k for k, r in enumerate(req_ids)},
-            sampled_token_ids=sampled))
+            sampled_token_ids=sampled, kv_connector_output=_copies_done(output)))
         finished = [int(o.request_id) for outs in results.values() for o in outs.outputs
                     if o.finish_reason is not None]
         if finished:
@@ -203,17 +227,47 @@ def _record(sched, output, running_before: list[str], start_s: float, log: StepL
     if preempted:  # FCFS pops victims off the end of `running`: that order, not the set's
         order = [r for r in reversed(running_before) if r in preempted]
         log.add_events("preempted", step, [int(r) for r in order])
-    hits = [(int(r.req_id), r.num_computed_tokens) for r in output.scheduled_new_reqs
-            if r.num_computed_tokens]
+    meta = output.kv_connector_metadata
+    loaded = {job.request_id: job.tokens for job in meta.swap_in} if meta is not None else {}
+    if meta is not None and meta.swap_out:  # in the order they were preempted
+        log.add_events("swapped", step, [int(job.request_id) for job in meta.swap_out])
+    hits = [(r.req_id, r.num_computed_tokens) for r in output.scheduled_new_reqs]
     cached = output.scheduled_cached_reqs
-    hits += [(int(r), n) for r, n in zip(cached.req_ids, cached.num_computed_tokens)
-             if n and r in cached.resumed_req_ids]
-    if hits:
-        log.add_events("cached", step, [r for r, _ in hits], [n for _, n in hits])
+    hits += [(r, n) for r, n in zip(cached.req_ids, cached.num_computed_tokens)
+             if r in cached.resumed_req_ids]
+    hits = [(int(r), n - loaded.get(r, 0), loaded.get(r, 0)) for r, n in hits]
+    for name, column in (("cached", 1), ("loaded", 2)):
+        some = [hit for hit in hits if hit[column]]
+        if some:
+            log.add_events(name, step, [h[0] for h in some], [h[column] for h in some])
     requests = sched.requests
     sampled = [[] if requests[r].is_prefill_chunk else [int(tokens.output_token[int(r)])]
                for r in scheduled]
     return step, sampled
+
+
+def _copy_ms(sched, output) -> float:
+    """The time of the step's swap copies, as the plugin's costs price them."""
+    meta = output.kv_connector_metadata
+    if meta is None or not (meta.swap_out or meta.swap_in):
+        return 0.0
+    costs = sched.kvbench_costs
+    return (sum(float(costs.swap_out_ms(job.tokens)) for job in meta.swap_out)
+            + sum(float(costs.swap_in_ms(job.tokens)) for job in meta.swap_in))
+
+
+def _copies_done(output) -> KVConnectorOutput | None:
+    """The swap connector's worker, faked: every planned copy made."""
+    meta = output.kv_connector_metadata
+    if meta is None or not (meta.swap_out or meta.swap_in):
+        return None
+    from kvbench.vllm.swap_connector import CopyReports
+    from kvbench.vllm.swap_worker import CopyReport
+
+    return KVConnectorOutput(kv_connector_worker_meta=CopyReports(
+        [CopyReport(job.request_id, "out", len(job.block_ids), 0, 0.0) for job in meta.swap_out]
+        + [CopyReport(job.request_id, "in", len(job.block_ids), 0, 0.0)
+           for job in meta.swap_in]))
 
 
 def _stuck(sched) -> str:

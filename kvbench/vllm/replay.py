@@ -57,7 +57,13 @@ from kvbench.sim.engine import Simulator  # noqa: E402
 from kvbench.sim.engines import ReplicaSpec  # noqa: E402
 from kvbench.sim.metrics import METRICS, latency_stats, summarize  # noqa: E402
 from kvbench.sim.policies import Knobs, PolicySpec  # noqa: E402
-from kvbench.sim.steplog import StepLog, StepLogBuilder, first_difference  # noqa: E402
+from kvbench.sim.steplog import (  # noqa: E402
+    EVENTS,
+    TOKEN_EVENTS,
+    StepLog,
+    StepLogBuilder,
+    first_difference,
+)
 from kvbench.sim.study import summary_table, table_cells  # noqa: E402
 from kvbench.sim.tokens import TokenIds, random_token_ids  # noqa: E402
 from kvbench.sim.workloads import Workload  # noqa: E402
@@ -330,12 +336,12 @@ def fit_step_time(runs: list[EngineRun]) -> str:
 def _canonical(log: StepLog) -> StepLog:
     """Events in request order within a step (the executor sees preemptions as a set)."""
     columns = {}
-    for name in ("preempted", "finished", "cached"):
+    for name in EVENTS:
         step, request = getattr(log, f"{name}_step"), getattr(log, f"{name}_request")
         order = np.lexsort((request, step))
         columns |= {f"{name}_step": step[order], f"{name}_request": request[order]}
-        if name == "cached":
-            columns["cached_tokens"] = log.cached_tokens[order]
+        if name in TOKEN_EVENTS:
+            columns[f"{name}_tokens"] = getattr(log, f"{name}_tokens")[order]
     return dataclasses.replace(log, **columns)
 
 

@@ -78,7 +78,7 @@ class SwapPlanner:
             return False
         self.free_blocks -= blocks
         self.swapped[request_id] = Swapped(computed_tokens, blocks)
-        self.swap_out.append(SwapOut(request_id, tuple(block_ids[:blocks])))
+        self.swap_out.append(SwapOut(request_id, tuple(block_ids[:blocks]), computed_tokens))
         self._record(request_id, "decided", decision="swap", reason="policy", host_blocks=blocks,
                      **self.predicted(computed_tokens))
         return True
@@ -107,7 +107,8 @@ class SwapPlanner:
         if external_tokens:
             first = entry.local // self.block_size
             last = cdiv(entry.local + external_tokens, self.block_size)
-            self.swap_in.append(SwapIn(request_id, first, tuple(block_ids[first:last])))
+            self.swap_in.append(SwapIn(request_id, first, tuple(block_ids[first:last]),
+                                       external_tokens))
             self._record(request_id, "resumed", loaded_tokens=external_tokens,
                          fallback=None)
             return

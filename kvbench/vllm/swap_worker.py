@@ -38,6 +38,7 @@ class SwapOut:
 
     request_id: str
     block_ids: tuple[int, ...]
+    tokens: int  # the victim's computed tokens (the last block may be partial)
 
 
 @dataclass(frozen=True)
@@ -48,6 +49,7 @@ class SwapIn:
     request_id: str
     first: int
     block_ids: tuple[int, ...]
+    tokens: int  # the tokens loaded (the last block may be partial)
 
 
 @dataclass(frozen=True)

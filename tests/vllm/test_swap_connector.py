@@ -49,11 +49,11 @@ def test_round_trip_is_bit_exact(make, block_size):
     worker.register(caches, num_blocks)
     computed = 2 * block_size + 5  # a partial last block
     victim = (5, 2, 9)
-    worker.swap_out([SwapOut("r", victim)])
+    worker.swap_out([SwapOut("r", victim, computed)])
     for layer in worker.layers:  # vLLM reuses the freed blocks
         layer[:, :, list(victim)] = 7.0
     target = (1, 7, 3)
-    assert worker.swap_in([SwapIn("r", 0, target)]) == set()
+    assert worker.swap_in([SwapIn("r", 0, target, computed)]) == set()
     for name, cache in caches.items():
         view, before = copy_view(cache, num_blocks), copy_view(original[name], num_blocks)
         for old, new in zip(victim, target):
@@ -73,9 +73,9 @@ def test_resume_loads_only_what_the_device_cache_lost():
     before = caches["l"].clone()
     worker = SwapWorker("torch")
     worker.register(caches, 8)
-    worker.swap_out([SwapOut("r", (4, 5, 6))])
+    worker.swap_out([SwapOut("r", (4, 5, 6), 40)])
     caches["l"][[5, 6]] = 0.0
-    worker.swap_in([SwapIn("r", 1, (2, 3))])  # block 0 was a prefix-cache hit
+    worker.swap_in([SwapIn("r", 1, (2, 3), 32)])  # block 0 was a prefix-cache hit
     assert torch.equal(caches["l"][[2, 3]], before[[5, 6]])
     assert worker.take_reports()[1].bytes == 2 * before[0].numel() * 4
 
@@ -83,7 +83,7 @@ def test_resume_loads_only_what_the_device_cache_lost():
 def test_a_load_without_a_host_copy_is_a_load_error():
     worker = SwapWorker("torch")
     worker.register({"l": cpu_layer(4, 16)}, 4)
-    assert worker.swap_in([SwapIn("gone", 0, (1, 2))]) == {1, 2}
+    assert worker.swap_in([SwapIn("gone", 0, (1, 2), 32)]) == {1, 2}
     assert not worker.take_reports()[0].ok
 
 
@@ -146,7 +146,7 @@ def test_resume_loads_past_the_prefix_hit_and_computes_one_token():
     plan.reported([CopyReport("a", "out", 3, 3072, 0.1)])
     assert plan.matched("a", 40, 16) == 23  # one token is left to compute
     plan.allocated("a", [9, 4, 5], 23)
-    assert plan.take()[1] == [SwapIn("a", 1, (4, 5))]
+    assert plan.take()[1] == [SwapIn("a", 1, (4, 5), 23)]
 
 
 def test_recompute_policy_never_swaps():
