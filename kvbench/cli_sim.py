@@ -146,6 +146,33 @@ def sweep_cmd(
         raise typer.Exit(1)
 
 
+def _replay_mechanisms(workload, settings, out_dir: Path, profile, as_json: bool) -> None:
+    from kvbench.io import write_atomic
+    from kvbench.vllm.mechanisms import replay_mechanisms
+    from kvbench.vllm.replay_table import mechanisms_markdown
+
+    replica = settings.replica
+    if not replica.num_cpu_blocks:
+        raise KvbenchError("give --num-cpu-blocks: the host pool of the mechanisms, in blocks")
+    with Reporter(err, "replay", "requests", transient=True) as progress:
+        step_time, replayed, simulated = replay_mechanisms(
+            workload, settings, replica.num_cpu_blocks, out_dir / "records", profile,
+            replica.hardware, progress=lambda label, done: progress.count(
+                label, done, workload.num_requests))
+    document = {"command": shlex.join(["kvbench", *sys.argv[1:]]),
+                "workload": workload.describe(), "settings": settings.document(),
+                "host_blocks": replica.num_cpu_blocks, "step_time": step_time,
+                "replayed": replayed, "simulated": simulated}
+    write_atomic(out_dir / "mechanisms.json", json.dumps(document, indent=1) + "\n")
+    markdown = "\n".join(mechanisms_markdown(document)) + "\n"
+    write_atomic(out_dir / "mechanisms.md", markdown)
+    if as_json:
+        print(json.dumps(document))
+        return
+    out.print(markdown)
+    out.print(f"wrote: {out_dir}/mechanisms.json, mechanisms.md, records/")
+
+
 @app.command("replay")
 @with_options(WORKLOAD, (CostSource, "Costs", ("model",)), REPLICA)
 def replay_cmd(
@@ -155,6 +182,9 @@ def replay_cmd(
                                          "(default: kvbench's tiny Llama)."),
     out_dir: Optional[Path] = typer.Option(None, "--out", help="Default: results/replay/"
                                            "<device>-<model>."),
+    mechanisms: bool = typer.Option(False, "--mechanisms", help="Instead of policies: vLLM's "
+                                    "recompute, vLLM's offloading, kvbench swap and kvbench "
+                                    "write-through, with a host pool of --num-cpu-blocks."),
     as_json: bool = AS_JSON, **options) -> None:
     """Replay a trace through a real vLLM engine (vLLM's scheduler, then each kvbench policy;
     engine vllm-0.32-cpu's settings unless given; --num-gpu-blocks is required)."""
@@ -179,6 +209,8 @@ def replay_cmd(
                               source.seed).load(warn=warn)
     settings = ReplayEngine(replica, seed=source.seed, **({"model": model} if model else {}))
     out_dir = out_dir or default_out_dir(settings)
+    if mechanisms:
+        return _replay_mechanisms(workload, settings, out_dir, run.costs.profile, as_json)
     with Reporter(err, "replay", "requests", transient=True) as progress:
         result = replay(workload, settings, parse_policies(policies) if policies else
                         REPLAY_POLICIES, out_dir / "records", run.costs.profile,

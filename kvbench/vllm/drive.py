@@ -41,6 +41,7 @@ from kvbench.sim.engines import ReplicaSpec
 from kvbench.sim.steplog import StepLog, StepLogBuilder
 from kvbench.sim.tokens import TokenIds, random_token_ids
 from kvbench.sim.workloads import Workload, WorkloadError
+from kvbench.vllm.swap_connector import planned_copies
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tiny model is local: never ask the hub
 
@@ -227,23 +228,28 @@ def _record(sched, output, running_before: list[str], start_s: float, log: StepL
     if preempted:  # FCFS pops victims off the end of `running`: that order, not the set's
         order = [r for r in reversed(running_before) if r in preempted]
         log.add_events("preempted", step, [int(r) for r in order])
-    meta = output.kv_connector_metadata
-    loaded = {job.request_id: job.tokens for job in meta.swap_in} if meta is not None else {}
-    if meta is not None and meta.swap_out:  # in the order they were preempted
-        log.add_events("swapped", step, [int(job.request_id) for job in meta.swap_out])
-    hits = [(r.req_id, r.num_computed_tokens) for r in output.scheduled_new_reqs]
-    cached = output.scheduled_cached_reqs
-    hits += [(r, n) for r, n in zip(cached.req_ids, cached.num_computed_tokens)
-             if r in cached.resumed_req_ids]
-    hits = [(int(r), n - loaded.get(r, 0), loaded.get(r, 0)) for r, n in hits]
-    for name, column in (("cached", 1), ("loaded", 2)):
-        some = [hit for hit in hits if hit[column]]
-        if some:
-            log.add_events(name, step, [h[0] for h in some], [h[column] for h in some])
+    log_admissions(log, step, output, int)
     requests = sched.requests
     sampled = [[] if requests[r].is_prefill_chunk else [int(tokens.output_token[int(r)])]
                for r in scheduled]
     return step, sampled
+
+
+def log_admissions(log: StepLogBuilder, step: int, output, index) -> None:
+    """A step's swap-outs, and per admitted request its prefix-cache hit and the tokens it
+    loads back from host memory (`index`: vLLM's request id -> the workload's index)."""
+    swapped, loaded = planned_copies(output)
+    if swapped:
+        log.add_events("swapped", step, [index(r) for r in swapped])
+    hits = [(r.req_id, r.num_computed_tokens) for r in output.scheduled_new_reqs]
+    cached = output.scheduled_cached_reqs
+    hits += [(r, n) for r, n in zip(cached.req_ids, cached.num_computed_tokens)
+             if r in cached.resumed_req_ids]
+    hits = [(index(r), n - loaded.get(r, 0), loaded.get(r, 0)) for r, n in hits]
+    for name, column in (("cached", 1), ("loaded", 2)):
+        some = [hit for hit in hits if hit[column]]
+        if some:
+            log.add_events(name, step, [h[0] for h in some], [h[column] for h in some])
 
 
 def _copy_ms(sched, output) -> float:

@@ -33,6 +33,10 @@ A line (units in the names; vLLM's own request id, e.g. "17-5e0f6a1b" for reques
   what the device's prefix cache no longer held), or `fallback` when a swapped victim
   recomputed after all (copy-not-done: resumed before the worker reported the copy;
   copy-failed; not-loaded) or null when its blocks were all still cached on the device.
+  With kvbench's write-through connector (`kvbench.vllm.write_through`) a resumed victim's
+  preemption has `resume` {device_tokens, host_tokens, load_ms, recompute_ms (predicted),
+  decision load or recompute, loaded_tokens}, `decision` and `loaded_tokens`, and `swap_in`
+  {bytes, ms, predicted_ms} for its load; stores are summed for the engine (`host_store_*`).
 """
 
 from __future__ import annotations
@@ -91,6 +95,8 @@ class Recorder:
         # Preempted requests until they are re-admitted and past what they lost.
         self.catching_up: dict[str, RequestRecord] = {}
         self.columns = {name: array("d") for name in COLUMNS}
+        # Host transfers of the write-through connector, by direction: bytes, ms, predicted ms
+        self.host = {d: np.zeros(3) for d in ("store", "load")}
         self.path = path
         self.file = None
         if path is not None:
@@ -163,6 +169,28 @@ class Recorder:
                     np.array([entry.get("loaded_tokens", 0)]))[0])
             entry["swap_out" if event == "copied_out" else "swap_in"] = copy
 
+    def resume_decided(self, decision: dict) -> None:
+        """The write-through connector's choice for a resumed victim (module docstring)."""
+        record = self.open.get(decision["request_id"])
+        if record is None or not record.preemptions:
+            return
+        resume = {k: v for k, v in decision.items() if k != "request_id"}
+        record.preemptions[-1].update(resume=resume, decision=resume["decision"],
+                                      loaded_tokens=resume["loaded_tokens"])
+
+    def transferred(self, transfer: dict) -> None:
+        """A host transfer the write-through connector's worker measured."""
+        tokens = transfer["bytes"] / (self.block_bytes / self.block_size)
+        direction = transfer["direction"]
+        price = self.costs.swap_out_ms if direction == "store" else self.costs.swap_in_ms
+        predicted = float(price(np.array([tokens]))[0])
+        self.host[direction] += (transfer["bytes"], transfer["transfer_ms"], predicted)
+        record = self.open.get(transfer["request_id"])
+        if direction == "load" and record is not None and record.preemptions:
+            record.preemptions[-1]["swap_in"] = {
+                "bytes": transfer["bytes"], "ms": transfer["transfer_ms"], "ok": True,
+                "predicted_ms": predicted}
+
     def finished(self, request_id: str, output_tokens: int, computed_tokens: int,
                  finish_reason: str) -> dict | None:
         """Close a record (finished or aborted): its JSON line is written and returned."""
@@ -198,7 +226,9 @@ class Recorder:
 
     def summary(self) -> dict:
         columns = {k: np.frombuffer(v) if len(v) else np.zeros(0) for k, v in self.columns.items()}
-        return {**self.about, **summarize(columns), "unfinished": len(self.open)}
+        host = {f"host_{d}_{k}": float(v) for d, values in self.host.items()
+                for k, v in zip(("bytes", "ms", "predicted_ms"), values)}
+        return {**self.about, **summarize(columns), **host, "unfinished": len(self.open)}
 
     def close(self) -> dict:
         """Write the summary beside the records (if any) and return it."""
@@ -220,7 +250,7 @@ def _columns(line: dict) -> dict[str, float]:
             "swap_ms": sum(p["swap_ms"] for p in preemptions),
             "recompute_ms": sum(p["recompute_ms"] for p in preemptions),
             "saved_ms": sum(p["saved_ms"] for p in preemptions),
-            "swapped": sum(p.get("decision") == "swap" for p in preemptions),
+            "swapped": sum(p.get("decision") in ("swap", "load") for p in preemptions),
             "fallbacks": sum(p.get("fallback") is not None for p in preemptions),
             "loaded_tokens": sum(p.get("loaded_tokens", 0) for p in preemptions),
             **{f"bytes_{d}": sum(p[f"swap_{d}"]["bytes"] for p in preemptions

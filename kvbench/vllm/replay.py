@@ -68,7 +68,7 @@ from kvbench.sim.study import summary_table, table_cells  # noqa: E402
 from kvbench.sim.tokens import TokenIds, random_token_ids  # noqa: E402
 from kvbench.sim.workloads import Workload  # noqa: E402
 from kvbench.vllm.differential import same_requests  # noqa: E402
-from kvbench.vllm.drive import TINY_MODEL, check_replica  # noqa: E402
+from kvbench.vllm.drive import TINY_MODEL, check_replica, log_admissions  # noqa: E402
 from kvbench.vllm.instrument import summarize_records  # noqa: E402
 from kvbench.vllm.options import (  # noqa: E402
     ENV_PREFIX,
@@ -127,11 +127,16 @@ class ReplayEngine:
                                "more --num-gpu-blocks or --num-requests")
         return int(total.max())
 
-    def engine_args(self, max_model_len: int, options: PluginOptions | None) -> EngineArgs:
+    def engine_args(self, max_model_len: int, options: PluginOptions | None,
+                    kv_transfer: dict | None = None) -> EngineArgs:
+        """vLLM's engine arguments: the kvbench scheduler with `options` (None: vLLM's own),
+        and a KV connector (`kv_transfer`, vLLM's --kv-transfer-config) if given. The engine
+        runs in the config's dtype, so that the KV bytes the records price are the engine's."""
         plugin = options is not None
         settings = self.replica.vllm_settings(max_model_len)
         return EngineArgs(
             model=str(self.model), load_format="dummy", skip_tokenizer_init=True,
+            dtype=self.model_spec().dtype, kv_transfer_config=kv_transfer,
             seed=self.seed, enforce_eager=True, **settings["cache"], **settings["scheduler"],
             num_gpu_blocks_override=self.replica.num_gpu_blocks,
             gpu_memory_utilization=self.replica.gpu_memory_utilization,
@@ -186,11 +191,7 @@ class BatchObserver:
         step = self.log.add_step(time.perf_counter() - self.start, ids.tolist(), tokens.tolist())
         if preempted:
             self.log.add_events("preempted", step, preempted)
-        hits = [(_index(r.req_id), r.num_computed_tokens) for r in new if r.num_computed_tokens]
-        hits += [(_index(r), n) for r, n in zip(cached.req_ids, cached.num_computed_tokens)
-                 if n and r in cached.resumed_req_ids]
-        if hits:
-            self.log.add_events("cached", step, [i for i, _ in hits], [n for _, n in hits])
+        log_admissions(self.log, step, scheduler_output, _index)
 
 
 def _index(request_id: str) -> int:
@@ -226,13 +227,14 @@ class EngineRun:
 
 
 def run_engine(workload: Workload, tokens: TokenIds, settings: ReplayEngine, label: str,
-               options: PluginOptions | None, progress: Callable[[int], None] | None = None
-               ) -> EngineRun:
+               options: PluginOptions | None, progress: Callable[[int], None] | None = None,
+               kv_transfer: dict | None = None) -> EngineRun:
     """Replay `workload` through a fresh engine: vLLM's scheduler (`options` None) or the
-    kvbench scheduler with `options`."""
+    kvbench scheduler with `options`; `kv_transfer`: a KV connector's configuration."""
     max_model_len = settings.max_model_len(workload)
     load_start = os.getloadavg()[0]
-    engine = LLMEngine.from_engine_args(settings.engine_args(max_model_len, options))
+    engine = LLMEngine.from_engine_args(settings.engine_args(max_model_len, options,
+                                                             kv_transfer))
     try:
         executor = engine.engine_core.engine_core.model_executor
         n = workload.num_requests

@@ -35,3 +35,34 @@ def replay_markdown(document: dict) -> list[str]:
             f"**Simulated** (step time `{document['step_time']}`, fitted to every replayed step)",
             "", *summary_markdown(document["simulated"]).splitlines(), "",
             "**Replay vs simulator**", "", *gap]
+
+
+MECHANISM_COLUMNS = {  # key: header
+    "policy": "mechanism", "preemptions": "preempt", "host_decisions": "to host",
+    "fallbacks": "fallbacks", "recompute_tokens": "recomputed tok",
+    "loaded_tokens": "loaded tok", "moved_mb": "moved MB", "throughput_tokens_per_s": "tok/s",
+    "ttft_p50_s": "TTFT p50 s", "ttft_p99_s": "TTFT p99 s"}
+COPY_COLUMNS = {"policy": "mechanism", "copy_out_ms": "out ms", "copy_out_predicted_ms":
+                "predicted", "copy_out_error_pct": "error %", "copy_in_ms": "in ms",
+                "copy_in_predicted_ms": "predicted", "copy_in_error_pct": "error %"}
+
+
+def _rows(columns: dict, rows: list[dict]) -> list[str]:
+    lines = ["| " + " | ".join(columns.values()) + " |", "|" + "---|" * len(columns)]
+    for row in rows:
+        row = row | {"moved_mb": row["moved_bytes"] / 2**20}
+        lines.append("| " + " | ".join(table_cells([row.get(k) for k in columns])) + " |")
+    return lines
+
+
+def mechanisms_markdown(document: dict) -> list[str]:
+    """`kvbench replay --mechanisms`: the replayed rows, the simulated rows, and the copies the
+    connectors measured against the profile's predictions."""
+    return [f"Mechanisms: {replay_title(document)} · host pool "
+            f"{document['host_blocks']} blocks", "", "```", document["command"], "```", "",
+            "**Replayed in vLLM**", "", *_rows(MECHANISM_COLUMNS, document["replayed"]), "",
+            f"**Simulated** (step time `{document['step_time']}`, fitted to every replayed step)",
+            "", *_rows(MECHANISM_COLUMNS, document["simulated"]), "",
+            "**Copies: measured by the connectors, predicted by the costs** (all copies of the "
+            "run, ms; out = swap-out or store, in = swap-in or load; error = (predicted - "
+            "measured) / measured)", "", *_rows(COPY_COLUMNS, document["replayed"])]

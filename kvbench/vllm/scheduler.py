@@ -113,7 +113,10 @@ class KvbenchScheduler(Scheduler):
             self._swap = self.connector.attach(
                 costs, bind(options.policy.functions()["preemption"], options.knobs),
                 self.kvbench_recorder)
-        elif options.policy.preemption != "recompute":
+        elif hasattr(self.connector, "on_decision"):  # kvbench's write-through connector
+            self.connector.on_decision = self.kvbench_recorder.resume_decided
+            self.connector.on_transfer = self.kvbench_recorder.transferred
+        if self._swap is None and options.policy.preemption != "recompute":
             raise PluginError(f"kvbench: preemption {options.policy.preemption!r} needs "
                               "kvbench's swap connector (--kv-transfer-config '{\"kv_connector\""
                               ": \"KvbenchSwapConnector\", \"kv_role\": \"kv_both\"}'); "

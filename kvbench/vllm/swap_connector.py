@@ -108,6 +108,16 @@ class CopyReports(KVConnectorWorkerMetadata):
         return CopyReports(list(merged.values()))
 
 
+def planned_copies(scheduler_output) -> tuple[list[str], dict[str, int]]:
+    """The swap connector's plan in a step's output: the victims it swaps out (in preemption
+    order) and the tokens each resumed request loads back (empty without the connector)."""
+    meta = scheduler_output.kv_connector_metadata
+    if not isinstance(meta, SwapMetadata):
+        return [], {}
+    return ([job.request_id for job in meta.swap_out],
+            {job.request_id: job.tokens for job in meta.swap_in})
+
+
 def kv_layout(kv_cache_config) -> tuple[int, int]:
     """(block_size, bytes of one block of all layers) of a single full-attention group."""
     groups = kv_cache_config.kv_cache_groups

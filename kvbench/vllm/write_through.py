@@ -16,14 +16,16 @@ answers "0 tokens matched", so vLLM recomputes them. First admissions keep vLLM'
 host hit then is a prefix shared with an earlier request, not a victim's own state).
 
 Options, in `kv_connector_extra_config`: `"kvbench_resume"` is `selector` (the default), `load`
-or `recompute` (forced, for experiments); the costs come from kvbench's own options (KVBENCH_*
-or `additional_config["kvbench"]`: `profile`, `hardware`). On vLLM's CPU platform the host copies
-need kvbench's torch-copy spec (`kvbench.vllm.offload_spec`); on a GPU vLLM's own CPU spec works.
+or `recompute` (forced, for experiments); vLLM's own (`cpu_bytes_to_use`, the host pool) as for
+its OffloadingConnector, except that `offload_prompt_only` defaults to false. The costs come
+from kvbench's own options (KVBENCH_* or `additional_config["kvbench"]`: `profile`,
+`hardware`). On vLLM's CPU platform the host copies default to kvbench's torch-copy spec
+(`kvbench.vllm.offload_spec`); on a GPU vLLM's own CPU spec works.
 
-What it reports, to optional callbacks (`on_decision`, `on_transfer`; the lists `decisions` and
-`transfers` keep everything, for a run's records): each resume decision that took effect (after
-vLLM allocated the request's blocks), and each host transfer the worker measured, which reaches
-the scheduler in the worker metadata vLLM's connector already sends every step.
+What it reports, to callbacks (`on_decision`, `on_transfer`; the kvbench scheduler points them
+at its recorder, `kvbench.vllm.instrument`): each resume decision that took effect (after vLLM
+allocated the request's blocks), and each host transfer the worker measured, which reaches the
+scheduler in the worker metadata vLLM's connector already sends every step.
 """
 
 from __future__ import annotations
@@ -38,6 +40,7 @@ from vllm.distributed.kv_transfer.kv_connector.v1.offloading.common import (
     OffloadingWorkerMetadata,
 )
 from vllm.distributed.kv_transfer.kv_connector.v1.offloading_connector import OffloadingConnector
+from vllm.platforms import current_platform
 from vllm.v1.kv_offload.base import OffloadingWorker, TransferResult
 
 from kvbench.costmodel import CostModel
@@ -49,6 +52,11 @@ logger = logging.getLogger("vllm.kvbench")  # under vLLM's logger: its handler a
 
 RESUME_KEY = "kvbench_resume"
 RESUME_MODES = ("selector", "load", "recompute")
+# Unless given: a victim's generated tokens are kept too (vLLM's default keeps prompt blocks
+# only), and on vLLM's CPU platform the copies are kvbench's torch copies.
+DEFAULTS = {"offload_prompt_only": False}
+CPU_DEFAULTS = {"spec_name": "TorchCopyOffloadingSpec",
+                "spec_module_path": "kvbench.vllm.offload_spec"}
 
 
 def resume_mode(extra_config) -> str:
@@ -133,12 +141,13 @@ class KvbenchWriteThroughConnector(OffloadingConnector):
     """vLLM's OffloadingConnector with kvbench's choice on resume (module doc)."""
 
     def __init__(self, vllm_config, role, kv_cache_config):
-        self.resume = resume_mode(vllm_config.kv_transfer_config.kv_connector_extra_config)
+        extra = vllm_config.kv_transfer_config.kv_connector_extra_config
+        self.resume = resume_mode(extra)
+        extra.update({**DEFAULTS, **(CPU_DEFAULTS if current_platform.is_cpu() else {}),
+                      **extra})
         super().__init__(vllm_config, role, kv_cache_config)
         self.on_decision: Callable[[dict], None] | None = None
         self.on_transfer: Callable[[dict], None] | None = None
-        self.decisions: list[dict] = []
-        self.transfers: list[dict] = []
         self._pending: dict[str, dict] = {}  # request id -> its decision, until allocated
         self.costs: CostModel | None = None
         if role == KVConnectorRole.SCHEDULER:
@@ -168,7 +177,6 @@ class KvbenchWriteThroughConnector(OffloadingConnector):
         decision = self._pending.pop(request.request_id, None)
         if decision is not None:
             decision["loaded_tokens"] = num_external_tokens
-            self.decisions.append(decision)
             if self.on_decision is not None:
                 self.on_decision(decision)
         return super().update_state_after_alloc(request, blocks, num_external_tokens)
@@ -182,7 +190,6 @@ class KvbenchWriteThroughConnector(OffloadingConnector):
                 transfer = {"request_id": job.req_id if job is not None else None,
                             "direction": direction, "bytes": num_bytes,
                             "transfer_ms": 1e3 * seconds}
-                self.transfers.append(transfer)
                 if self.on_transfer is not None:
                     self.on_transfer(transfer)
         super().update_connector_output(connector_output)
