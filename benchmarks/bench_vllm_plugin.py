@@ -184,7 +184,7 @@ def test_swap_connector_cost_under_five_percent_per_step(benchmark, azure, monke
         "steps": log.num_steps, "preemptions": log.num_preemptions,
         "swapped": int(log.swapped_request.size), "overhead_pct": overhead_pct})
     print(f"\n{benchmark.name}: vLLM {median['vllm_ms_per_step']:.4f} ms/step, swap connector "
-          f"{median["kvbench_us_per_step"]:.2f} us/step = {overhead_pct:.2f}% "
+          f"{median['kvbench_us_per_step']:.2f} us/step = {overhead_pct:.2f}% "
           f"({log.num_steps} steps, {log.num_preemptions} preemptions, "
           f"{log.swapped_request.size} swapped)")
     assert overhead_pct < OVERHEAD_BUDGET_PCT, \
