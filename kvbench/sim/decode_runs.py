@@ -6,7 +6,8 @@ the next event only grow each request by one token. `DecodeRuns._run_decode_step
 together through the engine's own pricer (`StepPricer.decode_run`) and KV cache manager
 (`allocate_decode_run`, `cache_full`), so the schedule, clock, blocks and prefix cache are
 those of scheduling the steps one by one; tests/sim/test_engine.py runs both ways. A step is
-scheduled one by one only when it admits, preempts or prefills.
+scheduled one by one only when it admits, preempts or prefills; under write-through offloading
+(kvbench/sim/write_through.py) also when it stores, loads or starts a load.
 """
 
 from __future__ import annotations
@@ -45,6 +46,12 @@ class DecodeRuns:
         are: no block of the run may evict one of them, and no running request may register one
         of its hashes, which only a request with the same first block can
         (`KVCacheManager.private_prefixes`).
+
+        Under write-through offloading no step of the run may copy between the GPU and the
+        host: no request loads or has a load landing, every running request has offered all its
+        prompt blocks (only a store the host had no room for is left to retry), the step in
+        flight copies nothing, and the head finds nothing on the host (so it is admitted, or
+        not, as without offloading; the host cache does not change during the run).
         """
         req, run, bs, replica = self.requests, self.running, self.block_size, self.replica
         kv = self.kv
@@ -54,8 +61,14 @@ class DecodeRuns:
         head = self.waiting[0] if self.waiting else None
         if head is not None and not kv.private_prefixes:
             return False
+        offloading = self.write_through
+        if offloading is not None and (self.loading or not offloading.stores_done(run) or (
+                head is not None and offloading.lookup(
+                    head, len(kv.get_computed_blocks(head)) * bs) != 0)):
+            return False
         if asynchronous:  # one decode step of these requests in flight, and of finished ones
-            if len(self.in_flight) != 1 or self.in_flight[0].swapped:
+            if (len(self.in_flight) != 1 or self.in_flight[0].swapped
+                    or self.in_flight[0].transfers is not None):
                 return False
             flying = self.in_flight[0].ids
             if flying is not run:  # (the running array is replaced, never changed in place)
@@ -137,6 +150,8 @@ class DecodeRuns:
             limit = min(limit, bisect.bisect_right(taken, kv.pool.num_unhashed_free))
         if limit < 1:
             return False
+        if offloading is not None:  # as the first step's schedule would
+            offloading.refresh_finished()
         free_after = [free - blocks for blocks in taken[:limit]]
         total = int(computed.sum())
         next_arrival_s = self._next_arrival_s()

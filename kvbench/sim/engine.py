@@ -11,22 +11,24 @@ Each `schedule` (one forward pass of the batch):
    request that needs a new KV block when none is free preempts victims (victim policy) until
    the block fits, or is itself the victim, which ends this step's scheduling of running
    requests. Each victim is swapped to CPU memory or dropped for recomputation (preemption
-   mode) and goes to the front of the waiting queue;
+   mode) and goes to the front of the waiting queue; under write-through offloading
+   (`ReplicaSpec.kv_offloading`) it is dropped, its prompt blocks already on the host;
 3. if nothing was preempted, waiting requests are admitted in order, up to `max_num_seqs`
    running, while the blocks fit (the whole prompt under full-prompt admission, else the first
    chunk; less prefix-cache hits; plus the watermark) and the admission policy agrees (see
    `kvbench.sim.policies`); the first that does not stops admission. A swapped request swaps
    back in, a recomputed one prefills what the cache no longer holds of its prompt and
-   generated tokens;
+   generated tokens. Under write-through offloading a request may first load what the host
+   cache holds of it, and runs once the load has landed (`_admit_offloaded`);
 4. the step is priced (`kvbench.sim.steptime`) and runs on the GPU once the previous one is
    done. Its output (one token per request whose known tokens are all computed) is processed
    when the step ends: right away, or, under async scheduling, after the next step has been
    scheduled (two batches in flight, as vLLM's EngineCore). Finished requests free their
    blocks then.
 
-Pricing (`StepPricer`, kvbench/sim/steptime.py), FLOP accounting, cache sizing and the decode
-fast path (`SimConfig.decode_runs`, kvbench/sim/decode_runs.py) are described in
-docs/simulator.md.
+Pricing (`StepPricer`, kvbench/sim/steptime.py), FLOP accounting, cache sizing, write-through
+offloading (kvbench/sim/write_through.py) and the decode fast path (`SimConfig.decode_runs`,
+kvbench/sim/decode_runs.py) are described in docs/simulator.md.
 """
 
 from __future__ import annotations
@@ -36,13 +38,15 @@ from collections.abc import Callable
 
 import numpy as np
 
+from kvbench.sim.blocks import PrefixHashes
 from kvbench.sim.config import Costs, SimConfig
 from kvbench.sim.decode_runs import DecodeRuns
 from kvbench.sim.engines import plan_kv_cache
 from kvbench.sim.kv_cache import KVCacheManager
-from kvbench.sim.policies import admit_fcfs, bind
+from kvbench.sim.policies import RESUMES, admit_fcfs, bind
 from kvbench.sim.requests import (
     FINISHED,
+    LOADING,
     REJECTED,
     RUNNING,
     STATE_NAMES,
@@ -57,6 +61,7 @@ from kvbench.sim.steptime import CostStepTime, StepPricer, parse_step_time
 from kvbench.sim.tokens import TokenIds, random_token_ids
 from kvbench.sim.view import StateView
 from kvbench.sim.workloads import Workload
+from kvbench.sim.write_through import StepTransfers, WriteThrough
 
 PROGRESS_EVERY_STEPS = 2000
 EMPTY = np.zeros(0, dtype=np.int64)
@@ -85,11 +90,21 @@ class Simulator(DecodeRuns):
         self.block_size = replica.block_size
         self.block_bytes = float(replica.block_size * self.model.kv_bytes_per_token)
         self.requests = RequestTable(workload)
-        if replica.enable_prefix_caching:
+        if replica.enable_prefix_caching or replica.kv_offloading:  # blocks go by their hashes
             tokens = tokens if tokens is not None else random_token_ids(workload,
                                                                        config.knobs.seed)
             tokens.check(workload)
         self.kv = KVCacheManager(replica, self.requests, tokens)
+        # Write-through offloading (kvbench/sim/write_through.py): the connector, the requests
+        # loading from the host (-> landed) and the resume policy.
+        self.write_through: WriteThrough | None = None
+        self.loading: dict[int, bool] = {}
+        if replica.kv_offloading:
+            hashes = (self.kv.pool.hashes if self.kv.caching
+                      else PrefixHashes(tokens, self.requests.output_tokens, self.block_size))
+            self.write_through = WriteThrough(self.requests, hashes, replica.num_cpu_blocks,
+                                              replica.enable_prefix_caching)
+            self.resume = bind(RESUMES[config.policy.preemption], config.knobs)
         self.usable_blocks = replica.usable_blocks
         functions = config.policy.functions()
         self.admits_all = functions["admission"] is admit_fcfs  # no view to build
@@ -147,15 +162,17 @@ class Simulator(DecodeRuns):
         req, n = self.requests, self.requests.size
         if self.next_arrival < n and req.arrival_s[self.next_arrival] <= self.now_s:
             self._enqueue_arrivals()
-        if self.running.size or self.waiting:
+        if self.running.size or self.waiting or self.loading:
             while self.decode_runs and self._run_decode_steps():  # as `step` would
                 if self.next_arrival < n and req.arrival_s[self.next_arrival] <= self.now_s:
                     self._enqueue_arrivals()
             executed = self._schedule()
             if len(self.in_flight) < self.queue_size and (
-                    executed or self.running.size or self.waiting):
+                    executed or self.running.size or self.waiting or self.loading):
                 return True  # async: schedule the next step before this one's output
         elif not self.in_flight:
+            if self.write_through is not None:  # vLLM schedules once more, empty, to report
+                self.write_through.refresh_finished()  # the finished (scheduler.py:2823-2838)
             if self.next_arrival >= n:
                 return False
             arrival_s = float(req.arrival_s[self.next_arrival])
@@ -225,7 +242,8 @@ class Simulator(DecodeRuns):
 
     def _report_livelock(self) -> None:
         stuck = (int(self.running[0]) if self.running.size else
-                 int(self.waiting[0]) if self.waiting else self.next_arrival)
+                 int(self.waiting[0]) if self.waiting else
+                 next(iter(self.loading)) if self.loading else self.next_arrival)
         req = self.requests
         self.livelock = {
             "step": self.steps, "time_s": self.now_s, "request_id": stuck,
@@ -309,7 +327,10 @@ class Simulator(DecodeRuns):
             i, num_tokens, num_new = order[pos], int(tokens[first]), int(need[first])
             while num_new > kv.num_free and req.state[i] == RUNNING:
                 view = self.view(np.array(order, dtype=np.int64))
-                at = self.choose_victim(view, self.preemption(view, view.running))
+                # (under write-through a victim is dropped; its resume is decided later)
+                swaps = (self.preemption(view, view.running) if self.write_through is None
+                         else np.zeros(view.running.size, dtype=bool))
+                at = self.choose_victim(view, swaps)
                 victim = order[at]
                 del order[at]
                 if at < pos:  # already scheduled in this step: give its tokens back
@@ -346,11 +367,12 @@ class Simulator(DecodeRuns):
         """Swap the victim's KV to host memory or drop it (the preemption policy), as kvbench's
         swap connector does inside vLLM (kvbench/vllm/swap_scheduler.py): either way it
         restarts from the prefix cache; a swapped one then loads the rest of its copy, once
-        the step that copies it has landed."""
+        the step that copies it has landed. Under write-through offloading it is dropped: what
+        the host holds of it is looked up when it starts again (`_admit_offloaded`)."""
         req = self.requests
         computed = int(req.computed_tokens[victim])
-        swap = computed and self.preemption(self.view(self.running),
-                                            self.requests.view(np.array([victim])))[0]
+        swap = computed and self.write_through is None and self.preemption(
+            self.view(self.running), self.requests.view(np.array([victim])))[0]
         req.recompute_target_tokens[victim] = max(int(req.recompute_target_tokens[victim]),
                                                   computed)
         req.computed_tokens[victim] = 0
@@ -380,7 +402,9 @@ class Simulator(DecodeRuns):
     def _admit_waiting(self, budget: int, admitted: int | None) -> tuple[list[int], list[int]]:
         """Admit waiting requests in order while they fit and the policy agrees (`admitted`: a
         request the policy has admitted in this very state)."""
-        req, kv = self.requests, self.kv
+        if self.write_through is not None:
+            return self._admit_offloaded(budget)
+        kv = self.kv
         ids: list[int] = []
         tokens: list[int] = []
         while self.waiting and budget > 0 and self.running.size < self.replica.max_num_seqs:
@@ -388,21 +412,107 @@ class Simulator(DecodeRuns):
             fit = kv.can_admit(i, budget, kv.num_free, self.running.size > 0)
             if fit is None or (i != admitted and not self._policy_admits(i)):
                 break
-            hits, computed, num_tokens, blocks = fit
             self.waiting.popleft()
-            if req.state[i] == SWAPPED:
-                self._swap_in(i, len(hits) * self.block_size, computed)
-            req.state[i] = RUNNING
-            kv.admit(i, hits, computed, blocks)
-            req.computed_tokens[i] = computed
-            if hits:
-                self.step_hits.append((i, len(hits) * self.block_size))
-            kv.cache_one(i, computed + num_tokens)
-            self.running = np.concatenate((self.running, [i]))
             ids.append(i)
-            tokens.append(num_tokens)
-            budget -= num_tokens
+            tokens.append(self._start(i, fit))
+            budget -= tokens[-1]
         return ids, tokens
+
+    def _start(self, i: int, fit: tuple[list[int], int, int, int]) -> int:
+        """Waiting request `i` runs from this step, as `KVCacheManager.can_admit` fitted it;
+        returns the tokens it computes in the step."""
+        req, kv = self.requests, self.kv
+        hits, computed, num_tokens, blocks = fit
+        if req.state[i] == SWAPPED:
+            self._swap_in(i, len(hits) * self.block_size, computed)
+        req.state[i] = RUNNING
+        kv.admit(i, hits, computed, blocks)
+        req.computed_tokens[i] = computed
+        if hits:
+            self.step_hits.append((i, len(hits) * self.block_size))
+        kv.cache_one(i, computed + num_tokens)
+        self.running = np.concatenate((self.running, [i]))
+        return num_tokens
+
+    def _admit_offloaded(self, budget: int) -> tuple[list[int], list[int]]:
+        """`_admit_waiting` under write-through offloading (vLLM scheduler.py:912-1395): first
+        the requests whose load has landed (vLLM's kv_holding_waiting queue, :913-917), then the
+        waiting queue. A request the connector holds back (its load in flight, :3178-3183; a
+        host hit still being stored or loaded, `WriteThrough.lookup`, :986-991) is skipped, not
+        waited for. One whose host hit the resume policy takes starts loading it and waits
+        (`_start_load`). As in `_admit_waiting`, the first that does not fit or that the
+        admission policy refuses (kvbench's plugin asks it in allocate_slots) ends admission."""
+        req, kv, bs = self.requests, self.kv, self.block_size
+        ids: list[int] = []
+        tokens: list[int] = []
+        landed = [i for i, done in self.loading.items() if done]
+        at = 0  # the waiting queue's first request not skipped
+        while budget > 0 and self.running.size < self.replica.max_num_seqs:
+            running = self.running.size > 0
+            if landed:
+                i = landed[0]
+                fit = kv.can_admit(i, budget, kv.num_free, running, hits=[])
+            elif at < len(self.waiting):
+                i = self.waiting[at]
+                hits = kv.get_computed_blocks(i)
+                cached = len(hits) * bs
+                host = self.write_through.lookup(i, cached)
+                if host is None:
+                    at += 1
+                    continue
+                if host and self.resume(self.view(self.running), np.array([cached]),
+                                        np.array([host]))[0]:
+                    blocks = kv.blocks_to_admit(i, hits, cached + host, kv.num_free, running,
+                                                self._reserved_blocks())
+                    if blocks is None or not self._policy_admits(i):
+                        break
+                    del self.waiting[at]
+                    self._start_load(i, hits, cached, host, blocks)
+                    continue
+                fit = kv.can_admit(i, budget, kv.num_free, running, hits)
+            else:
+                break
+            if fit is None or not self._policy_admits(i):
+                break
+            if landed:
+                del self.loading[landed.pop(0)]
+            else:
+                del self.waiting[at]
+            ids.append(i)
+            tokens.append(self._start(i, fit))
+            budget -= tokens[-1]
+            req.prefilling[i] = fit[1] + tokens[-1] < req.known_tokens(i)
+        return ids, tokens
+
+    def _reserved_blocks(self) -> int:
+        """The blocks the prefills in flight (vLLM's _inflight_prefills: running requests amid
+        a prefill, requests loading) still need for their whole sequence, which an async load
+        must leave free (scheduler.py:1241-1251, 3060-3092)."""
+        req = self.requests
+        ids = np.concatenate([self.running[req.prefilling[self.running]],
+                              np.fromiter(self.loading, dtype=np.int64)])
+        whole = req.known_tokens(ids)
+        if self.replica.max_model_len is not None:
+            whole = np.minimum(whole, self.replica.max_model_len)
+        return int(np.maximum(cdiv(whole, self.block_size) - req.gpu_blocks[ids], 0).sum())
+
+    def _start_load(self, i: int, hits: list[int], cached: int, host: int, blocks: int) -> None:
+        """Write-through: waiting request `i` loads `host` tokens from the host cache past its
+        `cached` prefix-cache hit. It takes its blocks now and waits (WAITING_FOR_REMOTE_KVS)
+        until the load is reported done with this step's output (scheduler.py:1320-1341); the
+        load is priced on this step's clock."""
+        req = self.requests
+        self.kv.admit(i, hits, cached + host, blocks)
+        req.computed_tokens[i] = cached + host
+        req.state[i] = LOADING
+        self.loading[i] = False
+        if hits:
+            self.step_hits.append((i, cached))
+        self.write_through.start_load(i, cached, host)
+        req.loaded_tokens[i] += host
+        req.swapped_bytes[i] += host // self.block_size * self.block_bytes
+        self.step_swap_ms += float(self.costs.swap_in_ms(host))
+        self.step_loaded.append((i, host))
 
     def _swap_in(self, i: int, cached: int, computed: int) -> None:
         """Swapped victim `i` is admitted with `cached` tokens from the prefix cache and
@@ -435,7 +545,10 @@ class Simulator(DecodeRuns):
         samples = end == req.prompt_tokens[ids] + output
         decode = samples & (tokens == 1) & (output > 0)
         num_decode = int(np.count_nonzero(decode))
-        executed = bool(ids.size)
+        executed = bool(ids.size or self.step_loaded)  # (a load runs without a forward pass)
+        if self.write_through is not None:
+            req.prefilling[ids] = ~samples  # (scheduler.py:1634-1642)
+            self._store(ids, end)
         p_start = p_end = None  # the prefill chunks
         if num_decode < ids.size:
             # Positions below the recompute target had KV that a preemption dropped; only
@@ -475,8 +588,22 @@ class Simulator(DecodeRuns):
             if self.step_swapped:
                 self.log.add_events("swapped", log_step, self.step_swapped)
         end_s = self.gpu_free_s if executed else self.now_s
-        self.in_flight.appendleft(Batch(ids, samples, end_s, log_step, tuple(self.step_swapped)))
+        transfers = self.write_through.take_step() if self.write_through is not None else None
+        self.in_flight.appendleft(Batch(ids, samples, end_s, log_step, tuple(self.step_swapped),
+                                        transfers))
         return executed
+
+    def _store(self, ids: np.ndarray, end: np.ndarray) -> None:
+        """Write-through: the step that computes positions up to `end` of requests `ids` copies
+        their new full prompt blocks to the host (`WriteThrough.store`), priced on its clock
+        (vLLM overlaps the copies with the next step's forward pass; kvbench/sim/
+        write_through.py, Timing)."""
+        req = self.requests
+        jobs, stored = self.write_through.store(ids, end)
+        if jobs.size:
+            req.stored_tokens[jobs] += stored
+            req.swapped_bytes[jobs] += stored // self.block_size * self.block_bytes
+            self.step_swap_ms += float(self.costs.swap_out_ms(stored).sum())
 
     # -----------------------------------------------------------------------------------------
     # Output: sample tokens, finish requests
@@ -489,6 +616,8 @@ class Simulator(DecodeRuns):
         for i in batch.swapped:  # the worker reports the copies with the step's output
             if req.state[i] == SWAPPED:
                 req.loadable_tokens[i] = req.swap_tokens[i]
+        if batch.transfers is not None:
+            self._land(batch.transfers)
         sampled = batch.ids[batch.samples]
         state = req.state[sampled]
         if np.count_nonzero(state == FINISHED):
@@ -517,6 +646,17 @@ class Simulator(DecodeRuns):
             self._finish(finished, batch.log_step)
         self.timeline.append((self.now_s, used, self.running.size))
 
+    def _land(self, transfers: StepTransfers) -> None:
+        """Write-through: a step's stores and loads are reported done with its output. A
+        request whose load landed registers the loaded blocks in the prefix cache and will
+        compute at least its last token again (scheduler.py:3123-3173)."""
+        req = self.requests
+        for i in self.write_through.land(transfers):
+            self.loading[i] = True
+            computed = int(req.computed_tokens[i])
+            self.kv.cache_one(i, computed)
+            req.computed_tokens[i] = min(computed, int(req.known_tokens(i)) - 1)
+
     def _revise_predictions(self, late: np.ndarray, generated: np.ndarray) -> None:
         """Requests that outlived their predictions: as many tokens again as so far."""
         req = self.requests
@@ -538,6 +678,8 @@ class Simulator(DecodeRuns):
         if was_running.any():
             self.running = self.running[req.state[self.running] == RUNNING]
         self.predictor.observe(req.prompt_tokens[finished], req.output_tokens[finished])
+        if self.write_through is not None:
+            self.write_through.finish(finished)
         self.kv.forget(finished)
         if self.log is not None and log_step is not None:
             self.log.add_events("finished", log_step, finished.tolist())

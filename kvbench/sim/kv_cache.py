@@ -1,6 +1,7 @@
 """The KV cache manager: the boundary between the scheduler and the block pool, as vLLM 0.32's
 (vllm/v1/core/kv_cache_manager.py). The engine asks it whether a waiting request fits
-(`can_admit`, with its prefix-cache hits: `get_computed_blocks`), gives requests blocks
+(`can_admit`, with its prefix-cache hits: `get_computed_blocks`; `blocks_to_admit` for a
+write-through load's blocks, kvbench/sim/write_through.py), gives requests blocks
 (`allocate`, `allocate_decode_run`), registers full blocks in the prefix cache (`cache`) and
 frees a request's blocks (`free`); it never touches the pool itself.
 
@@ -61,16 +62,17 @@ class KVCacheManager:
             return []
         return self.pool.lookup(i, int(req.known_tokens(i)))
 
-    def can_admit(self, i: int, budget: int, free: int, running: bool
-                  ) -> tuple[list[int], int, int, int] | None:
+    def can_admit(self, i: int, budget: int, free: int, running: bool,
+                  hits: list[int] | None = None) -> tuple[list[int], int, int, int] | None:
         """Whether waiting request `i` fits with `free` blocks free and `budget` tokens left
-        (`running`: other requests run, so the watermark applies): its prefix-cache hits,
-        computed tokens after them, tokens to schedule and new blocks; None if it does not
-        fit (kv_cache_manager.py:509-522)."""
+        (`running`: other requests run, so the watermark applies): its prefix-cache hits
+        (`hits`, if already looked up), computed tokens after them, tokens to schedule and new
+        blocks; None if it does not fit (kv_cache_manager.py:509-522)."""
         req, replica, bs = self.requests, self.replica, self.block_size
         computed = int(req.computed_tokens[i])
         known = int(req.known_tokens(i))
-        hits = self.get_computed_blocks(i)
+        if hits is None:
+            hits = self.get_computed_blocks(i)
         computed += len(hits) * bs
         # A swapped victim loads what the prefix cache no longer holds of its copy (the swap
         # connector's get_num_new_matched_tokens), leaving at least one token to compute.
@@ -79,16 +81,29 @@ class KVCacheManager:
         if want > budget and not replica.enable_chunked_prefill:
             return None
         num_tokens = min(want, budget)
+        blocks = self.blocks_to_admit(i, hits, computed + num_tokens, free, running)
+        return None if blocks is None else (hits, computed, num_tokens, blocks)
+
+    def blocks_to_admit(self, i: int, hits: list[int], tokens: int, free: int, running: bool,
+                        reserved: int = 0) -> int | None:
+        """The new blocks waiting request `i` needs for its first `tokens` tokens beside its
+        prefix-cache `hits` and the blocks it holds (those of a write-through load), if they fit
+        in `free` blocks less `reserved` (what an async load leaves the prefills in flight,
+        scheduler.py:1241-1251) and less the watermark while others run; None if not
+        (kv_cache_manager.py:509-579)."""
+        req, replica, bs = self.requests, self.replica, self.block_size
+        held = len(hits) + int(req.gpu_blocks[i])
         in_queue = self.pool.num_evictable(hits) if hits else 0
         extra = in_queue + (self.watermark_blocks if running else 0)
         if replica.scheduler_reserve_full_isl:
+            known = int(req.known_tokens(i))
             whole = known if replica.max_model_len is None else min(known, replica.max_model_len)
-            if cdiv(whole, bs) - len(hits) + extra > free:
+            if cdiv(whole, bs) - held + extra > free:
                 return None
-        blocks = cdiv(computed + num_tokens, bs) - len(hits)
-        if blocks + extra > free:
+        blocks = cdiv(tokens, bs) - held
+        if blocks + extra > free - reserved:
             return None
-        return hits, computed, num_tokens, blocks
+        return blocks
 
     def admit(self, i: int, hits: list[int], computed: int, blocks: int) -> None:
         """Give waiting request `i` its hit blocks and `blocks` new ones."""

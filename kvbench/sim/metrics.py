@@ -12,8 +12,10 @@ requests per second of makespan, the time from the first arrival to the end of t
 `gpu_utilization` (busy time / makespan) and `useful_utilization` (busy time without
 recomputation and swap transfers / makespan); `recompute_fraction` (FLOPs spent recomputing
 dropped KV / all FLOPs). Per request: `preemption_frequency` (preemptions per output token),
-`recompute_tokens`, `wasted_flops` (FLOPs of its recomputation) and `swapped_bytes` (KV bytes
-moved between GPU and CPU, both directions).
+`recompute_tokens`, `wasted_flops` (FLOPs of its recomputation), `swapped_bytes` (KV bytes
+moved between GPU and CPU, both directions: swaps, and write-through stores and loads),
+`loaded_tokens` (KV loaded back from the CPU) and `stored_tokens` (KV copied to the CPU by
+write-through offloading).
 """
 
 from __future__ import annotations
@@ -105,6 +107,8 @@ def request_metrics(result: SimResult) -> dict[str, np.ndarray]:
         "recompute_tokens": req.recompute_tokens,
         "wasted_flops": req.wasted_flops,
         "swapped_bytes": req.swapped_bytes,
+        "loaded_tokens": req.loaded_tokens,
+        "stored_tokens": req.stored_tokens,
         "reject_reason": np.array([req.reject_reason.get(i, "") for i in range(req.size)],
                                   dtype=object),
     }

@@ -36,6 +36,16 @@ Preemption (`PREEMPTIONS`): for each of some running requests, swap (True) or re
 * `swap`        swap while the CPU swap space has room for the victim's blocks, else recompute;
 * `selector`    the cheaper of the two by `CostModel.prefer_swap` (the choice `kvbench select`
                 prints), swapping only while the CPU space has room.
+
+Resume (`RESUMES`, by the preemption policy's name), under write-through offloading
+(`ReplicaSpec.kv_offloading`, kvbench/sim/write_through.py), where nothing is decided at
+preemption: a request about to start with `cached` tokens in the prefix cache and `loadable`
+more in the host cache loads them (True) or computes them again (False).
+
+* `recompute`   never loads;
+* `swap`        always loads (vLLM's OffloadingConnector);
+* `selector`    loads when swap_in_ms(loadable) <= recompute_ms(cached + loadable) -
+                recompute_ms(cached): the load costs no more than the prefill it saves.
 """
 
 from __future__ import annotations
@@ -131,9 +141,25 @@ def swap_if_cheaper(view: SchedulerView, victims: Requests) -> np.ndarray:
     return view.costs.prefer_swap(victims.computed_tokens) & swap_if_room(view, victims)
 
 
+def load_never(view: SchedulerView, cached: np.ndarray, loadable: np.ndarray) -> np.ndarray:
+    return np.zeros(loadable.size, dtype=bool)
+
+
+def load_all(view: SchedulerView, cached: np.ndarray, loadable: np.ndarray) -> np.ndarray:
+    return np.ones(loadable.size, dtype=bool)
+
+
+def load_if_cheaper(view: SchedulerView, cached: np.ndarray, loadable: np.ndarray
+                    ) -> np.ndarray:
+    costs = view.costs
+    saved_ms = costs.recompute_ms(cached + loadable) - costs.recompute_ms(cached)
+    return costs.swap_in_ms(loadable) <= saved_ms
+
+
 ADMISSION = {"fcfs": admit_fcfs, "reserve-max": admit_reserve_max, "future-kv": admit_future_kv}
 VICTIMS = {"lifo": victim_lifo, "lcf": victim_lcf, "cost-aware": victim_cost_aware}
 PREEMPTIONS = {"recompute": swap_never, "swap": swap_if_room, "selector": swap_if_cheaper}
+RESUMES = {"recompute": load_never, "swap": load_all, "selector": load_if_cheaper}
 REGISTRIES = {"admission": ADMISSION, "victim": VICTIMS, "preemption": PREEMPTIONS,
               "predictor": PREDICTORS}
 POLICY_AXES = tuple(REGISTRIES)

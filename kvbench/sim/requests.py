@@ -13,8 +13,10 @@ import numpy as np
 
 from kvbench.sim.workloads import Workload
 
-PENDING, WAITING, RUNNING, SWAPPED, FINISHED, REJECTED = range(6)
-STATE_NAMES = ("pending", "waiting", "running", "swapped", "finished", "rejected")
+PENDING, WAITING, RUNNING, SWAPPED, FINISHED, REJECTED, LOADING = range(7)
+# loading: write-through offloading loads its KV from the host before it runs (vLLM's
+# WAITING_FOR_REMOTE_KVS), holding its GPU blocks
+STATE_NAMES = ("pending", "waiting", "running", "swapped", "finished", "rejected", "loading")
 
 
 def cdiv(a, b):
@@ -59,6 +61,10 @@ class RequestTable:
         self.loadable_tokens = np.zeros(n, dtype=np.int64)
         self.loaded_tokens = np.zeros(n, dtype=np.int64)
         self.swap_fallbacks = np.zeros(n, dtype=np.int64)
+        # Write-through offloading: tokens copied to the host as computed, and whether a running
+        # request is amid a prefill (vLLM's _inflight_prefills, whose blocks a load leaves free).
+        self.stored_tokens = np.zeros(n, dtype=np.int64)
+        self.prefilling = np.zeros(n, dtype=bool)
         self.reject_reason: dict[int, str] = {}
 
     def known_tokens(self, ids):

@@ -10,6 +10,7 @@ import numpy as np
 from kvbench.sim.config import SimConfig
 from kvbench.sim.requests import RequestTable
 from kvbench.sim.steplog import StepLog
+from kvbench.sim.write_through import StepTransfers
 
 
 @dataclass
@@ -48,3 +49,4 @@ class Batch:
     end_s: float
     log_step: int | None
     swapped: tuple[int, ...] = ()  # victims whose swap-out this step copies
+    transfers: StepTransfers | None = None  # write-through stores and loads, done with its output

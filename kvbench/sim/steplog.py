@@ -5,7 +5,8 @@ index, tokens scheduled), and, as events tagged with their step, the requests pr
 scheduling it, the requests that finished with its output (in the order the engine reports
 them), the prefix-cache hit of each request admitted in it (tokens found in the cache,
 hits > 0 only), the victims whose KV was swapped to host memory while scheduling it, and the
-tokens each request admitted in it loaded back from host memory (a swapped victim resuming).
+tokens each request admitted in it loaded back from host memory (a swapped victim resuming;
+under write-through offloading, a request that starts its load in the step and runs later).
 Request indices are positions in the `Workload`.
 
 The log is columnar (numpy), so a whole-trace run of a few hundred thousand steps stays small

@@ -75,13 +75,16 @@ class DriveError(KvbenchError):
 
 
 def check_replica(replica: ReplicaSpec, step_s: float) -> None:
-    """What the drive needs beyond a valid `ReplicaSpec`: a sized cache with vLLM's null block
-    and a step time."""
+    """What the drive needs beyond a valid `ReplicaSpec`: a sized cache with vLLM's null block,
+    a step time and no write-through offloading."""
     if replica.num_gpu_blocks is None or replica.num_gpu_blocks < 2 or not replica.null_block:
         raise DriveError(f"num_gpu_blocks must be at least 2 with vLLM's null block, got "
                          f"{replica.num_gpu_blocks}")
     if not step_s > 0:
         raise DriveError(f"step_s must be positive, got {step_s}")
+    if replica.kv_offloading:
+        raise DriveError("kv_offloading is simulated only: the drive and replay do not set up "
+                         "vLLM's offloading connector; drop --kv-offloading")
 
 
 def build_scheduler(replica: ReplicaSpec, max_model_len: int, scheduler_cls: str | None = None,

@@ -132,3 +132,5 @@ def test_requests_that_cannot_fit_are_refused_by_name():
     assert first_batch_of(log, 1)[0] == (1, 500)  # admitted only once request 0 is gone
     with pytest.raises(DriveError, match="request 0: prompt of 500 tokens is not shorter"):
         drive(workload, ReplicaSpec(num_gpu_blocks=64, max_model_len=500))
+    with pytest.raises(DriveError, match="kv_offloading is simulated only"):
+        drive(workload, ReplicaSpec(num_gpu_blocks=64, kv_offloading=True))
