@@ -9,8 +9,9 @@ preempted request, the simulator beside each.
                    `offload_prompt_only` as vLLM's default, so its transfers are measured);
 * `swap`           kvbench's swap connector: at preemption the selector swaps the victim to
                    host memory or drops it (`kvbench.vllm.swap_connector`);
-* `write-through`  kvbench's write-through connector: every full block written through, and at
-                   resume the selector loads or recomputes (`kvbench.vllm.write_through`).
+* `write-through`  kvbench's write-through connector: prompt blocks written through as for
+                   `offloading`, and at resume the selector loads or recomputes
+                   (`kvbench.vllm.write_through`).
 
 Every row runs the kvbench scheduler with vLLM's own admission and victim order, so its records
 say what each victim got, what was copied, and how long each copy took as measured against what
@@ -22,6 +23,7 @@ fitted to the replayed steps.
 from __future__ import annotations
 
 import dataclasses
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,6 +35,7 @@ from kvbench.sim.policies import Knobs, PolicySpec
 from kvbench.sim.tokens import random_token_ids
 from kvbench.sim.workloads import Workload
 from kvbench.vllm.differential import same_requests
+from kvbench.vllm.instrument import summary_path
 from kvbench.vllm.options import PluginOptions
 from kvbench.vllm.replay import (
     EngineRun,
@@ -50,14 +53,13 @@ class Mechanism:
     preemption: str  # the plugin's and the simulator's preemption policy
     connector: str | None = None  # "swap" or "write-through"
     resume: str = "selector"  # write-through: kvbench_resume
-    prompt_only: bool = False  # write-through: offload_prompt_only
+    prompt_only: bool = True  # write-through: offload_prompt_only (vLLM's default)
     offloading: bool = False  # the simulator's kv_offloading
 
 
 MECHANISMS = (
     Mechanism("recompute", "recompute"),
-    Mechanism("offloading", "swap", "write-through", resume="load", prompt_only=True,
-              offloading=True),
+    Mechanism("offloading", "swap", "write-through", resume="load", offloading=True),
     Mechanism("swap", "selector", "swap"),
     Mechanism("write-through", "selector", "write-through", offloading=True),
 )
@@ -82,7 +84,8 @@ def kv_transfer(mechanism: Mechanism, host_blocks: int, block_bytes: int) -> dic
 def mechanism_row(mechanism: Mechanism, run: EngineRun, workload: Workload, model) -> dict:
     """A replayed mechanism's numbers: the run's summary and its records' copies."""
     row = run_summary(run, workload, model)
-    records = row.pop("records_summary")
+    del row["records_summary"]  # the engine's own summary adds the write-through's transfers
+    records = json.loads(summary_path(run.records).read_text())
     swap = mechanism.connector == "swap"
     copies = {side: (records[f"bytes_{side}"], records[f"swap_{side}_ms"],
                      records[f"swap_{side}_predicted_ms"]) if swap else

@@ -16,8 +16,9 @@ answers "0 tokens matched", so vLLM recomputes them. First admissions keep vLLM'
 host hit then is a prefix shared with an earlier request, not a victim's own state).
 
 Options, in `kv_connector_extra_config`: `"kvbench_resume"` is `selector` (the default), `load`
-or `recompute` (forced, for experiments); vLLM's own (`cpu_bytes_to_use`, the host pool) as for
-its OffloadingConnector, except that `offload_prompt_only` defaults to false. The costs come
+or `recompute` (forced, for experiments); vLLM's own as for its OffloadingConnector
+(`cpu_bytes_to_use`, the host pool; `offload_prompt_only`, true by default: a victim's
+generated tokens are recomputed, which is what the simulator models). The costs come
 from kvbench's own options (KVBENCH_* or `additional_config["kvbench"]`: `profile`,
 `hardware`). On vLLM's CPU platform the host copies default to kvbench's torch-copy spec
 (`kvbench.vllm.offload_spec`); on a GPU vLLM's own CPU spec works.
@@ -52,9 +53,7 @@ logger = logging.getLogger("vllm.kvbench")  # under vLLM's logger: its handler a
 
 RESUME_KEY = "kvbench_resume"
 RESUME_MODES = ("selector", "load", "recompute")
-# Unless given: a victim's generated tokens are kept too (vLLM's default keeps prompt blocks
-# only), and on vLLM's CPU platform the copies are kvbench's torch copies.
-DEFAULTS = {"offload_prompt_only": False}
+# Unless given, on vLLM's CPU platform the copies are kvbench's torch copies.
 CPU_DEFAULTS = {"spec_name": "TorchCopyOffloadingSpec",
                 "spec_module_path": "kvbench.vllm.offload_spec"}
 
@@ -143,8 +142,8 @@ class KvbenchWriteThroughConnector(OffloadingConnector):
     def __init__(self, vllm_config, role, kv_cache_config):
         extra = vllm_config.kv_transfer_config.kv_connector_extra_config
         self.resume = resume_mode(extra)
-        extra.update({**DEFAULTS, **(CPU_DEFAULTS if current_platform.is_cpu() else {}),
-                      **extra})
+        if current_platform.is_cpu():
+            extra.update({**CPU_DEFAULTS, **extra})
         super().__init__(vllm_config, role, kv_cache_config)
         self.on_decision: Callable[[dict], None] | None = None
         self.on_transfer: Callable[[dict], None] | None = None
