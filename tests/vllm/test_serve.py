@@ -24,8 +24,10 @@ import urllib.request
 import numpy as np
 import pytest
 
-from kvbench.vllm.drive import TINY_MODEL
-from kvbench.vllm.instrument import read_records, summarize_records
+pytest.importorskip("vllm")
+
+from kvbench.vllm.drive import TINY_MODEL  # noqa: E402
+from kvbench.vllm.instrument import read_records, summarize_records  # noqa: E402
 
 pytestmark = pytest.mark.vllm
 STARTUP_S = 240
@@ -52,7 +54,6 @@ def wait_healthy(url: str, server: subprocess.Popen, log) -> None:
 
 
 def test_vllm_serve_with_the_plugin_and_swap_connector(tmp_path):
-    pytest.importorskip("vllm")
     openai = pytest.importorskip("openai")
     port, records = free_port(), tmp_path / "records.jsonl"
     command = [
