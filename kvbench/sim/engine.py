@@ -350,7 +350,7 @@ class Simulator(DecodeRuns):
             req.state[victim] = SWAPPED
             req.num_swaps[victim] += 1
             req.swapped_bytes[victim] += filled * self.block_bytes
-            self.step_swap_ms += float(self.costs.swap_ms(computed)) / 2
+            self.step_swap_ms += float(self.costs.swap_out_ms(computed))
         else:
             req.recompute_target_tokens[victim] = max(int(req.recompute_target_tokens[victim]),
                                                       computed)
@@ -385,7 +385,7 @@ class Simulator(DecodeRuns):
                 self.free_cpu_blocks += int(req.cpu_blocks[i])
                 req.cpu_blocks[i] = 0
                 req.swapped_bytes[i] += cdiv(computed, self.block_size) * self.block_bytes
-                self.step_swap_ms += float(self.costs.swap_ms(computed)) / 2
+                self.step_swap_ms += float(self.costs.swap_in_ms(computed))
             req.state[i] = RUNNING
             kv.admit(i, hits, computed, blocks)
             if hits:
