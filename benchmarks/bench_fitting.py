@@ -12,7 +12,8 @@ from kvbench.calibration.plans import geometric_sizes
 
 SIZES = np.array(geometric_sizes(16, 65536, 14), dtype=float)
 CASES = {
-    "swap": (lambda n: fitting.swap_design(n, 16), np.array([0.02, 0.0048, 0.004])),
+    "swap": (lambda n: fitting.swap_design(n, 16, "swap_out"),  # one direction
+             np.array([0.02, 0.0048, 0.004])),
     "recompute": (fitting.recompute_design, np.array([3.0, 0.07, 1.2e-6])),
 }
 

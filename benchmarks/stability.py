@@ -5,8 +5,8 @@
 
 Each run is a fresh `kvbench calibrate ... --force --out <tmp>/run<i>.json` (--force: a run
 that misses the quality bar is kept for the statistics); a run that fails ends the script.
-Printed: per run the wall time, the load average before it and both held-out errors; then, for
-each number (held-out errors, coefficients, predicted costs at a few lengths, and the machine
+Printed: per run the wall time, the load average before it and each fit's held-out error; then,
+for each number (held-out errors, coefficients, predicted costs at a few lengths, and the machine
 check's reference workload before and after each run: a fixed matrix product, whose spread is
 the machine's own), the spread over the runs as (max - min) / median; at the end a verdict per
 criterion of `kvbench.calibration.stability`: (a) every held-out error at most 10%, (b) the
@@ -27,7 +27,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from kvbench.calibration.stability import run_row
+from kvbench.calibration.stability import fitted_phases, run_row
 from kvbench.hardware import fingerprint
 from kvbench.io import write_atomic
 from kvbench.report import stability_markdown
@@ -60,9 +60,10 @@ def main() -> None:
         for i in range(args.runs):
             rows.append(run_once(Path(tmp) / f"run{i}.json", args.model, args.extra))
             r = rows[-1]
+            heldout = ", ".join(f"{phase} {100 * r[f'{phase}_heldout']:.1f}%"
+                                for phase in fitted_phases(r))
             print(f"run {i + 1}: {r['wall_s']:.0f} s, load {r['load_before']:.2f} before; "
-                  f"held-out swap {100 * r['swap_heldout']:.1f}%, recompute "
-                  f"{100 * r['recompute_heldout']:.1f}%", flush=True)
+                  f"held-out {heldout}", flush=True)
     data = {"command": " ".join(["kvbench calibrate --device cpu --quick",
                                  *(["--model", args.model] if args.model else []), *args.extra]),
             "machine": fingerprint("cpu"), "runs": rows}

@@ -14,3 +14,9 @@ err = Console(stderr=True, soft_wrap=True, markup=False, highlight=False)
 
 def echo(lines: list[str]) -> None:
     out.print("\n".join(lines))
+
+
+def stderr_warning(line: str) -> None:
+    """One `warning:` line on stderr: what the library's `warn` callbacks print by default (a
+    trace column that is ignored, a profile read from an older schema)."""
+    print(f"warning: {line}", file=sys.stderr)

@@ -1,11 +1,16 @@
 """Cost of preempting a request of n tokens: swap (linear) or recompute (quadratic).
 
-    swap_ms(n)      = swap_fixed_ms + swap_ms_per_token·n + swap_ms_per_block·ceil(n / block_size)
+    swap_out_ms(n)  = swap_out_fixed_ms + swap_out_ms_per_token·n
+                      + swap_out_ms_per_block·ceil(n / block_size)
+    swap_in_ms(n)   = the same with the swap_in_* coefficients
+    swap_ms(n)      = swap_out_ms(n) + swap_in_ms(n)
     recompute_ms(n) = recompute_fixed_ms + recompute_ms_per_token·n + recompute_ms_per_token_sq·n²
 
-Swap is the round trip: the KV cache out to CPU memory and back in. Recompute is a fresh prefill of
-the n tokens; its n² term is causal attention (token i attends to the i tokens before it). A
-request with 0 tokens holds no KV: both costs are 0. Evaluation is vectorized over numpy arrays.
+A swap is two transfers of different prices: out (device to host, when the request is preempted)
+and in (host to device, when it resumes); `swap_ms` is their round trip, what the selector weighs
+against recompute. Recompute is a fresh prefill of the n tokens; its n² term is causal attention
+(token i attends to the i tokens before it). A request with 0 tokens holds no KV: every cost is
+0. Evaluation is vectorized over numpy arrays.
 """
 
 from __future__ import annotations
@@ -71,19 +76,39 @@ def check_analytic(hw: HardwareSpec, coefficients: dict[str, float]) -> dict[str
 class CostModel:
     """The coefficients: what a fit produces, a profile stores, the selector and simulator use."""
 
-    swap_fixed_ms: float
-    swap_ms_per_token: float
-    swap_ms_per_block: float = 0.0
+    swap_out_fixed_ms: float
+    swap_out_ms_per_token: float
+    swap_out_ms_per_block: float = 0.0
+    swap_in_fixed_ms: float
+    swap_in_ms_per_token: float
+    swap_in_ms_per_block: float = 0.0
     block_size: int = 16
     recompute_fixed_ms: float
     recompute_ms_per_token: float
     recompute_ms_per_token_sq: float
 
-    def swap_ms(self, num_tokens) -> np.ndarray:
+    def _transfer_ms(self, num_tokens, fixed_ms: float, ms_per_token: float,
+                     ms_per_block: float) -> np.ndarray:
         n = np.asarray(num_tokens, dtype=np.float64)
         blocks = np.ceil(n / self.block_size)
-        cost = self.swap_fixed_ms + self.swap_ms_per_token * n + self.swap_ms_per_block * blocks
-        return np.where(n > 0, cost, 0.0)
+        return np.where(n > 0, fixed_ms + ms_per_token * n + ms_per_block * blocks, 0.0)
+
+    def swap_out_ms(self, num_tokens) -> np.ndarray:
+        """The KV cache of n tokens out to host memory (device to host)."""
+        return self._transfer_ms(num_tokens, self.swap_out_fixed_ms, self.swap_out_ms_per_token,
+                                 self.swap_out_ms_per_block)
+
+    def swap_in_ms(self, num_tokens) -> np.ndarray:
+        """The KV cache of n tokens back from host memory (host to device)."""
+        return self._transfer_ms(num_tokens, self.swap_in_fixed_ms, self.swap_in_ms_per_token,
+                                 self.swap_in_ms_per_block)
+
+    def swap_ms(self, num_tokens) -> np.ndarray:
+        """The round trip, out and back in: what a swap costs against a recompute.
+
+        With out and in each half of a round-trip coefficient (`from_dict`, a v1 profile) this
+        is bit for bit the round-trip formula: halving a (normal) float is exact."""
+        return self.swap_out_ms(num_tokens) + self.swap_in_ms(num_tokens)
 
     def recompute_ms(self, num_tokens) -> np.ndarray:
         n = np.asarray(num_tokens, dtype=np.float64)
@@ -118,25 +143,50 @@ class CostModel:
 
     @classmethod
     def from_dict(cls, config: dict) -> CostModel:
-        """Validate a coefficient dict (the selector's): every field, `swap_ms_per_block` and
-        `block_size` optional. Raises ValueError/TypeError naming the key."""
-        unknown = [k for k in config if k not in COEFFICIENT_KEYS]
+        """Validate a coefficient dict (the selector's). Raises ValueError/TypeError naming the
+        key.
+
+        The swap is given one of two ways, not both: each direction (the field names,
+        `swap_out_*` and `swap_in_*`, as `to_dict` writes them), or the round trip
+        (`ROUND_TRIP_KEYS`: `swap_fixed_ms`, `swap_ms_per_token`, `swap_ms_per_block`), each
+        coefficient then split evenly between out and in, so `swap_ms` is the round trip given.
+        The `*_ms_per_block` keys and `block_size` are optional."""
+        known = COEFFICIENT_KEYS + ROUND_TRIP_KEYS
+        unknown = [k for k in config if k not in known]
         if unknown:
-            raise KvbenchError(unknown_key_message(unknown[0], COEFFICIENT_KEYS))
-        missing = [k for k in REQUIRED_KEYS if k not in config]
+            raise KvbenchError(unknown_key_message(unknown[0], known))
+        round_trip = [k for k in config if k in ROUND_TRIP_KEYS]
+        one_way = [k for k in config if k.startswith(("swap_out_", "swap_in_"))]
+        if round_trip and one_way:
+            raise KvbenchError(f"config: {round_trip[0]!r} prices the swap round trip and "
+                             f"{one_way[0]!r} one direction; give the round trip "
+                             f"({', '.join(ROUND_TRIP_KEYS)}) or each direction (swap_out_*, "
+                             "swap_in_*), not both")
+        if one_way:
+            required, instead = REQUIRED_KEYS, "the round trip: swap_fixed_ms, swap_ms_per_token"
+        else:
+            required, instead = ROUND_TRIP_REQUIRED_KEYS, "each direction: swap_out_*, swap_in_*"
+        missing = [k for k in required if k not in config]
         if missing:
             raise KvbenchError(f"config: missing key {missing[0]!r} (required: "
-                             f"{', '.join(REQUIRED_KEYS)})")
-        return cls(**{k: check_positive_int(k, v) if k == "block_size" else
-                      check_coefficient(k, v) for k, v in config.items()})
+                             f"{', '.join(required)}; the swap may be given as {instead})")
+        values = {k: check_positive_int(k, v) if k == "block_size" else
+                  check_coefficient(k, v) for k, v in config.items()}
+        for key in round_trip:
+            term = key.removeprefix("swap_")
+            values[f"swap_out_{term}"] = values[f"swap_in_{term}"] = values.pop(key) / 2
+        return cls(**values)
 
     @classmethod
     def analytic(cls, model: ModelSpec, hw: HardwareSpec, block_size: int = 16) -> CostModel:
         """Costs from first principles.
 
-        Swap moves kv_bytes_per_token·n bytes each way:
-            ms_per_token = kv_bytes_per_token · (1/d2h + 1/h2d) / 1e6   (GB/s = 1e9 B/s)
-            fixed_ms     = 2 · transfer_latency_ms,  ms_per_block = 2 · block_copy_overhead_ms
+        Swap moves kv_bytes_per_token·n bytes each way, out over the device-to-host link and in
+        over the host-to-device link:
+            swap_out_ms_per_token = kv_bytes_per_token / d2h / 1e6      (GB/s = 1e9 B/s)
+            swap_in_ms_per_token  = kv_bytes_per_token / h2d / 1e6
+            swap_{out,in}_fixed_ms = transfer_latency_ms,
+            swap_{out,in}_ms_per_block = block_copy_overhead_ms
         Recompute runs the prefill FLOPs at achieved_fraction of peak_tflops:
             rate (FLOP/ms) = peak_tflops · 1e12 · achieved_fraction / 1e3
             ms_per_token   = linear_flops_per_token / rate
@@ -146,9 +196,12 @@ class CostModel:
         kvb = model.kv_bytes_per_token
         rate = hw.peak_tflops * 1e12 * hw.achieved_fraction / 1e3
         return cls(**check_analytic(hw, dict(
-            swap_fixed_ms=2 * hw.transfer_latency_ms,
-            swap_ms_per_token=kvb * (1 / hw.d2h_gbps + 1 / hw.h2d_gbps) / 1e6,
-            swap_ms_per_block=2 * hw.block_copy_overhead_ms,
+            swap_out_fixed_ms=hw.transfer_latency_ms,
+            swap_out_ms_per_token=kvb / hw.d2h_gbps / 1e6,
+            swap_out_ms_per_block=hw.block_copy_overhead_ms,
+            swap_in_fixed_ms=hw.transfer_latency_ms,
+            swap_in_ms_per_token=kvb / hw.h2d_gbps / 1e6,
+            swap_in_ms_per_block=hw.block_copy_overhead_ms,
             recompute_fixed_ms=model.lm_head_flops / rate + hw.launch_overhead_ms,
             recompute_ms_per_token=model.linear_flops_per_token / rate,
             recompute_ms_per_token_sq=model.attention_flops_per_token_sq / rate,
@@ -158,6 +211,9 @@ class CostModel:
 COEFFICIENT_KEYS = tuple(f.name for f in dataclasses.fields(CostModel))
 REQUIRED_KEYS = tuple(f.name for f in dataclasses.fields(CostModel)
                       if f.default is dataclasses.MISSING)
+ROUND_TRIP_KEYS = ("swap_fixed_ms", "swap_ms_per_token", "swap_ms_per_block")  # split evenly
+ROUND_TRIP_REQUIRED_KEYS = ("swap_fixed_ms", "swap_ms_per_token") + tuple(
+    k for k in REQUIRED_KEYS if not k.startswith("swap_"))
 
 
 @dataclass(frozen=True)

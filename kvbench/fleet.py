@@ -14,7 +14,9 @@ A calibration that fails, or whose node disappears, is reported and retried once
 live node of the same type; the other profiles are kept. A profile is current, and skipped
 unless `force`, when it was measured for the same model, block size and mode (quick or full)
 in the same environment: the same fingerprint (device, driver, CUDA, torch, triton, Python,
-kvbench version) apart from the git commit.
+kvbench version) apart from the git commit. A profile whose swap is a version 1 round trip
+split evenly (`kvbench.profile.upgrade_v1`), not swap-out and swap-in fitted apart, is never
+current.
 
 The CUDA path has not yet run on a GPU (none lent so far); the CPU path is tested on a local
 Ray cluster.
@@ -41,7 +43,7 @@ from kvbench.cluster import LOCAL, ClusterError, connect
 from kvbench.errors import KvbenchError
 from kvbench.hardware import fingerprint, fingerprint_slug, slugify
 from kvbench.models import ModelSpec
-from kvbench.profile import ModelInfo, ProfileError, load
+from kvbench.profile import V1_SPLIT, ModelInfo, ProfileError, load
 from kvbench.progress import PLAIN_INTERVAL_S
 
 PROBE_TIMEOUT_S = 120.0  # a node whose fingerprint takes longer (GPU busy, node lost) is left out
@@ -112,11 +114,11 @@ def is_current(path: Path, environment: dict, spec: ModelSpec, block_size: int,
     """Whether the profile at `path` is what a calibration on a node with `environment` would
     replace (see the module docstring); False when there is none or it cannot be read."""
     try:
-        prof = load(path)
+        prof = load(path, warn=lambda line: None)  # a version 1 file is replaced, not used
     except ProfileError:
         return False
     asked = prof.extra.get("dtype_choice", {}).get("asked", prof.dtype)  # before the CPU's pick
-    return (prof.source == "measured"
+    return (prof.source == "measured" and V1_SPLIT not in prof.swap_out.fit.method
             and prof.model.model_copy(update={"dtype": asked}) == ModelInfo(**spec.to_dict())
             and prof.config.get("block_size") == block_size and prof.config.get("quick") == quick
             and without_commit(prof.environment) == without_commit(environment))

@@ -1,8 +1,12 @@
 """The profile: fitted swap/recompute (and decode) coefficients with their provenance, as JSON.
 
-Schema `kvbench.profile`, version 1. `load` validates and reports one line per problem; it
-rejects other schemas and newer versions. `save` writes atomically (temp file, fsync, rename), so
-an interrupted write never leaves a partial file or destroys the previous one.
+Schema `kvbench.profile`, version 2: swap-out and swap-in fitted apart (sections `swap_out` and
+`swap_in`, beside `recompute`; `swap` holds what they share: block size and copy impl). `load`
+validates and reports one line per problem; it rejects other schemas and newer versions. A
+version 1 file (one `swap` section fitted to the round trip) still loads: each of its swap
+coefficients, and each measured latency, is split evenly between out and in, and `warn` gets one
+line saying so. `save` writes atomically (temp file, fsync, rename), so an interrupted write
+never leaves a partial file or destroys the previous one.
 """
 
 from __future__ import annotations
@@ -11,10 +15,12 @@ import dataclasses
 import json
 import math
 import os
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, ClassVar, Literal
 
+import numpy as np
 from pydantic import (
     BaseModel,
     ConfigDict,
@@ -25,6 +31,7 @@ from pydantic import (
 )
 
 from kvbench import __version__
+from kvbench.console import stderr_warning
 from kvbench.costmodel import COEFFICIENT_KEYS, CostModel, DecodeModel
 from kvbench.errors import KvbenchError
 from kvbench.hardware import HardwareSpec, get_hardware
@@ -33,7 +40,7 @@ from kvbench.limits import MAX_TOKENS
 from kvbench.models import ModelSpec, get_model
 
 SCHEMA = "kvbench.profile"
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 NonNeg = Field(ge=0, allow_inf_nan=False)
 DECODE_KEYS = {f.name for f in dataclasses.fields(DecodeModel)}
 
@@ -66,7 +73,8 @@ class Measurements(Strict):
 
 class CostSection(Strict):
     """One phase's share of the `CostModel`: each key is the CostModel field name without the
-    phase's prefix (`fixed_ms` in `swap` is `swap_fixed_ms`), with the fit that produced it."""
+    phase's prefix (`fixed_ms` in `swap_out` is `swap_out_fixed_ms`), with the fit that produced
+    it."""
 
     PHASE: ClassVar[str]
     fit: FitQuality
@@ -88,11 +96,34 @@ class CostSection(Strict):
                       if cls._key(f) in cls.model_fields}, **rest)
 
 
-class SwapSection(CostSection):
-    PHASE: ClassVar[str] = "swap"
+class SwapSection(Strict):
+    """What swap-out and swap-in share: the KV block size they copy (the `CostModel` field) and
+    the copy impl that was timed (None for analytic costs)."""
+
+    block_size: int = Field(ge=1)
+    impl: str | None = None
+
+
+class TransferSection(CostSection):
+    """One direction of a swap: fixed_ms + ms_per_token·n + ms_per_block·ceil(n/block_size)."""
+
     fixed_ms: float = NonNeg
     ms_per_token: float = NonNeg
     ms_per_block: float = NonNeg
+
+
+class SwapOutSection(TransferSection):
+    PHASE: ClassVar[str] = "swap_out"
+
+
+class SwapInSection(TransferSection):
+    PHASE: ClassVar[str] = "swap_in"
+
+
+class RoundTripSection(TransferSection):
+    """Version 1's `swap` section: the round trip, fitted as one (read only, by `upgrade_v1`)."""
+
+    PHASE: ClassVar[str] = "swap"
     block_size: int = Field(ge=1)
     impl: str | None = None
 
@@ -135,7 +166,7 @@ class ModelInfo(Strict):
 
 class Profile(Strict):
     schema_: Literal["kvbench.profile"] = Field(default=SCHEMA, alias="schema")
-    schema_version: Literal[1] = SCHEMA_VERSION
+    schema_version: Literal[2] = SCHEMA_VERSION
     created_at: str
     kvbench_version: str
     source: Literal["analytic", "measured"]
@@ -144,6 +175,8 @@ class Profile(Strict):
     model: ModelInfo
     config: dict[str, Any] = {}
     swap: SwapSection
+    swap_out: SwapOutSection
+    swap_in: SwapInSection
     recompute: RecomputeSection
     decode: DecodeSection | None = None
     crossover_tokens: int | None = Field(default=None, ge=1)
@@ -158,7 +191,13 @@ class Profile(Strict):
         return value
 
     def cost_model(self) -> CostModel:
-        return CostModel(**self.swap.coefficients(), **self.recompute.coefficients())
+        return CostModel(block_size=self.swap.block_size, **self.swap_out.coefficients(),
+                         **self.swap_in.coefficients(), **self.recompute.coefficients())
+
+    def fits(self) -> dict[str, FitQuality]:
+        """Each fitted phase's fit quality, by the phase's `CostModel` prefix."""
+        return {"swap_out": self.swap_out.fit, "swap_in": self.swap_in.fit,
+                "recompute": self.recompute.fit}
 
     def decode_model(self) -> DecodeModel | None:
         if self.decode is None:
@@ -201,7 +240,9 @@ def analytic_profile(model: ModelSpec, hw: HardwareSpec, block_size: int = 16,
         created_at=now_iso(), kvbench_version=__version__, source="analytic", dtype=model.dtype,
         environment={"device": "analytic", "device_name": hw.name},
         model=ModelInfo(**model.to_dict()), config={"hardware": dataclasses.asdict(hw)},
-        swap=SwapSection.from_costs(costs, fit=fit),
+        swap=SwapSection(block_size=costs.block_size),
+        swap_out=SwapOutSection.from_costs(costs, fit=fit),
+        swap_in=SwapInSection.from_costs(costs, fit=fit),
         recompute=RecomputeSection.from_costs(costs, fit=fit),
         decode=DecodeSection(**dataclasses.asdict(decode)),
         crossover_tokens=costs.crossover_tokens(),
@@ -217,8 +258,37 @@ def problems(exc: ValidationError) -> str:
     return "; ".join(lines)
 
 
-def parse(data: Any, origin: str = "profile") -> Profile:
-    """Validate a decoded JSON object as a profile."""
+class V1Swap(BaseModel):
+    """Of a version 1 profile, the section `upgrade_v1` rewrites (the rest is checked as v2's)."""
+
+    swap: RoundTripSection
+
+
+V1_SPLIT = "v1 round trip split evenly"
+
+
+def upgrade_v1(data: dict) -> dict:
+    """A version 1 profile's JSON as version 2: its round-trip `swap` section becomes `swap_out`
+    and `swap_in`, each with half of every coefficient and of every measured latency and spread
+    (so `CostModel.swap_ms` is the v1 round trip, bit for bit), the fit quality as it was, its
+    method marked `V1_SPLIT`. Raises ValidationError for a malformed v1 `swap` section."""
+    swap = V1Swap.model_validate(data).swap
+    m = swap.measurements
+    half = {"fixed_ms": swap.fixed_ms / 2, "ms_per_token": swap.ms_per_token / 2,
+            "ms_per_block": swap.ms_per_block / 2,
+            "fit": {**swap.fit.model_dump(), "method": f"{swap.fit.method}; {V1_SPLIT}"},
+            "measurements": {**m.model_dump(),
+                             "latency_ms": (np.asarray(m.latency_ms, np.float64) / 2).tolist(),
+                             "spread_ms": (np.asarray(m.spread_ms, np.float64) / 2).tolist()}}
+    return {**data, "schema_version": 2,
+            "swap": {"block_size": swap.block_size, "impl": swap.impl},
+            "swap_out": half, "swap_in": half}
+
+
+def parse(data: Any, origin: str = "profile",
+          warn: Callable[[str], None] = stderr_warning) -> Profile:
+    """Validate a decoded JSON object as a profile; a version 1 object is upgraded
+    (`upgrade_v1`) and `warn` gets one line saying so, naming `origin`."""
     if not isinstance(data, dict):
         raise ProfileError(f"{origin}: expected a JSON object, got {type(data).__name__}")
     schema = data.get("schema")
@@ -234,12 +304,19 @@ def parse(data: Any, origin: str = "profile") -> Profile:
     if version < 1:
         raise ProfileError(f"{origin}: unknown schema_version {version}")
     try:
-        return Profile.model_validate(data)
+        if version == 1:
+            data = upgrade_v1(data)
+        profile = Profile.model_validate(data)
     except ValidationError as exc:
         raise ProfileError(f"{origin}: {problems(exc)}") from None
+    if version == 1:
+        warn(f"{origin}: schema_version 1 profile: its round-trip swap fit is split evenly "
+             "between swap_out and swap_in; calibrate again to fit each direction")
+    return profile
 
 
-def load(path: str | os.PathLike) -> Profile:
+def load(path: str | os.PathLike, warn: Callable[[str], None] = stderr_warning) -> Profile:
+    """The profile in the JSON file at `path` (see `parse`; `warn` gets its one line)."""
     path = Path(path)
     try:
         text = path.read_text(encoding="utf-8")
@@ -253,7 +330,7 @@ def load(path: str | os.PathLike) -> Profile:
         raise ProfileError(f"{path}: not valid JSON ({exc.msg} at line {exc.lineno})") from None
     except RecursionError:
         raise ProfileError(f"{path}: not valid JSON for a profile (nested too deeply)") from None
-    return parse(data, origin=str(path))
+    return parse(data, origin=str(path), warn=warn)
 
 
 def save(profile: Profile, path: str | os.PathLike) -> Path:
@@ -286,7 +363,7 @@ def resolve(path: str | os.PathLike | None, model: str | None, hardware: str = "
 def extrapolation_warning(profile: Profile, token_counts: list[int]) -> str | None:
     """Why costs for these token counts are guesses: the largest lies beyond the lengths the
     profile's fits were measured on (None if all lie within)."""
-    valid_max = max(profile.swap.fit.max_tokens, profile.recompute.fit.max_tokens)
+    valid_max = max(fit.max_tokens for fit in profile.fits().values())
     if token_counts and max(token_counts) > valid_max:
         return (f"{max(token_counts)} tokens is beyond the profile's measured range (up to "
                 f"{valid_max}); costs there are extrapolated")
@@ -302,13 +379,16 @@ def round_trip_ceiling_gbps(profile: Profile) -> float | None:
     return 2 / (1 / ceiling["out"] + 1 / ceiling["in"]) if ceiling else None
 
 
-def formula_lines(profile: Profile) -> tuple[str, str, str | None]:
-    """The fitted swap, recompute and (if present) decode models, one line each."""
-    s, r, d = profile.swap, profile.recompute, profile.decode
+def formula_lines(profile: Profile) -> tuple[str, str, str, str, str | None]:
+    """The models, one line each: the swap round trip (the sum the selector prices), the fitted
+    swap-out, swap-in, recompute and (if present) decode models."""
+    r, d, block_size = profile.recompute, profile.decode, profile.swap.block_size
     decode = (f"decode_step_ms(B, T) = {d.d0_ms:.6g} + {d.d1_ms_per_seq:.6g}·B + "
               f"{d.d2_ms_per_seq_token:.6g}·B·T" if d else None)
-    return (f"swap_ms(n) = {s.fixed_ms:.6g} + {s.ms_per_token:.6g}·n + {s.ms_per_block:.6g}·"
-            f"ceil(n/{s.block_size})",
+    out, back = (f"{s.PHASE}_ms(n) = {s.fixed_ms:.6g} + {s.ms_per_token:.6g}·n + "
+                 f"{s.ms_per_block:.6g}·ceil(n/{block_size})"
+                 for s in (profile.swap_out, profile.swap_in))
+    return ("swap_ms(n) = swap_out_ms(n) + swap_in_ms(n)", out, back,
             f"recompute_ms(n) = {r.fixed_ms:.6g} + {r.ms_per_token:.6g}·n + "
             f"{r.ms_per_token_sq:.6g}·n²", decode)
 
@@ -329,8 +409,8 @@ def crossover_line(profile: Profile) -> str:
 
 def summary_lines(profile: Profile, path: str | os.PathLike) -> list[str]:
     """`kvbench profile show`: provenance, coefficients, fit quality, crossover."""
-    env, s, r = profile.environment, profile.swap, profile.recompute
-    swap, recompute, decode = formula_lines(profile)
+    env, impl = profile.environment, profile.swap.impl
+    swap, swap_out, swap_in, recompute, decode = formula_lines(profile)
     return [
         f"profile: {path}",
         f"source: {profile.source}, created {profile.created_at}, "
@@ -339,10 +419,11 @@ def summary_lines(profile: Profile, path: str | os.PathLike) -> list[str]:
         f"{env.get('torch')}, triton {env.get('triton')})",
         f"model: {profile.model.name}, {profile.dtype}, tp={profile.model.tp}, "
         f"{profile.model.spec().kv_bytes_per_token:,.0f} KV bytes/token",
-        swap + (f"  [impl {s.impl}]" if s.impl else ""),
+        swap + (f"  [impl {impl}]" if impl else ""),
+        swap_out,
+        swap_in,
         recompute,
         *([decode] if decode else []),
-        fit_line("swap fit", s.fit),
-        fit_line("recompute fit", r.fit),
+        *(fit_line(f"{phase} fit", fit) for phase, fit in profile.fits().items()),
         crossover_line(profile),
     ]

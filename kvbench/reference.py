@@ -63,12 +63,14 @@ def relative_error(out: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def preemption_costs_ref(num_tokens: int, config: dict) -> tuple[float, float]:
-    """Swap and recompute cost (ms) of one request in plain Python, from a coefficient dict."""
+    """Swap and recompute cost (ms) of one request in plain Python, from a coefficient dict
+    that gives the swap as a round trip (`swap_*`) or each way (`swap_out_*` + `swap_in_*`)."""
     if num_tokens == 0:
         return 0.0, 0.0
     blocks = math.ceil(num_tokens / config.get("block_size", 16))
-    swap = (config["swap_fixed_ms"] + config["swap_ms_per_token"] * num_tokens
-            + config.get("swap_ms_per_block", 0.0) * blocks)
+    swap = sum(config[f"{p}_fixed_ms"] + config[f"{p}_ms_per_token"] * num_tokens
+               + config.get(f"{p}_ms_per_block", 0.0) * blocks
+               for p in (("swap",) if "swap_fixed_ms" in config else ("swap_out", "swap_in")))
     recompute = (config["recompute_fixed_ms"] + config["recompute_ms_per_token"] * num_tokens
                  + config["recompute_ms_per_token_sq"] * num_tokens * num_tokens)
     return swap, recompute

@@ -66,15 +66,16 @@ def _fmt(value, spec: str = ".3g") -> str:
 def profile_section(profiles: list[tuple[Path, Profile]], out_dir: Path) -> list[str]:
     rows, plots = [], []
     for path, p in profiles:
-        s, r = p.swap, p.recompute
+        r, fits = p.recompute, p.fits().values()
+        out_in = [" / ".join(_fmt(getattr(s, key)) for s in (p.swap_out, p.swap_in))
+                  for key in ("fixed_ms", "ms_per_token", "ms_per_block")]
         rows.append([
             f"[{p.model.name}]({path.relative_to(out_dir).as_posix()})", p.dtype,
-            p.environment.get("commit") or "n/a", p.created_at[:10], s.impl or "n/a",
-            _fmt(s.fixed_ms), _fmt(s.ms_per_token), _fmt(s.ms_per_block),
+            p.environment.get("commit") or "n/a", p.created_at[:10], p.swap.impl or "n/a",
+            *out_in,
             _fmt(r.fixed_ms), _fmt(r.ms_per_token), _fmt(r.ms_per_token_sq),
-            f"{_fmt(s.fit.r2, '.4f')} / {_fmt(r.fit.r2, '.4f')}",
-            f"{_fmt(100 * (s.fit.heldout_mape or 0), '.1f')}% / "
-            f"{_fmt(100 * (r.fit.heldout_mape or 0), '.1f')}%",
+            " / ".join(_fmt(fit.r2, ".4f") for fit in fits),
+            " / ".join(f"{_fmt(100 * (fit.heldout_mape or 0), '.1f')}%" for fit in fits),
             p.crossover_tokens or "none"])
         png = path.with_suffix(".png")
         if png.exists():
@@ -89,10 +90,10 @@ def profile_section(profiles: list[tuple[Path, Profile]], out_dir: Path) -> list
                               f"{data['num_tokens'][0]}-{data['num_tokens'][-1]}",
                               f"{best:.2f}", f"{gbps[-1]:.2f}",
                               f"{100 * best / both_ways:.0f}%" if both_ways else "n/a"])
-    header = ["model", "dtype", "commit", "date", "swap impl", "swap fixed ms",
-              "swap ms/token", "swap ms/block", "recompute fixed ms", "recompute ms/token",
-              "recompute ms/token²", "R² swap / recompute", "held-out swap / recompute",
-              "crossover tokens"]
+    header = ["model", "dtype", "commit", "date", "swap impl", "swap fixed ms (out / in)",
+              "swap ms/token (out / in)", "swap ms/block (out / in)", "recompute fixed ms",
+              "recompute ms/token", "recompute ms/token²", "R² swap out / in / recompute",
+              "held-out swap out / in / recompute", "crossover tokens"]
     copies = ["Swap copies during calibration (round trip: both directions' bytes over the sum "
               "of their times; ceiling: one contiguous copy of the swap space each way):", ""]
     copies += _table(["model", "impl", "block_size", "tokens", "peak bandwidth_gbps",
@@ -244,15 +245,15 @@ def stability_markdown(data: dict) -> list[str]:
     met = {True: "met", False: "**not met**"}
     walls = ", ".join(f"{r['wall_s']:.0f}" for r in runs)
     loads = ", ".join(f"{r['load_before']:.2f}" for r in runs)
-    heldout = judged.heldout_worst
+    worst_heldout = ", ".join(f"{phase.replace('_', ' ')} {100 * worst:.1f}%"
+                              for phase, worst in judged.heldout_worst.items())
     lines = [f"{len(runs)} runs of `{data['command']}` on {machine['cpu_model']} "
              f"({machine['cpu_count']} cores), kvbench {machine.get('kvbench')} "
              f"({machine.get('commit')}); wall time {walls} s; load average before each {loads}",
              "",
              *_table(["number", "min", "median", "max", "spread"], body)[:-1], "",
              f"- (a) held-out error at most {goal} in every run: {met[judged.heldout_ok]} "
-             f"(worst: swap {100 * heldout['swap']:.1f}%, recompute "
-             f"{100 * heldout['recompute']:.1f}%)"]
+             f"(worst: {worst_heldout})"]
     if judged.lengths is None:
         return lines + ["- (b) decisions and (c) costs per machine speed: not judged, these runs "
                         "predate them (no `costs` per run); re-run `benchmarks/stability.py "

@@ -1,11 +1,16 @@
 """Per-request choice between swapping a request's KV cache out and back, or recomputing it.
 
 `select_preemption_strategy(token_counts, config)` prices both strategies for every request and
-picks the cheaper; exactly equal costs choose swap. `config` is one of:
+picks the cheaper; exactly equal costs choose swap. A swap costs its round trip, swap-out plus
+swap-in (`CostModel.swap_ms`). `config` is one of:
 
-* a coefficient dict with exactly the keys `swap_fixed_ms`, `swap_ms_per_token`,
-  `recompute_fixed_ms`, `recompute_ms_per_token`, `recompute_ms_per_token_sq`, and optionally
-  `swap_ms_per_block` (default 0) and `block_size` (default 16);
+* a coefficient dict (`CostModel.from_dict`) with exactly the keys `recompute_fixed_ms`,
+  `recompute_ms_per_token`, `recompute_ms_per_token_sq`, the swap's, and optionally
+  `block_size` (default 16). The swap is given as a round trip, `swap_fixed_ms` and
+  `swap_ms_per_token` (optionally `swap_ms_per_block`, default 0), split evenly between out and
+  in; or each way, `swap_out_fixed_ms`, `swap_out_ms_per_token`, `swap_in_fixed_ms`,
+  `swap_in_ms_per_token` (optionally `swap_out_ms_per_block` and `swap_in_ms_per_block`), the
+  keys `CostModel.to_dict` writes;
 * an analytic description: `model` (a preset name, see `kvbench models`), optionally `hardware`
   (a preset name, default "h100-sxm"), `dtype`, `tp`, `block_size`, and any hardware field to
   override: `h2d_gbps`, `d2h_gbps`, `transfer_latency_ms`, `peak_tflops`, `achieved_fraction`,

@@ -339,16 +339,17 @@ def test_select_json_never_prints_infinity(tmp_path, one_error_line):
                           "request 1")
     assert "Infinity" not in line and "overflow" in line
     with pytest.raises(ValueError, match="request 1: recompute cost overflows"):
-        select_preemption_strategy([0, 1000], CostModel(
-            swap_fixed_ms=1, swap_ms_per_token=1, recompute_fixed_ms=1, recompute_ms_per_token=1,
-            recompute_ms_per_token_sq=1e308).to_dict())
+        select_preemption_strategy([0, 1000], CostModel.from_dict(
+            {"swap_fixed_ms": 1, "swap_ms_per_token": 1, "recompute_fixed_ms": 1,
+             "recompute_ms_per_token": 1, "recompute_ms_per_token_sq": 1e308}).to_dict())
 
 
 def test_select_never_rounds_a_finite_cost_to_infinity():
     """Defect 8, found by tests/test_fuzz.py: a finite cost of 1e305 ms rounded to 4 decimals
     (np.round scales by 1e4) became inf in the result."""
-    config = CostModel(swap_fixed_ms=1, swap_ms_per_token=1, recompute_fixed_ms=1,
-                       recompute_ms_per_token=1, recompute_ms_per_token_sq=1e305).to_dict()
+    config = CostModel.from_dict({"swap_fixed_ms": 1, "swap_ms_per_token": 1,
+                                  "recompute_fixed_ms": 1, "recompute_ms_per_token": 1,
+                                  "recompute_ms_per_token_sq": 1e305}).to_dict()
     with pytest.raises(ValueError, match=r"request 0: recompute cost overflows at 1 tokens "
                                          r"\(1e\+305 ms, beyond 1e\+100 ms\)"):
         select_preemption_strategy([1], config)

@@ -17,8 +17,10 @@ from kvbench.selector import select_preemption_strategy
 
 runner = CliRunner()
 
-# swap_ms(n) = 1 + 0.01·n + 0.25·ceil(n/16); recompute_ms(n) = 0.5 + 0.002·n + 1e-5·n²
-HAND_SWAP = {"fixed_ms": 1.0, "ms_per_token": 0.01, "ms_per_block": 0.25, "block_size": 16}
+# swap_ms(n) = 1 + 0.01·n + 0.25·ceil(n/16): out 0.4 + 0.004·n + 0.05·ceil(n/16), in the rest;
+# recompute_ms(n) = 0.5 + 0.002·n + 1e-5·n²
+HAND_SWAP_OUT = {"fixed_ms": 0.4, "ms_per_token": 0.004, "ms_per_block": 0.05}
+HAND_SWAP_IN = {"fixed_ms": 0.6, "ms_per_token": 0.006, "ms_per_block": 0.2}
 HAND_RECOMPUTE = {"fixed_ms": 0.5, "ms_per_token": 0.002, "ms_per_token_sq": 1e-5}
 
 
@@ -37,7 +39,9 @@ def hand_profile(tmp_path):
     data.update(source="measured", crossover_tokens=2390,
                 environment={"device": "cuda", "device_name": "NVIDIA H100 80GB HBM3",
                              "commit": "abc1234", "torch": "2.5.1", "triton": "3.1.0"})
-    data["swap"].update(HAND_SWAP, impl="triton", fit=fit)
+    data["swap"].update(block_size=16, impl="triton")
+    data["swap_out"].update(HAND_SWAP_OUT, fit=fit)
+    data["swap_in"].update(HAND_SWAP_IN, fit=fit)
     data["recompute"].update(HAND_RECOMPUTE, fit={**fit, "r2": 0.9987, "heldout_mape": None})
     data["decode"] = {"d0_ms": 5.1, "d1_ms_per_seq": 0.02, "d2_ms_per_seq_token": 4e-5,
                       "r2": None, "heldout_mape": None}
@@ -211,10 +215,13 @@ def test_profile_show(hand_profile):
     expected = [
         "device: NVIDIA H100 80GB HBM3 (commit abc1234, torch 2.5.1, triton 3.1.0)",
         "model: llama-3-8b, bfloat16, tp=1, 131,072 KV bytes/token",
-        "swap_ms(n) = 1 + 0.01·n + 0.25·ceil(n/16)  [impl triton]",
+        "swap_ms(n) = swap_out_ms(n) + swap_in_ms(n)  [impl triton]",
+        "swap_out_ms(n) = 0.4 + 0.004·n + 0.05·ceil(n/16)",
+        "swap_in_ms(n) = 0.6 + 0.006·n + 0.2·ceil(n/16)",
         "recompute_ms(n) = 0.5 + 0.002·n + 1e-05·n²",
         "decode_step_ms(B, T) = 5.1 + 0.02·B + 4e-05·B·T",
-        "swap fit: R² 0.9991, held-out error 3.1%, valid 16-32768 tokens (nnls)",
+        "swap_out fit: R² 0.9991, held-out error 3.1%, valid 16-32768 tokens (nnls)",
+        "swap_in fit: R² 0.9991, held-out error 3.1%, valid 16-32768 tokens (nnls)",
         "recompute fit: R² 0.9987, held-out error n/a, valid 16-32768 tokens (nnls)",
         "crossover_tokens: 2390",
     ]
@@ -239,12 +246,12 @@ def test_profile_show_user_mistakes(tmp_path, hand_profile):
     broken.write_text("{")
     assert_user_error(invoke("profile", "show", str(broken)), "not valid JSON")
     newer = tmp_path / "newer.json"
-    newer.write_text(hand_profile.read_text().replace('"schema_version": 1',
-                                                      '"schema_version": 2'))
-    assert_user_error(invoke("profile", "show", str(newer)), "schema_version 2 is newer")
+    newer.write_text(hand_profile.read_text().replace('"schema_version": 2',
+                                                      '"schema_version": 3'))
+    assert_user_error(invoke("profile", "show", str(newer)), "schema_version 3 is newer")
     negative = tmp_path / "negative.json"
-    negative.write_text(hand_profile.read_text().replace('"fixed_ms": 1.0', '"fixed_ms": -1.0'))
-    assert_user_error(invoke("profile", "show", str(negative)), "swap.fixed_ms")
+    negative.write_text(hand_profile.read_text().replace('"fixed_ms": 0.6', '"fixed_ms": -1.0'))
+    assert_user_error(invoke("profile", "show", str(negative)), "swap_in.fixed_ms")
 
 
 def test_select_rejects_hardware_flags_with_a_profile(tmp_path):

@@ -353,7 +353,8 @@ def one_line_error(call):
            st.dictionaries(st.sampled_from(["swap_fixed_ms", "swap_ms_per_token",
                                             "recompute_fixed_ms", "recompute_ms_per_token",
                                             "recompute_ms_per_token_sq", "block_size",
-                                            "swap_ms_per_block", "model", "hardware", "tp",
+                                            "swap_ms_per_block", "swap_out_fixed_ms",
+                                            "swap_in_ms_per_token", "model", "hardware", "tp",
                                             "peak_tflops", "achieved_fraction", "dtype"]),
                            HOSTILE_VALUES, max_size=8),
            st.fixed_dictionaries({"model": names(MODELS)}, optional={

@@ -191,7 +191,7 @@ def test_commands_warn_once_and_use_the_profile(run_cli, on_zen4, tmp_path, monk
 
 
 def test_validate_warns(run_cli, on_zen4, tmp_path, monkeypatch):
-    report = ValidationReport([32], [1.0], [1.0], [2.0], [2.0], ["swap"], ["swap"])
+    report = ValidationReport([32], [0.5], [0.5], [0.5], [0.5], [2.0], [2.0], ["swap"], ["swap"])
     monkeypatch.setattr(validate_module, "validate", lambda *args, **kwargs: report)
     path = profile_file(tmp_path, cpu_env(ZEN3, os.cpu_count()))
     code, out, err = run_cli("validate", "--profile", path, "--device", "cpu", "--json")

@@ -27,7 +27,7 @@ def tiny_path(tmp_path):
 
 def test_resolve_a_profile_file(tiny_path):
     prof = resolve(tiny_path, None)
-    assert prof.model.name == "tiny" and prof.swap.fit.max_tokens == 4096
+    assert prof.model.name == "tiny" and prof.swap_out.fit.max_tokens == 4096
     assert resolve(tiny_path, "tiny") == prof
     with pytest.raises(ProfileError, match="profile is for model 'tiny', not 'llama-3-8b'"):
         resolve(tiny_path, "llama-3-8b")
@@ -71,9 +71,11 @@ def test_summary_lines_without_decode_or_impl(tiny_path):
     data["decode"] = None
     lines = summary_lines(parse(data), "p.json")
     assert lines[0] == "profile: p.json"
-    assert lines[4].startswith("swap_ms(n) = ") and lines[4].endswith("·ceil(n/16)")  # no impl
+    assert lines[4] == "swap_ms(n) = swap_out_ms(n) + swap_in_ms(n)"  # no impl
+    assert lines[5].startswith("swap_out_ms(n) = ") and lines[5].endswith("·ceil(n/16)")
+    assert lines[6].startswith("swap_in_ms(n) = ")
     assert not any(line.startswith("decode_step_ms") for line in lines)
-    assert lines[6:] == ["swap fit: R² n/a, held-out error n/a, valid 1-4096 tokens (analytic)",
-                         "recompute fit: R² n/a, held-out error n/a, valid 1-4096 tokens "
-                         "(analytic)", lines[-1]]
+    assert lines[8:] == [f"{phase} fit: R² n/a, held-out error n/a, valid 1-4096 tokens "
+                         "(analytic)" for phase in ("swap_out", "swap_in", "recompute")
+                         ] + [lines[-1]]
     assert lines[-1].startswith("crossover_tokens: ")

@@ -29,6 +29,11 @@ CONFIG = {"swap_fixed_ms": 1.0, "swap_ms_per_token": 0.01, "swap_ms_per_block": 
 REQUIRED_KEYS = ("swap_fixed_ms", "swap_ms_per_token", "recompute_fixed_ms",
                  "recompute_ms_per_token", "recompute_ms_per_token_sq")
 FLOAT_KEYS = REQUIRED_KEYS + ("swap_ms_per_block",)
+# The same swap given each way: out 0.4 + 0.004·n + 0.05·blocks, in 0.6 + 0.006·n + 0.2·blocks.
+ONE_WAY = {"swap_out_fixed_ms": 0.4, "swap_out_ms_per_token": 0.004,
+           "swap_out_ms_per_block": 0.05, "swap_in_fixed_ms": 0.6, "swap_in_ms_per_token": 0.006,
+           "swap_in_ms_per_block": 0.2, "block_size": 16, "recompute_fixed_ms": 0.5,
+           "recompute_ms_per_token": 0.002, "recompute_ms_per_token_sq": 1e-5}
 
 # n: (swap_ms, recompute_ms, choice), worked by hand.
 HAND = {
@@ -155,6 +160,30 @@ def test_input_containers_agree(counts):
         "recompute_costs_ms": [0.521, 260.5, 0.0], "total_cost_ms": 129.771}
 
 
+def test_each_way_prices_out_plus_in():
+    counts = list(HAND)
+    result = select_preemption_strategy(counts, ONE_WAY)
+    assert result["strategies"] == [HAND[n][2] for n in counts]
+    assert result["swap_costs_ms"] == pytest.approx([HAND[n][0] for n in counts], abs=1e-12)
+    costs = CostModel.from_dict(ONE_WAY)
+    np.testing.assert_allclose(costs.swap_out_ms([10, 17]), [0.4 + 0.04 + 0.05, 0.4 + 0.068 + 0.1])
+
+
+def test_round_trip_keys_give_the_same_answer_as_their_even_split():
+    """A config of round-trip keys keeps its meaning: split evenly, out + in is the round trip
+    bit for bit, so costs, choices and total are those of the round trip (exact ties too)."""
+    counts = [0, 1, 10, 17, 100, 1000, 2000, 3000, 5000, MAX_TOKENS]
+    split = {**{k: v for k, v in CONFIG.items() if not k.startswith("swap_")},
+             **{f"swap_{way}_{k.removeprefix('swap_')}": CONFIG[k] / 2
+                for way in ("out", "in") for k in ("swap_fixed_ms", "swap_ms_per_token",
+                                                    "swap_ms_per_block")}}
+    assert select_preemption_strategy(counts, split) == select_preemption_strategy(counts, CONFIG)
+    assert CostModel.from_dict(split) == CostModel.from_dict(CONFIG)
+    tie = {"swap_fixed_ms": 0.0, "swap_ms_per_token": 2.0, "recompute_fixed_ms": 0.0,
+           "recompute_ms_per_token": 1.0, "recompute_ms_per_token_sq": 0.5}  # equal at n = 2
+    assert select_preemption_strategy([2], tie)["strategies"] == ["swap"]
+
+
 def test_optional_keys_default_to_no_block_cost_and_block_16():
     minimal = {k: CONFIG[k] for k in REQUIRED_KEYS}
     result = select_preemption_strategy([17], minimal)
@@ -200,9 +229,15 @@ def test_analytic_config_defaults_to_h100():
 # --- properties --------------------------------------------------------------------------------
 
 coefficient = st.floats(min_value=0.0, max_value=1e3, allow_nan=False, allow_infinity=False)
-configs = st.fixed_dictionaries(
-    {k: coefficient for k in REQUIRED_KEYS},
-    optional={"swap_ms_per_block": coefficient, "block_size": st.integers(1, 4096)},
+configs = st.one_of(
+    st.fixed_dictionaries(
+        {k: coefficient for k in REQUIRED_KEYS},
+        optional={"swap_ms_per_block": coefficient, "block_size": st.integers(1, 4096)}),
+    st.fixed_dictionaries(  # the swap each way
+        {k: coefficient for k in ONE_WAY if k not in ("block_size", "swap_out_ms_per_block",
+                                                       "swap_in_ms_per_block")},
+        optional={"swap_out_ms_per_block": coefficient, "swap_in_ms_per_block": coefficient,
+                  "block_size": st.integers(1, 4096)}),
 )
 token_lists = st.lists(st.integers(min_value=0, max_value=10**6), max_size=40)
 
@@ -242,7 +277,7 @@ def test_costs_are_monotone_in_tokens(counts, c):
     for key in ("swap_costs_ms", "recompute_costs_ms"):
         costs = result[key]
         assert all(a <= b for a, b in zip(costs, costs[1:])), key
-    model = CostModel.from_dict({"swap_ms_per_block": 0.0, "block_size": 16, **c})
+    model = CostModel.from_dict({"block_size": 16, **c})
     n = np.array(counts, dtype=np.int64)
     assert (np.diff(model.swap_ms(n)) >= 0).all()
     assert (np.diff(model.recompute_ms(n)) >= 0).all()
@@ -375,9 +410,7 @@ def test_numpy_scalars_are_valid_coefficients():
     assert select_preemption_strategy([10], c)["swap_costs_ms"] == [1.35]
 
 
-@pytest.mark.parametrize("bad", [[1.0, 2.0], None, 3.0, CostModel(
-    swap_fixed_ms=1, swap_ms_per_token=1, recompute_fixed_ms=1, recompute_ms_per_token=1,
-    recompute_ms_per_token_sq=1)])
+@pytest.mark.parametrize("bad", [[1.0, 2.0], None, 3.0, CostModel.from_dict(CONFIG)])
 def test_config_of_wrong_type(bad):
     with pytest.raises(TypeError, match="config"):
         select_preemption_strategy([1], bad)

@@ -1,10 +1,11 @@
 """Fits: non-negative least squares weighted by relative error, with held-out lengths.
 
 Each model is linear in its coefficients, y ≈ X·β with β ≥ 0, where the columns of X are the
-basis functions of the token count (swap: 1, n, ceil(n/block_size); recompute: 1, n, n²; decode:
-1, B, B·T). Dividing each row by its measured y turns plain NNLS into a fit of relative error,
-so the 16-token point counts as much as the 32k-token point. R² is reported for that weighted
-problem (residuals over y), and unweighted beside it.
+basis functions of the token count (swap-out and swap-in, each fitted on its own: 1, n,
+ceil(n/block_size); recompute: 1, n, n²; decode: 1, B, B·T). Dividing each row by its measured
+y turns plain NNLS into a fit of relative error, so the 16-token point counts as much as the
+32k-token point. R² is reported for that weighted problem (residuals over y), and unweighted
+beside it.
 
 Each coefficient is named after the field of the model it fits (`Design.names`): a fit's
 `coefficients` build a `CostModel` or `DecodeModel` by name.
@@ -26,8 +27,8 @@ from kvbench.errors import KvbenchError
 @dataclass(frozen=True)
 class Design:
     """A model's basis functions at the measured points: column j is what the coefficient
-    `names[j]` multiplies, named as the model that uses it names it (`CostModel`'s swap_* and
-    recompute_* fields, `DecodeModel`'s)."""
+    `names[j]` multiplies, named as the model that uses it names it (`CostModel`'s swap_out_*,
+    swap_in_* and recompute_* fields, `DecodeModel`'s)."""
 
     names: tuple[str, ...]
     matrix: np.ndarray  # [points, len(names)]
@@ -40,7 +41,7 @@ class Design:
 
 @dataclass(frozen=True)
 class Fit:
-    coefficients: dict[str, float]  # by the design's names: `CostModel(**swap, **recompute)`
+    coefficients: dict[str, float]  # by the design's names: `CostModel(**out, **in, ...)`
     r2: float  # of the weighted (relative-error) problem the fit solves
     r2_unweighted: float  # plain R² on the latencies: dominated by the largest points
     heldout_mape: float | None
@@ -50,9 +51,16 @@ class Fit:
         return design.matrix @ np.array([self.coefficients[name] for name in design.names])
 
 
-def swap_design(num_tokens, block_size: int) -> Design:
+SWAP_PHASES = ("swap_out", "swap_in")
+
+
+def swap_design(num_tokens, block_size: int, phase: str) -> Design:
+    """One direction of a swap (`phase`: "swap_out" or "swap_in"), named by its CostModel
+    fields: `{phase}_fixed_ms`, `{phase}_ms_per_token`, `{phase}_ms_per_block`."""
+    if phase not in SWAP_PHASES:
+        raise ValueError(f"swap phase must be one of {SWAP_PHASES}, got {phase!r}")
     n = np.asarray(num_tokens, dtype=np.float64)
-    return Design(("swap_fixed_ms", "swap_ms_per_token", "swap_ms_per_block"),
+    return Design((f"{phase}_fixed_ms", f"{phase}_ms_per_token", f"{phase}_ms_per_block"),
                   np.column_stack([np.ones_like(n), n, np.ceil(n / block_size)]))
 
 

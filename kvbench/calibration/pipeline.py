@@ -5,8 +5,9 @@ model's shape × num_layers + LM head, attention alone beside it), decode steps.
 is allocated the inputs and the output path are checked (`check_inputs`) and the sizes are fitted
 to free memory (`calibration_plan`, kvbench/calibration/memory.py); the swap and prefill points
 are measured again in interleaved rounds and the machine is checked before and after
-(kvbench/calibration/schedule.py). Each fit holds out a share of the sizes and reports R² and
-held-out error; a swap or recompute fit over `MAX_HELDOUT_MAPE` fails the profile's quality bar.
+(kvbench/calibration/schedule.py). Swap-out and swap-in are timed and fitted apart. Each fit
+holds out a share of the sizes and reports R² and held-out error; a swap-out, swap-in or
+recompute fit over `MAX_HELDOUT_MAPE` fails the profile's quality bar.
 The profile uses the fastest copy impl and records the others. The CUDA plans have not yet run
 on a GPU (none lent so far).
 """
@@ -62,6 +63,8 @@ from kvbench.profile import (
     Profile,
     ProfileError,
     RecomputeSection,
+    SwapInSection,
+    SwapOutSection,
     SwapSection,
     crossover_line,
     fit_line,
@@ -74,7 +77,7 @@ from kvbench.profile import (
 )
 
 MAX_HELDOUT_MAPE = 0.10
-QUALITY_FITS = ("swap", "recompute")  # held-out error within MAX_HELDOUT_MAPE, or rejected
+QUALITY_FITS = ("swap_out", "swap_in", "recompute")  # held-out error within MAX_HELDOUT_MAPE
 MAX_DRIFT = 0.10  # reference workload before vs after: more is a warning
 STALE_TEMP_S = 60.0  # a temp file this old beside a profile is a killed write's, not a live one
 DEFAULT_MODEL = {"cuda": "llama-3-8b", "cpu": "qwen2.5-0.5b"}
@@ -298,14 +301,13 @@ def calibrate(spec: ModelSpec, device: str, block_size: int = 16, quick: bool = 
     del points  # the swap space: freed before the prefill weights arrive
     swap_sizes = swap.out[best].sizes
     _enough_points("swap", len(swap_sizes), swap.out[best].stopped)
-    swap_ms = swap.round_trip_ms(best)
-    swap_spread = swap.out[best].spread_ms + swap.into[best].spread_ms
     swap_held = fitting.holdout_mask(len(swap_sizes))
+    directions = {"swap_out": swap.out[best], "swap_in": swap.into[best]}
     # The sweep copies whole blocks: its time is a function of ceil(n / block_size) alone, so
-    # the per-token column (n, nearly collinear with it) is left out; swap_ms_per_token is 0.
-    swap_fit = fitting.fit_nnls(
-        fitting.swap_design(swap_sizes, block_size).without("swap_ms_per_token"), swap_ms,
-        swap_held)
+    # the per-token column (n, nearly collinear with it) is left out; its coefficient is 0.
+    swap_fits = {phase: fitting.fit_nnls(
+        fitting.swap_design(swap_sizes, block_size, phase).without(f"{phase}_ms_per_token"),
+        sweep.median_ms, swap_held) for phase, sweep in directions.items()}
     clock.lap("swap")
 
     with recording() as points:
@@ -338,11 +340,13 @@ def calibrate(spec: ModelSpec, device: str, block_size: int = 16, quick: bool = 
                                "prefill_layer": prefill.layer.to_dict(),
                                "attention": prefill.attention.to_dict(),
                                "decode": decode.__dict__}, indent=1)
-    costs = CostModel(**swap_fit.coefficients, swap_ms_per_token=0.0, block_size=block_size,
-                      **pre_fit.coefficients)
+    costs = CostModel(**swap_fits["swap_out"].coefficients, **swap_fits["swap_in"].coefficients,
+                      swap_out_ms_per_token=0.0, swap_in_ms_per_token=0.0,
+                      block_size=block_size, **pre_fit.coefficients)
+    fits = {**swap_fits, "recompute": pre_fit, "decode": dec_fit}
     misses = {name: f"{name} held-out error {100 * fit.heldout_mape:.1f}% exceeds "
                     f"{100 * MAX_HELDOUT_MAPE:.0f}%"
-              for name, fit in (("swap", swap_fit), ("recompute", pre_fit), ("decode", dec_fit))
+              for name, fit in fits.items()
               if fit.heldout_mape is not None and fit.heldout_mape > MAX_HELDOUT_MAPE}
     failures = [misses[name] for name in QUALITY_FITS if name in misses]
     warnings = [text for name, text in misses.items() if name not in QUALITY_FITS]
@@ -352,6 +356,11 @@ def calibrate(spec: ModelSpec, device: str, block_size: int = 16, quick: bool = 
         warnings.append(f"the reference workload ran {100 * abs(machine['drift']):.0f}% "
                         f"{'slower' if machine['drift'] > 0 else 'faster'} after calibrating than "
                         "before: the machine changed under the measurement")
+    swap_sections = {section.PHASE: section.from_costs(
+        costs, fit=_fit_quality(swap_fits[section.PHASE], swap_sizes),
+        measurements=_measurements(swap_sizes, directions[section.PHASE].median_ms,
+                                   directions[section.PHASE].spread_ms, swap_held))
+        for section in (SwapOutSection, SwapInSection)}
     stopped = {"swap": swap.out[best].stopped, "prefill": prefill.layer.stopped,
                "decode": decode.stopped}
     profile = Profile(
@@ -362,9 +371,7 @@ def calibrate(spec: ModelSpec, device: str, block_size: int = 16, quick: bool = 
                 "decode_batch_sizes": batches, "decode_contexts": contexts,
                 "prefill_scope": "one decoder layer x num_layers + final norm and LM head "
                                  "for the last token"},
-        swap=SwapSection.from_costs(costs, impl=best, fit=_fit_quality(swap_fit, swap_sizes),
-                                    measurements=_measurements(swap_sizes, swap_ms, swap_spread,
-                                                               swap_held)),
+        swap=SwapSection(block_size=block_size, impl=best), **swap_sections,
         recompute=RecomputeSection.from_costs(
             costs, fit=_fit_quality(pre_fit, prefill.sizes),
             measurements=_measurements(prefill.sizes, prefill.total_ms, prefill.total_spread_ms,
@@ -410,19 +417,21 @@ def calibrate(spec: ModelSpec, device: str, block_size: int = 16, quick: bool = 
 
 def calibration_summary(profile: Profile, paths: list[Path]) -> list[str]:
     """What `kvbench calibrate` prints: where it wrote, fit quality, the fitted models, how close
-    each copy impl came to the contiguous-copy ceiling, the crossover, sweeps cut short."""
-    s, x = profile.swap, profile.extra
-    swap, recompute, decode = formula_lines(profile)
-    ceiling = x["ceiling_gbps"]
+    each copy impl came to the contiguous-copy ceiling (round trip and each direction), the
+    crossover, sweeps cut short."""
+    x = profile.extra
+    swap, swap_out, swap_in, recompute, decode = formula_lines(profile)
+    ceiling, kv_bytes = x["ceiling_gbps"], profile.model.spec().kv_bytes_per_token
     lines = [
         f"profile: {paths[0]}  (samples {paths[1].name}, plot {paths[2].name})",
         f"device: {profile.environment['device_name']}; model {profile.model.name} "
-        f"({profile.dtype}, {profile.model.spec().kv_bytes_per_token:,.0f} KV bytes/token)",
+        f"({profile.dtype}, {kv_bytes:,.0f} KV bytes/token)",
         *([f"dtype: {DtypeChoice.from_dict(x['dtype_choice']).line()}"]
           if "dtype_choice" in x else []),
-        fit_line("swap fit", s.fit),
-        fit_line("recompute fit", profile.recompute.fit),
-        f"{swap}   [fastest impl: {s.impl}]",
+        *(fit_line(f"{phase} fit", fit) for phase, fit in profile.fits().items()),
+        f"{swap}   [fastest impl: {profile.swap.impl}]",
+        swap_out,
+        swap_in,
         f"{recompute}   [attention alone: {x['attention']['ms_per_token_sq']:.6g}·n²]",
         *([f"{decode}   [R² {profile.decode.r2:.4f}]"] if decode else []),
         f"copy ceiling (one contiguous {x['ceiling_bytes'] / 2**20:,.0f} MiB copy): "
@@ -431,8 +440,13 @@ def calibration_summary(profile: Profile, paths: list[Path]) -> list[str]:
     for impl, data in x["swap_impls"].items():
         best = max(data["round_trip_bandwidth_gbps"])
         share = best / round_trip_ceiling_gbps(profile)
+        bytes_moved = kv_bytes * np.asarray(data["num_tokens"], dtype=np.float64)
+        peaks = {way: float(np.max(bytes_moved / np.asarray(data[f"{way}_ms"]) / 1e6))
+                 for way in ("out", "in")}
+        each_way = ", ".join(f"{way} {gbps:.1f} GB/s ({100 * gbps / ceiling[way]:.0f}%)"
+                             for way, gbps in peaks.items())
         lines.append(f"  {impl:9} peak achieved {best:.1f} GB/s round trip "
-                     f"({100 * share:.0f}% of ceiling)")
+                     f"({100 * share:.0f}% of ceiling); {each_way}")
     lines.append(crossover_line(profile))
     if "time_plan" in x:
         lines.append(time_line(x["time_plan"]["estimate_s"], x["phase_seconds"]))

@@ -3,17 +3,22 @@
 benchmarks/stability.py runs the same calibration several times and keeps a row per run
 (`run_row`); `judge` checks the rows against three criteria, each with the bound GOAL:
 
-(a) held-out error: every run's swap and recompute fits within GOAL on their held-out points;
+(a) held-out error: every run's swap-out, swap-in and recompute fits within GOAL on their
+    held-out points;
 (b) decisions: the selector's choice (swap when its cost is no more than recompute's, as
     `CostModel.price` decides for `select_preemption_strategy`) the same in every run at
     NUM_LENGTHS log-spaced lengths inside every run's measured range;
-(c) costs: the predicted swap and recompute costs at those lengths within GOAL of each other
-    across the runs once divided by the machine's speed in the same run: the mean of the
-    reference workload timed before and after it (`extra.machine` of the profile).
+(c) costs: the predicted swap (the round trip) and recompute costs at those lengths within GOAL
+    of each other across the runs once divided by the machine's speed in the same run: the
+    mean of the reference workload timed before and after it (`extra.machine` of the profile).
 
 The machine's own speed moves between runs (19-40% on a shared 2-core VM), and no fit can remove
 that: a run on a machine 30% slower rightly predicts costs 30% higher. (c) divides it out; the
 undivided spread is reported beside it.
+
+Rows keep the phases of the profiles they came from: rows of version 1 profiles (saved before
+swap-out and swap-in were fitted apart) have one `swap` phase, the round trip; `judge` reads
+either.
 """
 
 from __future__ import annotations
@@ -26,7 +31,8 @@ from kvbench.costmodel import CostModel
 from kvbench.profile import parse
 
 GOAL = 0.10
-COEFFICIENTS = {"swap": ("fixed_ms", "ms_per_token", "ms_per_block"),
+COEFFICIENTS = {"swap_out": ("fixed_ms", "ms_per_token", "ms_per_block"),
+                "swap_in": ("fixed_ms", "ms_per_token", "ms_per_block"),
                 "recompute": ("fixed_ms", "ms_per_token", "ms_per_token_sq")}
 PREDICT_AT = (64, 1024, 8192)  # the table's predicted costs
 NUM_LENGTHS = 64
@@ -37,6 +43,11 @@ def spread(values) -> float:
     values = np.asarray(values, dtype=np.float64)
     median = float(np.median(values))
     return 0.0 if np.ptp(values) == 0 else float(np.ptp(values) / abs(median)) if median else np.inf
+
+
+def fitted_phases(row: dict) -> list[str]:
+    """The fitted phases a row has a held-out error for (`COEFFICIENTS`, or a v1 row's)."""
+    return [key.removesuffix("_heldout") for key in row if key.endswith("_heldout")]
 
 
 def run_row(profile: dict) -> dict:
@@ -88,11 +99,11 @@ class Stability:
 
 def judge(runs: list[dict]) -> Stability:
     """(a), (b) and (c) over `runs` (rows of `run_row` and more)."""
-    heldout = {phase: max(r[f"{phase}_heldout"] for r in runs) for phase in COEFFICIENTS}
+    heldout = {phase: max(r[f"{phase}_heldout"] for r in runs) for phase in fitted_phases(runs[0])}
     if "costs" not in runs[0]:
         return Stability(heldout, None, [], {}, {})
-    low = max(r["fit_tokens"][phase][0] for r in runs for phase in COEFFICIENTS)
-    high = min(r["fit_tokens"][phase][1] for r in runs for phase in COEFFICIENTS)
+    low = max(span[0] for r in runs for span in r["fit_tokens"].values())
+    high = min(span[1] for r in runs for span in r["fit_tokens"].values())
     lengths = np.unique(np.round(np.geomspace(low, high, NUM_LENGTHS)).astype(np.int64))
     swap, recompute, use_swap = (np.stack(a) for a in zip(
         *(CostModel.from_dict(r["costs"]).price(lengths) for r in runs)))  # runs x lengths

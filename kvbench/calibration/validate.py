@@ -1,7 +1,8 @@
 """`kvbench validate`: check a profile against fresh measurements on the same device.
 
 At token counts the calibration did not use (geometric midpoints of its sweep), measure a real
-swap round trip (the profile's copy impl) and a real recompute: a full prefill through all
+swap-out and swap-in (the profile's copy impl; their sum is the round trip the selector prices)
+and a real recompute: a full prefill through all
 `num_layers` layers, each with its own weights, then the LM head. Calibration timed one layer and
 multiplied; this runs the whole stack, so it checks that shortcut too. Reports the selector's
 decision agreement with the measured cheaper strategy and the prediction errors.
@@ -25,13 +26,26 @@ from kvbench.selector import select_preemption_strategy
 
 @dataclass
 class ValidationReport:
+    """Predicted and measured costs (ms) at each token count; the swap round trip (what the
+    selector and the measured choice compare with recompute) is the sum of its two ways."""
+
     num_tokens: list[int]
-    swap_predicted_ms: list[float]
-    swap_measured_ms: list[float]
+    swap_out_predicted_ms: list[float]
+    swap_out_measured_ms: list[float]
+    swap_in_predicted_ms: list[float]
+    swap_in_measured_ms: list[float]
     recompute_predicted_ms: list[float]
     recompute_measured_ms: list[float]
     predicted_choice: list[str]
     measured_choice: list[str]
+
+    @property
+    def swap_predicted_ms(self) -> list[float]:
+        return np.add(self.swap_out_predicted_ms, self.swap_in_predicted_ms).tolist()
+
+    @property
+    def swap_measured_ms(self) -> list[float]:
+        return np.add(self.swap_out_measured_ms, self.swap_in_measured_ms).tolist()
 
     @property
     def agreement(self) -> float:
@@ -42,22 +56,36 @@ class ValidationReport:
         return mape(self.swap_measured_ms, self.swap_predicted_ms)
 
     @property
+    def swap_out_mape(self) -> float:
+        return mape(self.swap_out_measured_ms, self.swap_out_predicted_ms)
+
+    @property
+    def swap_in_mape(self) -> float:
+        return mape(self.swap_in_measured_ms, self.swap_in_predicted_ms)
+
+    @property
     def recompute_mape(self) -> float:
         return mape(self.recompute_measured_ms, self.recompute_predicted_ms)
 
     def to_dict(self) -> dict:
-        return {**self.__dict__, "agreement": self.agreement, "swap_mape": self.swap_mape,
-                "recompute_mape": self.recompute_mape}
+        return {**self.__dict__, "swap_predicted_ms": self.swap_predicted_ms,
+                "swap_measured_ms": self.swap_measured_ms, "agreement": self.agreement,
+                "swap_mape": self.swap_mape, "swap_out_mape": self.swap_out_mape,
+                "swap_in_mape": self.swap_in_mape, "recompute_mape": self.recompute_mape}
 
-    COLUMNS = ("tokens", "swap pred ms", "swap meas ms", "recompute pred ms",
-               "recompute meas ms", "selector", "measured")
+    COLUMNS = ("tokens", "out pred ms", "out meas ms", "in pred ms", "in meas ms",
+               "swap pred ms", "swap meas ms", "recompute pred ms", "recompute meas ms",
+               "selector", "measured")
 
     def rows(self) -> list[list[str]]:
         """Predicted and measured costs (ms) and choices, one row per token count, as text."""
-        return [[str(row[0]), *(f"{v:.3f}" for v in row[1:5]), row[5], row[6]]
-                for row in zip(self.num_tokens, self.swap_predicted_ms, self.swap_measured_ms,
-                               self.recompute_predicted_ms, self.recompute_measured_ms,
-                               self.predicted_choice, self.measured_choice)]
+        costs = zip(self.swap_out_predicted_ms, self.swap_out_measured_ms,
+                    self.swap_in_predicted_ms, self.swap_in_measured_ms, self.swap_predicted_ms,
+                    self.swap_measured_ms, self.recompute_predicted_ms,
+                    self.recompute_measured_ms)
+        return [[str(n), *(f"{v:.3f}" for v in ms), chosen, measured]
+                for n, ms, chosen, measured in zip(self.num_tokens, costs, self.predicted_choice,
+                                                   self.measured_choice)]
 
     def table(self, title: str) -> Table:
         """`rows` under `COLUMNS`, for the terminal."""
@@ -70,7 +98,8 @@ class ValidationReport:
 
     def summary_line(self) -> str:
         return (f"decision agreement: {100 * self.agreement:.0f}%; prediction error: swap "
-                f"{100 * self.swap_mape:.1f}%, recompute {100 * self.recompute_mape:.1f}%")
+                f"{100 * self.swap_mape:.1f}% (out {100 * self.swap_out_mape:.1f}%, in "
+                f"{100 * self.swap_in_mape:.1f}%), recompute {100 * self.recompute_mape:.1f}%")
 
 
 def fresh_sizes(sizes: list[int], count: int) -> list[int]:
@@ -117,12 +146,12 @@ def validate(profile: Profile, device: str, count: int = 6, force: bool = False,
     check_device(profile, device, force)
     spec = profile.model.spec()
     common = sorted(set(profile.recompute.measurements.num_tokens)
-                    | {n for n in profile.swap.measurements.num_tokens
+                    | {n for n in profile.swap_out.measurements.num_tokens
                        if n <= profile.recompute.fit.max_tokens})
     sizes = fresh_sizes(common, count)
     impl = profile.swap.impl or "torch"
     swap = swap_sweep(spec, device, profile.swap.block_size, sizes, (impl,), on_point, seed=1,
-                      pool_tokens=profile.swap.fit.max_tokens)  # the calibration's cache size
+                      pool_tokens=profile.swap_out.fit.max_tokens)  # the calibration's cache size
     swap_ms = swap.round_trip_ms(impl).tolist()
     sizes = swap.out[impl].sizes
     recompute_ms = full_prefill_ms(profile, device, sizes, on_point)
@@ -130,7 +159,10 @@ def validate(profile: Profile, device: str, count: int = 6, force: bool = False,
     costs = profile.cost_model()
     return ValidationReport(
         num_tokens=sizes,
-        swap_predicted_ms=costs.swap_ms(sizes).tolist(), swap_measured_ms=swap_ms,
+        swap_out_predicted_ms=costs.swap_out_ms(sizes).tolist(),
+        swap_out_measured_ms=swap.out[impl].median_ms.tolist(),
+        swap_in_predicted_ms=costs.swap_in_ms(sizes).tolist(),
+        swap_in_measured_ms=swap.into[impl].median_ms.tolist(),
         recompute_predicted_ms=costs.recompute_ms(sizes).tolist(),
         recompute_measured_ms=recompute_ms,
         predicted_choice=chosen["strategies"],

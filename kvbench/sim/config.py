@@ -131,11 +131,12 @@ class Costs:
                 warn: Callable[[str], None] = lambda line: None) -> Costs:
         """The costs a command or the plugin prices with: the profile at `profile` (its model
         must have `model`'s shape when both are given; `warn` gets one line when it was
-        measured on other hardware than this machine's), else analytic costs of `model`
+        measured on other hardware than this machine's, one when it is a version 1 file, its
+        swap split evenly between out and in), else analytic costs of `model`
         (default `DEFAULT_MODEL`) on `hardware`."""
         if profile is None:
             return cls.analytic(DEFAULT_MODEL if model is None else model, hardware, block_size)
-        prof = load(profile)
+        prof = load(profile, warn)
         costs = cls.from_profile(prof, hardware)
         if model is not None:
             wanted = get_model(model) if isinstance(model, str) else model

@@ -29,13 +29,13 @@ import csv
 import dataclasses
 import difflib
 import math
-import sys
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from kvbench.console import stderr_warning
 from kvbench.errors import KvbenchError
 from kvbench.limits import MAX_TOKENS, check_finite
 
@@ -304,10 +304,6 @@ def spec_trace(trace: str, folder: Path) -> str:
     such file exists and `trace` is a bundled trace's name, which stays a name."""
     path = folder / trace
     return trace if trace in BUNDLED_TRACES and not path.exists() else str(path)
-
-
-def stderr_warning(line: str) -> None:
-    print(f"warning: {line}", file=sys.stderr)
 
 
 def _check_columns(path: Path, header: list[str], read: tuple[str, ...],

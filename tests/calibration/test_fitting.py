@@ -11,7 +11,8 @@ from kvbench.calibration.plans import geometric_sizes
 from kvbench.costmodel import CostModel, DecodeModel
 
 DESIGNS = {
-    "swap": lambda n: fitting.swap_design(n, 16),
+    "swap_out": lambda n: fitting.swap_design(n, 16, "swap_out"),
+    "swap_in": lambda n: fitting.swap_design(n, 16, "swap_in"),
     "recompute": fitting.recompute_design,
     # decode: batch sizes n, each at a context of 3·n + 7 tokens (B·T is not collinear with B)
     "decode": lambda n: fitting.decode_design(n, 3 * np.asarray(n) + 7),
@@ -28,15 +29,33 @@ def beta(fit):
 
 
 def test_coefficients_are_named_after_the_fields_of_the_models_they_build():
-    """A fit's coefficients build the model by name: `CostModel(**swap, **recompute)`."""
+    """A fit's coefficients build the model by name: `CostModel(**out, **in, **recompute)`."""
     n = [16, 100, 1000, 5000]
     fits = {kind: fitting.fit_nnls(DESIGNS[kind](n), np.log(n)) for kind in DESIGNS}
-    costs = CostModel(**fits["swap"].coefficients, **fits["recompute"].coefficients)
-    assert costs.swap_ms_per_block == fits["swap"].coefficients["swap_ms_per_block"]
+    costs = CostModel(**fits["swap_out"].coefficients, **fits["swap_in"].coefficients,
+                      **fits["recompute"].coefficients)
+    assert costs.swap_out_ms_per_block == fits["swap_out"].coefficients["swap_out_ms_per_block"]
+    assert costs.swap_in_fixed_ms == fits["swap_in"].coefficients["swap_in_fixed_ms"]
     assert DecodeModel(**fits["decode"].coefficients).d0_ms == beta(fits["decode"])[0]
-    design = fitting.swap_design([16, 100], 16).without("swap_ms_per_token")
-    assert design.names == ("swap_fixed_ms", "swap_ms_per_block")
+    design = fitting.swap_design([16, 100], 16, "swap_in").without("swap_in_ms_per_token")
+    assert design.names == ("swap_in_fixed_ms", "swap_in_ms_per_block")
     np.testing.assert_array_equal(design.matrix, [[1, 1], [1, 7]])
+    with pytest.raises(ValueError, match="swap phase must be one of"):
+        fitting.swap_design([16], 16, "swap")
+
+
+def test_out_and_in_are_fitted_apart():
+    """Each direction's fit recovers its own coefficients from its own latencies."""
+    n = np.array(geometric_sizes(16, 65536, 14), dtype=float)
+    truth = {"swap_out": np.array([0.05, 0.0, 0.02]), "swap_in": np.array([0.2, 0.0, 0.05])}
+    held = fitting.holdout_mask(len(n))
+    for phase, coefficients in truth.items():
+        design = fitting.swap_design(n, 16, phase).without(f"{phase}_ms_per_token")
+        y = noisy(fitting.swap_design(n, 16, phase).matrix @ coefficients, 0.01)
+        fit = fitting.fit_nnls(design, y, held)
+        assert set(fit.coefficients) == {f"{phase}_fixed_ms", f"{phase}_ms_per_block"}
+        np.testing.assert_allclose(beta(fit), coefficients[[0, 2]], rtol=0.1)
+        assert fit.heldout_mape < 0.03
 
 
 def test_recompute_fit_recovers_quadratic_coefficients():
@@ -52,8 +71,9 @@ def test_recompute_fit_recovers_quadratic_coefficients():
 
 def test_swap_fit_separates_per_token_and_per_block_costs():
     n = np.array([1, 3, 16, 17, 40, 100, 257, 1000, 4096, 5000, 16384], dtype=float)
-    truth = {"swap_fixed_ms": 0.05, "swap_ms_per_token": 0.002, "swap_ms_per_block": 0.01}
-    design = fitting.swap_design(n, 16)
+    truth = {"swap_out_fixed_ms": 0.05, "swap_out_ms_per_token": 0.002,
+             "swap_out_ms_per_block": 0.01}
+    design = fitting.swap_design(n, 16, "swap_out")
     np.testing.assert_array_equal(design.matrix[:4, 2], [1, 1, 1, 2])
     fit = fitting.fit_nnls(design, design.matrix @ list(truth.values()))
     assert fit.coefficients == pytest.approx(truth, rel=1e-6)

@@ -261,7 +261,7 @@ def test_out_of_memory_during_a_sweep_ends_it_and_is_recorded(monkeypatch):
     stopped = run.profile.extra["stopped"]
     assert stopped["prefill"] == "out of memory at 512 tokens"
     assert stopped["swap"] == "out of memory allocating 2048 tokens"
-    assert run.profile.recompute.fit.max_tokens < 512 and run.profile.swap.fit.max_tokens < 2048
+    assert run.profile.recompute.fit.max_tokens < 512 and run.profile.swap_out.fit.max_tokens < 2048
     lines = pipeline.calibration_summary(run.profile, [Path("p.json")] * 3)
     assert "note: sweep ended early: out of memory at 512 tokens" in lines
 

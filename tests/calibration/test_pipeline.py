@@ -42,14 +42,20 @@ def test_pipeline_builds_a_measured_profile(tiny_run, tmp_path):
     assert prof.source == "measured" and prof.environment["device"] == "cpu"
     assert prof.swap.impl in ("torch", "per_block") and prof.swap.block_size == 8
     sizes = TINY_PLAN.swap_tokens.sizes()
-    assert prof.swap.measurements.num_tokens == sizes
-    assert len(prof.swap.measurements.latency_ms) == len(sizes)
+    samples = tiny_run.samples
+    for phase in ("swap_out", "swap_in"):  # each direction fitted to its own timings
+        section = getattr(prof, phase)
+        assert section.measurements.num_tokens == sizes
+        assert section.measurements.latency_ms == samples[phase][prof.swap.impl]["median_ms"]
+        assert section.ms_per_token == 0  # whole blocks are copied: the fit prices blocks
+        assert section.fit.max_tokens == 2048
+    assert prof.swap_out.measurements != prof.swap_in.measurements
     assert all(x > 0 for x in prof.recompute.measurements.latency_ms)
     assert set(prof.extra["swap_impls"]) == {"torch", "per_block"}
     assert prof.extra["ceiling_gbps"]["out"] > 0
-    assert prof.swap.fit.max_tokens == 2048 and prof.recompute.fit.max_tokens == 512
-    assert prof.swap.ms_per_token == 0  # whole blocks are copied: the fit prices blocks
-    for fit in (prof.swap.fit, prof.recompute.fit):
+    assert prof.recompute.fit.max_tokens == 512
+    assert prof.extra["quality"]["fits"] == ["swap_out", "swap_in", "recompute"]
+    for fit in prof.fits().values():
         assert fit.r2 is not None and fit.heldout_mape is not None
     # the recompute measurement is L layers (each with its attention) plus the LM head
     assert prof.recompute.measurements.latency_ms[-1] > prof.extra["attention"]["latency_ms"][-1]

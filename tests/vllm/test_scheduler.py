@@ -22,9 +22,9 @@ from kvbench.vllm.options import PluginError, PluginOptions
 
 MODEL = ModelSpec("t", num_layers=2, hidden_size=256, num_heads=4, num_kv_heads=2, head_dim=64,
                   intermediate_size=512, vocab_size=32000, dtype="float32")
-COSTS = CostModel(swap_fixed_ms=0.5, swap_ms_per_token=0.01, block_size=32,
-                  recompute_fixed_ms=0.1, recompute_ms_per_token=0.02,
-                  recompute_ms_per_token_sq=1e-5)
+COSTS = CostModel.from_dict({"swap_fixed_ms": 0.5, "swap_ms_per_token": 0.01, "block_size": 32,
+                             "recompute_fixed_ms": 0.1, "recompute_ms_per_token": 0.02,
+                             "recompute_ms_per_token_sq": 1e-5})
 
 
 # ---------------------------------------------------------------------------------------------

@@ -18,6 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvbench import __version__, hardware
+from kvbench.console import stderr_warning
 from kvbench.sim.config import DEFAULT_MODEL, SimConfig
 from kvbench.sim.sweep.spec import SweepError, SweepSpec
 from kvbench.sim.workloads import (
@@ -25,7 +26,6 @@ from kvbench.sim.workloads import (
     WorkloadError,
     load_workload,
     resolve_trace,
-    stderr_warning,
 )
 
 SYNTHETIC = "synthetic:"  # prefix of a synthetic mix among the cells' workload sources

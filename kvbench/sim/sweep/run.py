@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from kvbench import hardware
+from kvbench.console import stderr_warning
 from kvbench.sim.config import Costs, SimConfig
 from kvbench.sim.metrics import summarize
 from kvbench.sim.study import run_one
@@ -30,7 +31,7 @@ from kvbench.sim.sweep.outputs import (
 )
 from kvbench.sim.sweep.plan import Cell, plan_sweep
 from kvbench.sim.sweep.spec import SweepSpec
-from kvbench.sim.workloads import Workload, stderr_warning
+from kvbench.sim.workloads import Workload
 
 # ---------------------------------------------------------------------------------------------
 # The simulator, called in one place (the entry points of kvbench.sim)
