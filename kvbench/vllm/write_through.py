@@ -68,12 +68,9 @@ def resume_mode(extra_config) -> str:
 
 
 def load_ms(costs: CostModel, num_tokens: int) -> float:
-    """The host-to-device half of a swap. `swap_ms` prices the round trip; half of it stands in
-    until the cost model prices the way in alone (`swap_in_ms`)."""
-    swap_in_ms = getattr(costs, "swap_in_ms", None)
-    if swap_in_ms is not None:
-        return float(swap_in_ms(num_tokens))
-    return float(costs.swap_ms(num_tokens)) / 2
+    """What loading `num_tokens` back costs: the swap-in half of a swap, the part this
+    mechanism pays (its stores were made while the request ran)."""
+    return float(costs.swap_in_ms(num_tokens))
 
 
 def resume_choice(costs: CostModel, device_tokens: int, host_tokens: int, mode: str) -> dict:

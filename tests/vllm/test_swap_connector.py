@@ -18,9 +18,9 @@ from kvbench.sim.policies import swap_if_cheaper, swap_if_room, swap_never
 from kvbench.vllm.swap_scheduler import SwapPlanner
 from kvbench.vllm.swap_worker import SwapIn, SwapOut, SwapWorker, copy_view
 
-COSTS = CostModel(swap_fixed_ms=0.0, swap_ms_per_token=0.01, block_size=16,
-                  recompute_fixed_ms=0.0, recompute_ms_per_token=0.001,
-                  recompute_ms_per_token_sq=1e-5)
+COSTS = CostModel.from_dict({"swap_fixed_ms": 0.0, "swap_ms_per_token": 0.01, "block_size": 16,
+                             "recompute_fixed_ms": 0.0, "recompute_ms_per_token": 0.001,
+                             "recompute_ms_per_token_sq": 1e-5})
 
 
 # ---------------------------------------------------------------------------------------------
