@@ -30,8 +30,8 @@ from kvbench.sim.write_through import PENDING, HostCache
 PROFILE = analytic_profile(get_model("llama-2-7b"), get_hardware("h100-sxm"))
 COSTS = Costs.from_profile(PROFILE)
 # A fixed cost on every copy: loading a short prompt costs more than computing it again.
-DEAR_COPIES = dataclasses.replace(COSTS, costs=dataclasses.replace(COSTS.costs,
-                                                                   swap_fixed_ms=4.0))
+DEAR_COPIES = dataclasses.replace(COSTS, costs=dataclasses.replace(
+    COSTS.costs, swap_out_fixed_ms=2.0, swap_in_fixed_ms=2.0))
 
 
 def workload(arrival_s, prompt, output) -> Workload:
