@@ -136,8 +136,10 @@ def replay_mechanisms(workload: Workload, settings: ReplayEngine, host_blocks: i
         result = Simulator(same_requests(workload), config, costs, tokens=tokens).run()
         replayed.append(mechanism_row(mechanism, run, workload, model))
         summary = summarize(result)
+        loads = int(np.count_nonzero(result.requests.loaded_tokens))  # requests that loaded
         simulated.append(summary | {
-            "policy": mechanism.name, "host_decisions": summary["swap_preemptions"],
+            "policy": mechanism.name,
+            "host_decisions": loads if mechanism.offloading else summary["swap_preemptions"],
             "fallbacks": summary["swap_fallbacks"], "moved_bytes": summary["swapped_bytes"],
             "loaded_tokens": int(np.sum(result.requests.loaded_tokens))})
     return step_time, replayed, simulated
