@@ -58,9 +58,14 @@ def _rows(columns: dict, rows: list[dict]) -> list[str]:
 def mechanisms_markdown(document: dict) -> list[str]:
     """`kvbench replay --mechanisms`: the replayed rows, the simulated rows, and the copies the
     connectors measured against the profile's predictions."""
+    loads = "; ".join(f"{row['policy']} {row['load_average'][0]:.1f} -> "
+                      f"{row['load_average'][1]:.1f}" for row in document["replayed"])
     return [f"Mechanisms: {replay_title(document)} · host pool "
             f"{document['host_blocks']} blocks", "", "```", document["command"], "```", "",
             "**Replayed in vLLM**", "", *_rows(MECHANISM_COLUMNS, document["replayed"]), "",
+            "This machine's 1-minute load average at the start and end of each run (above 2 on "
+            f"2 cores, other processes held the cores and the times are not comparable): {loads}.",
+            "",
             f"**Simulated** (step time `{document['step_time']}`, fitted to every replayed step)",
             "", *_rows(MECHANISM_COLUMNS, document["simulated"]), "",
             "**Copies: measured by the connectors, predicted by the costs** (all copies of the "
