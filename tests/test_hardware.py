@@ -83,13 +83,15 @@ def test_an_older_fingerprint_still_slugs_as_before():
     assert (ROOT / "results/benchmarks" / fingerprint_slug(env)).is_dir()
 
 
-def test_the_committed_cpu_profile_names_its_isa():
-    [path] = [p for p in (ROOT / "results/profiles").glob("cpu-*.json")
-              if not p.name.endswith((".samples.json", ".validate.json"))]
-    env = load(path).environment
-    assert path.name == f"{fingerprint_slug(env)}-qwen2-5-0-5b.json"
-    assert set(env["cpu"]) >= {"vendor", "family", "model", "stepping", "isa"}
-    assert {"avx2", "avx512", "avx512_bf16", "amx"} <= set(env["cpu"]["isa"])
+def test_the_committed_cpu_profiles_name_their_isa():
+    paths = [p for p in (ROOT / "results/profiles").glob("cpu-*.json")
+             if not p.name.endswith((".samples.json", ".validate.json"))]
+    assert paths
+    for path in paths:
+        env = load(path).environment
+        assert path.name.startswith(f"{fingerprint_slug(env)}-")
+        assert set(env["cpu"]) >= {"vendor", "family", "model", "stepping", "isa"}
+        assert {"avx2", "avx512", "avx512_bf16", "amx"} <= set(env["cpu"]["isa"])
 
 
 def test_cpu_info_without_proc_cpuinfo(monkeypatch):
