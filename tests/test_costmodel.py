@@ -118,7 +118,9 @@ def test_bad_swap_keys_are_named(config, message):
         CostModel.from_dict(config)
 
 
-coefficient = st.floats(min_value=0.0, max_value=1e3, allow_nan=False, allow_infinity=False)
+# Zero or far from the subnormal range: halving a float near it loses its last bit (5e-324 / 2
+# is 0), a cost no profile has.
+coefficient = st.one_of(st.just(0.0), st.floats(min_value=1e-300, max_value=1e3))
 
 
 @settings(max_examples=200, deadline=None)
