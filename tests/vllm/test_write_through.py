@@ -184,7 +184,8 @@ def runs():
     from vllm import SamplingParams
 
     from kvbench.vllm.options import PluginOptions
-    from kvbench.vllm.scheduler import model_spec, preemption_costs
+    from kvbench.vllm.model_shape import model_spec
+    from kvbench.vllm.scheduler import preemption_costs
 
     params = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True, temperature=0,
                             detokenize=False)
