@@ -77,6 +77,10 @@ def preemption_costs(options: PluginOptions, model: ModelSpec, block_size: int
 class KvbenchScheduler(Scheduler):
     """vLLM's scheduler with kvbench's records and, when asked, its policies (module doc)."""
 
+    # No swap connector unless `__init__` attaches one (vLLM's tests also build schedulers
+    # without `__init__`, attributes set by hand, and call `update_from_output`).
+    _swap = None
+
     def __new__(cls, *args, **kwargs):
         vllm_config = kwargs.get("vllm_config") or args[0]
         if cls is KvbenchScheduler and vllm_config.scheduler_config.async_scheduling:
@@ -99,9 +103,8 @@ class KvbenchScheduler(Scheduler):
             f"vllm ({options.label})", "model": model.name, "costs": costs_source,
             "block_size": self.block_size,
             "num_gpu_blocks": self.kv_cache_manager.block_pool.num_gpu_blocks})
-        self._swap = None  # the swap connector's planner
         if isinstance(self.connector, KvbenchSwapConnector):
-            self._swap = self.connector.attach(
+            self._swap = self.connector.attach(  # the swap connector's planner
                 costs, bind(options.policy.functions()["preemption"], options.knobs),
                 self.kvbench_recorder)
         elif hasattr(self.connector, "on_decision"):  # kvbench's write-through connector
