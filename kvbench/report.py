@@ -405,12 +405,16 @@ def render_source(root: Path, source: str) -> list[str]:
         from kvbench.vllm.replay_table import mechanisms_markdown
 
         return mechanisms_markdown(json.loads(path.read_text()))
+    if path.parent.name == "conformance":
+        from kvbench.vllm.conformance.table import conformance_markdown
+
+        return conformance_markdown(json.loads(path.read_text()))
     if path.suffix == ".json" and "benchmarks" in (data := json.loads(path.read_text())):
         return bench_extra_markdown(data)
     raise KvbenchError(f"README block names {source}: only profiles/*.json, *.validate.json, "
                        "calibrate-time/*.json, ci-time/*.json, compare.json, sweep.csv, "
                        "*-sweep-scale.json, *-stability.json, replay.json, mechanisms.json, "
-                       "pytest-benchmark "
+                       "conformance/*.json, pytest-benchmark "
                        "JSON and before-after/*/ folders render")
 
 

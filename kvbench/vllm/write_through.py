@@ -45,9 +45,9 @@ from vllm.platforms import current_platform
 from vllm.v1.kv_offload.base import OffloadingWorker, TransferResult
 
 from kvbench.costmodel import CostModel
+from kvbench.vllm.model_shape import model_spec
 from kvbench.vllm.offload_spec import LOAD, STORE
 from kvbench.vllm.options import PluginError, PluginOptions
-from kvbench.vllm.model_shape import model_spec
 from kvbench.vllm.scheduler import preemption_costs
 
 logger = logging.getLogger("vllm.kvbench")  # under vLLM's logger: its handler and level

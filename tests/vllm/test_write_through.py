@@ -183,8 +183,8 @@ def runs():
     pytest.importorskip("vllm")
     from vllm import SamplingParams
 
-    from kvbench.vllm.options import PluginOptions
     from kvbench.vllm.model_shape import model_spec
+    from kvbench.vllm.options import PluginOptions
     from kvbench.vllm.scheduler import preemption_costs
 
     params = SamplingParams(max_tokens=MAX_TOKENS, ignore_eos=True, temperature=0,

@@ -4,17 +4,21 @@
 kvbench's write-through connector for vLLM's `OffloadingConnector`, before the test modules
 import them; the options come from KVBENCH_* variables, as in a server. Without it vLLM runs as
 it is. Either way `--kvbench-outcomes FILE` gets one JSON line per test: its outcome, the
-exception type of a failure, and what the invariants found in every scheduler the test built
-(`invariants`).
+exception type of a failure and the file that raised it, and what the invariants found in
+every scheduler the test built (`invariants`).
 """
 
 from __future__ import annotations
 
 import json
 from collections import Counter
+from pathlib import Path
 
 import pytest
 
+import kvbench
+
+KVBENCH = Path(kvbench.__file__).resolve().parent
 _built: list = []  # the schedulers the running test has built
 _out = None
 
@@ -86,11 +90,24 @@ def invariants(sched) -> list[str]:
     return problems[:3]
 
 
-def _write(nodeid: str, outcome: str, exception: str | None = None,
+def raised_in(excinfo) -> str | None:
+    """The file the exception was raised in: kvbench/..., vllm/... (installed) or the test's."""
+    if excinfo is None or not excinfo.traceback:
+        return None
+    path = Path(str(excinfo.traceback[-1].path)).resolve()
+    if path.is_relative_to(KVBENCH):
+        return str(path.relative_to(KVBENCH.parent))
+    parts = path.parts
+    if "site-packages" in parts:
+        return "/".join(parts[parts.index("site-packages") + 1:])
+    return str(path.relative_to(Path.cwd())) if path.is_relative_to(Path.cwd()) else str(path)
+
+
+def _write(nodeid: str, outcome: str, exception: str | None = None, where: str | None = None,
            problems: list[str] | None = None) -> None:
     if _out is not None:
         _out.write(json.dumps({"test": nodeid, "outcome": outcome, "exception": exception,
-                               "problems": problems or []}) + "\n")
+                               "raised_in": where, "problems": problems or []}) + "\n")
 
 
 @pytest.hookimpl(tryfirst=True)
@@ -104,10 +121,13 @@ def pytest_runtest_makereport(item, call):
     exception = call.excinfo.typename if call.excinfo is not None else None
     if report.when == "call":
         problems = [p for sched in _built for p in invariants(sched)]
-        _write(item.nodeid, report.outcome, exception if report.failed else None, problems)
+        failed = report.failed
+        _write(item.nodeid, report.outcome, exception if failed else None,
+               raised_in(call.excinfo) if failed else None, problems)
     elif report.when == "setup" and not report.passed:
-        _write(item.nodeid, "skipped" if report.skipped else "error",
-               None if report.skipped else exception)
+        error = not report.skipped
+        _write(item.nodeid, "error" if error else "skipped", exception if error else None,
+               raised_in(call.excinfo) if error else None)
 
 
 def pytest_collectreport(report) -> None:

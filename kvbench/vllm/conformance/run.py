@@ -2,15 +2,16 @@
 
 from __future__ import annotations
 
-import fnmatch
 import json
 import os
+import re
 import subprocess
 import sys
 import time
-import tomllib
 from dataclasses import dataclass
 from pathlib import Path
+
+import tomllib
 
 from kvbench.io import write_atomic
 from kvbench.vllm.conformance import source
@@ -38,7 +39,19 @@ DIFFERENCES = Path(__file__).resolve().parent / "differences.toml"
 class Outcome:
     outcome: str  # passed, failed, skipped, error
     exception: str | None
-    problems: tuple[str, ...]
+    problems: tuple[str, ...] = ()
+    raised_in: str | None = None  # the file that raised the exception
+
+
+@dataclass(frozen=True)
+class Difference:
+    """A listed policy difference: why the policy fails the test, what it raises and where (a
+    test's assertion in the test's file, unless the test's fakes, scripted for vLLM's schedule,
+    make vLLM's own code raise under the policy's: then both are named)."""
+
+    reason: str
+    raises: str = "AssertionError"
+    raised_in: str = "tests/"
 
 
 def run_variant(name: str, root: Path, logs: Path, python: str = sys.executable
@@ -46,7 +59,8 @@ def run_variant(name: str, root: Path, logs: Path, python: str = sys.executable
     """One pytest run of the tests under variant `name`; each test's outcome."""
     options = VARIANTS[name]
     env = {k: v for k, v in os.environ.items() if not k.startswith("KVBENCH_")}
-    env |= {"HF_HUB_OFFLINE": "1", "VLLM_MODEL_REDIRECT_PATH": str(source.model_redirect().resolve()),
+    redirect = source.model_redirect().resolve()
+    env |= {"HF_HUB_OFFLINE": "1", "VLLM_MODEL_REDIRECT_PATH": str(redirect),
             "PYTHONPATH": os.pathsep.join(filter(None, [str(Path.cwd()),
                                                         env.get("PYTHONPATH")]))}
     env |= {f"KVBENCH_{k.upper()}": str(v) for k, v in (options or {}).items()}
@@ -60,18 +74,31 @@ def run_variant(name: str, root: Path, logs: Path, python: str = sys.executable
         subprocess.run(command, cwd=root, env=env, stdout=log, stderr=subprocess.STDOUT,
                        check=False)
     lines = [json.loads(line) for line in outcomes.read_text().splitlines()]
-    return {line["test"]: Outcome(line["outcome"], line["exception"], tuple(line["problems"]))
-            for line in lines}
+    return {line["test"]: Outcome(line["outcome"], line["exception"], tuple(line["problems"]),
+                                  line["raised_in"]) for line in lines}
 
 
-def listed(differences: dict[str, str], test: str) -> str | None:
-    """The listed reason for `test` (keys are test ids or fnmatch patterns)."""
-    return next((why for pattern, why in differences.items()
-                 if fnmatch.fnmatchcase(test, pattern)), None)
+def matches(pattern: str, test: str) -> bool:
+    """A test id against a listed one, where `*` matches anything (and `[`, as in test ids'
+    parameters, is itself)."""
+    return re.fullmatch(".*".join(map(re.escape, pattern.split("*"))), test) is not None
+
+
+def differences(variant: str, path: Path = DIFFERENCES) -> dict[str, Difference]:
+    """The listed differences of `variant`: test id (`*` a wildcard) -> `Difference` (a reason
+    alone, or a table with `reason` and `raises`)."""
+    listed = tomllib.loads(path.read_text()).get(variant, {})
+    return {test: Difference(entry) if isinstance(entry, str) else Difference(**entry)
+            for test, entry in listed.items()}
+
+
+def listed(differ: dict[str, Difference], test: str) -> Difference | None:
+    """The listed difference that covers `test`."""
+    return next((d for pattern, d in differ.items() if matches(pattern, test)), None)
 
 
 def judge(name: str, outcomes: dict[str, Outcome], plain: dict[str, Outcome],
-          differences: dict[str, str]) -> dict:
+          listing: dict[str, Difference]) -> dict:
     """A variant against plain vLLM: its counts, the tests it fails that vLLM passes (with the
     listed reason), and its problems (each one line)."""
     passing = sorted(t for t, o in plain.items() if o.outcome == "passed")
@@ -81,23 +108,24 @@ def judge(name: str, outcomes: dict[str, Outcome], plain: dict[str, Outcome],
         if got is None:
             problems.append(f"{test}: not run")
         elif got.outcome != "passed":
-            why = listed(differences, test)
+            entry = listed(listing, test)
             differ.append({"test": test, "outcome": got.outcome, "exception": got.exception,
-                           "reason": why})
-            if why is None:
+                           "raised_in": got.raised_in,
+                           "reason": entry.reason if entry else None})
+            if entry is None:
                 problems.append(f"{test}: {got.outcome} ({got.exception}), passes on vLLM and "
                                 "is not a listed policy difference")
-            elif got.exception != "AssertionError":
-                problems.append(f"{test}: {got.exception} is an exception, not a policy "
-                                "difference")
+            elif got.exception != entry.raises or not (got.raised_in or "").startswith(
+                    entry.raised_in):
+                problems.append(f"{test}: {got.exception} raised in {got.raised_in}, not the "
+                                f"listed {entry.raises} in {entry.raised_in}")
     for test, got in outcomes.items():
         new = sorted(set(got.problems) - set(plain.get(test, got).problems))
         if new:
             problems.append(f"{test}: {new[0]}")
     failing = {d["test"] for d in differ}
     problems += [f"differences.toml [{name}] {pattern!r} matches no failing test"
-                 for pattern in differences
-                 if not any(fnmatch.fnmatchcase(t, pattern) for t in failing)]
+                 for pattern in listing if not any(matches(pattern, t) for t in failing)]
     counts = {k: sum(o.outcome == k for o in outcomes.values())
               for k in ("passed", "failed", "skipped", "error")}
     return {"counts": counts, "fails_where_vllm_passes": differ, "problems": problems}
@@ -108,7 +136,6 @@ def run(variants: list[str], out: Path | None, python: str = sys.executable) -> 
     root = source.unpacked()
     logs = source.CACHE / "conformance"
     logs.mkdir(parents=True, exist_ok=True)
-    differences = tomllib.loads(DIFFERENCES.read_text())
     results = {}
     started = time.time()
     plain = run_variant("vllm", root, logs, python)
@@ -117,11 +144,12 @@ def run(variants: list[str], out: Path | None, python: str = sys.executable) -> 
         if name != "vllm":
             print(f"conformance: {name} ...", flush=True)
             results[name] = judge(name, run_variant(name, root, logs, python), plain,
-                                  differences.get(name, {}))
+                                  differences(name))
     report = {"vllm_version": source.VERSION, "sdist_sha256": source.SHA256,
               "tests": list(TESTS), "ignored": list(IGNORED),
               "options": {name: VARIANTS[name] for name in results},
               "wall_s": round(time.time() - started, 1), "variants": results}
     if out is not None:
+        out.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(out, json.dumps(report, indent=1) + "\n")
     return report

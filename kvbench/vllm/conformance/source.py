@@ -21,8 +21,10 @@ SDIST = f"vllm-{VERSION}.tar.gz"
 SHA256 = "d2c957d5eee3d0985012151315ddc62cbe0cd368fc96a5fc3510438d9dddf2ad"
 INDEX = "https://pypi.org/simple/vllm/"
 CACHE = Path(".cache/vllm-src")
-TEST_MODEL = "facebook/opt-125m"
-LOCAL_MODEL = Path(__file__).resolve().parent / "opt-125m"
+# The tests' models that are plain OPT configs, as local config.json files (Hugging Face's
+# configs of facebook/opt-125m, the tests' default model, and of opt-350m, the priority tests').
+LOCAL_MODELS = {f"facebook/{name}": Path(__file__).resolve().parent / name
+                for name in ("opt-125m", "opt-350m")}
 
 
 def sdist_url() -> str:
@@ -82,8 +84,8 @@ def unpacked(cache: Path = CACHE) -> Path:
 
 
 def model_redirect(cache: Path = CACHE) -> Path:
-    """VLLM_MODEL_REDIRECT_PATH's file: the test model's name -> its local config."""
+    """VLLM_MODEL_REDIRECT_PATH's file: the test models' names -> their local configs."""
     path = cache / "model-redirect.json"
     cache.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({TEST_MODEL: str(LOCAL_MODEL)}))
+    path.write_text(json.dumps({name: str(local) for name, local in LOCAL_MODELS.items()}))
     return path
