@@ -58,7 +58,7 @@ from kvbench.sim.requests import (
 from kvbench.sim.result import Batch, SimResult
 from kvbench.sim.steplog import StepLogBuilder
 from kvbench.sim.steptime import CostStepTime, StepPricer, parse_step_time
-from kvbench.sim.tokens import TokenIds, random_token_ids
+from kvbench.sim.tokens import TokenIds, workload_token_ids
 from kvbench.sim.view import StateView
 from kvbench.sim.workloads import Workload
 from kvbench.sim.write_through import StepTransfers, WriteThrough
@@ -91,8 +91,8 @@ class Simulator(DecodeRuns):
         self.block_bytes = float(replica.block_size * self.model.kv_bytes_per_token)
         self.requests = RequestTable(workload)
         if replica.enable_prefix_caching or replica.kv_offloading:  # blocks go by their hashes
-            tokens = tokens if tokens is not None else random_token_ids(workload,
-                                                                       config.knobs.seed)
+            tokens = tokens if tokens is not None else workload_token_ids(workload,
+                                                                         config.knobs.seed)
             tokens.check(workload)
         self.kv = KVCacheManager(replica, self.requests, tokens)
         # Write-through offloading (kvbench/sim/write_through.py): the connector, the requests

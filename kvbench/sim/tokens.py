@@ -28,6 +28,13 @@ class TokenIds:
     def prompt(self, i: int) -> np.ndarray:
         return self.flat[self.offsets[i]:self.offsets[i + 1]]
 
+    def subset(self, keep: np.ndarray) -> TokenIds:
+        """The requests where `keep` (a boolean mask) is true, in order."""
+        lengths = np.diff(self.offsets)
+        owner = np.repeat(keep, lengths)
+        offsets = np.concatenate([[0], np.cumsum(lengths[keep])])
+        return TokenIds(offsets, self.flat[owner], self.output_token[keep])
+
     def check(self, workload: Workload) -> None:
         """Raise WorkloadError naming the first request whose prompt length disagrees."""
         lengths = np.diff(self.offsets)
@@ -39,6 +46,25 @@ class TokenIds:
             i = int(bad[0])
             raise WorkloadError(f"request {i}: {lengths[i]} prompt token ids, the workload says "
                                 f"{workload.prompt_tokens[i]} prompt tokens")
+
+
+def workload_token_ids(workload: Workload, seed: int = 0, vocab_size: int = VOCAB_SIZE
+                       ) -> TokenIds:
+    """The workload's own token ids (a trace that carries them), else `random_token_ids`."""
+    if workload.tokens is not None:
+        return workload.tokens
+    return random_token_ids(workload, seed, vocab_size)
+
+
+def hashed_tokens(keys: np.ndarray, vocab_size: int = VOCAB_SIZE) -> np.ndarray:
+    """A token id in [1, vocab_size) for each uint64 key, the same for the same key
+    (SplitMix64's finalizer: keys that differ in one bit give unrelated ids)."""
+    with np.errstate(over="ignore"):
+        z = keys.astype(np.uint64) + np.uint64(0x9E3779B97F4A7C15)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        z ^= z >> np.uint64(31)
+    return (z % np.uint64(vocab_size - 1) + np.uint64(1)).astype(np.int32)
 
 
 def random_token_ids(workload: Workload, seed: int = 0, vocab_size: int = VOCAB_SIZE) -> TokenIds:

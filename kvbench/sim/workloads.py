@@ -5,7 +5,9 @@ the first arrival), `prompt_tokens`, `output_tokens` (what the request will gene
 `max_tokens` (its generation limit, never below `output_tokens`; the `max` predictor and the
 `reserve-max` admission use it).
 
-Two CSV schemas are read, recognised by their header:
+Traces that carry their prompts' content, so that requests share prefixes (Mooncake's JSONL,
+token ids inline), are read by `kvbench.sim.jsonl_traces`; their workloads hold the prompts'
+token ids (`tokens`). Two CSV schemas are read, recognised by their header:
 
 * Azure LLM inference trace 2023: `TIMESTAMP, ContextTokens, GeneratedTokens` (wall-clock
   timestamps such as `2023-11-16 18:15:46.6805900`);
@@ -32,6 +34,7 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -39,14 +42,20 @@ from kvbench.console import stderr_warning
 from kvbench.errors import KvbenchError
 from kvbench.limits import MAX_TOKENS, check_finite
 
+if TYPE_CHECKING:
+    from kvbench.sim.tokens import TokenIds
+
 AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
 PLAIN_COLUMNS = ("arrival_s", "prompt_tokens", "output_tokens")
 # Shipped with the package (CC BY 4.0, see kvbench/data/traces/README.md), so an installed
 # kvbench finds it wherever it runs.
 AZURE_CONV_TRACE = (Path(__file__).resolve().parents[1] / "data" / "traces"
                     / "azure_llm_2023_conv.csv")
+# Mooncake's synthetic trace (Apache 2.0): requests that share prefixes (kvbench.sim.jsonl_traces).
+MOONCAKE_SYNTHETIC_TRACE = AZURE_CONV_TRACE.parent / "mooncake_synthetic_trace.jsonl"
 # Traces shipped with the package, by the name a user may give instead of a path.
-BUNDLED_TRACES = {"azure-conv-2023": AZURE_CONV_TRACE}
+BUNDLED_TRACES = {"azure-conv-2023": AZURE_CONV_TRACE,
+                  "mooncake-synthetic": MOONCAKE_SYNTHETIC_TRACE}
 MAX_SYNTHETIC_REQUESTS = 10_000_000  # ~2 GB of per-request state in the simulator
 MIN_CV, MAX_CV = 1e-3, 100.0  # gamma shape 1/cv² from 1e6 (a metronome) to 1e-4 (one burst)
 MAX_DURATION_S = 1e9  # about 32 years from the first arrival to the last
@@ -65,6 +74,9 @@ class Workload:
     prompt_tokens: np.ndarray
     output_tokens: np.ndarray
     max_tokens: np.ndarray
+    # The prompts' token ids, when the workload defines them (a trace whose requests share
+    # prefixes); otherwise the simulator and the vLLM drive draw random ones (seeded).
+    tokens: TokenIds | None = None
 
     def __post_init__(self) -> None:
         n = self.arrival_s.size
@@ -90,6 +102,8 @@ class Workload:
         for field in ("prompt_tokens", "max_tokens"):
             if np.any(getattr(self, field) > MAX_TOKENS):
                 raise WorkloadError(f"workload {self.name}: {field} above {MAX_TOKENS}")
+        if self.tokens is not None:
+            self.tokens.check(self)
 
     @property
     def num_requests(self) -> int:
@@ -105,7 +119,9 @@ class Workload:
         return dataclasses.replace(self, arrival_s=self.arrival_s[keep],
                                    prompt_tokens=self.prompt_tokens[keep],
                                    output_tokens=self.output_tokens[keep],
-                                   max_tokens=self.max_tokens[keep])
+                                   max_tokens=self.max_tokens[keep],
+                                   tokens=None if self.tokens is None
+                                   else self.tokens.subset(keep))
 
     def describe(self) -> dict:
         rate_per_s = self.num_requests / self.duration_s if self.duration_s else math.inf
@@ -324,14 +340,19 @@ def _check_columns(path: Path, header: list[str], read: tuple[str, ...],
 def read_trace(path: str | Path, rate_scale: float = 1.0, num_requests: int | None = None,
                max_tokens: int | None = None,
                warn: Callable[[str], None] = stderr_warning) -> Workload:
-    """Read a trace CSV (Azure 2023 or plain schema, see the module docstring), or a bundled
-    trace by name (`resolve_trace`).
+    """Read a trace CSV (Azure 2023 or plain schema, see the module docstring), a JSONL trace
+    whose requests carry their prompts' content (Mooncake's, or token ids inline:
+    `kvbench.sim.jsonl_traces`), or a bundled trace by name (`resolve_trace`).
 
     `max_tokens` sets every request's generation limit (never below its output); without it the
     plain schema's `max_tokens` column is used if present, else the trace's longest output.
     `warn` gets a line for each column that is ignored.
     """
     path = resolve_trace(path)
+    if path.suffix == ".jsonl":
+        from kvbench.sim.jsonl_traces import read_jsonl_trace
+
+        return read_jsonl_trace(path, rate_scale, num_requests, max_tokens)
     check_rate_scale(rate_scale)
     check_max_tokens(max_tokens)
     try:

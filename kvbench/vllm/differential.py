@@ -19,7 +19,7 @@ from kvbench.sim.engine import Simulator
 from kvbench.sim.engines import ReplicaSpec
 from kvbench.sim.policies import PolicySpec
 from kvbench.sim.steplog import StepLog, first_difference
-from kvbench.sim.tokens import TokenIds, random_token_ids
+from kvbench.sim.tokens import TokenIds, workload_token_ids
 from kvbench.sim.workloads import Workload
 from kvbench.vllm.drive import TINY_MODEL, drive
 
@@ -57,7 +57,7 @@ def compare(workload: Workload, replica: ReplicaSpec, tokens: TokenIds | None = 
     (None: they agree on every step's batch, preemption, finish, prefix-cache hit, swap-out
     and load). `plugin`: the kvbench scheduler's options (admission fcfs, victim lifo), e.g.
     {"preemption": "selector"} for the swap connector."""
-    tokens = tokens if tokens is not None else random_token_ids(workload, seed=0)
+    tokens = tokens if tokens is not None else workload_token_ids(workload, seed=0)
     reference = (vllm_log if vllm_log is not None
                  else drive(workload, replica, tokens, step_s, plugin=plugin))
     config, costs = sim_config(replica, step_s, **mutations), None

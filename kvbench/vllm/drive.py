@@ -39,7 +39,7 @@ from pathlib import Path
 from kvbench.errors import KvbenchError
 from kvbench.sim.engines import ReplicaSpec
 from kvbench.sim.steplog import StepLog, StepLogBuilder
-from kvbench.sim.tokens import TokenIds, random_token_ids
+from kvbench.sim.tokens import TokenIds, workload_token_ids
 from kvbench.sim.workloads import Workload, WorkloadError
 from kvbench.vllm.swap_connector import planned_copies
 
@@ -154,7 +154,7 @@ def drive(workload: Workload, replica: ReplicaSpec, tokens: TokenIds | None = No
     is faked too: every planned copy is reported done with the step's output."""
     check_replica(replica, step_s)
     if tokens is None:
-        tokens = random_token_ids(workload, seed)
+        tokens = workload_token_ids(workload, seed)
     try:
         tokens.check(workload)
     except WorkloadError as exc:

@@ -32,7 +32,7 @@ import numpy as np
 from kvbench.sim.engine import Simulator
 from kvbench.sim.metrics import summarize
 from kvbench.sim.policies import Knobs, PolicySpec
-from kvbench.sim.tokens import random_token_ids
+from kvbench.sim.tokens import workload_token_ids
 from kvbench.sim.workloads import Workload
 from kvbench.vllm.differential import same_requests
 from kvbench.vllm.instrument import summary_path
@@ -111,7 +111,7 @@ def replay_mechanisms(workload: Workload, settings: ReplayEngine, host_blocks: i
     model = settings.model_spec()
     block_bytes = settings.replica.block_size * model.kv_bytes_per_token
     max_model_len = settings.max_model_len(workload)
-    tokens = random_token_ids(workload, settings.seed, vocab_size=model.vocab_size)
+    tokens = workload_token_ids(workload, settings.seed, vocab_size=model.vocab_size)
     runs = []
     for mechanism in MECHANISMS:
         options = PluginOptions.parse({

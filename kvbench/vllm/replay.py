@@ -65,7 +65,7 @@ from kvbench.sim.steplog import (  # noqa: E402
     first_difference,
 )
 from kvbench.sim.study import summary_table, table_cells  # noqa: E402
-from kvbench.sim.tokens import TokenIds, random_token_ids  # noqa: E402
+from kvbench.sim.tokens import TokenIds, workload_token_ids  # noqa: E402
 from kvbench.sim.workloads import Workload  # noqa: E402
 from kvbench.vllm.differential import same_requests  # noqa: E402
 from kvbench.vllm.drive import TINY_MODEL, check_replica, log_admissions  # noqa: E402
@@ -427,7 +427,7 @@ def replay(workload: Workload, settings: ReplayEngine, policies: list[str] | tup
                for p in policies]
     model = settings.model_spec()
     max_model_len = settings.max_model_len(workload)
-    tokens = random_token_ids(workload, settings.seed, vocab_size=model.vocab_size)
+    tokens = workload_token_ids(workload, settings.seed, vocab_size=model.vocab_size)
     runs = []
     for label, option in [(VLLM_ROW, None), *zip(policies, options)]:
         report = (lambda done, label=label: progress(label, done)) if progress else None
