@@ -436,12 +436,18 @@ def load_workload(trace: str | Path | None = None, synthetic_spec: str | None = 
                   max_tokens: int | None = None, seed: int = 0,
                   warn: Callable[[str], None] = stderr_warning) -> Workload:
     """A trace (`read_trace`, which sends `warn` its warnings) or a synthetic mix
-    (`parse_synthetic_spec`), exactly one."""
+    (`parse_synthetic_spec`; `multi-turn:...` and `system-prompt:...` are mixes whose requests
+    share prefixes, `kvbench.sim.shared_mixes`), exactly one."""
     if (trace is None) == (synthetic_spec is None):
         raise WorkloadError("give either a trace CSV or a synthetic spec (exactly one)")
     check_rate_scale(rate_scale)
     if trace is not None:
         return read_trace(trace, rate_scale, num_requests, max_tokens, warn)
+    mix = synthetic_spec.partition(":")[0].strip()
+    if ":" in synthetic_spec and mix in ("multi-turn", "system-prompt"):
+        from kvbench.sim.shared_mixes import mix_workload
+
+        return mix_workload(synthetic_spec, seed, rate_scale, num_requests, max_tokens)
     spec = parse_synthetic_spec(synthetic_spec)
     if rate_scale != 1.0:
         if not 0 < spec.rate_per_s * rate_scale < math.inf:
