@@ -108,6 +108,8 @@ class KVCacheManager:
     def admit(self, i: int, hits: list[int], computed: int, blocks: int) -> None:
         """Give waiting request `i` its hit blocks and `blocks` new ones."""
         req = self.requests
+        if self.caching:
+            req.prefix_query_tokens[i] += int(req.known_tokens(i))
         if hits:
             self.pool.touch(i, hits)
             req.gpu_blocks[i] = len(hits)

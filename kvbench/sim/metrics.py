@@ -14,8 +14,10 @@ recomputation and swap transfers / makespan); `recompute_fraction` (FLOPs spent 
 dropped KV / all FLOPs). Per request: `preemption_frequency` (preemptions per output token),
 `recompute_tokens`, `wasted_flops` (FLOPs of its recomputation), `swapped_bytes` (KV bytes
 moved between GPU and CPU, both directions: swaps, and write-through stores and loads),
-`loaded_tokens` (KV loaded back from the CPU) and `stored_tokens` (KV copied to the CPU by
-write-through offloading).
+`loaded_tokens` (KV loaded back from the CPU), `stored_tokens` (KV copied to the CPU by
+write-through offloading) and `prefix_hit_tokens` (tokens the prefix cache gave it, over all its
+admissions). With prefix caching, `prefix_hit_rate` is the tokens the prefix cache gave over the
+tokens admissions looked up (each admission looks up the request's known tokens).
 """
 
 from __future__ import annotations
@@ -109,6 +111,7 @@ def request_metrics(result: SimResult) -> dict[str, np.ndarray]:
         "swapped_bytes": req.swapped_bytes,
         "loaded_tokens": req.loaded_tokens,
         "stored_tokens": req.stored_tokens,
+        "prefix_hit_tokens": req.prefix_hit_tokens,
         "reject_reason": np.array([req.reject_reason.get(i, "") for i in range(req.size)],
                                   dtype=object),
     }
@@ -161,6 +164,9 @@ def summarize(result: SimResult) -> dict:
         "swapped_bytes": float(req.swapped_bytes.sum()),
         "loaded_tokens": int(req.loaded_tokens.sum()),
         "swap_fallbacks": int(req.swap_fallbacks.sum()),
+        "prefix_hit_tokens": int(req.prefix_hit_tokens.sum()),
+        "prefix_hit_rate": (float(req.prefix_hit_tokens.sum() / req.prefix_query_tokens.sum())
+                            if req.prefix_query_tokens.any() else None),
         "throughput_tokens_per_s": output_tokens / makespan_s if makespan_s else 0.0,
         "throughput_requests_per_s": int(done.sum()) / makespan_s if makespan_s else 0.0,
         "makespan_s": makespan_s,

@@ -46,6 +46,7 @@ class RequestTable:
         self.placeholders = np.zeros(n, dtype=np.int64)
         self.cached_blocks = np.zeros(n, dtype=np.int64)  # blocks registered in the prefix cache
         self.prefix_hit_tokens = np.zeros(n, dtype=np.int64)  # found in the cache on admission
+        self.prefix_query_tokens = np.zeros(n, dtype=np.int64)  # looked up there on admission
         # Tokens whose KV a recompute preemption threw away: computing them again is waste.
         self.recompute_target_tokens = np.zeros(n, dtype=np.int64)
         self.first_token_s = np.full(n, np.nan)

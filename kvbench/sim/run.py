@@ -25,10 +25,15 @@ class WorkloadSource:
     """A trace file or a synthetic mix (`kvbench.sim.workloads`), exactly one; with neither,
     the study's (`study_default`): the Azure conversation trace at `STUDY_RATE_SCALE`."""
 
-    trace: str | None = option(None, "Trace: a bundled name or a CSV (Azure 2023 columns, or "
-                               "arrival_s, prompt_tokens, output_tokens[, max_tokens]).")
+    trace: str | None = option(None, "Trace: a bundled name (azure-conv-2023, "
+                               "mooncake-synthetic), a CSV (Azure 2023 columns, or arrival_s, "
+                               "prompt_tokens, output_tokens[, max_tokens]) or a JSONL whose "
+                               "prompts share prefixes (Mooncake's hash_ids, or "
+                               "prompt_token_ids).")
     synthetic: str | None = option(None, "Synthetic mix instead, e.g. requests=500,rate=8,"
-                                   "arrivals=gamma,cv=2,long-prompt=0.3,long-output=0.2.")
+                                   "arrivals=gamma,cv=2,long-prompt=0.3,long-output=0.2; mixes "
+                                   "that share prefixes: multi-turn:sessions=200,turns=4 or "
+                                   "system-prompt:requests=1000,prompts=8.")
     rate_scale: float | None = option(None, "Replay the trace this many times faster.")
     num_requests: int | None = option(None, "Only the first N requests.")
     max_tokens: int | None = option(None, "Generation limit of every request (default: the "
