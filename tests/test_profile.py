@@ -364,8 +364,11 @@ def test_selecting_with_a_version_1_file_is_selecting_with_its_round_trip():
     assert json.loads(result.stdout) == select_preemption_strategy([16, 256, 4096],
                                                                    v1_round_trip())
     assert json.loads(result.stdout)["swap_costs_ms"] == [0.5576, 1.6364, 18.8974]
-    [line] = result.stderr.splitlines()  # the notice, and no traceback
-    assert line.startswith(f"warning: {V1_FILE}: schema_version 1 profile")
+    # The notice (and, on another CPU than the profile's, that its costs may not hold here);
+    # no traceback.
+    lines = result.stderr.splitlines()
+    assert lines[0].startswith(f"warning: {V1_FILE}: schema_version 1 profile")
+    assert all(line.startswith("warning: ") for line in lines)
 
 
 def test_a_version_1_file_saved_again_is_version_2(tmp_path):

@@ -27,7 +27,7 @@ from typing import Protocol
 
 import numpy as np
 
-from kvbench.sim.tokens import TokenIds
+from kvbench.sim.workloads import TokenIds
 
 _HASH_BASE = np.uint64(0x9E3779B97F4A7C15)  # odd: powers never vanish modulo 2**64
 _LENGTH_MIX = np.uint64(0xC2B2AE3D27D4EB4F)

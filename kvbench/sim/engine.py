@@ -58,9 +58,9 @@ from kvbench.sim.requests import (
 from kvbench.sim.result import Batch, SimResult
 from kvbench.sim.steplog import StepLogBuilder
 from kvbench.sim.steptime import CostStepTime, StepPricer, parse_step_time
-from kvbench.sim.tokens import TokenIds, workload_token_ids
+from kvbench.sim.tokens import workload_token_ids
 from kvbench.sim.view import StateView
-from kvbench.sim.workloads import Workload
+from kvbench.sim.workloads import TokenIds, Workload
 from kvbench.sim.write_through import StepTransfers, WriteThrough
 
 PROGRESS_EVERY_STEPS = 2000
@@ -188,6 +188,7 @@ class Simulator(DecodeRuns):
 
     def result(self) -> SimResult:
         timeline = np.array(self.timeline, dtype=np.float64).reshape(-1, 3)
+        self.requests.sharing = None  # the result holds the requests, not the cache
         return SimResult(
             config=self.config, workload=self.workload.describe(), model=self.model.name,
             profile_source=self.sim_costs.source, num_gpu_blocks=self.replica.num_gpu_blocks,

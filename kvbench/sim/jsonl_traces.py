@@ -26,9 +26,10 @@ from pathlib import Path
 import numpy as np
 
 from kvbench.limits import MAX_TOKENS
-from kvbench.sim.tokens import TokenIds, hashed_tokens
+from kvbench.sim.tokens import hashed_tokens
 from kvbench.sim.workloads import (
     MAX_DURATION_S,
+    TokenIds,
     Workload,
     WorkloadError,
     check_max_tokens,

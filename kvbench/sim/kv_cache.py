@@ -20,7 +20,7 @@ from kvbench.sim.blocks import BlockPool, CountingPool, PrefixCachePool, PrefixH
 from kvbench.sim.engines import ReplicaSpec
 from kvbench.sim.private_blocks import PrivatePrefixPool
 from kvbench.sim.requests import RequestTable, cdiv
-from kvbench.sim.tokens import TokenIds
+from kvbench.sim.workloads import TokenIds
 
 
 class KVCacheManager:
@@ -43,6 +43,10 @@ class KVCacheManager:
             self.private_prefixes = True  # nothing is found again
             self.pool = CountingPool(self.usable_blocks)
         self.caching = self.pool.caching
+        # The waiting request last fitted (`can_admit`) and its hit blocks running requests hold.
+        self._candidate: tuple[int, int] = (-1, 0)
+        if not self.private_prefixes:
+            requests.sharing = self
 
     @property
     def num_free(self) -> int:
@@ -73,6 +77,8 @@ class KVCacheManager:
         known = int(req.known_tokens(i))
         if hits is None:
             hits = self.get_computed_blocks(i)
+        if not self.private_prefixes:
+            self._candidate = (i, len(hits) - self.pool.num_evictable(hits) if hits else 0)
         computed += len(hits) * bs
         # A swapped victim loads what the prefix cache no longer holds of its copy (the swap
         # connector's get_num_new_matched_tokens), leaving at least one token to compute.
@@ -104,6 +110,26 @@ class KVCacheManager:
         if blocks + extra > free - reserved:
             return None
         return blocks
+
+    def shared_blocks(self, ids: np.ndarray) -> np.ndarray:
+        """`Requests.shared_blocks` of requests `ids`: a running request's leading blocks that
+        another request also holds (only hits are shared, and a hit's blocks before it are hits
+        too), or the candidate's hit blocks that running requests hold."""
+        pool, (candidate, held) = self.pool, self._candidate
+        extra_refs = pool.extra_refs
+        out = np.zeros(ids.size, dtype=np.int64)
+        for k, i in enumerate(ids.tolist()):
+            blocks = pool.blocks.get(i)
+            if not blocks:
+                out[k] = held if i == candidate else 0
+                continue
+            n = 0
+            for block in blocks:
+                if block not in extra_refs:
+                    break
+                n += 1
+            out[k] = n
+        return out
 
     def admit(self, i: int, hits: list[int], computed: int, blocks: int) -> None:
         """Give waiting request `i` its hit blocks and `blocks` new ones."""

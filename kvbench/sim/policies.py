@@ -17,7 +17,8 @@ forever.
 * `reserve-max` the blocks for prompt + max_tokens of every running request and the candidate
                 fit the cache: never preempts, wastes what requests do not generate;
 * `future-kv`   the predicted peak of total KV over the future (`future_peak_blocks`), with the
-                candidate, stays within (1 - headroom_fraction) of the cache; optionally at most
+                candidate (less the blocks of its prefix-cache hit that running requests hold),
+                stays within (1 - headroom_fraction) of the cache; optionally at most
                 `max_long_requests` requests predicted to generate `long_output_tokens` or more
                 run together (they are the ones a wrong prediction hurts most).
 
@@ -26,9 +27,12 @@ a position in `view.running` (all running requests in admission order, the one n
 block included); `swaps` says for each whether the preemption policy would swap it.
 
 * `lifo`        the most recently admitted (vLLM);
-* `lcf`         least computed first: fewest tokens in the cache (ties: most recent);
+* `lcf`         least computed first: fewest tokens in the cache (ties: most recent), not
+                counting those of blocks another running request shares (preempting keeps them);
 * `cost-aware`  lowest preemption cost (by the preemption mode in force) per MB of KV freed,
                 sparing requests predicted to finish within `protect_steps` steps unless all are.
+                Blocks another running request shares are not freed, and a recompute does not
+                redo them (the victim finds them again in the prefix cache).
 
 Preemption (`PREEMPTIONS`): for each of some running requests, swap (True) or recompute (False).
 
@@ -100,7 +104,10 @@ def admit_future_kv(view: SchedulerView, candidate: Requests, headroom_fraction:
     if max_long_requests is not None and remaining[-1] >= long_output_tokens:
         if np.count_nonzero(remaining[:-1] >= long_output_tokens) >= max_long_requests:
             return False
-    peak = future_peak_blocks(batch.known_tokens, remaining, view.block_size)
+    # The candidate needs no blocks for the part of its prefix-cache hit that runs already.
+    known = batch.known_tokens.copy()
+    known[-1] = max(known[-1] - int(candidate.shared_blocks[0]) * view.block_size, 0)
+    peak = future_peak_blocks(known, remaining, view.block_size)
     return peak <= (1.0 - headroom_fraction) * view.num_gpu_blocks
 
 
@@ -113,15 +120,25 @@ def victim_lifo(view: SchedulerView, swaps: np.ndarray) -> int:
     return view.running.size - 1
 
 
+def _kept_tokens(view: SchedulerView) -> np.ndarray:
+    """Per running request, the computed tokens of its blocks that another request holds:
+    preempting it keeps them, and it finds them again in the prefix cache."""
+    run = view.running
+    return np.minimum(run.shared_blocks * view.block_size, run.computed_tokens)
+
+
 def victim_lcf(view: SchedulerView, swaps: np.ndarray) -> int:
-    return _last_argmin(view.running.computed_tokens)
+    return _last_argmin(view.running.computed_tokens - _kept_tokens(view))
 
 
 def victim_cost_aware(view: SchedulerView, swaps: np.ndarray, protect_steps: int = 4) -> int:
     run, costs = view.running, view.costs
-    tokens = run.computed_tokens
-    cost_ms = np.where(swaps, costs.swap_ms(tokens), costs.recompute_ms(tokens))
-    freed_mb = run.blocks * view.block_bytes / 1e6
+    tokens, kept = run.computed_tokens, _kept_tokens(view)
+    # A swap copies every computed block; a recompute redoes what the prefix cache lacks.
+    cost_ms = np.where(swaps, costs.swap_ms(tokens),
+                       costs.recompute_ms(tokens) - np.where(kept > 0, costs.recompute_ms(kept),
+                                                             0.0))
+    freed_mb = (run.blocks - run.shared_blocks) * view.block_bytes / 1e6
     ms_per_mb = cost_ms / np.maximum(freed_mb, 1e-9)
     protected = run.predicted_remaining <= protect_steps
     if not protected.all():

@@ -46,6 +46,9 @@ class RequestTable:
         self.placeholders = np.zeros(n, dtype=np.int64)
         self.cached_blocks = np.zeros(n, dtype=np.int64)  # blocks registered in the prefix cache
         self.prefix_hit_tokens = np.zeros(n, dtype=np.int64)  # found in the cache on admission
+        # What answers `Requests.shared_blocks` while the simulation runs, when requests may
+        # share blocks: the KV cache manager (`shared_blocks(ids)`); None: nothing is shared.
+        self.sharing = None
         self.prefix_query_tokens = np.zeros(n, dtype=np.int64)  # looked up there on admission
         # Tokens whose KV a recompute preemption threw away: computing them again is waste.
         self.recompute_target_tokens = np.zeros(n, dtype=np.int64)
@@ -98,6 +101,9 @@ class TableRows:
         "blocks": lambda table, ids: table.gpu_blocks[ids],
         "predicted_remaining": RequestTable.predicted_remaining_tokens,
         "max_total_tokens": lambda table, ids: table.max_total_tokens[ids],
+        "shared_blocks": lambda table, ids: (np.zeros(ids.size, dtype=np.int64)
+                                             if table.sharing is None
+                                             else table.sharing.shared_blocks(ids)),
     }
 
     def __init__(self, table: RequestTable, ids: np.ndarray, reads: set[str]) -> None:

@@ -8,44 +8,11 @@ two requests with the same prompt still generate different blocks, as sampled te
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 
-from kvbench.sim.workloads import Workload, WorkloadError
+from kvbench.sim.workloads import TokenIds, Workload
 
 VOCAB_SIZE = 32000  # the tiny model config's vocabulary (kvbench/vllm/tiny_llama)
-
-
-@dataclass(frozen=True)
-class TokenIds:
-    """Request i's prompt is `flat[offsets[i]:offsets[i + 1]]`; it generates `output_token[i]`."""
-
-    offsets: np.ndarray
-    flat: np.ndarray
-    output_token: np.ndarray
-
-    def prompt(self, i: int) -> np.ndarray:
-        return self.flat[self.offsets[i]:self.offsets[i + 1]]
-
-    def subset(self, keep: np.ndarray) -> TokenIds:
-        """The requests where `keep` (a boolean mask) is true, in order."""
-        lengths = np.diff(self.offsets)
-        owner = np.repeat(keep, lengths)
-        offsets = np.concatenate([[0], np.cumsum(lengths[keep])])
-        return TokenIds(offsets, self.flat[owner], self.output_token[keep])
-
-    def check(self, workload: Workload) -> None:
-        """Raise WorkloadError naming the first request whose prompt length disagrees."""
-        lengths = np.diff(self.offsets)
-        if lengths.size != workload.num_requests or self.output_token.size != lengths.size:
-            raise WorkloadError(f"token ids for {lengths.size} requests, workload "
-                                f"{workload.name} has {workload.num_requests}")
-        bad = np.flatnonzero(lengths != workload.prompt_tokens)
-        if bad.size:
-            i = int(bad[0])
-            raise WorkloadError(f"request {i}: {lengths[i]} prompt token ids, the workload says "
-                                f"{workload.prompt_tokens[i]} prompt tokens")
 
 
 def workload_token_ids(workload: Workload, seed: int = 0, vocab_size: int = VOCAB_SIZE

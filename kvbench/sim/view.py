@@ -24,6 +24,11 @@ class Requests:
     blocks: np.ndarray  # KV blocks held on the GPU
     predicted_remaining: np.ndarray  # output tokens still to generate, predicted (>= 1)
     max_total_tokens: np.ndarray  # prompt + max_tokens: the most KV the request can ever need
+    # Blocks another running request also holds: a running request's leading blocks that
+    # preempting it would not free (and that it would find again in the prefix cache); for a
+    # candidate, the blocks of its prefix-cache hit that running requests hold, which it needs
+    # no new block for. Zero without prefix sharing.
+    shared_blocks: np.ndarray
 
     @property
     def size(self) -> int:
@@ -31,8 +36,11 @@ class Requests:
 
     @classmethod
     def of(cls, **columns) -> Requests:
-        """From lists or arrays (a test writes `Requests.of(computed_tokens=[...], ...)`)."""
-        return cls(**{k: np.asarray(v, dtype=np.int64) for k, v in columns.items()})
+        """From lists or arrays (a test writes `Requests.of(computed_tokens=[...], ...)`);
+        `shared_blocks` defaults to zeros."""
+        arrays = {k: np.asarray(v, dtype=np.int64) for k, v in columns.items()}
+        arrays.setdefault("shared_blocks", np.zeros_like(arrays["computed_tokens"]))
+        return cls(**arrays)
 
     def append(self, other: Requests) -> Requests:
         return Requests(*(np.concatenate([a, b]) for a, b in
@@ -40,7 +48,7 @@ class Requests:
 
     def _columns(self) -> tuple[np.ndarray, ...]:
         return (self.computed_tokens, self.known_tokens, self.blocks, self.predicted_remaining,
-                self.max_total_tokens)
+                self.max_total_tokens, self.shared_blocks)
 
 
 class SchedulerView(Protocol):

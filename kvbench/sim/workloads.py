@@ -34,16 +34,12 @@ import math
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from kvbench.console import stderr_warning
 from kvbench.errors import KvbenchError
 from kvbench.limits import MAX_TOKENS, check_finite
-
-if TYPE_CHECKING:
-    from kvbench.sim.tokens import TokenIds
 
 AZURE_COLUMNS = ("TIMESTAMP", "ContextTokens", "GeneratedTokens")
 PLAIN_COLUMNS = ("arrival_s", "prompt_tokens", "output_tokens")
@@ -65,6 +61,37 @@ SPEC_MAXIMA = {"num_requests": MAX_SYNTHETIC_REQUESTS, "max_tokens": MAX_TOKENS}
 
 class WorkloadError(KvbenchError):
     """A workload that cannot be built; the message names the file, row and column."""
+
+
+@dataclass(frozen=True)
+class TokenIds:
+    """Request i's prompt is `flat[offsets[i]:offsets[i + 1]]`; it generates `output_token[i]`."""
+
+    offsets: np.ndarray
+    flat: np.ndarray
+    output_token: np.ndarray
+
+    def prompt(self, i: int) -> np.ndarray:
+        return self.flat[self.offsets[i]:self.offsets[i + 1]]
+
+    def subset(self, keep: np.ndarray) -> TokenIds:
+        """The requests where `keep` (a boolean mask) is true, in order."""
+        lengths = np.diff(self.offsets)
+        owner = np.repeat(keep, lengths)
+        offsets = np.concatenate([[0], np.cumsum(lengths[keep])])
+        return TokenIds(offsets, self.flat[owner], self.output_token[keep])
+
+    def check(self, workload: Workload) -> None:
+        """Raise WorkloadError naming the first request whose prompt length disagrees."""
+        lengths = np.diff(self.offsets)
+        if lengths.size != workload.num_requests or self.output_token.size != lengths.size:
+            raise WorkloadError(f"token ids for {lengths.size} requests, workload "
+                                f"{workload.name} has {workload.num_requests}")
+        bad = np.flatnonzero(lengths != workload.prompt_tokens)
+        if bad.size:
+            i = int(bad[0])
+            raise WorkloadError(f"request {i}: {lengths[i]} prompt token ids, the workload says "
+                                f"{workload.prompt_tokens[i]} prompt tokens")
 
 
 @dataclass(frozen=True)

@@ -19,8 +19,8 @@ from kvbench.sim.engine import Simulator
 from kvbench.sim.engines import ReplicaSpec
 from kvbench.sim.policies import PolicySpec
 from kvbench.sim.steplog import StepLog, first_difference
-from kvbench.sim.tokens import TokenIds, workload_token_ids
-from kvbench.sim.workloads import Workload
+from kvbench.sim.tokens import workload_token_ids
+from kvbench.sim.workloads import TokenIds, Workload
 from kvbench.vllm.drive import TINY_MODEL, drive
 
 

@@ -39,8 +39,8 @@ from pathlib import Path
 from kvbench.errors import KvbenchError
 from kvbench.sim.engines import ReplicaSpec
 from kvbench.sim.steplog import StepLog, StepLogBuilder
-from kvbench.sim.tokens import TokenIds, workload_token_ids
-from kvbench.sim.workloads import Workload, WorkloadError
+from kvbench.sim.tokens import workload_token_ids
+from kvbench.sim.workloads import TokenIds, Workload, WorkloadError
 from kvbench.vllm.swap_connector import planned_copies
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # the tiny model is local: never ask the hub
@@ -163,6 +163,7 @@ def drive(workload: Workload, replica: ReplicaSpec, tokens: TokenIds | None = No
         (workload.prompt_tokens + workload.output_tokens).max())
     _check_fits(workload, dataclasses.replace(replica, max_model_len=max_model_len))
     sched = build_scheduler(replica, max_model_len, scheduler_cls, plugin)
+    victims = _track_victims(sched)
     hasher = None
     if replica.enable_prefix_caching:  # as EngineCore: hashes only when caching is on
         hash_fn = get_hash_fn_by_name(sched.cache_config.prefix_caching_hash_algo)
@@ -194,14 +195,14 @@ def drive(workload: Workload, replica: ReplicaSpec, tokens: TokenIds | None = No
             continue
         # EngineCore.step_with_batch_queue (EngineCore.step is the queue_size 1 case).
         if has_requests:
-            running = [r.request_id for r in sched.running]
+            victims.clear()
             output = sched.schedule()
             executed = output.total_num_scheduled_tokens > 0
             start_s = end_s = now
             if executed:  # runs once the batch before it is done
                 start_s = max(now, gpu_free_s)
                 end_s = gpu_free_s = start_s + step_s + _copy_ms(sched, output) / 1e3
-            step, sampled = _record(sched, output, running, start_s, log, tokens)
+            step, sampled = _record(sched, output, victims, start_s, log, tokens)
             if step is None and not in_flight and sched.has_unfinished_requests():
                 raise DriveError(_stuck(sched))  # nothing ran, nothing can: it would spin
             in_flight.appendleft((output, step, sampled, end_s))
@@ -220,17 +221,33 @@ def drive(workload: Workload, replica: ReplicaSpec, tokens: TokenIds | None = No
     return log.build()
 
 
-def _record(sched, output, running_before: list[str], start_s: float, log: StepLogBuilder,
+def _track_victims(sched) -> list[str]:
+    """The requests the scheduler preempts, in the order it preempts them (its
+    `_preempt_request`, wrapped): FCFS pops them off the end of `running`, a kvbench victim
+    policy picks them anywhere."""
+    victims: list[str] = []
+    preempt = sched._preempt_request
+
+    def tracked(request, *args, **kwargs):
+        victims.append(request.request_id)
+        return preempt(request, *args, **kwargs)
+
+    sched._preempt_request = tracked
+    return victims
+
+
+def _record(sched, output, victims: list[str], start_s: float, log: StepLogBuilder,
             tokens: TokenIds) -> tuple[int | None, list[list[int]]]:
-    """Log a scheduled step (unless it did nothing); returns its log index and the token each
-    scheduled request samples (none for a partial prefill chunk)."""
+    """Log a scheduled step (unless it did nothing; `victims`: the requests preempted while
+    scheduling it, in order); returns its log index and the token each scheduled request
+    samples (none for a partial prefill chunk)."""
     scheduled = output.num_scheduled_tokens
     preempted = output.preempted_req_ids
     if not scheduled and not preempted:
         return None, []
     step = log.add_step(start_s, [int(r) for r in scheduled], list(scheduled.values()))
-    if preempted:  # FCFS pops victims off the end of `running`: that order, not the set's
-        order = [r for r in reversed(running_before) if r in preempted]
+    if preempted:  # the order they were preempted in, not the set's
+        order = [r for r in dict.fromkeys(victims) if r in preempted]
         log.add_events("preempted", step, [int(r) for r in order])
     log_admissions(log, step, output, int)
     requests = sched.requests
@@ -249,6 +266,8 @@ def log_admissions(log: StepLogBuilder, step: int, output, index) -> None:
     cached = output.scheduled_cached_reqs
     hits += [(r, n) for r, n in zip(cached.req_ids, cached.num_computed_tokens)
              if r in cached.resumed_req_ids]
+    order = {r: k for k, r in enumerate(output.num_scheduled_tokens)}  # the admission order
+    hits.sort(key=lambda hit: order.get(hit[0], len(order)))
     hits = [(index(r), n - loaded.get(r, 0), loaded.get(r, 0)) for r, n in hits]
     for name, column in (("cached", 1), ("loaded", 2)):
         some = [hit for hit in hits if hit[column]]

@@ -65,8 +65,8 @@ from kvbench.sim.steplog import (  # noqa: E402
     first_difference,
 )
 from kvbench.sim.study import summary_table, table_cells  # noqa: E402
-from kvbench.sim.tokens import TokenIds, workload_token_ids  # noqa: E402
-from kvbench.sim.workloads import Workload  # noqa: E402
+from kvbench.sim.tokens import workload_token_ids  # noqa: E402
+from kvbench.sim.workloads import TokenIds, Workload  # noqa: E402
 from kvbench.vllm.differential import same_requests  # noqa: E402
 from kvbench.vllm.drive import TINY_MODEL, check_replica, log_admissions  # noqa: E402
 from kvbench.vllm.instrument import summarize_records  # noqa: E402

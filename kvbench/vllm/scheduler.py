@@ -218,9 +218,16 @@ class KvbenchScheduler(Scheduler):
                 self._mark_victim()
             return blocks
         if self._admit is not None and self.running and not self._admit(
-                self._view(), self._requests([request], blocks=False)):
+                self._view(), self._requests([request], hits=self._hits(*args, **kwargs))):
             return None  # as if it did not fit: vLLM stops admitting
         return self._allocate_slots(request, num_new_tokens, *args, **kwargs)
+
+    @staticmethod
+    def _hits(num_new_computed_tokens: int = 0, new_computed_blocks=None, *args, **kwargs
+              ) -> list:
+        """The prefix-cache hit blocks `allocate_slots` was given (its third and fourth
+        arguments), of the one KV cache group."""
+        return list(new_computed_blocks.blocks[0]) if new_computed_blocks is not None else []
 
     def _mark_victim(self) -> None:
         """Make the victim policy's choice the one vLLM's priority path picks."""
@@ -242,9 +249,10 @@ class KvbenchScheduler(Scheduler):
                          num_gpu_blocks=self._usable_blocks, free_cpu_blocks=0,
                          block_bytes=self.kvbench_recorder.block_bytes, costs=self.kvbench_costs)
 
-    def _requests(self, requests, blocks: bool = True) -> Requests:
-        """`Requests` of vLLM requests; predictions they outlived are doubled (up to
-        max_tokens), as the simulator revises them when a token arrives."""
+    def _requests(self, requests, hits: list | None = None) -> Requests:
+        """`Requests` of vLLM requests (running ones; or the candidate, whose prefix-cache `hits`
+        are given); predictions they outlived are doubled (up to max_tokens), as the simulator
+        revises them when a token arrives."""
         open_records = self.kvbench_recorder.open
         rows = []
         for r in requests:
@@ -252,11 +260,15 @@ class KvbenchScheduler(Scheduler):
             generated = r.num_output_tokens
             while generated >= record.prediction and record.prediction < r.max_tokens:
                 record.prediction = min(2 * record.prediction, r.max_tokens)
-            rows.append((r.num_computed_tokens, r.num_tokens,
-                         len(self._blocks_of(r.request_id)[0]) if blocks else 0,
+            if hits is None:
+                held = self._blocks_of(r.request_id)[0]
+                shared = next((k for k, b in enumerate(held) if b.ref_cnt < 2), len(held))
+            else:  # hit blocks other requests hold: in use, not in the free queue
+                held, shared = (), sum(b.ref_cnt > 0 for b in hits)
+            rows.append((r.num_computed_tokens, r.num_tokens, len(held),
                          max(record.prediction - generated, 1),
-                         r.num_prompt_tokens + r.max_tokens))
-        return Requests(*np.array(rows, dtype=np.int64).reshape(-1, 5).T)
+                         r.num_prompt_tokens + r.max_tokens, shared))
+        return Requests(*np.array(rows, dtype=np.int64).reshape(-1, 6).T)
 
 
 class KvbenchAsyncScheduler(KvbenchScheduler, AsyncScheduler):

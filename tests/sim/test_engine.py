@@ -22,7 +22,8 @@ from kvbench.sim.predictors import PREDICTORS
 from kvbench.sim.private_blocks import PrivatePrefixPool
 from kvbench.sim.requests import FINISHED, REJECTED, RUNNING, SWAPPED, WAITING, cdiv
 from kvbench.sim.steplog import first_difference
-from kvbench.sim.tokens import TokenIds, random_token_ids
+from kvbench.sim.tokens import random_token_ids
+from kvbench.sim.workloads import TokenIds
 
 PROFILE = analytic_profile(get_model("llama-2-7b"), get_hardware("h100-sxm"))
 COSTS = Costs.from_profile(PROFILE)

@@ -18,10 +18,12 @@ COSTS = Costs.analytic("llama-2-7b", "h100-sxm")
 BLOCK_BYTES = 16 * COSTS.model.kv_bytes_per_token
 
 
-def batch(computed, remaining=None, known=None, max_total=None) -> Requests:
-    """Decoding requests with `computed` tokens in the cache (blocks to match)."""
+def batch(computed, remaining=None, known=None, max_total=None, shared=None) -> Requests:
+    """Decoding requests with `computed` tokens in the cache (blocks to match; `shared` of them
+    also held by another running request)."""
     computed = np.asarray(computed)
     return Requests.of(computed_tokens=computed,
+                       shared_blocks=np.zeros(computed.size) if shared is None else shared,
                        known_tokens=computed + 1 if known is None else known,
                        blocks=cdiv(computed, 16),
                        predicted_remaining=np.full(computed.size, 100) if remaining is None
@@ -140,6 +142,29 @@ def test_future_kv_limits_predicted_long_requests():
     assert ADMISSION["future-kv"](view(running), batch([0], [600]), **knobs) is False
     assert ADMISSION["future-kv"](view(running), batch([0], [100]), **knobs) is True
     assert ADMISSION["future-kv"](view(running), batch([0], [600])) is True
+
+
+def test_victims_count_only_what_preempting_frees():
+    # The first request's 100 blocks are a system prompt the third request shares: preempting
+    # it frees 4 blocks and recomputes 64 tokens, less than the second's 1000.
+    running = batch([1664, 1000, 1700], shared=[100, 0, 100])
+    assert pick("lcf", view(running)) == 0
+    assert pick("lcf", view(batch([1664, 1000, 1700]))) == 1
+    # cost-aware: the freed MB and the recompute past the kept prefix, per MB.
+    costs = COSTS.costs
+    per_mb = (costs.recompute_ms(np.array([1664, 1000, 1700]))
+              - costs.recompute_ms(np.array([1600, 0, 1600])).clip(0) * [1, 0, 1]) / (
+        (cdiv(np.array([1664, 1000, 1700]), 16) - [100, 0, 100]) * BLOCK_BYTES / 1e6)
+    assert pick("cost-aware", view(running)) == int(np.argmin(per_mb))
+
+
+def test_future_kv_counts_the_candidate_after_its_shared_prefix():
+    running = batch([1000], remaining=[10], known=[1001])
+    alone = batch([0], remaining=[10], known=[1000])
+    assert ADMISSION["future-kv"](view(running, num_gpu_blocks=100), alone) is False
+    # 50 of its 63 prompt blocks are the running request's prefix: it needs 14 more.
+    sharing = batch([0], remaining=[10], known=[1000], shared=[50])
+    assert ADMISSION["future-kv"](view(running, num_gpu_blocks=100), sharing) is True
 
 
 def test_reserve_max_reserves_prompt_plus_max_tokens():

@@ -24,7 +24,8 @@ from kvbench.sim.engines import ENGINES
 from kvbench.sim.policies import ADMISSION, PREEMPTIONS, VICTIMS, load_if_cheaper
 from kvbench.sim.requests import FINISHED, LOADING, REJECTED, RUNNING, cdiv
 from kvbench.sim.steplog import first_difference
-from kvbench.sim.tokens import TokenIds, random_token_ids
+from kvbench.sim.tokens import random_token_ids
+from kvbench.sim.workloads import TokenIds
 from kvbench.sim.write_through import PENDING, HostCache
 
 PROFILE = analytic_profile(get_model("llama-2-7b"), get_hardware("h100-sxm"))

@@ -7,8 +7,8 @@ pytest.importorskip("vllm")
 
 from kvbench.sim.engines import ReplicaSpec
 from kvbench.sim.steplog import first_difference  # noqa: E402
-from kvbench.sim.tokens import TokenIds, random_token_ids  # noqa: E402
-from kvbench.sim.workloads import AZURE_CONV_TRACE, Workload, read_trace  # noqa: E402
+from kvbench.sim.tokens import random_token_ids  # noqa: E402
+from kvbench.sim.workloads import AZURE_CONV_TRACE, TokenIds, Workload, read_trace  # noqa: E402
 from kvbench.vllm.drive import DriveError, drive  # noqa: E402
 
 pytestmark = pytest.mark.vllm

@@ -74,3 +74,59 @@ def test_prefix_caching_off_in_the_simulator_alone_parts_the_logs(runs, mooncake
     _, _, difference = compare(mooncake, replica, vllm_log=reference,
                                enable_prefix_caching=False)
     assert difference is not None
+
+
+# ---------------------------------------------------------------------------------------------
+# kvbench's policies see sharing alike in vLLM (the plugin reads vLLM's block reference counts)
+# and in the simulator: conversations with a shared system prompt, a cache that preempts.
+
+SHARED_MIX = ("multi-turn:sessions=40,turns=3,rate=4,think-s=1,system-prompt-tokens=512,"
+              "input-tokens=256,output-tokens=200,max-tokens=300")
+POLICIES = [("fcfs", "lcf"), ("fcfs", "cost-aware"), ("future-kv", "lifo")]
+
+
+@pytest.fixture(scope="module")
+def conversations():
+    from kvbench.sim.workloads import load_workload
+
+    return load_workload(None, SHARED_MIX, seed=0)
+
+
+def policy_logs(workload, admission, victim, monkeypatch, blind_simulator=False):
+    from kvbench.models import from_hf_config
+    from kvbench.sim.config import Costs
+    from kvbench.sim.engine import Simulator
+    from kvbench.sim.kv_cache import KVCacheManager
+    from kvbench.sim.policies import PolicySpec
+    from kvbench.vllm.differential import same_requests, sim_config
+    from kvbench.vllm.drive import PLUGIN_SCHEDULER, TINY_MODEL, drive
+
+    replica = ReplicaSpec(num_gpu_blocks=300, max_num_seqs=64, max_num_batched_tokens=2048,
+                          async_scheduling=False)
+    for key, value in (("ADMISSION", admission), ("VICTIM", victim), ("PREDICTOR", "oracle")):
+        monkeypatch.setenv(f"KVBENCH_{key}", value)
+    theirs = drive(workload, replica, scheduler_cls=PLUGIN_SCHEDULER)
+    costs = Costs.analytic(from_hf_config(TINY_MODEL / "config.json"), "h100-sxm",
+                           replica.block_size)
+    config = dataclasses.replace(sim_config(replica, step_s=0.02),
+                                 policy=PolicySpec(admission, victim, "recompute", "oracle"))
+    if blind_simulator:  # the simulator's policies no longer see what is shared
+        monkeypatch.setattr(KVCacheManager, "shared_blocks",
+                            lambda self, ids: np.zeros(ids.size, dtype=np.int64))
+    ours = Simulator(same_requests(workload), config, costs, record=True).run().step_log
+    return theirs, ours
+
+
+@pytest.mark.parametrize(("admission", "victim"), POLICIES)
+def test_policies_see_sharing_alike_in_vllm_and_the_simulator(conversations, monkeypatch,
+                                                               admission, victim):
+    from kvbench.sim.steplog import first_difference
+
+    theirs, ours = policy_logs(conversations, admission, victim, monkeypatch)
+    assert theirs.prefix_hit_tokens > 0
+    assert first_difference(theirs, ours) is None
+    if admission == "fcfs":
+        assert theirs.num_preemptions > 0
+        blind = policy_logs(conversations, admission, victim, monkeypatch,
+                            blind_simulator=True)[1]
+        assert first_difference(theirs, blind) is not None
