@@ -187,9 +187,15 @@ SWEEP_METRICS = ("preemptions", "recompute_fraction", "ttft_p99_s", "throughput_
 def compare_markdown(path: Path) -> list[str]:
     """A `kvbench compare-policies` compare.json as a markdown table (each policy against the
     first row, the baseline)."""
-    rows = json.loads(path.read_text())["table"]
-    body = [[METRICS[key].format(row[key]) for key in COMPARE_COLUMNS] for row in rows]
-    return _table([METRICS[key].label for key in COMPARE_COLUMNS], body)[:-1]
+    data = json.loads(path.read_text())
+    body = [[METRICS[key].format(row[key]) for key in COMPARE_COLUMNS] for row in data["table"]]
+    header = [METRICS[key].label for key in COMPARE_COLUMNS]
+    hits = [summary.get("prefix_hit_rate") for summary in data["summaries"]]
+    if any(hit is not None for hit in hits):  # results that report prefix-cache hits
+        header.append("prefix hit %")  # (none where prefix caching is off)
+        body = [row + ["–" if hit is None else f"{100 * hit:.1f}"]
+                for row, hit in zip(body, hits)]
+    return _table(header, body)[:-1]
 
 
 def sweep_markdown(path: Path) -> list[str]:
