@@ -44,8 +44,8 @@ class DecodeRuns:
         of that step (`head_admitted`); a verdict that read only columns no step changes
         (`STATIC_COLUMNS`) holds for the run. The head's prefix-cache hits must stay what they
         are: no block of the run may evict one of them, and no running request may register one
-        of its hashes, which only a request with the same first block can
-        (`KVCacheManager.private_prefixes`).
+        of the hash the head would hit next (`KVCacheManager.may_extend_hit`; none can when no
+        two requests share a first block, `KVCacheManager.private_prefixes`).
 
         Under write-through offloading no step of the run may copy between the GPU and the
         host: no request loads or has a load landing, every running request has offered all its
@@ -59,7 +59,7 @@ class DecodeRuns:
         if not run.size or run.size > replica.max_num_batched_tokens:
             return False
         head = self.waiting[0] if self.waiting else None
-        if head is not None and not kv.private_prefixes:
+        if head is not None and not kv.private_prefixes and kv.may_extend_hit(head, run):
             return False
         offloading = self.write_through
         if offloading is not None and (self.loading or not offloading.stores_done(run) or (

@@ -111,6 +111,24 @@ class KVCacheManager:
             return None
         return blocks
 
+    def may_extend_hit(self, head: int, run: np.ndarray) -> bool:
+        """Whether a decode step of the running requests `run` might register the block that
+        waiting request `head` would hit next, growing its prefix-cache hit (hashes chain over
+        whole prefixes, so only a block at the same position can; a registered block is one a
+        lookup finds already). Conservative: True for a head that holds computed tokens."""
+        req, hashes = self.requests, self.pool.hashes
+        if req.computed_tokens[head]:
+            return True
+        head_hashes = hashes.of(head)
+        position = len(self.get_computed_blocks(head))
+        if position >= min(len(head_hashes), (int(req.known_tokens(head)) - 1) // self.block_size):
+            return False  # its hit can grow no further
+        # Running requests that will fill a block there and have not registered it yet.
+        full_blocks = (req.prompt_tokens[run] + req.output_tokens[run]) // self.block_size
+        unregistered = run[(req.cached_blocks[run] <= position) & (position < full_blocks)]
+        wanted = head_hashes[position]
+        return any(hashes.of(i)[position] == wanted for i in unregistered.tolist())
+
     def shared_blocks(self, ids: np.ndarray) -> np.ndarray:
         """`Requests.shared_blocks` of requests `ids`: a running request's leading blocks that
         another request also holds (only hits are shared, and a hit's blocks before it are hits

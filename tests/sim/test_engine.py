@@ -397,3 +397,32 @@ def test_public_step_time_prices_every_step_the_same_way(text, fixed_ms, ms_per_
 def test_bad_step_time_is_one_clear_error(text):
     with pytest.raises(ValueError, match="step time"):
         SimConfig.build(step_time=text)
+
+
+@pytest.mark.parametrize("source", ["multi-turn", "mooncake"])
+@pytest.mark.parametrize("policy", ["fcfs/lifo/recompute/oracle",
+                                    "future-kv/lcf/recompute/history"])
+def test_decode_fast_path_matches_step_by_step_when_prompts_share(source, policy):
+    """With requests waiting behind a head whose prefix-cache hit running requests may grow
+    (conversations; Mooncake's trace), the fast path still changes nothing."""
+    from kvbench.sim.workloads import MOONCAKE_SYNTHETIC_TRACE, load_workload, read_trace
+
+    if source == "multi-turn":
+        work = load_workload(None, "multi-turn:sessions=30,turns=4,rate=4,think-s=0.5,"
+                                   "system-prompt-tokens=256,input-tokens=128,output-tokens=96,"
+                                   "max-tokens=200", seed=1)
+        blocks = 160
+    else:
+        work = read_trace(MOONCAKE_SYNTHETIC_TRACE, rate_scale=4.0, num_requests=120)
+        work = work.subset(work.prompt_tokens + work.output_tokens <= 40_000)
+        blocks = 4000
+    admission, victim, preemption, predictor = policy.split("/")
+    config = SimConfig.build(admission=admission, victim=victim, preemption=preemption,
+                             predictor=predictor, num_gpu_blocks=blocks)
+    fast_sim = Simulator(work, config, COSTS, record=True)
+    fast = fast_sim.run()
+    assert not fast_sim.kv.private_prefixes
+    slow = Simulator(work, config.replace(decode_runs=False), COSTS, record=True).run()
+    assert first_difference(fast.step_log, slow.step_log) is None
+    assert fast.steps == slow.steps and fast.step_log.prefix_hit_tokens > 0
+    np.testing.assert_array_equal(fast.requests.finish_s, slow.requests.finish_s)
