@@ -204,7 +204,8 @@ def replay_cmd(
     replica = ReplicaSpec.named("vllm-0.32-cpu", **{
         k: v for k, v in given(options).items() if k in REPLICA_FIELDS and k != "engine"})
     source = run.workload
-    workload = WorkloadSource(source.trace or str(AZURE_CONV_TRACE), source.synthetic,
+    default_trace = None if source.synthetic else str(AZURE_CONV_TRACE)
+    workload = WorkloadSource(source.trace or default_trace, source.synthetic,
                               source.rate_scale, source.num_requests, source.max_tokens,
                               source.seed).load(warn=warn)
     settings = ReplayEngine(replica, seed=source.seed, **({"model": model} if model else {}))

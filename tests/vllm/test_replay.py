@@ -72,6 +72,14 @@ def test_replay_refuses_mistakes_before_starting_an_engine(tmp_path, args, messa
     assert not (tmp_path / "replay.json").exists()
 
 
+def test_replay_takes_a_synthetic_mix_instead_of_the_default_trace(tmp_path):
+    pytest.importorskip("vllm")
+    result = invoke("--synthetic", "multi-turn:sessions=2,turns=2,system-prompt-tokens=100",
+                    "--num-gpu-blocks", 2, "--out", tmp_path)
+    assert result.exit_code == 2
+    assert "request 0:" in result.output and result.output.count("\n") == 1
+
+
 def test_replay_refuses_kvbench_options_in_the_environment(tmp_path, monkeypatch):
     pytest.importorskip("vllm")
     monkeypatch.setenv("KVBENCH_VICTIM", "lcf")
