@@ -27,7 +27,6 @@ from kvbench.limits import MAX_TOKENS, check_finite
 from kvbench.sim.tokens import VOCAB_SIZE
 from kvbench.sim.workloads import MAX_SYNTHETIC_REQUESTS, TokenIds, Workload, WorkloadError
 
-MIXES = ("multi-turn", "system-prompt")
 MAX_MIX_TOKENS = 500_000_000  # the prompts' token ids: 2 GB
 
 
